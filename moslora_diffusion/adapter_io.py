@@ -1,0 +1,144 @@
+"""The native adapter file: A, M and B of every adapted module plus the run's metadata.
+
+Keys are `<component>.<module path>.moslora_{A,M,B}` (component: unet, text_encoder, text_encoder_2).
+They deliberately do not look like a diffusers LoRA, so no LoRA loader can silently drop the mixer:
+standard LoRA readers get the folded exports instead. The authors' release names the mixer `lora_AB`
+in PEFT-style keys (`...lora_A.weight`, `...lora_AB.weight`, `...lora_B.weight`); we read those too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .families import detect_family
+from .inject import AdapterConfig, AdapterError, attach
+from .layer import is_adaptable
+from .pipeline_adapters import model_components, pipeline_adapters
+from .safetensors_io import load_tensors, save_tensors
+
+FORMAT_VERSION = 1
+METADATA_KEY = "moslora"
+_PARTS = {"moslora_A": "A", "moslora_M": "M", "moslora_B": "B",  # native
+          "lora_A.weight": "A", "lora_AB.weight": "M", "lora_B.weight": "B"}  # the authors' PEFT style
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class AdapterFile:
+    """What an adapter file holds: weights per component and module, and its metadata."""
+
+    weights: dict[str, dict[str, dict[str, torch.Tensor]]]  # component -> module -> {"A","M","B"}
+    config: AdapterConfig
+    info: dict = field(default_factory=dict)  # family, base_model, targets, instance_prompt, ...
+
+
+def save_adapter(pipe, path: str | Path, info: dict | None = None) -> Path:
+    """Writes every attached adapter of `pipe` (atomically) with its config and `info` as metadata."""
+    found = pipeline_adapters(pipe)
+    if not found:
+        raise AdapterError("the pipeline has no MoSLoRA adapters to save")
+    first = next(iter(next(iter(found.values())).values()))
+    config = AdapterConfig(first.kind, first.rank, first.alpha, first.mixer_init)
+    tensors = {}
+    for component, layers in found.items():
+        for module, layer in layers.items():
+            for part in "AMB":
+                tensors[f"{component}.{module}.moslora_{part}"] = getattr(layer, f"lora_{part}").detach().float()
+    meta = {"format_version": FORMAT_VERSION, "family": detect_family(pipe).name, **(info or {}),
+            "config": config.to_dict(),
+            "targets": {c: sorted(layers) for c, layers in found.items()}}
+    return save_tensors(tensors, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+
+
+def _split_key(key: str) -> tuple[str, str, str]:
+    if key.startswith("base_model.model."):  # PEFT's wrapper prefix: a UNet-only file
+        key = "unet." + key[len("base_model.model."):]
+    for suffix, part in _PARTS.items():
+        if key.endswith("." + suffix):
+            stem = key[: -len(suffix) - 1].replace(".default", "")
+            component, _, module = stem.partition(".")
+            if component not in _COMPONENTS:  # no component prefix: the authors' UNet-only files
+                component, module = "unet", stem
+            return component, module, part
+    raise AdapterError(f"unexpected key {key!r} in adapter file (expected *.moslora_A / _M / _B)")
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    tensors, metadata = load_tensors(path)
+    if not tensors:
+        raise AdapterError(f"{path} holds no tensors")
+    weights: dict = {}
+    for key, tensor in tensors.items():
+        component, module, part = _split_key(key)
+        weights.setdefault(component, {}).setdefault(module, {})[part] = tensor.float()
+    for component, modules in weights.items():
+        for module, parts in modules.items():
+            missing = sorted(set("AMB") - set(parts))
+            if missing:
+                raise AdapterError(f"{path}: module {component}.{module} is missing its {'/'.join(missing)} "
+                                   "weights (incomplete adapter file)")
+    info = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    some = next(iter(next(iter(weights.values())).values()))
+    rank = some["A"].shape[0]
+    if "config" in info:
+        config = AdapterConfig(**info["config"])
+    else:
+        warnings.warn(f"{path} has no moslora metadata; assuming alpha = rank = {rank}", stacklevel=2)
+        config = AdapterConfig(rank=rank)
+    return AdapterFile(weights, config, info)
+
+
+def _validate_against(adapter: AdapterFile, components: dict, path) -> None:
+    """Checks every module and shape before anything is modified; names the first mismatch."""
+    r = adapter.config.rank
+    for component, modules in adapter.weights.items():
+        if component not in components:
+            raise AdapterError(f"{path}: adapter has weights for {component}, which this model does not have")
+        model = components[component]
+        for module_name, parts in modules.items():
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise AdapterError(f"{path}: module {component}.{module_name} does not exist in this model "
+                                   "(adapter made for a different architecture?)") from None
+            if not is_adaptable(module):
+                raise AdapterError(f"{path}: {component}.{module_name} is a {type(module).__name__}, not adaptable")
+            out_f, in_f = module.weight.shape[:2]
+            expected = {"A": (r, in_f), "M": (r, r), "B": (out_f, r)}
+            for part, shape in expected.items():
+                if tuple(parts[part].shape) != shape:
+                    raise AdapterError(
+                        f"{path}: shape mismatch at {component}.{module_name} ({part}: adapter "
+                        f"{tuple(parts[part].shape)}, model needs {shape}); the adapter was made for a "
+                        "different base model")
+
+
+def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
+    """Attaches the adapters stored in `path` to `pipe` and loads their weights.
+
+    Every check (format, family, modules, shapes) runs before the pipeline is touched.
+    """
+    adapter = read_adapter(path)
+    if pipeline_adapters(pipe):
+        raise AdapterError("this pipeline already has MoSLoRA adapters attached; detach them first")
+    family = detect_family(pipe)
+    stored_family = adapter.info.get("family")
+    if stored_family and stored_family != family.name:
+        raise AdapterError(f"{path}: adapter was trained for {stored_family}, but the model is {family.name} "
+                           f"({family.label}); use a base model of the same family")
+    components = model_components(pipe, family)
+    _validate_against(adapter, components, path)
+    for component, modules in adapter.weights.items():
+        layers = attach(components[component], adapter.config, list(modules))
+        with torch.no_grad():
+            for module_name, parts in modules.items():
+                layer = layers[module_name]
+                for part, tensor in parts.items():
+                    getattr(layer, f"lora_{part}").copy_(tensor)
+                layer.set_scale(scale)
+    return adapter

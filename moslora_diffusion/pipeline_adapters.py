@@ -1,0 +1,62 @@
+"""Adapters across a whole pipeline: the UNet plus the family's text encoder(s)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from . import inject
+from .families import Family, detect_family
+from .inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
+from .layer import MoSLoRALinear
+
+
+def model_components(pipe, family: Family | None = None) -> dict[str, nn.Module]:
+    """{"unet": ..., "text_encoder": ..., ["text_encoder_2": ...]} of a diffusers pipeline."""
+    family = family or detect_family(pipe)
+    return {name: getattr(pipe, name) for name in family.components if getattr(pipe, name, None) is not None}
+
+
+def attach_to_pipeline(pipe, config: AdapterConfig, unet_targets: str | Sequence[str] = "attn",
+                       text_targets: str | Sequence[str] | None = None) -> dict[str, dict[str, MoSLoRALinear]]:
+    """Adapts the UNet and, when text_targets is given, every text encoder of the family."""
+    components = model_components(pipe)
+    if any(inject.adapters(m) for m in components.values()):
+        raise inject.AdapterError("this pipeline already has MoSLoRA adapters attached; detach them first")
+    wanted = {"unet": resolve_targets(unet_targets, UNET_TARGET_PRESETS)}
+    if text_targets is not None:
+        text = resolve_targets(text_targets, TEXT_TARGET_PRESETS)
+        wanted.update({name: text for name in components if name != "unet"})
+    return {name: inject.attach(components[name], config, targets) for name, targets in wanted.items()}
+
+
+def pipeline_adapters(pipe) -> dict[str, dict[str, MoSLoRALinear]]:
+    """Adapted layers per component; components without adapters are left out."""
+    found = {name: inject.adapters(m) for name, m in model_components(pipe).items()}
+    return {name: layers for name, layers in found.items() if layers}
+
+
+def _each_layer(pipe):
+    for layers in pipeline_adapters(pipe).values():
+        yield from layers.values()
+
+
+def set_pipeline_scale(pipe, scale: float) -> None:
+    for layer in _each_layer(pipe):
+        layer.set_scale(scale)
+
+
+def merge_pipeline(pipe) -> None:
+    for layer in _each_layer(pipe):
+        layer.merge()
+
+
+def unmerge_pipeline(pipe) -> None:
+    for layer in _each_layer(pipe):
+        layer.unmerge()
+
+
+def detach_from_pipeline(pipe) -> None:
+    for module in model_components(pipe).values():
+        inject.detach(module)

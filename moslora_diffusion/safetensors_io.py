@@ -1,0 +1,108 @@
+"""Reading user-supplied weight files (safetensors only) and writing files atomically.
+
+Pickle-based formats (.bin, .ckpt, .pt, .pth) can run code when loaded, so we never open them. Every
+write goes to a temporary file in the target folder and is renamed into place, so an interrupted
+write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
+
+class WeightFileError(ValueError):
+    """A weights file is missing, not safetensors, or damaged."""
+
+
+def _check_readable(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightFileError(f"{path}: only .safetensors files are accepted; pickle files ({path.suffix}) can "
+                              "run arbitrary code when loaded. Convert it to safetensors first.")
+    if not path.is_file():
+        raise WeightFileError(f"{path}: no such file")
+
+
+def _open_error(path: Path, err: Exception) -> WeightFileError:
+    return WeightFileError(f"{path} is not a valid safetensors file (damaged or truncated?): {err}")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error type for bad headers and short files
+        raise _open_error(path, err) from None
+
+
+def read_keys(path: str | Path) -> set[str]:
+    """The tensor names of a safetensors file, without reading any tensor data."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as err:
+        raise _open_error(path, err) from None
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with a clear error for anything else."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as err:
+        raise _open_error(path, err) from None
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    # A margin for the header and the file system: never fill the disk to the last byte.
+    if needed + 64 * 2**20 > free:
+        raise OSError(f"not enough free disk space in {folder}: need {needed / 2**20:.0f} MiB, "
+                      f"{free / 2**20:.0f} MiB free")
+
+
+def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool = True) -> Path:
+    """Calls write(tmp_path) then renames tmp_path to path; on any failure the target is untouched."""
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write to {folder}: permission denied")
+    _check_free_space(folder, needed_bytes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None,
+                 overwrite: bool = True) -> Path:
+    """Atomic safetensors write; metadata values that are not strings are stored as JSON."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), needed, overwrite)
