@@ -18,7 +18,7 @@ import torch
 from .families import detect_family
 from .inject import AdapterConfig, AdapterError, attach
 from .layer import is_adaptable
-from .pipeline_adapters import model_components, pipeline_adapters
+from .pipeline_adapters import model_components, model_module_name, pipeline_adapters
 from .safetensors_io import load_tensors, save_tensors
 
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ class AdapterFile:
 
 def save_adapter(pipe, path: str | Path, info: dict | None = None) -> Path:
     """Writes every attached adapter of `pipe` (atomically) with its config and `info` as metadata."""
-    found = pipeline_adapters(pipe)
+    found = pipeline_adapters(pipe, canonical=True)
     if not found:
         raise AdapterError("the pipeline has no MoSLoRA adapters to save")
     first = next(iter(next(iter(found.values())).values()))
@@ -102,7 +102,7 @@ def _validate_against(adapter: AdapterFile, components: dict, path) -> None:
         model = components[component]
         for module_name, parts in modules.items():
             try:
-                module = model.get_submodule(module_name)
+                module = model.get_submodule(model_module_name(model, module_name))
             except AttributeError:
                 raise AdapterError(f"{path}: module {component}.{module_name} does not exist in this model "
                                    "(adapter made for a different architecture?)") from None
@@ -134,10 +134,12 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
     components = model_components(pipe, family)
     _validate_against(adapter, components, path)
     for component, modules in adapter.weights.items():
-        layers = attach(components[component], adapter.config, list(modules))
+        model = components[component]
+        names = {module_name: model_module_name(model, module_name) for module_name in modules}
+        layers = attach(model, adapter.config, list(names.values()))
         with torch.no_grad():
             for module_name, parts in modules.items():
-                layer = layers[module_name]
+                layer = layers[names[module_name]]
                 for part, tensor in parts.items():
                     getattr(layer, f"lora_{part}").copy_(tensor)
                 layer.set_scale(scale)

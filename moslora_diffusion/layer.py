@@ -89,12 +89,19 @@ class MoSLoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged or self.scale == 0:
             return y
-        down = self.effective_down().to(y.dtype)
-        up = (self.lora_B * self.scaling).to(y.dtype)
-        h = self.dropout(x).to(y.dtype)
+        dtype = y.dtype  # the compute dtype (autocast or the base's own)
+        h = self.dropout(x).to(dtype)
+        up = (self.lora_B * self.scaling).to(dtype)
         if self.is_conv:
+            down = self.effective_down().to(dtype)
             return y + F.conv2d(F.conv2d(h, down[:, :, None, None]), up[:, :, None, None])
-        return y + F.linear(F.linear(h, down), up)
+        tokens = x.numel() // x.shape[-1]
+        if self.kind == "moslora" and tokens < self.lora_A.shape[1]:
+            # Few tokens (deep UNet levels): mixing r activations (T*r*r) beats forming M A (r*r*in).
+            h = F.linear(F.linear(h, self.lora_A.to(dtype)), self.lora_M.to(dtype))
+        else:
+            h = F.linear(h, self.effective_down().to(dtype))
+        return y + F.linear(h, up)
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of the equivalent plain LoRA of the same rank and alpha, in fp32.

@@ -53,7 +53,7 @@ class FoldedLoRA:
 
 def fold_pipeline(pipe) -> dict[str, dict[str, FoldedLoRA]]:
     """component -> module path -> FoldedLoRA, at each layer's current scale."""
-    found = pipeline_adapters(pipe)
+    found = pipeline_adapters(pipe, canonical=True)
     if not found:
         raise AdapterError("the pipeline has no MoSLoRA adapters to export")
     folded = {}

@@ -31,10 +31,37 @@ def attach_to_pipeline(pipe, config: AdapterConfig, unet_targets: str | Sequence
     return {name: inject.attach(components[name], config, targets) for name, targets in wanted.items()}
 
 
-def pipeline_adapters(pipe) -> dict[str, dict[str, MoSLoRALinear]]:
-    """Adapted layers per component; components without adapters are left out."""
-    found = {name: inject.adapters(m) for name, m in model_components(pipe).items()}
-    return {name: layers for name, layers in found.items() if layers}
+def _is_flat_clip(model: nn.Module) -> bool:
+    return hasattr(model, "final_layer_norm") and not hasattr(model, "text_model")
+
+
+def canonical_module_name(model: nn.Module, name: str) -> str:
+    """A module path as every LoRA reader expects it (`text_model.encoder.layers.0...` for CLIP).
+
+    transformers 5 flattened CLIPTextModel (no `text_model.` level); the files we write keep the
+    classic names so they load in A1111, ComfyUI and any diffusers/transformers version.
+    """
+    return f"text_model.{name}" if _is_flat_clip(model) else name
+
+
+def model_module_name(model: nn.Module, canonical: str) -> str:
+    """Inverse of canonical_module_name for this model's transformers version."""
+    if _is_flat_clip(model) and canonical.startswith("text_model."):
+        return canonical[len("text_model."):]
+    return canonical
+
+
+def pipeline_adapters(pipe, canonical: bool = False) -> dict[str, dict[str, MoSLoRALinear]]:
+    """Adapted layers per component; components without adapters are left out.
+
+    canonical=True names them as files store them (see canonical_module_name).
+    """
+    found = {}
+    for name, model in model_components(pipe).items():
+        layers = inject.adapters(model)
+        if layers:
+            found[name] = {canonical_module_name(model, k) if canonical else k: v for k, v in layers.items()}
+    return found
 
 
 def _each_layer(pipe):

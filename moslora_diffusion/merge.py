@@ -1,0 +1,50 @@
+"""Load one or more adapters, each at its own scale, and bake them into a pipeline's weights.
+
+Only one set of adapters can be attached at a time, so each adapter is attached, baked into the base
+weights (the delta s * (alpha / r) * B M A, computed in fp32) and removed before the next one:
+W' = W + s1 * delta1 + s2 * delta2 + ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import inject
+from .adapter_io import AdapterFile, load_adapter
+from .inject import AdapterError
+from .pipeline_adapters import model_components
+
+ADAPTER_FILE_NAME = "moslora.safetensors"  # inside a training output folder
+
+
+def resolve_adapter_path(path: str | Path) -> Path:
+    """A training output folder means its `moslora.safetensors`; a file is taken as it is."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / ADAPTER_FILE_NAME).is_file():
+            raise AdapterError(f"adapter folder {path} has no {ADAPTER_FILE_NAME} (is it a training output folder?)")
+        return path / ADAPTER_FILE_NAME
+    if not path.is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    return path
+
+
+def bake_adapters(pipe, adapters: Sequence[tuple[str | Path, float]]) -> list[AdapterFile]:
+    """Merges each (adapter path, scale) into the pipeline's weights for good, in order.
+
+    The pipeline keeps its dtype; each delta is added in fp32 and rounded once. Raises AdapterError
+    (naming the file) for an adapter of another family or architecture.
+    """
+    if not adapters:
+        raise AdapterError("no adapter given to merge")
+    if any(inject.adapters(m) for m in model_components(pipe).values()):
+        raise AdapterError("the pipeline already has MoSLoRA adapters attached; detach or bake them first")
+    # Every path is resolved first: a missing second file fails before the first one is merged.
+    resolved = [(resolve_adapter_path(path), float(scale)) for path, scale in adapters]
+    loaded = []
+    for path, scale in resolved:
+        loaded.append(load_adapter(pipe, path, scale))
+        for module in model_components(pipe).values():
+            inject.bake(module)
+    return loaded
