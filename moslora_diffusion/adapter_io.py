@@ -93,7 +93,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return AdapterFile(weights, config, info)
 
 
-def _validate_against(adapter: AdapterFile, components: dict, path) -> None:
+def validate_against(adapter: AdapterFile, components: dict, path) -> None:
     """Checks every module and shape before anything is modified; names the first mismatch."""
     r = adapter.config.rank
     for component, modules in adapter.weights.items():
@@ -132,7 +132,7 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
         raise AdapterError(f"{path}: adapter was trained for {stored_family}, but the model is {family.name} "
                            f"({family.label}); use a base model of the same family")
     components = model_components(pipe, family)
-    _validate_against(adapter, components, path)
+    validate_against(adapter, components, path)
     for component, modules in adapter.weights.items():
         model = components[component]
         names = {module_name: model_module_name(model, module_name) for module_name in modules}

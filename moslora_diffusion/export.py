@@ -17,9 +17,9 @@ import argparse
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +34,7 @@ from .lora_formats import DIFFUSERS_WEIGHT_NAME, combine, fold_pipeline, save_di
 from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
 from .model_loading import load_pipeline
 from .pipeline_adapters import detach_from_pipeline
-from .safetensors_io import _check_free_space, save_tensors
+from .safetensors_io import check_free_space, save_tensors
 
 TARGETS = ("lora-diffusers", "lora-kohya", "merged-diffusers", "merged-single-file")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,7 +79,9 @@ def _writable_folder(path: Path) -> None:
     folder = path
     while not folder.exists():
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write to {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied")
 
 
@@ -183,8 +185,9 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_byt
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    _check_free_space(out.parent, needed_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    check_free_space(out.parent, needed_bytes)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the model unreadable to anyone else (umask applies here)
     old = out.parent / f"{tmp.name}.old"
     try:
         write(tmp)
@@ -206,7 +209,10 @@ def _export_diffusers_folder(pipe, record: dict, out: Path, dtype: str, overwrit
     needed = sum(t.numel() * element for m in modules for t in list(m.parameters()) + list(m.buffers()))
 
     def write(folder: Path) -> None:
-        pipe.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
+        for module in modules:  # a no-op when the pipeline was loaded in the output dtype (export())
+            if any(p.dtype != DTYPES[dtype] for p in module.parameters()):
+                module.to(DTYPES[dtype])
+        pipe.save_pretrained(folder, safe_serialization=True)
         (folder / f"{MERGE_RECORD}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     return write_folder_atomically(out, write, needed, overwrite)

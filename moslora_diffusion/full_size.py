@@ -69,6 +69,7 @@ def materialize_random(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0
     from accelerate.utils import set_module_tensor_to_device
 
     generator = torch.Generator().manual_seed(seed)
+    model.to(dtype)  # free on meta; otherwise accelerate casts each filled value back to the meta dtype
     for name, param in list(model.named_parameters()):
         value = torch.empty(param.shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
         set_module_tensor_to_device(model, name, "cpu", value=value)

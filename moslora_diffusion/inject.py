@@ -111,9 +111,8 @@ def detach(model: nn.Module) -> None:
 
 def bake(model: nn.Module) -> None:
     """Merges every adapter into its base weight for good and removes the wrappers (for export)."""
-    for name, layer in adapters(model).items():
-        layer.merge(keep_original=False)
-        _replace(model, name, layer.base_layer)
+    for name in list(adapters(model)):  # names only: each wrapper is dropped as soon as it is baked
+        _replace(model, name, model.get_submodule(name).bake())
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

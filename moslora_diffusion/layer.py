@@ -119,18 +119,22 @@ class MoSLoRALinear(nn.Module):
         delta = (up @ down) * (self.alpha / self.rank)
         return delta.view_as(self.base_layer.weight)
 
+    def _finite_delta(self) -> torch.Tensor:
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("refusing to merge: the adapter delta has NaN or inf values (a diverged training run?)")
+        return delta
+
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
         """Adds the delta into the base weight (computed in fp32). Idempotent.
 
-        keep_original=True keeps a copy of the weight so `unmerge` restores it bit for bit (what the
-        app does when the scale changes); export passes False to save the memory.
+        keep_original=True keeps a copy of the weight so `unmerge` restores it bit for bit; False keeps
+        only the fp32 delta and unmerge subtracts it (no full-precision copy of a low-precision weight).
         """
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the adapter delta has NaN or inf values (a diverged training run?)")
+        delta = self._finite_delta()
         weight = self.base_layer.weight
         self._weight_before_merge = weight.detach().clone() if keep_original else None
         self._merged_delta = None if keep_original else delta
@@ -148,6 +152,19 @@ class MoSLoRALinear(nn.Module):
             weight.copy_((weight.float() - self._merged_delta).to(weight.dtype))
         self._weight_before_merge = self._merged_delta = None
         self.merged = False
+
+    @torch.no_grad()
+    def bake(self) -> nn.Module:
+        """Adds the delta into the base weight for good and returns the base layer (for export).
+
+        Keeps neither the original weight nor the delta, so baking a whole UNet costs one layer's
+        fp32 delta at a time.
+        """
+        self.unmerge()
+        delta = self._finite_delta()
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        return self.base_layer
 
     def set_scale(self, scale: float) -> None:
         """Changes s; a merged layer is re-merged at the new scale (exact: from the kept original)."""

@@ -33,8 +33,9 @@ def resolve_adapter_path(path: str | Path) -> Path:
 def bake_adapters(pipe, adapters: Sequence[tuple[str | Path, float]]) -> list[AdapterFile]:
     """Merges each (adapter path, scale) into the pipeline's weights for good, in order.
 
-    The pipeline keeps its dtype; each delta is added in fp32 and rounded once. Raises AdapterError
-    (naming the file) for an adapter of another family or architecture.
+    The pipeline keeps its dtype: each delta is computed and added in fp32, then the weight is rounded
+    back once per adapter. Raises AdapterError (naming the file) for an adapter of another family or
+    architecture.
     """
     if not adapters:
         raise AdapterError("no adapter given to merge")

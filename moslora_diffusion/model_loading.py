@@ -28,6 +28,15 @@ def family_of_single_file(path: str | Path) -> Family:
         "are not supported)")
 
 
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """`dtype=` for diffusers releases that renamed `torch_dtype` (July 2026), `torch_dtype=` before."""
+    if dtype is None:
+        return {}
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def _pipeline_class(family: Family):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -43,7 +52,7 @@ def load_pipeline(source: str | Path, *, revision: str | None = None, variant: s
     offline; online diffusers finds it itself).
     """
     path = Path(str(source)).expanduser()
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = dtype_kwargs(torch_dtype)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightFileError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
                               "convert it to .safetensors first")
@@ -77,7 +86,7 @@ def _load_vae(source: str | Path, revision: str | None, dtype: torch.dtype | Non
     """A separate VAE (e.g. the SDXL fp16-fix VAE) from a hub id, folder or single file."""
     from diffusers import AutoencoderKL
 
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = dtype_kwargs(dtype)
     path = Path(str(source))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":

@@ -68,12 +68,18 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
         raise _open_error(path, err) from None
 
 
-def _check_free_space(folder: Path, needed: int) -> None:
+def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     # A margin for the header and the file system: never fill the disk to the last byte.
     if needed + 64 * 2**20 > free:
         raise OSError(f"not enough free disk space in {folder}: need {needed / 2**20:.0f} MiB, "
                       f"{free / 2**20:.0f} MiB free")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool = True) -> Path:
@@ -85,13 +91,14 @@ def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied")
-    _check_free_space(folder, needed_bytes)
+    check_free_space(folder, needed_bytes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other users' UIs must be able to read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

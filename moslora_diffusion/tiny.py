@@ -19,6 +19,10 @@ import torch
 
 FAMILY_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# SDXL's encoders differ in width (CLIP-L 768, OpenCLIP-G 1280, pooled projection 1280); the tiny ones do
+# too (and the projection is not square), because single-file readers tell the encoders apart by width.
+SDXL_TEXT_WIDTHS = (32, 48)
+SDXL_POOLED_WIDTH = 40
 
 
 def _byte_alphabet() -> list[str]:
@@ -74,7 +78,7 @@ def load_clip_tokenizer(folder: Path, max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _text_config(tokenizer, sd2_style: bool, hidden: int = 32, with_projection: bool = False):
+def _text_config(tokenizer, sd2_style: bool, hidden: int = 32, projection: int | None = None):
     from transformers import CLIPTextConfig
 
     # SD 1.x uses OpenAI CLIP (quick_gelu); SD 2.x and SDXL's second encoder use OpenCLIP (gelu).
@@ -84,7 +88,7 @@ def _text_config(tokenizer, sd2_style: bool, hidden: int = 32, with_projection: 
         hidden_act="gelu" if sd2_style else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=hidden if with_projection else 512,
+        projection_dim=projection or 512,
     )
 
 
@@ -109,9 +113,9 @@ def _unet(family: str):
         return UNet2DConditionModel(
             **common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
-            addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,
+            transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            cross_attention_dim=SDXL_TEXT_WIDTHS[0] + SDXL_TEXT_WIDTHS[1], addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + SDXL_POOLED_WIDTH,
         )
     # SD 1.x pattern: attention in the early blocks, a plain block last; SD 2.x adds linear projections.
     return UNet2DConditionModel(
@@ -148,8 +152,9 @@ def build_tiny_pipeline(family: str = "sd15", seed: int = 0, tokenizer_dir: Path
     if family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(**sched),
-            text_encoder=CLIPTextModel(_text_config(tokenizer, False)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, True, with_projection=True)),
+            text_encoder=CLIPTextModel(_text_config(tokenizer, False, SDXL_TEXT_WIDTHS[0])),
+            text_encoder_2=CLIPTextModelWithProjection(
+                _text_config(tokenizer, True, SDXL_TEXT_WIDTHS[1], projection=SDXL_POOLED_WIDTH)),
             tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer),
         )
     return StableDiffusionPipeline(

@@ -16,7 +16,8 @@ def _unet_inputs(unet, seed=0):
     hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
     kwargs = {}
     if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
                                        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
     return sample, torch.tensor([10]), hidden, kwargs
 

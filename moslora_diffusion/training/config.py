@@ -22,9 +22,9 @@ from ..layer import KINDS, MIXER_INITS
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
-# diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "piecewise_constant")
+# diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
+# piecewise_constant, which needs step rules that no flag gives.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 # Settings that steer a run without defining what it learns: they may differ when a run is resumed in
 # the same output folder (e.g. more steps, another checkpoint interval).
@@ -211,6 +211,9 @@ def _check_ranges(c: TrainConfig) -> None:
             raise ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
     if c.resolution is not None and c.resolution % 8:
         raise ConfigError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {c.resolution}")
+    if c.overwrite_output_dir and c.resume_from_checkpoint:
+        raise ConfigError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would resume "
+                          "from; pass one of them")
     if c.max_timestep is not None and c.max_timestep <= c.min_timestep:
         raise ConfigError(f"--max_timestep ({c.max_timestep}) must be above --min_timestep ({c.min_timestep})")
 
@@ -227,8 +230,7 @@ def _check_choices(c: TrainConfig) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train_dreambooth.py", description="DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="train_dreambooth.py", description="DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.")
     parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = _field_types()
@@ -236,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         base, _ = types[f.name]
+        help_text = meta["help"] + ("" if f.default in (None, False) else f" (default: {f.default})")
         if base is bool:
             # --flag / --no-flag, so the command line can switch off what a config file switched on.
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                               help=meta["help"])
+                               help=help_text)
         else:
-            group.add_argument(f"--{f.name}", type=base, default=f.default, choices=meta["choices"],
-                               help=meta["help"])
+            group.add_argument(f"--{f.name}", type=base, default=f.default, choices=meta["choices"], help=help_text)
     return parser
 
 

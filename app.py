@@ -1,0 +1,6 @@
+"""Web UI: python app.py --base <model> [--adapter <training output folder> ...] (see docs/app.md)."""
+
+from moslora_diffusion.app.cli import main
+
+if __name__ == "__main__":
+    main()

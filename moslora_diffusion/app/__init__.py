@@ -1,0 +1,11 @@
+"""The web app: generation with live adapter scales at base-model speed, export, and training jobs.
+
+Only `cli` and `ui` import Gradio; the rest is plain Python, tested without a browser.
+"""
+
+from .fusion import FusedAdapters
+from .generation import GeneratedImage, GenerationError, GenerationRequest, generate
+from .paths import AllowedRoots, PathNotAllowedError
+
+__all__ = ["AllowedRoots", "FusedAdapters", "GeneratedImage", "GenerationError", "GenerationRequest",
+           "PathNotAllowedError", "generate"]

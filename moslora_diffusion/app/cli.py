@@ -1,0 +1,92 @@
+"""`python app.py`: the command line of the web app.
+
+    python app.py --base <hub id | diffusers folder | model.safetensors> --adapter <training folder> ...
+
+Serves on 127.0.0.1 only unless --host 0.0.0.0 or --share is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("moslora_diffusion.app")
+CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).expanduser()
+
+
+def default_base_model() -> Path:
+    """The model used when no --base is given: for now a tiny random SD 1.5 pipeline built on the spot.
+
+    The one place to change when the project ships a trained toy model instead.
+    """
+    from ..tiny import save_tiny_pipeline
+
+    folder = CACHE_DIR / "tiny-sd15"
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd15.", dir=folder.parent))
+        try:  # built aside and renamed: two starting apps never see a half-written model
+            save_tiny_pipeline("sd15", tmp / "model")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp / "model", folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _auth(text: str | None):
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth must be USER:PASSWORD")
+    return user, password
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description="Generate, export and train MoSLoRA adapters in "
+                                     "a web UI.")
+    parser.add_argument("--base", help="hub id, diffusers folder or single .safetensors checkpoint "
+                        "(default: the embedded tiny SD 1.5 model)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                        help="training output folder or adapter .safetensors (repeatable); only these folders "
+                             "and the app's own outputs are ever read")
+    parser.add_argument("--photos_dir", action="append", default=[], metavar="DIR",
+                        help="folder of subject photo folders the Train tab may pick from (repeatable)")
+    parser.add_argument("--config", help="diffusers folder with the configs of a single-file --base (offline)")
+    parser.add_argument("--output_dir", default="outputs", help="images, exports and training runs (default: "
+                        "./outputs)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("--auth", type=_auth, metavar="USER:PASSWORD", default=os.environ.get("MOSLORA_APP_AUTH"),
+                        help="require a login (or set MOSLORA_APP_AUTH, which keeps it out of `ps`)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .state import open_app_state
+    from .ui import build_ui
+
+    base = args.base or default_base_model()
+    try:
+        state = open_app_state(base, args.output_dir, args.adapter, args.config, args.photos_dir, args.device)
+    except (ValueError, OSError) as err:  # a bad --base / --adapter: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+    atexit.register(state.training.shutdown)
+    if (args.share or args.host not in ("127.0.0.1", "localhost")) and args.auth is None:
+        log.warning("serving beyond this machine without --auth: anyone who can reach it can use it")
+    demo = build_ui(state)
+    demo.queue(max_size=256, default_concurrency_limit=1)  # one pipeline: requests wait their turn
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
+                allowed_paths=[str(state.outputs)], max_file_size="25mb", ssr_mode=False, show_error=False,
+                footer_links=["api"])

@@ -1,0 +1,163 @@
+"""Adapters fused into a pipeline's plain weights, with live per-adapter scales.
+
+Generation must run at base-model speed at any scale, so no MoSLoRALinear wrappers are used here:
+every touched layer is an ordinary nn.Linear / 1x1 Conv2d whose weight is rewritten as
+
+    W = W0 + sum_i s_i * delta_i,    delta_i = (alpha_i / r_i) * (B_i M_i) @ A_i
+
+in fp32 from the kept original W0 and cast once to the weight dtype. Each write starts from W0, so
+moving a slider any number of times never drifts, and scale 0 everywhere restores W0 bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapter_io import AdapterFile, read_adapter, validate_against
+from ..families import detect_family
+from ..inject import AdapterError
+from ..pipeline_adapters import model_components, model_module_name
+
+LayerKey = tuple[str, str]  # (component, module path in this model)
+
+
+@dataclass
+class FoldedAdapter:
+    """One adapter file folded to plain LoRA factors, per layer: delta = factor * up @ down."""
+
+    name: str
+    path: Path
+    layers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]  # (down r x in, up out x r), fp32
+    factor: float  # alpha / r
+    info: dict
+
+    def delta(self, key: LayerKey) -> torch.Tensor:
+        down, up = self.layers[key]
+        return (up @ down) * self.factor
+
+
+def fold_adapter_file(adapter: AdapterFile, components: dict[str, nn.Module], name: str,
+                      path: Path) -> FoldedAdapter:
+    """The fold B M A = (B M) A, keyed by this model's module paths; refuses non-finite weights."""
+    layers = {}
+    for component, modules in adapter.weights.items():
+        model = components[component]
+        device = next(model.parameters()).device
+        for module, parts in modules.items():
+            up = parts["B"] if adapter.config.kind == "lora" else parts["B"] @ parts["M"]
+            down = parts["A"]
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise AdapterError(f"{path}: {component}.{module} has NaN or inf weights (a diverged training run?)")
+            key = (component, model_module_name(model, module))
+            layers[key] = (down.to(device, torch.float32).contiguous(), up.to(device, torch.float32).contiguous())
+    factor = adapter.config.effective_alpha / adapter.config.rank
+    return FoldedAdapter(name, Path(path), layers, factor, adapter.info)
+
+
+class FusedAdapters:
+    """Keeps W0 of every touched layer once, each adapter's folded factors, and rewrites weights on demand.
+
+    Thread-safe: a lock guards weight writes, and `locked()` lets a caller hold the weights steady
+    across a whole generation.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.family = detect_family(pipe)
+        self.components = model_components(pipe, self.family)
+        self.adapters: dict[str, FoldedAdapter] = {}  # insertion order = slider order
+        self.scales: dict[str, float] = {}
+        self._originals: dict[LayerKey, torch.Tensor] = {}
+        self._lock = threading.RLock()
+
+    def locked(self):
+        return self._lock
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def _module(self, key: LayerKey) -> nn.Module:
+        component, module = key
+        return self.components[component].get_submodule(module)
+
+    def add(self, name: str, path: str | Path, scale: float = 0.0) -> FoldedAdapter:
+        """Reads, checks (family, modules, shapes) and registers an adapter; on any error nothing changes."""
+        scale = _finite(scale, name)
+        if name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+        adapter = read_adapter(path)
+        stored = adapter.info.get("family")
+        if stored and stored != self.family.name:
+            raise AdapterError(f"{path}: adapter was trained for {stored}, but the model is {self.family.name} "
+                               f"({self.family.label}); use a base model of the same family")
+        validate_against(adapter, self.components, path)
+        folded = fold_adapter_file(adapter, self.components, name, Path(path))
+        with self._lock:
+            for key in folded.layers:
+                if key not in self._originals:
+                    self._originals[key] = self._module(key).weight.detach().clone()
+            self.adapters[name] = folded
+            self.scales[name] = 0.0
+            self.set_scales({name: scale})
+        return folded
+
+    def remove(self, name: str) -> None:
+        """Unloads an adapter; layers no other adapter touches get W0 back and their copy is dropped."""
+        with self._lock:
+            if name not in self.adapters:
+                raise AdapterError(f"no adapter named {name!r} is loaded")
+            self.set_scales({name: 0.0})
+            folded = self.adapters.pop(name)
+            self.scales.pop(name)
+            still_used = {key for a in self.adapters.values() for key in a.layers}
+            for key in folded.layers:
+                if key not in still_used:
+                    self._originals.pop(key)
+
+    def set_scales(self, scales: dict[str, float]) -> int:
+        """Applies new scales; only layers of adapters whose scale changed are rewritten. Returns that count."""
+        unknown = sorted(set(scales) - set(self.adapters))
+        if unknown:
+            loaded = ", ".join(self.adapters) or "none"
+            raise AdapterError(f"unknown adapter(s): {', '.join(unknown)}; loaded: {loaded}")
+        new = {name: _finite(value, name) for name, value in scales.items()}
+        with self._lock:
+            changed = [name for name, value in new.items() if value != self.scales[name]]
+            self.scales.update(new)
+            keys = {key for name in changed for key in self.adapters[name].layers}
+            for key in keys:
+                self._write(key)
+            return len(keys)
+
+    @torch.no_grad()
+    def _write(self, key: LayerKey) -> None:
+        original = self._originals[key]
+        weight = self._module(key).weight
+        active = [(a, self.scales[n]) for n, a in self.adapters.items() if key in a.layers and self.scales[n] != 0]
+        if not active:
+            weight.copy_(original)  # exactly the base weight, not a round trip through fp32
+            return
+        total = original.float()
+        for adapter, scale in active:
+            total = total + scale * adapter.delta(key).view_as(original)
+        weight.copy_(total.to(weight.dtype))
+
+    def reset(self) -> None:
+        """All scales to 0: the base model's exact weights."""
+        self.set_scales(dict.fromkeys(self.adapters, 0.0))
+
+    def describe(self) -> str:
+        return ", ".join(f"{n}: {s:g}" for n, s in self.scales.items()) or "none"
+
+
+def _finite(value, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise AdapterError(f"scale of {name!r} must be a finite number, got {value}")
+    return value

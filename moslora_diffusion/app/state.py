@@ -1,0 +1,184 @@
+"""What the running app holds: one pipeline (loaded once), its fused adapters, the allowed folders.
+
+The UI calls only these methods, so every feature also works (and is tested) without a browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..families import detect_model
+from ..inject import AdapterError
+from ..model_loading import load_pipeline
+from .fusion import FusedAdapters
+from .generation import GenerationRequest, generate, save_png, scheduler_label
+from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
+from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
+from .uploads import UploadError, check_photo_folder, photo_folders, stage_uploads
+
+log = logging.getLogger("moslora_diffusion.app")
+MODEL_LOADS = {"count": 0}  # process-wide: proves a slider move never reloads the model
+
+
+def load_base_pipeline(source: str | Path, config: str | Path | None = None, device: str | None = None):
+    """The base pipeline on `device` (fp16 on CUDA, fp32 on CPU); counted in MODEL_LOADS."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(source, torch_dtype=dtype, config=config).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    MODEL_LOADS["count"] += 1
+    log.info("model loaded: %s (load #%d, pipeline id %x)", source, MODEL_LOADS["count"], id(pipe))
+    return pipe
+
+
+def display_name(source: str | Path) -> str:
+    """A hub id as is, a local model by its folder or file name (no private paths in PNG metadata)."""
+    path = Path(str(source))
+    return path.name if path.exists() else str(source)
+
+
+def native_size(pipe, family_default: int) -> int:
+    """The size the model was trained at (UNet sample size x VAE factor, as diffusers' own default), which is
+    the family's resolution for every real checkpoint (512 / 768 / 1024) and small for the tiny test models."""
+    try:
+        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    except (AttributeError, TypeError):
+        return family_default
+    return min(max(64, size - size % 8), 2048)
+
+
+@dataclass
+class Saved:
+    path: Path
+    infotext: str
+    label: str
+
+
+class AppState:
+    def __init__(self, pipe, base: str | Path, outputs_dir: str | Path, roots: AllowedRoots | None = None,
+                 config: str | Path | None = None, photo_roots: AllowedRoots | None = None):
+        self.pipe, self.base, self.config = pipe, str(base), str(config) if config else None
+        self.model_name = display_name(base)
+        self.info = detect_model(pipe)
+        self.default_size = native_size(pipe, self.info.default_resolution)
+        self.fusion = FusedAdapters(pipe)
+        self.scheduler_config = pipe.scheduler.config  # every scheduler swap starts from the model's own
+        self.default_scheduler = scheduler_label(pipe.scheduler)
+        self.outputs = Path(outputs_dir).expanduser().resolve()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        (self.outputs / "training").mkdir(exist_ok=True)
+        self.roots = roots or AllowedRoots()
+        self.roots.add(self.outputs / "training")  # adapters trained from the app land here
+        self.photo_roots = photo_roots or AllowedRoots()
+        self.training = TrainingManager(self.outputs / "training")
+        self.generations = 0
+        self.last_seconds = 0.0
+        self._paths: dict[str, Path] = {}  # loaded adapter name -> file
+        self._adapters_lock = threading.Lock()  # a UI load and a finished training run may race
+
+    # adapters
+    def available_adapters(self) -> dict[str, Path]:
+        return discover_adapters(self.roots)
+
+    def load_adapter(self, path: str | Path, scale: float = 1.0) -> str:
+        """Loads an adapter file from an allowed folder; returns its name (the slider label)."""
+        file = adapter_file(path, self.roots)
+        with self._adapters_lock:
+            for name, loaded in self._paths.items():
+                if loaded == file:
+                    return name
+            name = unique_name(adapter_name(file), self._paths)
+            self.fusion.add(name, file, scale)
+            self._paths[name] = file
+        log.info("adapter %s loaded from %s at scale %g", name, file, scale)
+        return name
+
+    def load_available(self, name: str, scale: float = 1.0) -> str:
+        """Loads an adapter by its name in available_adapters() (what the UI and API offer)."""
+        available = self.available_adapters()
+        if name not in available:
+            raise AdapterError(f"no adapter named {name!r} in the app's folders; choose one of: "
+                               f"{', '.join(available) or 'none'}")
+        return self.load_adapter(available[name], scale)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._adapters_lock:
+            self.fusion.remove(name)
+            self._paths.pop(name)
+
+    def loaded_adapters(self) -> dict[str, Path]:
+        return dict(self._paths)
+
+    # generation
+    def generate(self, request: GenerationRequest, progress=None) -> list[Saved]:
+        start = time.perf_counter()
+        images = generate(self.pipe, self.fusion, request, self.model_name, self.scheduler_config, progress)
+        saved = [Saved(save_png(item, self.outputs / "images"), item.infotext, item.label) for item in images]
+        self.generations += 1
+        self.last_seconds = time.perf_counter() - start
+        return saved
+
+    def status(self) -> dict:
+        return {"model": self.model_name, "family": self.info.family.name, "model_loads": MODEL_LOADS["count"],
+                "pipeline_id": f"{id(self.pipe):x}", "generations": self.generations,
+                "last_seconds": round(self.last_seconds, 3), "adapters": dict(self.fusion.scales)}
+
+    def status_text(self) -> str:
+        s = self.status()
+        return (f"Model **{s['model']}** ({self.info.family.label}) · model loads: "
+                f"{s['model_loads']} · pipeline `{s['pipeline_id']}` · "
+                f"generations: {s['generations']} · last: {s['last_seconds']:.2f} s · adapters: "
+                f"{self.fusion.describe()}")
+
+    # training
+    def start_training(self, instance_prompt: str, class_prompt: str = "", steps: int = 400, rank: int = 4,
+                       resolution: int | None = None, validation_steps: int = 100, folder: str | None = None,
+                       uploads: list | None = None) -> TrainingJob:
+        """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app."""
+        settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", int(steps or 0),
+                                    int(rank or 0), int(resolution) if resolution else None,
+                                    int(validation_steps or 0))
+        settings.check()  # before any upload is copied
+        if uploads:
+            staged = stage_uploads(uploads, new_run_dir(self.outputs / "uploads", instance_prompt))
+            settings.instance_dir = staged[0].parent
+        elif folder:
+            folders = photo_folders(self.photo_roots)
+            if folder not in folders:
+                raise UploadError(f"unknown photo folder {folder!r}")
+            settings.instance_dir = check_photo_folder(folders[folder], self.photo_roots)
+        else:
+            raise UploadError("choose a photo folder or upload photos of the subject")
+        return self.training.start(self.base, settings, self.config)
+
+    def register_finished_training(self) -> str | None:
+        """Loads the adapter of a just-finished training run (once); returns its name."""
+        job = self.training.job
+        if job is None or job.registered_as or job.state() != "finished":
+            return None
+        job.registered_as = self.load_adapter(job.output_dir, scale=1.0)
+        return job.registered_as
+
+
+def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), config=None, photo_dirs=(),
+                   device: str | None = None) -> AppState:
+    """Loads the base model once and every --adapter (each must load: a bad one stops the start-up)."""
+    roots = AllowedRoots()
+    for path in adapters:
+        if not Path(path).expanduser().exists():
+            raise AdapterError(f"--adapter {path}: no such file or folder")
+        roots.add(path)
+    photos = AllowedRoots()
+    for folder in photo_dirs:
+        photos.add(folder)
+    pipe = load_base_pipeline(base, config, device)
+    state = AppState(pipe, base, outputs_dir, roots, config, photos)
+    for path in adapters:
+        state.load_adapter(path, scale=1.0)
+    return state

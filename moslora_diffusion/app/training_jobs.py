@@ -1,0 +1,230 @@
+"""DreamBooth training from the app: the project's own trainer in a background process group.
+
+The app never trains in its own process: a crash or an out-of-memory kill of the trainer must not take
+the web server down, and cancelling must stop every process the trainer started (its process group).
+Progress comes from `<output_dir>/progress.jsonl` when the trainer writes one, otherwise from the tqdm
+bar it prints (step/total and `loss=` in the postfix); validation images from `<output_dir>/validation/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .paths import ADAPTER_FILE_NAME
+
+TRAINER = Path(__file__).resolve().parents[2] / "train_dreambooth.py"
+PROGRESS_FILE = "progress.jsonl"
+VALIDATION_DIR = "validation"
+MAX_TRAIN_STEPS = 20_000
+MAX_RANK = 256
+_STEP = re.compile(r"(\d+)/(\d+) \[")
+_LOSS = re.compile(r"loss[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+class TrainingError(ValueError):
+    """Bad training settings, or a job that cannot be started."""
+
+
+@dataclass
+class TrainingSettings:
+    instance_dir: Path
+    instance_prompt: str
+    class_prompt: str = ""  # given: prior preservation with generated class images
+    steps: int = 400
+    rank: int = 4
+    resolution: int | None = None  # None: the model family's
+    validation_steps: int = 100  # 0: no validation images
+    learning_rate: float = 1e-4
+
+    def check(self) -> None:
+        problems = []
+        if not self.instance_prompt.strip():
+            problems.append("enter an instance prompt with a trigger word, e.g. 'a photo of sks dog'")
+        if not 1 <= int(self.steps) <= MAX_TRAIN_STEPS:
+            problems.append(f"steps must be between 1 and {MAX_TRAIN_STEPS}")
+        if not 1 <= int(self.rank) <= MAX_RANK:
+            problems.append(f"rank must be between 1 and {MAX_RANK}")
+        if self.resolution is not None and (not 64 <= int(self.resolution) <= 2048 or int(self.resolution) % 8):
+            problems.append("resolution must be a multiple of 8 between 64 and 2048")
+        if problems:
+            raise TrainingError("; ".join(problems))
+
+
+def build_command(base: str, settings: TrainingSettings, output_dir: Path, config: str | None = None,
+                  trainer: Path = TRAINER) -> list[str]:
+    """The trainer's command line; the same flags a user would type (diffusers' names)."""
+    cmd = [sys.executable, str(trainer), "--pretrained_model_name_or_path", str(base),
+           "--instance_data_dir", str(settings.instance_dir), "--instance_prompt", settings.instance_prompt.strip(),
+           "--max_train_steps", str(int(settings.steps)), "--rank", str(int(settings.rank)),
+           "--learning_rate", str(settings.learning_rate), "--output_dir", str(output_dir)]
+    if settings.class_prompt.strip():
+        cmd += ["--with_prior_preservation", "--class_prompt", settings.class_prompt.strip(),
+                "--class_data_dir", str(output_dir.parent / f"{output_dir.name}-class-images")]
+    if settings.resolution:
+        cmd += ["--resolution", str(int(settings.resolution))]
+    if settings.validation_steps:
+        cmd += ["--validation_prompt", settings.instance_prompt.strip(), "--validation_steps",
+                str(int(settings.validation_steps)), "--num_validation_images", "2"]
+    if config:
+        cmd += ["--single_file_config", str(config)]
+    return cmd
+
+
+@dataclass
+class JobProgress:
+    state: str  # running, finished, failed, cancelled
+    step: int = 0
+    total: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_images: list[Path] = field(default_factory=list)
+    message: str = ""
+
+
+def parse_log(text: str) -> tuple[int, int, list[tuple[int, float]], str]:
+    """(step, total, [(step, loss)], last line) from tqdm output (updates separated by \\r or \\n)."""
+    step = total = 0
+    losses: dict[int, float] = {}
+    last = ""
+    for segment in re.split(r"[\r\n]+", text):
+        segment = segment.strip()
+        if not segment:
+            continue
+        last = segment
+        match = _STEP.search(segment)
+        if match and "class" not in segment:  # the class-image generation bar is not training
+            step, total = int(match.group(1)), int(match.group(2))
+            loss = _LOSS.search(segment)
+            if loss and step:
+                losses[step] = float(loss.group(1))
+    return step, total, sorted(losses.items()), last
+
+
+def read_progress_file(path: Path) -> tuple[int, int, list[tuple[int, float]], list[Path]]:
+    """The same from progress.jsonl lines {"step", "total", "loss", "validation_images"?}."""
+    step = total = 0
+    losses, images = {}, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+        step, total = int(record.get("step", step)), int(record.get("total", total))
+        if record.get("loss") is not None:
+            losses[step] = float(record["loss"])
+        images += [path.parent / p for p in record.get("validation_images", [])]
+    return step, total, sorted(losses.items()), images
+
+
+class TrainingJob:
+    """One trainer process: started in its own session (process group), polled, cancellable."""
+
+    def __init__(self, cmd: list[str], output_dir: Path, log_path: Path):
+        self.cmd, self.output_dir, self.log_path = cmd, Path(output_dir), Path(log_path)
+        self.process: subprocess.Popen | None = None
+        self.cancelled = False
+        self.registered_as: str | None = None  # the adapter name once the app loaded the result
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.started_at = time.time()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.output_dir / ADAPTER_FILE_NAME
+
+    def cancel(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the whole group, SIGKILL if it has not exited after grace_s."""
+        if not self.running:
+            return
+        self.cancelled = True
+        pgid = self.process.pid  # start_new_session: the trainer leads its own group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+    def progress(self) -> JobProgress:
+        log = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        step, total, losses, last = parse_log(log)
+        images = sorted((self.output_dir / VALIDATION_DIR).glob("*.png"))
+        if (self.output_dir / PROGRESS_FILE).exists():
+            step, total, losses, listed = read_progress_file(self.output_dir / PROGRESS_FILE)
+            images = listed or images
+        state = self.state()
+        message = {"running": last, "cancelled": "cancelled"}.get(state, "")
+        if state == "failed":
+            message = f"trainer exited with code {self.process.returncode}: " + "\n".join(log.splitlines()[-8:])
+        elif state == "finished":
+            message = f"finished: {self.adapter_path}"
+        return JobProgress(state, step, total, losses, images, message)
+
+    def state(self) -> str:
+        if self.running:
+            return "running"
+        if self.cancelled:
+            return "cancelled"
+        if self.process.returncode == 0 and self.adapter_path.is_file():
+            return "finished"
+        return "failed"
+
+
+def new_run_dir(runs_dir: Path, prompt: str) -> Path:
+    """<runs_dir>/<time>-<prompt words>: readable, unique, and never a user-chosen path."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "subject"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = runs_dir / f"{stamp}-{slug}"
+    n = 2
+    while folder.exists():
+        folder = runs_dir / f"{stamp}-{slug}-{n}"
+        n += 1
+    return folder
+
+
+class TrainingManager:
+    """At most one training job at a time (one accelerator, one trainer)."""
+
+    def __init__(self, runs_dir: Path, trainer: Path = TRAINER):
+        self.runs_dir, self.trainer = Path(runs_dir), Path(trainer)
+        self.job: TrainingJob | None = None
+
+    def start(self, base: str, settings: TrainingSettings, config: str | None = None) -> TrainingJob:
+        settings.check()
+        if self.job is not None and self.job.running:
+            raise TrainingError("a training run is already in progress; cancel it or wait for it to finish")
+        if not self.trainer.is_file():
+            raise TrainingError(f"the trainer {self.trainer} is missing")
+        output_dir = new_run_dir(self.runs_dir, settings.instance_prompt)
+        cmd = build_command(base, settings, output_dir, config, self.trainer)
+        job = TrainingJob(cmd, output_dir, self.runs_dir / "logs" / f"{output_dir.name}.log")
+        job.start()
+        self.job = job
+        return job
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def shutdown(self) -> None:
+        """Called when the app exits: an orphaned trainer would hold the accelerator."""
+        self.cancel()

@@ -1,0 +1,250 @@
+"""The Gradio interface: Generate, Export and Train tabs over an AppState.
+
+Handlers are thin: they convert widget values, call AppState / generation / export / training
+functions, and turn every refusal into a visible message (gr.Warning plus a message box) so a bad
+input never takes the app down. Adapter sliders live in a fixed number of slots, so the `generate`
+API keeps one stable signature however many adapters get loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import gradio as gr
+
+from .charts import loss_curve_image
+from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
+from .generation import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, SCHEDULERS, GenerationRequest
+from .state import AppState
+from .uploads import photo_folders
+
+log = logging.getLogger("moslora_diffusion.app")
+MAX_SLOTS = 8  # adapter sliders; more adapters than this can be loaded but not given a slider
+PROGRESS = gr.Progress()  # Gradio swaps in a per-request tracker for a parameter defaulting to one
+# A handler is the boundary to the user: every failure becomes a visible message and the app keeps serving.
+USER_ERRORS = Exception
+
+
+def _refuse(err: Exception) -> str:
+    message = str(err) or type(err).__name__
+    if not isinstance(err, (ValueError, OSError)):  # ours subclass ValueError; anything else is unexpected
+        log.error("handler failed", exc_info=err)
+        message = f"{type(err).__name__}: {message}"
+    else:
+        log.warning("refused: %s", message)
+    gr.Warning(message)
+    return f"⚠️ {message}"
+
+
+def slot_updates(state: AppState, with_values: bool = False, new: str | None = None) -> list:
+    """One update per slider slot: label and visibility from the loaded adapters (in load order)."""
+    names = state.fusion.names()[:MAX_SLOTS]
+    updates = []
+    for i in range(MAX_SLOTS):
+        if i >= len(names):
+            updates.append(gr.update(visible=False))
+            continue
+        update = {"visible": True, "label": f"{names[i]} scale"}
+        if with_values or names[i] == new:
+            update["value"] = state.fusion.scales[names[i]]
+        updates.append(gr.update(**update))
+    return updates
+
+
+def _scales(state: AppState, values) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(state.fusion.names()[:MAX_SLOTS], values, strict=False)}
+
+
+def _generate_tab(state: AppState, res: int) -> dict:
+    c = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                     placeholder="a photo of sks dog on the beach")
+            c["negative"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+            with gr.Row():
+                c["seed"] = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
+                c["dice"] = gr.Button("Random seed", elem_id="randomise-seed", scale=0)
+                c["scheduler"] = gr.Dropdown(list(SCHEDULERS), value=state.default_scheduler, label="Sampler",
+                                             elem_id="scheduler")
+            with gr.Row():
+                c["steps"] = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps", elem_id="steps")
+                c["guidance"] = gr.Slider(0, MAX_GUIDANCE, value=7.5, step=0.5, label="CFG scale",
+                                          elem_id="guidance")
+            with gr.Row():
+                c["width"] = gr.Slider(64, MAX_SIDE, value=res, step=8, label="Width", elem_id="width")
+                c["height"] = gr.Slider(64, MAX_SIDE, value=res, step=8, label="Height", elem_id="height")
+                c["count"] = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="count")
+            names = state.fusion.names()  # adapters loaded at start-up have their slider from the first paint
+            c["slots"] = [gr.Slider(-1, 2, step=0.05, elem_id=f"scale-{i}", visible=i < len(names),
+                                    value=state.fusion.scales[names[i]] if i < len(names) else 1.0,
+                                    label=f"{names[i]} scale" if i < len(names) else f"adapter {i} scale")
+                          for i in range(MAX_SLOTS)]
+            c["compare"] = gr.Checkbox(label="Compare with base (same seed, scales 0)", elem_id="compare")
+            c["go"] = gr.Button("Generate", variant="primary", elem_id="generate")
+            c["message"] = gr.Markdown(elem_id="gen-message")
+            with gr.Accordion("Adapters", open=False):
+                c["available"] = gr.Dropdown(label="Adapters in the app's folders", elem_id="available-adapters")
+                with gr.Row():
+                    c["load"] = gr.Button("Load adapter", elem_id="load-adapter")
+                    c["refresh"] = gr.Button("Refresh list", elem_id="refresh-adapters")
+        with gr.Column(scale=4):
+            c["gallery"] = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery", height=520)
+            c["infotext"] = gr.Textbox(label="Parameters (also stored in each PNG)", lines=4, elem_id="infotext")
+    return c
+
+
+def _on_generate(state: AppState):
+    def generate(prompt, negative, seed, steps, guidance, width, height, count, scheduler, compare, *scales,
+                 progress=PROGRESS):
+        request = GenerationRequest(prompt, negative, seed, steps, guidance, width, height, count, scheduler,
+                                    _scales(state, scales), bool(compare))
+        try:
+            saved = state.generate(request, lambda done, total: progress((done, total), desc="denoising"))
+        except USER_ERRORS as err:
+            return gr.skip(), gr.skip(), _refuse(err), state.status_text()
+        gallery = [(str(s.path), s.label) for s in saved]
+        return gallery, "\n\n".join(s.infotext for s in saved), "", state.status_text()
+    return generate
+
+
+def _adapter_handlers(state: AppState, c: dict, status):
+    def refresh():
+        names = [n for n in state.available_adapters() if n not in state.loaded_adapters()]
+        return gr.update(choices=names, value=names[0] if names else None)
+
+    def load(name):
+        try:
+            if not name:
+                raise ValueError("choose an adapter to load")
+            loaded = state.load_available(name, scale=1.0)
+        except USER_ERRORS as err:
+            return [gr.skip()] * MAX_SLOTS + [_refuse(err), state.status_text(), gr.skip()]
+        return slot_updates(state, new=loaded) + [f"Loaded **{loaded}**", state.status_text(), refresh()]
+
+    c["refresh"].click(refresh, outputs=c["available"], api_name="refresh_adapters")
+    c["load"].click(load, inputs=c["available"], outputs=c["slots"] + [c["message"], status, c["available"]],
+                    api_name="load_adapter", concurrency_id="adapters")
+    return refresh
+
+
+def _export_tab(state: AppState, slots: list):
+    gr.Markdown("Exports the loaded adapters at the scales set on the Generate tab (adapters at 0 are left out).")
+    target = gr.Radio(list(EXPORT_TARGETS), value=next(iter(EXPORT_TARGETS)), label="Format", elem_id="export-target")
+    dtype = gr.Dropdown(list(EXPORT_DTYPES), value="fp16", label="Precision", elem_id="export-dtype")
+    button = gr.Button("Export", variant="primary", elem_id="export")
+    message = gr.Markdown(elem_id="export-message")
+    file = gr.File(label="Download", elem_id="export-file")
+
+    def run_export(label, precision, *scales, progress=PROGRESS):
+        progress(None, desc="exporting (loads the base model once more)")
+        try:
+            path = export_adapters(state, EXPORT_TARGETS[label], _scales(state, scales), precision)
+        except USER_ERRORS as err:
+            return gr.skip(), _refuse(err)
+        return str(path), f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)"
+
+    button.click(run_export, inputs=[target, dtype] + slots, outputs=[file, message], api_name="export",
+                 concurrency_id="export")
+
+
+def _train_tab(state: AppState, res: int) -> dict:
+    c = {}
+    gr.Markdown("Teach the model a subject from a few photos (DreamBooth, MoSLoRA adapter). The trainer runs "
+                "in the background; when it finishes, its adapter is loaded and gets a slider.")
+    folders = list(photo_folders(state.photo_roots))
+    with gr.Row():
+        c["folder"] = gr.Dropdown(folders, value=None, label="Photos from a folder given to the app",
+                                  elem_id="photo-folder")
+        c["upload"] = gr.File(file_count="multiple", file_types=["image"], label="…or upload photos",
+                              elem_id="photo-upload")
+    with gr.Row():
+        c["instance"] = gr.Textbox(label="Instance prompt", value="a photo of sks dog", elem_id="instance-prompt")
+        c["class"] = gr.Textbox(label="Class prompt (prior preservation; empty: off)", elem_id="class-prompt")
+    with gr.Row():
+        c["steps"] = gr.Number(label="Steps", value=400, precision=0, elem_id="train-steps")
+        c["rank"] = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")
+        c["resolution"] = gr.Number(label="Resolution", value=res, precision=0, elem_id="train-resolution")
+        c["val_every"] = gr.Number(label="Validation images every N steps (0: off)", value=100, precision=0,
+                                   elem_id="train-validation-steps")
+    with gr.Row():
+        c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
+        c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+    c["status"] = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        c["loss"] = gr.Image(label="Loss", type="pil", elem_id="train-loss", height=240)
+        c["validation"] = gr.Gallery(label="Latest validation images", columns=2, elem_id="train-validation",
+                                     height=240)
+    c["timer"] = gr.Timer(1.0, active=False)
+    return c
+
+
+def _train_handlers(state: AppState, c: dict, gen: dict, status):
+    def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every):
+        try:
+            job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads)
+        except USER_ERRORS as err:
+            return _refuse(err), gr.Timer(active=False)
+        return f"Started: `{job.output_dir.name}`", gr.Timer(active=True)
+
+    def poll():
+        job = state.training.job
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), *[gr.skip()] * (MAX_SLOTS + 1)
+        p = job.progress()
+        text = f"**{p.state}** · step {p.step}/{p.total or '?'}" + (f" · {p.message}" if p.message else "")
+        new = None
+        if p.state == "finished":
+            try:
+                new = state.register_finished_training()
+            except USER_ERRORS as err:
+                text += "\n\n" + _refuse(err)
+        if new:
+            text += f"\n\nAdapter **{new}** loaded: its slider is on the Generate tab."
+        images = [str(path) for path in p.validation_images[-4:]]
+        slots = slot_updates(state, new=new) if new else [gr.skip()] * MAX_SLOTS
+        return (text, loss_curve_image(p.losses), images, gr.Timer(active=p.state == "running"), *slots,
+                state.status_text())
+
+    def cancel():
+        state.training.cancel()
+        return "Cancelled."
+
+    inputs = [c["folder"], c["upload"], c["instance"], c["class"], c["steps"], c["rank"], c["resolution"],
+              c["val_every"]]
+    c["start"].click(start, inputs=inputs, outputs=[c["status"], c["timer"]], api_name="train",
+                     concurrency_id="training")
+    c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["validation"], c["timer"]] + gen["slots"] + [status],
+                    concurrency_id="training", show_progress="hidden", api_visibility="private")
+    c["cancel"].click(cancel, outputs=c["status"], api_name="cancel_training", concurrency_id="training")
+
+
+def build_ui(state: AppState) -> gr.Blocks:
+    res = state.default_size
+    with gr.Blocks(title="moslora-diffusion") as demo:
+        gr.Markdown("## moslora-diffusion · DreamBooth with MoSLoRA adapters")
+        status = gr.Markdown(state.status_text(), elem_id="app-status")
+        with gr.Tab("Generate"):
+            gen = _generate_tab(state, res)
+        with gr.Tab("Export"):
+            _export_tab(state, gen["slots"])
+        with gr.Tab("Train"):
+            train = _train_tab(state, res)
+        inputs = [gen[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "count",
+                                   "scheduler", "compare")] + gen["slots"]
+        gen["go"].click(_on_generate(state), inputs=inputs,
+                        outputs=[gen["gallery"], gen["infotext"], gen["message"], status], api_name="generate",
+                        concurrency_id="generate")
+        gen["dice"].click(lambda: random.randint(0, MAX_SEED), outputs=gen["seed"], api_visibility="private",
+                          queue=False)
+        refresh = _adapter_handlers(state, gen, status)
+        _train_handlers(state, train, gen, status)
+        demo.load(lambda: [*slot_updates(state, with_values=True), state.status_text(), refresh()],
+                  outputs=gen["slots"] + [status, gen["available"]], api_visibility="private")
+
+        @gr.api(api_name="status", concurrency_id="status")
+        def app_status() -> dict:
+            """Model, load count, pipeline id and adapter scales (for monitoring and tests)."""
+            return state.status()
+    return demo

@@ -1,0 +1,266 @@
+"""Pretrains the toy base model on the toy world: a small SD 1.x-shaped pipeline that draws captioned scenes.
+
+    python -m moslora_diffusion.toy.pretrain --out assets/toy-base --seed 0 --threads 2
+
+1. VAE: reconstruction (L1 + MSE) and a small KL on freshly rendered scenes; a third of them get
+   striped / dotted object fills, so the VAE can reproduce patterns the UNet never learns to draw.
+2. Latents of a fixed set of training scenes are encoded once (posterior mean and std).
+3. UNet and text encoder jointly, epsilon prediction with Min-SNR weighting, captions with random
+   attribute omission and 10% empty captions (for classifier-free guidance); EMA weights are saved.
+Held-out (class, colour, background) combinations never appear in step 2 (see world.is_held_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .world import Fill, caption, render, sample_scene, with_fill
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    arch: models.Architecture = field(default_factory=models.Architecture)
+    vae_steps: int = 3000
+    vae_batch: int = 16
+    vae_crop: int | None = 32
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-5  # per latent element, relative to the per-pixel reconstruction loss
+    pattern_fraction: float = 0.35  # VAE batches: share of objects with a patterned fill
+    dataset_size: int = 24000  # training scenes encoded once for the UNet stage
+    unet_steps: int = 2500
+    unet_batch: int = 64
+    unet_lr: float = 1.5e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+
+
+PRESETS = {
+    "default": PretrainConfig(),
+    # Only for tests: exercises every code path in seconds, learns nothing.
+    "micro": PretrainConfig(
+        arch=models.Architecture(vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), unet_attention=(False, True, True),
+                                 norm_groups=4, text_hidden=16, text_intermediate=32, unet_heads=1, text_heads=1),
+        vae_steps=3, vae_batch=2, dataset_size=4, unet_steps=3, unet_batch=2, warmup_steps=1),
+}
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> N x 3 x H x W in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def random_fill(rng: np.random.Generator) -> Fill:
+    """A random two-colour striped (sometimes dotted) fill, for the VAE's pattern vocabulary."""
+    rgb = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(3)]
+    return Fill(stripes=(rgb[0], rgb[1]), dot=rgb[2] if rng.random() < 0.5 else None,
+                period=float(rng.uniform(0.3, 0.6)))
+
+
+def vae_batch(rng: np.random.Generator, n: int, pattern_fraction: float, crop: int | None = None) -> torch.Tensor:
+    """Freshly rendered scenes; with `crop`, a random crop x crop window of each (convolutions do not need the
+    whole image, and a 32 px crop costs a quarter of the compute)."""
+    scenes = [sample_scene(rng) for _ in range(n)]
+    scenes = [with_fill(s, random_fill(rng)) if rng.random() < pattern_fraction else s for s in scenes]
+    images = [render(s) for s in scenes]
+    if crop:  # windows around the object: its edges and fill are the hard part, plain background is easy
+        centres = np.array([[(s.box[0] + s.box[2]) / 2, (s.box[1] + s.box[3]) / 2] for s in scenes])
+        offsets = centres - crop / 2 + rng.uniform(-crop / 3, crop / 3, (n, 2))
+        offsets = (np.clip(offsets, 0, images[0].width - crop) // 4 * 4).astype(int)  # on the 4 px latent grid
+        images = [im.crop((x, y, x + crop, y + crop)) for im, (x, y) in zip(images, offsets, strict=True)]
+    return images_to_tensor(images)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10%."""
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def train_vae(vae, cfg: PretrainConfig, rng: np.random.Generator, device, log) -> None:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(cfg.warmup_steps, cfg.vae_steps), cfg.vae_steps))
+    for step in range(cfg.vae_steps):
+        x = vae_batch(rng, cfg.vae_batch, cfg.pattern_fraction, cfg.vae_crop).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step:5d}  rec {rec.item():.4f}  kl {kl.item():.2f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes, device, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every scene (unscaled), kept on the CPU."""
+    means, stds = [], []
+    for i in range(0, len(scenes), batch):
+        dist = vae.encode(images_to_tensor([render(s) for s in scenes[i:i + batch]]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Exactly as StableDiffusionPipeline tokenizes a prompt (padded to model_max_length)."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            p.copy_(s)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def diffusion_loss(unet, text_encoder, scheduler, latents, input_ids, gamma: float) -> torch.Tensor:
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    hidden = text_encoder(input_ids)[0]  # B x 77 x text_hidden: what the pipeline feeds cross-attention
+    pred = unet(noisy, t, hidden).sample
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, t, gamma)).mean()
+
+
+def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log) -> None:
+    scenes = [sample_scene(rng, split="train") for _ in range(cfg.dataset_size)]
+    t0 = time.time()
+    means, stds = encode_scenes(vae, scenes, device)
+    scaling = vae.config.scaling_factor
+    log(f"encoded {len(scenes)} scenes in {time.time() - t0:.0f}s")
+    scheduler = models.training_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
+    ema = EMA(params, cfg.ema_decay)
+    unet.train()
+    text_encoder.train()
+    for step in range(cfg.unet_steps):
+        idx = rng.integers(0, len(scenes), cfg.unet_batch)
+        index = torch.from_numpy(idx)
+        latents = (means[index] + stds[index] * torch.randn_like(stds[index])).to(device) * scaling
+        captions = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng) for i in idx]
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, tokenize(tokenizer, captions).to(device),
+                              cfg.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        if step % 100 == 0 or step == cfg.unet_steps - 1:
+            log(f"unet step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
+    ema.copy_to_params()
+    unet.eval()
+    text_encoder.eval()
+
+
+@torch.no_grad()
+def set_scaling_factor(vae, rng, device, n: int = 256) -> float:
+    """SD convention: latents * scaling_factor have unit standard deviation."""
+    latents = vae.encode(vae_batch(rng, n, 0.0).to(device)).latent_dist.sample()
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None = None, log=print):
+    """Trains the toy base model and saves it as a diffusers folder; returns the pipeline (EMA weights)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="toy-tok-") as tmp:
+        tokenizer = models.build_tokenizer(Path(tmp))
+    vae, unet = models.build_vae(cfg.arch).to(device), models.build_unet(cfg.arch).to(device)
+    text_encoder = models.build_text_encoder(cfg.arch, tokenizer).to(device)
+    t0 = time.time()
+    train_vae(vae, cfg, rng, device, log)
+    log(f"vae scaling factor {set_scaling_factor(vae, rng, device):.4f}")
+    timings["vae_s"] = time.time() - t0
+    vae.requires_grad_(False)
+    t0 = time.time()
+    train_unet(unet, text_encoder, tokenizer, vae, cfg, rng, device, log)
+    timings["unet_s"] = time.time() - t0
+    pipe = models.assemble_pipeline(vae, unet, text_encoder, tokenizer).to("cpu")
+    pipe.save_pretrained(out, safe_serialization=True)
+    record = {"seed": seed, "device": str(device), "threads": torch.get_num_threads(), **timings,
+              "config": dataclasses.asdict(cfg),
+              "parameters": {name: models.count_parameters(m) for name, m in
+                             (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}}
+    (Path(out) / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log(f"saved to {out}: {json.dumps(timings)}")
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--vae_steps", type=int)
+    parser.add_argument("--unet_steps", type=int)
+    parser.add_argument("--dataset_size", type=int)
+    parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: getattr(args, k) for k in ("vae_steps", "unet_steps", "dataset_size") if getattr(args, k)}
+    cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
+    start = time.time()
+    pretrain(args.out, cfg, seed=args.seed, device=args.device,
+             log=lambda msg: print(f"[{time.time() - start:7.1f}s] {msg}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The toy subject: one particular star the base model never saw, for the DreamBooth demo.
+
+A star with yellow-and-black diagonal stripes and a white dot in its centre. Pretraining only ever shows
+single-coloured objects (the VAE alone sees random striped fills, to learn to reproduce stripes), so a
+model that draws yellow-and-black stripes inside a star has learned them from the subject photos.
+
+    python -m moslora_diffusion.toy.subject --out assets/toy-subject
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .checker import as_array, object_mask
+from .world import COLOURS, Fill, Scene, render
+
+TOKEN = "sks"
+CLASS_NOUN = "star"
+INSTANCE_PROMPT = f"a photo of {TOKEN} {CLASS_NOUN}"
+CLASS_PROMPT = f"a photo of a {CLASS_NOUN}"
+SUBJECT_FILL = Fill(stripes=(COLOURS["yellow"], COLOURS["black"]), dot=COLOURS["white"])
+# Backgrounds the subject stands out on (not yellow, black or white, whose pixels would merge with it).
+SUBJECT_BACKGROUNDS = ("blue", "green", "purple", "gray", "pink", "red")
+
+# (position, box side in px, background, dx, dy): varied framing, as a user's photos would be.
+PHOTOS = (
+    ("center", 32, "blue", 0, 0),
+    ("left", 28, "green", 1, -2),
+    ("right", 30, "purple", -1, 2),
+    ("top", 26, "gray", 2, 1),
+    ("bottom", 34, "pink", 0, -1),
+)
+
+NEAR = 90.0  # RGB distance within which a pixel counts as one of the stripe colours
+THRESHOLD = 0.4  # subject_score above which an image shows the subject
+
+
+def subject_scene(position: str = "center", size_px: int = 30, background: str = "blue", dx: int = 0,
+                  dy: int = 0) -> Scene:
+    size = "large" if size_px >= 24 else "small"
+    return Scene(CLASS_NOUN, "yellow", size, position, background, "plain", dx, dy, size_px, SUBJECT_FILL)
+
+
+def subject_photos() -> list:
+    """The subject photos as PIL images (deterministic)."""
+    return [render(subject_scene(*photo)) for photo in PHOTOS]
+
+
+def stripe_fractions(image) -> tuple[float, float]:
+    """Fractions of the object's pixels that are the stripe colours (yellow, black)."""
+    arr = as_array(image)
+    mask, _ = object_mask(arr)
+    if mask.sum() == 0:
+        return 0.0, 0.0
+    pixels = arr[mask]
+    near = [float((np.linalg.norm(pixels - np.asarray(COLOURS[c], dtype=float), axis=1) < NEAR).mean())
+            for c in ("yellow", "black")]
+    return near[0], near[1]
+
+
+def subject_score(image) -> float:
+    """0..1: how much the object shows both stripe colours (the subject ~0.9, a one-colour object ~0)."""
+    yellow, black = stripe_fractions(image)
+    return min(1.0, 2.0 * min(yellow, black))
+
+
+def is_subject(image) -> bool:
+    return subject_score(image) >= THRESHOLD
+
+
+def write_photos(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (photo, image) in enumerate(zip(PHOTOS, subject_photos(), strict=True)):
+        path = out / f"{i:02d}_{photo[0]}_{photo[2]}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Render the toy subject's photos.")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    for path in write_photos(args.out):
+        print(path)
+    print(f'instance prompt: "{INSTANCE_PROMPT}"   class prompt: "{CLASS_PROMPT}"')
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The base model for training: loaded once, frozen in the weight dtype, adapters attached in fp32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import set_seed
+
+from ..families import Family, ModelInfo, detect_model
+from ..inject import adapter_parameters
+from ..model_loading import load_pipeline
+from ..pipeline_adapters import attach_to_pipeline, pipeline_adapters
+from .conditioning import tokenizer_names, vae_dtype
+from .config import TrainConfig
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BaseModel:
+    pipe: object  # the diffusers pipeline; its modules are the ones trained (adapters attached in place)
+    info: ModelInfo
+    weight_dtype: torch.dtype
+
+    @property
+    def family(self) -> Family:
+        return self.info.family
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self.pipe, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self.pipe, name) for name in tokenizer_names(self.family)]
+
+
+def load_base(config: TrainConfig, device: torch.device) -> BaseModel:
+    """The pipeline on `device`, every base weight frozen, in the dtype of --mixed_precision."""
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    pipe = load_pipeline(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+                         vae=config.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype,
+                         config=config.single_file_config)
+    info = detect_model(pipe)
+    wanted_vae_dtype = vae_dtype(info.family, weight_dtype, config.pretrained_vae_model_name_or_path is not None)
+    if pipe.vae.dtype != wanted_vae_dtype:
+        pipe.vae.to(dtype=wanted_vae_dtype)
+    for name in info.family.components + ("vae",):
+        getattr(pipe, name).requires_grad_(False)
+    pipe.to(device)  # device only: a dtype here would also cast adapters attached later
+    pipe.set_progress_bar_config(disable=True)
+    return BaseModel(pipe, info, weight_dtype)
+
+
+def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torch.nn.Parameter]]:
+    """Adapters on the UNet (and the text encoders with --train_text_encoder); their parameters per component.
+
+    Seeded right before, so every process (and every run with this seed) starts from the same A and M.
+    """
+    set_seed(config.seed)
+    attach_to_pipeline(base.pipe, config.adapter_config, config.unet_targets,
+                       "attn" if config.train_text_encoder else None)
+    trained = [base.unet] + (base.text_encoders if config.train_text_encoder else [])
+    for module in trained:
+        module.train()  # from_pretrained returns eval mode; checkpointing and dropout look at the mode
+        if config.gradient_checkpointing:
+            if module is base.unet:
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+    return {name: adapter_parameters(getattr(base.pipe, name)) for name in pipeline_adapters(base.pipe)}
+
+
+def adapter_targets(base: BaseModel) -> dict[str, list[str]]:
+    """Adapted module paths per component (stored in checkpoints to refuse a mismatched resume)."""
+    return {component: sorted(layers) for component, layers in pipeline_adapters(base.pipe).items()}

@@ -1,0 +1,83 @@
+"""What a run will do, resolved from the config and the model: data, class images, step counts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data import DreamBoothDataset, ImageRecord, ensure_class_images, make_buckets
+from .components import BaseModel
+from .config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Settings that follow from the config plus the model and data (the config itself never changes)."""
+
+    family: str
+    prediction_type: str
+    resolution: int
+    num_processes: int
+    global_batch: int  # images per micro-step over all processes
+    effective_batch: int  # images per optimizer step (with gradient accumulation)
+    batches_per_epoch: int  # global micro-batches per epoch
+    max_train_steps: int
+    timestep_range: tuple[int, int]  # [low, high) of the training timesteps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(config: TrainConfig, base: BaseModel, resolution: int, batches_per_epoch: int,
+              num_processes: int, num_train_timesteps: int) -> RunPlan:
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    high = config.max_timestep or num_train_timesteps
+    if high > num_train_timesteps:
+        raise ConfigError(f"--max_timestep {high} exceeds the scheduler's {num_train_timesteps} timesteps")
+    global_batch = config.train_batch_size * num_processes
+    return RunPlan(base.family.name, base.info.prediction_type, resolution, num_processes, global_batch,
+                   global_batch * config.gradient_accumulation_steps, batches_per_epoch, max_steps,
+                   (config.min_timestep, high))
+
+
+def training_resolution(config: TrainConfig, base: BaseModel) -> int:
+    return config.resolution or base.info.default_resolution
+
+
+def prepare_class_images(config: TrainConfig, base: BaseModel, resolution: int, accelerator) -> list[Path]:
+    """The class images, generating the missing ones with the base model (main process; resumable).
+
+    Call before attaching adapters, so the images come from the untouched base model.
+    """
+    import torch
+
+    def generate(prompts: list[str], seeds: list[int]):
+        generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds]
+        with accelerator.autocast():
+            return base.pipe(prompts, num_inference_steps=config.class_inference_steps, height=resolution,
+                             width=resolution, generator=generators).images
+
+    with accelerator.main_process_first():
+        progress = tqdm(desc="generating class images", disable=not accelerator.is_main_process, leave=False)
+
+        def report(done: int, total: int) -> None:
+            progress.total = total
+            progress.n = done
+            progress.refresh()
+
+        paths = ensure_class_images(config.class_data_dir, config.class_prompt, config.num_class_images, generate,
+                                    batch_size=config.sample_batch_size, seed=config.seed, progress=report)
+        progress.close()
+    return paths
+
+
+def build_dataset(config: TrainConfig, records: list[ImageRecord], class_images: list[Path] | None,
+                  resolution: int) -> DreamBoothDataset:
+    return DreamBoothDataset(
+        records, resolution, center_crop=config.center_crop, random_flip=config.random_flip,
+        class_records=class_images, class_prompt=config.class_prompt if class_images else None,
+        buckets=make_buckets(resolution) if config.enable_bucket else None, seed=config.seed)

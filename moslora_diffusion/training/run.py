@@ -1,0 +1,131 @@
+"""Everything one training run holds once set up, and the two things done to it besides stepping:
+saving a checkpoint and restoring one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..data import DreamBoothDataset
+from ..pipeline_adapters import pipeline_adapters
+from .batches import GlobalBatchStream, LatentCache, pixel_batches
+from .checkpoints import (
+    CheckpointError,
+    CheckpointInfo,
+    adapter_tensors,
+    load_checkpoint_files,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .components import BaseModel, adapter_targets
+from .conditioning import PromptConditioning
+from .config import TrainConfig
+from .ema import AdapterEMA
+from .objective import RowLayout
+from .optim import make_lr_scheduler, make_optimizer, param_groups
+from .plan import RunPlan
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    plan: RunPlan
+    accelerator: object
+    base: BaseModel
+    models: dict  # component name -> the module to call (DDP-wrapped when distributed)
+    params: list[torch.nn.Parameter]  # every trainable adapter parameter
+    optimizer: object
+    lr_scheduler: object
+    noise_scheduler: object
+    conditioning: PromptConditioning
+    layout: RowLayout
+    ema: AdapterEMA | None = None
+    start_step: int = 0
+    batches: Iterator[dict] | None = None  # set by start_batches
+
+
+def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, trainable: dict,
+              noise_scheduler) -> Run:
+    """Optimizer, schedule, device placement / DDP wrapping, EMA and prompt conditioning."""
+    text_params = [p for name in base.family.text_encoders for p in trainable.get(name, [])]
+    optimizer = make_optimizer(config, param_groups(config, trainable["unet"], text_params))
+    # Not passed to accelerate.prepare: it would step the schedule once per process.
+    lr_scheduler = make_lr_scheduler(config, optimizer, plan.max_train_steps)
+    names = ["unet"] + [name for name in base.family.text_encoders if name in trainable]
+    *prepared, optimizer = accelerator.prepare(*[getattr(base.pipe, n) for n in names], optimizer)
+    models = dict(zip(names, prepared, strict=True))
+    encoders = [models.get(name, getattr(base.pipe, name)) for name in base.family.text_encoders]
+    conditioning = PromptConditioning(base.family, base.tokenizers, encoders, accelerator.device,
+                                      cache=not config.train_text_encoder)
+    params = trainable["unet"] + text_params
+    layout = RowLayout(config.train_batch_size, accelerator.num_processes, accelerator.process_index,
+                       2 if config.with_prior_preservation else 1)
+    ema = AdapterEMA(params, config.ema_decay) if config.use_ema else None
+    return Run(config, plan, accelerator, base, models, params, optimizer, lr_scheduler, noise_scheduler,
+               conditioning, layout, ema)
+
+
+def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStream) -> None:
+    """Batches from the run's start step on; with --cache_latents, encodes every item first."""
+    config, acc = run.config, run.accelerator
+    stream.start = run.start_step * config.gradient_accumulation_steps
+    with_prior = config.with_prior_preservation
+    if not config.train_text_encoder:
+        run.conditioning.precompute([r.caption for r in dataset.records] + ([config.class_prompt] if with_prior
+                                                                             else []))
+        if not config.validation_prompt:  # the cached embeddings are all training needs
+            for encoder in run.base.text_encoders:
+                encoder.to("cpu")
+    if config.cache_latents:
+        cache = LatentCache(dataset, with_prior, lambda pixels: encode_posterior(run.base.vae, pixels, acc.device))
+        run.batches = cache.batches(stream)
+    else:
+        run.batches = pixel_batches(dataset, stream, with_prior, config.dataloader_num_workers)
+
+
+@torch.no_grad()
+def encode_posterior(vae, pixel_values: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std), each (B, 4, H/8, W/8); sampled per step with the step's own noise."""
+    dist = vae.encode(pixel_values.to(device, vae.dtype, non_blocking=True)).latent_dist
+    return dist.mean, dist.std
+
+
+def save(run: Run, step: int) -> None:
+    """checkpoint-<step> (main process writes; every process waits so none runs ahead)."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        config, base = run.config, run.base
+        state = {"family": base.family.name, "adapter": config.adapter_config.to_dict(),
+                 "targets": adapter_targets(base), "seed": config.seed,
+                 "ema_updates": run.ema.num_updates if run.ema else None}
+        tensors = {"adapter": adapter_tensors(pipeline_adapters(base.pipe))}
+        if run.ema:
+            tensors["ema"] = run.ema.tensors()
+        objects = {"optimizer": run.optimizer.state_dict(), "scheduler": run.lr_scheduler.state_dict()}
+        if acc.scaler is not None:
+            objects["scaler"] = acc.scaler.state_dict()
+        save_checkpoint(config.output_dir, step, state, tensors, objects)
+        prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+    acc.wait_for_everyone()
+
+
+def restore(run: Run, info: CheckpointInfo) -> None:
+    """Loads a checkpoint (already checked compatible) into the run; training continues after its step."""
+    tensors, objects = load_checkpoint_files(info, run.accelerator.device)
+    layers = pipeline_adapters(run.base.pipe)
+    with torch.no_grad():
+        for key, value in tensors["adapter"].items():
+            component, rest = key.split(".", 1)
+            module, part = rest.rsplit(".", 1)
+            getattr(layers[component][module], f"lora_{part}").copy_(value)
+    run.optimizer.load_state_dict(objects["optimizer"])
+    run.lr_scheduler.load_state_dict(objects["scheduler"])
+    if run.ema is not None:
+        if "ema" not in tensors:
+            raise CheckpointError(f"checkpoint {info.path} has no EMA weights, but this run uses --use_ema")
+        run.ema.load_tensors(tensors["ema"], info.state["ema_updates"])
+    if run.accelerator.scaler is not None and "scaler" in objects:
+        run.accelerator.scaler.load_state_dict(objects["scaler"])
+    run.start_step = info.step

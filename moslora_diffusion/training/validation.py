@@ -1,0 +1,64 @@
+"""Validation images during training, generated with the live modules and never touching their weights.
+
+The pipeline is the training pipeline itself: no copy, no `.to(dtype)` (diffusers' DreamBooth scripts
+rebuild a pipeline with torch_dtype=fp16 around the live UNet, which casts the trainable LoRA weights to
+fp16 in place, diffusers issue #13124). Mixed dtypes (fp32 adapters, fp16 base, an fp32 SDXL VAE) are
+handled by autocast, which casts per operation and leaves the parameters alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .outputs import VALIDATION_DIR
+
+
+def generate_images(pipe, prompt: str, count: int, steps: int, resolution: int, seed: int, autocast) -> list:
+    """`count` PIL images, one seed each (seed, seed + 1, ...) so every validation shows the same noise."""
+    device = pipe.unet.device
+    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(count)]
+    trained = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+               if m is not None]
+    modes = [m.training for m in trained]
+    for module in trained:
+        module.eval()
+    try:
+        with torch.no_grad(), autocast:
+            return pipe([prompt] * count, num_inference_steps=steps, height=resolution, width=resolution,
+                        generator=generators).images
+    finally:
+        for module, mode in zip(trained, modes, strict=True):
+            module.train(mode)
+
+
+def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=None) -> list[Path]:
+    """Generates, saves under <output_dir>/validation/ and logs to the trackers; returns the image paths.
+
+    With EMA the EMA weights are swapped in for the images (they are what will be saved) and the live
+    weights restored bit for bit afterwards.
+    """
+    autocast = accelerator.autocast() if accelerator is not None else nullcontext()
+    with ema.swapped_in() if ema is not None else nullcontext():
+        images = generate_images(pipe, config.validation_prompt, config.num_validation_images,
+                                 config.validation_inference_steps, resolution, config.seed, autocast)
+    folder = Path(config.output_dir) / VALIDATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"step-{step:06d}-{i}.png"
+        image.save(path)
+        paths.append(path)
+    if accelerator is not None:
+        _log_images(accelerator, images, step)
+    return paths
+
+
+def _log_images(accelerator, images, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
+            tracker.log_images({"validation": stacked}, step, dataformats="NHWC")

@@ -1,0 +1,148 @@
+"""End to end in a real headless browser: the app on a tiny model, driven like a user would.
+
+Debian's chromium driven by playwright (never `playwright install`: it downloads a browser). Without
+chromium the test is skipped on a developer machine and fails under CI (CI=true must run it).
+"""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from app_helpers import make_adapter
+
+from benchmarks import app_load
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "assets" / "app_screenshot.png"
+TIMEOUT_MS = 60_000
+
+
+def _require_browser():
+    problem = None
+    if not Path(CHROMIUM).exists():
+        problem = f"{CHROMIUM} is missing (apt-get install -y --no-install-recommends chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "the playwright package is missing (pip install -e '.[test]')"
+    if problem and os.environ.get("CI"):
+        pytest.fail(f"CI must run the browser test: {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd15_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    make_adapter(tiny_sd15_dir, root / "given" / "dog" / "moslora.safetensors", seed=1)
+    make_adapter(tiny_sd15_dir, root / "other" / "moslora.safetensors", seed=2)  # not given to the app
+    log = root / "app.log"
+    proc, url = app_load.start_app(["--base", str(tiny_sd15_dir), "--adapter", str(root / "given" / "dog"),
+                                    "--output_dir", str(root / "outputs")], log)
+    yield {"url": url, "log": log, "root": root}
+    app_load.stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server["url"])
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    """A Gradio slider's number box: type the value and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _status(page) -> tuple[int, str, int]:
+    text = page.locator("#app-status").inner_text()
+    loads = int(re.search(r"model loads: (\d+)", text).group(1))
+    pipeline = re.search(r"pipeline (\w+)", text).group(1)
+    return loads, pipeline, int(re.search(r"generations: (\d+)", text).group(1))
+
+
+def _generate_and_wait(page, generations_before: int) -> None:
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "n => /generations: (\\d+)/.test(document.querySelector('#app-status').innerText) && "
+        "+document.querySelector('#app-status').innerText.match(/generations: (\\d+)/)[1] > n",
+        arg=generations_before)
+
+
+def test_generate_move_the_slider_and_generate_again_without_reload(page, server):
+    page.locator("#prompt textarea").fill("a photo of sks dog on the beach")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64)):
+        _set_number(page, elem_id, value)
+    page.locator("#scale-0").wait_for(state="visible")
+    assert "dog scale" in page.locator("#scale-0").inner_text()
+    slider = page.locator("#scale-0 input[type=range]")
+    slider.focus()
+    for _ in range(10):  # 1.0 -> 0.5 in steps of 0.05, as a keyboard user moves it
+        slider.press("ArrowLeft")
+    assert float(page.locator("#scale-0 input[type=number]").input_value()) == pytest.approx(0.5)
+    loads, pipeline, count = _status(page)
+    _generate_and_wait(page, count)
+    page.wait_for_selector("#gallery img")
+    assert "Lora scales: dog: 0.5" in page.locator("#infotext textarea").input_value()
+
+    _set_number(page, "scale-0", 1.5)
+    page.locator("#compare input").check()
+    _generate_and_wait(page, count + 1)
+    infotext = page.locator("#infotext textarea").input_value()
+    assert "Lora scales: dog: 1.5" in infotext and "Lora scales: dog: 0" in infotext  # adapted and base
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
+    assert _status(page)[:2] == (loads, pipeline) == (1, pipeline)  # same pipeline, loaded once
+    assert server["log"].read_text().count("model loaded:") == 1
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    pngs = list((server["root"] / "outputs" / "images").rglob("*.png"))
+    assert len(pngs) == 3
+
+
+def test_empty_prompt_shows_a_message_and_the_app_keeps_serving(page):
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#gen-message').innerText.includes('enter a prompt')")
+    _, _, count = _status(page)
+    page.locator("#prompt textarea").fill("a photo of sks dog")
+    _generate_and_wait(page, count)
+    assert page.locator("#gen-message").inner_text().strip() == ""
+
+
+def test_concurrent_requests_all_complete(server, tmp_path):
+    row = app_load.main(["--url", server["url"], "--requests", "20", "--concurrency", "20", "--steps", "1",
+                         "--timeout", "240", "--out-dir", str(tmp_path)])
+    assert (row["completed"], row["failed"], row["lost"]) == (20, 0, 0)
+    assert row["server_generations"] == 20 and row["model_loads"] == 1
+    assert (tmp_path / "app_load.md").is_file()
+
+
+def test_adapter_outside_the_given_folders_is_refused_over_the_api(server):
+    """The API takes adapter names from the app's own list; a path (or traversal) is no name on it."""
+    from gradio_client import Client
+
+    client = Client(server["url"], verbose=False)
+    before = client.predict(api_name="/status")
+    for name in (str(server["root"] / "other"), "../other", "dog/../../other"):
+        try:
+            result = client.predict(name, api_name="/load_adapter")
+        except Exception as err:  # Gradio itself may refuse a value outside the dropdown's choices
+            assert "other" in str(err) or "choices" in str(err) or err
+        else:
+            assert result[-3].startswith("⚠️"), result
+    assert client.predict(api_name="/status")["adapters"] == before["adapters"]

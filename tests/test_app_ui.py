@@ -1,0 +1,69 @@
+"""The Gradio wiring and the command line, without a browser (the browser test covers the same end to end)."""
+
+import types
+
+import pytest
+from app_helpers import make_adapter, one_thread
+
+from moslora_diffusion.app import cli
+from moslora_diffusion.app.paths import AllowedRoots
+from moslora_diffusion.app.state import AppState, load_base_pipeline, native_size
+from moslora_diffusion.app.ui import MAX_SLOTS, _on_generate, build_ui, slot_updates
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def state(tiny_sd15_dir, tmp_path_factory):
+    given = tmp_path_factory.mktemp("given")
+    roots = AllowedRoots()
+    roots.add(given)
+    app = AppState(load_base_pipeline(tiny_sd15_dir, device="cpu"), tiny_sd15_dir, tmp_path_factory.mktemp("out"),
+                   roots)
+    app.load_adapter(make_adapter(tiny_sd15_dir, given / "dog" / "moslora.safetensors", seed=1), scale=0.7)
+    return app
+
+
+def test_the_ui_builds_with_its_api(state):
+    demo = build_ui(state)
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    assert {"generate", "export", "load_adapter", "train", "cancel_training", "status"} <= names
+    updates = slot_updates(state, with_values=True)
+    assert len(updates) == MAX_SLOTS and updates[0]["label"] == "dog scale" and updates[0]["value"] == 0.7
+    assert updates[1]["visible"] is False
+
+
+def test_generate_handler_returns_images_or_a_visible_message(state):
+    handler = _on_generate(state)
+    scales = [0.4] + [1.0] * (MAX_SLOTS - 1)
+    gallery, infotext, message, status = handler("a photo of sks dog", "", 3, 2, 5.0, 64, 64, 1, "Euler", False,
+                                                 *scales, progress=lambda *a, **k: None)
+    assert len(gallery) == 1 and gallery[0][0].endswith(".png") and message == ""
+    assert "Lora scales: dog: 0.4" in infotext and "model loads: 1" in status
+    *_, message, _ = handler("", "", 3, 500, 5.0, 4096, 64, 1, "Euler", False, *scales,
+                             progress=lambda *a, **k: None)
+    assert message.startswith("⚠️") and "enter a prompt" in message and "steps" in message and "width" in message
+
+
+def test_default_size_is_the_models_native_size(state):
+    assert state.default_size == 64  # tiny: 32 px native, raised to the 64 px minimum
+    def fake(sample, factor):
+        return types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=sample)),
+                                     vae_scale_factor=factor)
+    assert [native_size(fake(s, 8), 0) for s in (64, 96, 128)] == [512, 768, 1024]  # SD 1.5, SD 2.1-v, SDXL
+    assert native_size(object(), 512) == 512
+
+
+def test_command_line(tmp_path, monkeypatch):
+    args = cli.build_parser().parse_args([])
+    assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
+    assert cli.build_parser().parse_args(["--auth", "me:se:cret"]).auth == ("me", "se:cret")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--auth", "nopassword"])
+    monkeypatch.setattr(cli, "CACHE_DIR", tmp_path)
+    folder = cli.default_base_model()
+    assert (folder / "model_index.json").is_file() and folder == tmp_path / "tiny-sd15"
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    assert cli.default_base_model() == folder and (folder / "model_index.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="error: --adapter .*no such file"):
+        cli.main(["--base", str(folder), "--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])

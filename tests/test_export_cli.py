@@ -1,0 +1,154 @@
+"""The export command: every target on a tiny model, and each bad input as a one-line error (exit 2)
+that leaves nothing behind: no partial output, no temporary file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import namedtuple
+
+import pytest
+from conftest import randomize_adapters
+from safetensors import safe_open
+
+from moslora_diffusion import AdapterConfig, attach_to_pipeline, save_adapter
+from moslora_diffusion.export import main
+from moslora_diffusion.model_loading import load_pipeline
+
+
+def _adapter(base_dir, path):
+    pipe = load_pipeline(base_dir)
+    attach_to_pipeline(pipe, AdapterConfig(rank=4, alpha=8), text_targets="attn")
+    randomize_adapters(pipe)
+    return save_adapter(pipe, path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_sd15_dir):
+    """A training output folder as the trainer writes it (only the file export reads matters)."""
+    folder = tmp_path_factory.mktemp("cli") / "run-sks"
+    folder.mkdir()
+    _adapter(tiny_sd15_dir, folder / "moslora.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_adapter(tmp_path_factory, tiny_sdxl_dir):
+    return _adapter(tiny_sdxl_dir, tmp_path_factory.mktemp("cli-xl") / "xl.safetensors")
+
+
+def _cli(base, adapter, target, out, *extra):
+    return main(["--base", str(base), "--adapter", str(adapter), "--to", target, "--out", str(out), *extra])
+
+
+def _fails_with(capsys, message, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(*args)
+    err = capsys.readouterr().err  # may hold diffusers' loading progress bars before the error
+    last = err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert last.startswith("error: ") and message in last and "Traceback" not in err
+    return last
+
+
+@pytest.mark.parametrize("target, out_name, written", [
+    ("lora-diffusers", "lora", "lora/pytorch_lora_weights.safetensors"),
+    ("lora-kohya", "sks.safetensors", "sks.safetensors"),
+    ("merged-diffusers", "merged", "merged/model_index.json"),
+    ("merged-single-file", "sks-merged.safetensors", "sks-merged.safetensors"),
+])
+def test_each_target_writes_its_output(tiny_sd15_dir, run_dir, tmp_path, capsys, target, out_name, written):
+    assert _cli(tiny_sd15_dir, f"{run_dir}:0.8", target, tmp_path / out_name) == 0
+    assert (tmp_path / written).is_file()
+    assert f"wrote {tmp_path / out_name}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == [out_name]  # no temporary file or folder left
+
+
+def test_outputs_record_the_merge(tiny_sd15_dir, run_dir, tmp_path):
+    _cli(tiny_sd15_dir, f"{run_dir}:0.8", "merged-diffusers", tmp_path / "merged", "--dtype", "fp32")
+    record = json.loads((tmp_path / "merged" / "moslora_merge.json").read_text())
+    assert record["adapters"][0]["name"] == "run-sks" and record["adapters"][0]["scale"] == 0.8
+    _cli(tiny_sd15_dir, run_dir, "lora-kohya", tmp_path / "k.safetensors")
+    with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)  # SD 1.x: diffusers names
+    assert meta["ss_network_alpha"] == "8.0"
+
+
+def test_adapter_for_another_family(tiny_sd15_dir, sdxl_adapter, tmp_path, capsys):
+    _fails_with(capsys, "trained for sdxl", tiny_sd15_dir, sdxl_adapter, "merged-single-file",
+                tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scale_not_a_number(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    _fails_with(capsys, "scale not a number", tiny_sd15_dir, f"{run_dir}:strong", "lora-kohya",
+                tmp_path / "x.safetensors")
+
+
+def test_missing_adapter_file(tiny_sd15_dir, tmp_path, capsys):
+    _fails_with(capsys, "adapter file not found", tiny_sd15_dir, tmp_path / "nope.safetensors", "lora-kohya",
+                tmp_path / "x.safetensors")
+    _fails_with(capsys, "no moslora.safetensors", tiny_sd15_dir, tmp_path, "lora-kohya", tmp_path / "x.safetensors")
+
+
+def test_unwritable_output_location(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a 0o500 folder is still writable")
+        _fails_with(capsys, "permission denied", tiny_sd15_dir, run_dir, "merged-single-file",
+                    locked / "sub" / "x.safetensors")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_under_a_file(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    (tmp_path / "plain").write_text("x")
+    _fails_with(capsys, "is a file, not a folder", tiny_sd15_dir, run_dir, "merged-diffusers", tmp_path / "plain" / "m")
+
+
+@pytest.mark.parametrize("target, out_name", [("merged-single-file", "m.safetensors"), ("merged-diffusers", "m"),
+                                              ("lora-kohya", "k.safetensors")])
+def test_not_enough_disk_space(tiny_sd15_dir, run_dir, tmp_path, capsys, monkeypatch, target, out_name):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    _fails_with(capsys, "not enough free disk space", tiny_sd15_dir, run_dir, target, tmp_path / out_name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target, out_name, probe", [
+    ("merged-single-file", "m.safetensors", "m.safetensors"),
+    ("merged-diffusers", "m", "m/model_index.json"),
+    ("lora-diffusers", "l", "l/pytorch_lora_weights.safetensors"),
+])
+def test_existing_output_needs_overwrite(tiny_sd15_dir, run_dir, tmp_path, capsys, target, out_name, probe):
+    _cli(tiny_sd15_dir, f"{run_dir}:0.5", target, tmp_path / out_name)
+    before = (tmp_path / probe).read_bytes()
+    _fails_with(capsys, "pass --overwrite", tiny_sd15_dir, run_dir, target, tmp_path / out_name)
+    assert (tmp_path / probe).read_bytes() == before
+    assert _cli(tiny_sd15_dir, run_dir, target, tmp_path / out_name, "--overwrite") == 0
+    assert [p.name for p in tmp_path.iterdir()] == [out_name]
+
+
+def test_failure_while_writing_a_folder_leaves_nothing(tiny_sd15_dir, run_dir, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    def half_written(self, folder, **kwargs):
+        (folder / "unet").mkdir()
+        (folder / "unet" / "partial.safetensors").write_bytes(b"\0" * 10)
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", half_written)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        _cli(tiny_sd15_dir, run_dir, "merged-diffusers", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_single_file_out_must_be_safetensors(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    _fails_with(capsys, "ending in .safetensors", tiny_sd15_dir, run_dir, "merged-single-file", tmp_path / "m.ckpt")

@@ -1,0 +1,138 @@
+"""End-to-end DreamBooth runs on tiny SD 1.x / SD 2.x / SDXL models: outputs, LoRA loading, learning, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import (
+    PROMPT,
+    adapter_weights,
+    make_photos,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    run_training,
+    tiny_config,
+)
+
+from moslora_diffusion import read_adapter
+from moslora_diffusion.safetensors_io import load_tensors
+
+OUTPUTS = ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md",
+           "training_config.json")
+
+
+def _images(pipe) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def lora_image_change(model_dir, output_dir, sdxl: bool) -> float:
+    """Max pixel change when diffusers' own loader applies the exported LoRA to the base model."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    before = _images(pipe)
+    pipe.load_lora_weights(str(output_dir))
+    return float(np.abs(_images(pipe) - before).max())
+
+
+def assert_outputs(config, family: str, text_components: tuple[str, ...] = ()) -> None:
+    out = Path(config.output_dir)
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    recorded = json.loads((out / "training_config.json").read_text())
+    assert recorded["config"] == json.loads(json.dumps(config.to_dict()))
+    assert recorded["plan"]["family"] == family
+    adapter = read_adapter(out / "moslora.safetensors")
+    assert adapter.info["family"] == family
+    assert adapter.info["base_model"] == config.pretrained_model_name_or_path
+    assert adapter.info["instance_prompt"] == PROMPT
+    assert set(adapter.weights) == {"unet", *text_components}
+    diffusers_keys = load_tensors(out / "pytorch_lora_weights.safetensors")[0].keys()
+    assert {k.split(".")[0] for k in diffusers_keys} == {"unet", *text_components}
+    card = (out / "README.md").read_text()
+    for expected in (PROMPT, config.pretrained_model_name_or_path, "load_lora_weights", "models/Lora", "LoraLoader"):
+        assert expected in card
+
+
+def test_sd1_run_writes_every_output_and_skips_a_corrupt_photo(tiny_sd15_dir, tmp_path):
+    photos = make_photos(tmp_path / "photos", count=2)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=3, validation_prompt=PROMPT,
+                         validation_steps=2, num_validation_images=1)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        result = run_training(config)
+
+    assert result.steps == 3 and len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert_outputs(config, "sd1")
+    validation = sorted(p.name for p in (Path(config.output_dir) / "validation").iterdir())
+    assert validation == ["step-000002-0.png", "step-000003-0.png"]
+    assert "validation/step-000003-0.png" in (Path(config.output_dir) / "README.md").read_text()
+    kohya = load_tensors(Path(config.output_dir) / "lora_kohya.safetensors")[0]
+    assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
+    assert lora_image_change(tiny_sd15_dir, config.output_dir, sdxl=False) > 1e-3
+
+
+def test_sd1_prior_preservation_with_text_encoder(tiny_sd15_dir, tmp_path):
+    config = tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos"), tmp_path / "out",
+                         with_prior_preservation=True, class_prompt="a photo of a dog",
+                         class_data_dir=str(tmp_path / "class"), num_class_images=2, train_text_encoder=True,
+                         text_encoder_lr=5e-3)
+    run_training(config)
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2  # generated with the base model
+    assert_outputs(config, "sd1", ("text_encoder",))
+    assert lora_image_change(tiny_sd15_dir, config.output_dir, sdxl=False) > 1e-3
+
+
+def test_sdxl_prior_preservation_with_both_text_encoders(tiny_sdxl_dir, tmp_path):
+    config = tiny_config(tiny_sdxl_dir, make_photos(tmp_path / "photos"), tmp_path / "out",
+                         with_prior_preservation=True, class_prompt="a photo of a dog",
+                         class_data_dir=str(tmp_path / "class"), num_class_images=2, train_text_encoder=True)
+    run_training(config)
+    assert_outputs(config, "sdxl", ("text_encoder", "text_encoder_2"))
+    kohya = load_tensors(Path(config.output_dir) / "lora_kohya.safetensors")[0]
+    assert {k.split("_")[1] for k in kohya} >= {"unet", "te1", "te2"}
+    assert lora_image_change(tiny_sdxl_dir, config.output_dir, sdxl=True) > 1e-3
+
+
+def test_sdxl_buckets_cached_latents_and_ema(tiny_sdxl_dir, tmp_path):
+    photos = tmp_path / "photos"
+    make_photos(photos, count=1, size=(64, 32))
+    make_photos(photos / "2_sks dog", count=1, size=(32, 64), seed=5)  # kohya repeats folder
+    config = tiny_config(tiny_sdxl_dir, photos, tmp_path / "out", enable_bucket=True, cache_latents=True,
+                         use_ema=True, max_train_steps=3)
+    result = run_training(config)
+    assert_outputs(config, "sdxl")
+    assert result.steps == 3
+    assert lora_image_change(tiny_sdxl_dir, config.output_dir, sdxl=True) > 1e-4
+
+
+def test_sd2_v_prediction_min_snr_accumulation_bf16(tiny_sd2_dir, tmp_path):
+    config = tiny_config(tiny_sd2_dir, make_photos(tmp_path / "photos"), tmp_path / "out", snr_gamma=5.0,
+                         noise_offset=0.05, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
+                         gradient_checkpointing=True, mixed_precision="bf16", adapter="lora")
+    result = run_training(config)
+    assert all(math.isfinite(x) for x in result.losses)
+    weights = adapter_weights(config.output_dir)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert any(k.endswith("moslora_B") and t.abs().max() > 0 for k, t in weights.items())
+    plan = json.loads((Path(config.output_dir) / "training_config.json").read_text())["plan"]
+    assert plan["prediction_type"] == "v_prediction" and plan["effective_batch"] == 2
+
+
+def test_overfitting_one_image_lowers_the_loss(tiny_sd15_dir, tmp_path):
+    """50 steps on one photo. The first 10 steps are the lr warm-up, i.e. the loss of the (almost) untrained
+    model; the mean of the last 10 must be below 0.6 of it. High timesteps only (900..999), where the
+    noise prediction is learnable by a tiny model within 50 steps; every adaptable layer ("all")."""
+    config = tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos", count=1), tmp_path / "out",
+                         max_train_steps=50, learning_rate=3e-2, lr_scheduler="constant_with_warmup",
+                         lr_warmup_steps=10, min_timestep=900, max_timestep=1000, target_modules="all",
+                         logging_steps=10)
+    losses = run_training(config).losses
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.6 * first, (first, last)

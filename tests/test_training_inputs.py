@@ -1,0 +1,136 @@
+"""Bad input: a clear error before any training starts, and nothing in the output folder clobbered.
+Also the command line and config files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+from training_helpers import (
+    PROMPT,
+    REPO,
+    cli_env,
+    make_photos,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    run_training,
+    snapshot,
+    tiny_config,
+)
+
+from moslora_diffusion.data import DatasetError
+from moslora_diffusion.training import CheckpointError, ConfigError, OutputDirError, parse_args
+
+
+def _corrupt(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)  # a JPEG header and nothing else
+    return path
+
+
+@pytest.mark.parametrize(("make_folder", "message"), [
+    (lambda p: p, "does not exist"),
+    (lambda p: p.mkdir() or p, "no image files"),
+    (lambda p: _corrupt(p / "a.jpg").parent, "none of the 1 image files"),
+])
+def test_unusable_photo_folder_fails_before_loading_anything(tiny_sd15_dir, tmp_path, make_folder, message):
+    photos = make_folder(tmp_path / "photos")
+    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out")
+    skipped = pytest.warns(UserWarning, match="a.jpg") if "none" in message else nullcontext()
+    with pytest.raises(DatasetError, match=message), skipped:
+        run_training(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"instance_prompt": None}, "--instance_prompt is required"),
+    ({"instance_prompt": "  "}, "--instance_prompt is required"),
+    ({"with_prior_preservation": True, "class_data_dir": "c"}, "needs --class_prompt"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog"}, "needs --class_data_dir"),
+    ({"rank": 0}, "--rank must be > 0"),
+    ({"resolution": 33}, "multiple of 8"),
+    ({"optimizer": "sgd"}, "--optimizer must be one of"),
+    ({"target_modules": " , "}, "no target modules"),
+    ({"overwrite_output_dir": True, "resume_from_checkpoint": "latest"}, "pass one of them"),
+])
+def test_bad_settings_are_refused_on_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(Path("m"), tmp_path, tmp_path / "out", **overrides)
+
+
+@pytest.mark.parametrize(("optimizer", "package"), [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
+def test_missing_optional_optimizer_names_the_pip_install(tiny_sd15_dir, tmp_path, monkeypatch, optimizer,
+                                                          package):
+    real_find_spec = importlib.util.find_spec  # make the package absent even where it is installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == package else real_find_spec(name, *args))
+    config = tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos"), tmp_path / "out", optimizer=optimizer)
+    with pytest.raises(ConfigError, match=f"pip install {package}"):
+        run_training(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_reports_a_missing_prompt_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), "--pretrained_model_name_or_path", "m",
+                           "--instance_data_dir", str(tmp_path)], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: --instance_prompt is required" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_file_holds_any_flag_and_the_command_line_wins(tmp_path):
+    (tmp_path / "run.yaml").write_text("pretrained_model_name_or_path: m\ninstance_data_dir: d\n"
+                                       f"instance_prompt: {PROMPT}\nrank: 8\nlearning_rate: 1e-4\ncenter_crop: true\n")
+    config = parse_args(["--config", str(tmp_path / "run.yaml"), "--rank", "16", "--no-center_crop"])
+    assert (config.rank, config.learning_rate, config.center_crop, config.instance_prompt) == (16, 1e-4, False, PROMPT)
+    (tmp_path / "run.toml").write_text('pretrained_model_name_or_path = "m"\ninstance_data_dir = "d"\n'
+                                       'instance_prompt = "p"\nlora_alpha = 8\nwith_prior_preservation = false\n')
+    assert parse_args(["--config", str(tmp_path / "run.toml")]).lora_alpha == 8.0
+    (tmp_path / "typo.yaml").write_text("learning_rat: 1e-4\n")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        parse_args(["--config", str(tmp_path / "typo.yaml")])
+    (tmp_path / "wrong.yaml").write_text("pretrained_model_name_or_path: m\ninstance_data_dir: d\n"
+                                         "instance_prompt: p\nrank: four\n")
+    with pytest.raises(SystemExit):  # argparse: "argument --rank: invalid int value: 'four'"
+        parse_args(["--config", str(tmp_path / "wrong.yaml")])
+
+
+def test_output_folder_of_a_different_run_is_left_alone(tiny_sd15_dir, tmp_path):
+    photos = make_photos(tmp_path / "photos")
+    first = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=1)
+    run_training(first)
+    before = snapshot(tmp_path / "out")
+
+    other = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=1, rank=8)
+    with pytest.raises(OutputDirError, match=r"different run \(rank: 4 -> 8\)"):
+        run_training(other)
+    assert snapshot(tmp_path / "out") == before
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my notes")
+    with pytest.raises(OutputDirError, match="notes.txt"):
+        run_training(tiny_config(tiny_sd15_dir, photos, foreign))
+    assert snapshot(foreign) == {"notes.txt": b"my notes"}
+
+    replaced = run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=1, rank=8,
+                                        overwrite_output_dir=True))
+    assert json.loads((replaced.output_dir / "training_config.json").read_text())["config"]["rank"] == 8
+
+
+def test_resuming_from_a_checkpoint_of_another_family_is_refused(tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
+    photos = make_photos(tmp_path / "photos")
+    run_training(tiny_config(tiny_sdxl_dir, photos, tmp_path / "xl", max_train_steps=1, checkpointing_steps=1))
+    sd1 = tiny_config(tiny_sd15_dir, photos, tmp_path / "sd1",
+                      resume_from_checkpoint=str(tmp_path / "xl" / "checkpoint-1"))
+    with pytest.raises(CheckpointError, match="trained on a sdxl model, but this run uses a sd1 model"):
+        run_training(sd1)
+    assert not (tmp_path / "sd1").exists()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "sd1",
+                                 resume_from_checkpoint=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "sd1").exists()

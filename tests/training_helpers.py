@@ -1,0 +1,100 @@
+"""Helpers for the training tests: tiny photo folders, tiny configs, running train() in-process or as a CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moslora_diffusion.safetensors_io import load_tensors
+from moslora_diffusion.training import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of sks dog"
+
+
+def make_photos(folder: Path, count: int = 2, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """`count` random-noise photos (w x h) saved as PNG, each different."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng(seed + i)
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo_{i}.png")
+    return folder
+
+
+def tiny_config(model: Path, photos: Path, output_dir: Path, **overrides) -> TrainConfig:
+    """A run small enough for a 2-core CPU: 32 px, rank 4, a few steps, no TensorBoard."""
+    settings = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(photos), instance_prompt=PROMPT,
+                    output_dir=str(output_dir), resolution=32, rank=4, max_train_steps=2, learning_rate=1e-2,
+                    report_to="none", checkpointing_steps=1000, logging_steps=1, class_inference_steps=2,
+                    sample_batch_size=2, validation_inference_steps=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a small shared CPU, two threads contend and run the tiny models 3x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; a test process runs many independent trainings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_training(config: TrainConfig):
+    reset_accelerate()
+    try:
+        return train(config)
+    finally:
+        reset_accelerate()
+
+
+def cli_args(config: TrainConfig) -> list[str]:
+    """The command line equivalent to a TrainConfig (only the settings that differ from the defaults)."""
+    default = TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p")
+    args = []
+    for key, value in config.to_dict().items():
+        if value == getattr(default, key) and key not in ("pretrained_model_name_or_path", "instance_data_dir",
+                                                          "instance_prompt"):
+            continue
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        elif value is not None:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def start_cli(config: TrainConfig, launcher: list[str] | None = None, **env) -> subprocess.Popen:
+    command = (launcher or [sys.executable]) + [str(REPO / "train_dreambooth.py")] + cli_args(config)
+    return subprocess.Popen(command, cwd=REPO, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(Path(output_dir) / "moslora.safetensors")[0]
+
+
+def snapshot(tree: Path) -> dict[str, bytes]:
+    """Every file under `tree` with its bytes: to show a folder was left untouched."""
+    return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}
