@@ -62,11 +62,12 @@ def paired_ratio(times: dict[str, dict], name: str, peer: str) -> float:
 
 def write_results(name: str, rows: list[dict], markdown_table: str, notes: str = "",
                   out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """benchmarks/results/<name>.json (raw) and .md (the table a person reads)."""
+    """benchmarks/results/<name>.json (raw) and .md (the table a person reads); prints the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in info.items())
     md_path.write_text(f"# {name}\n\n{notes}\n\n{markdown_table}\n\n## Machine\n\n{header}\n")
+    print(f"{markdown_table}\n\nwrote {md_path} and {json_path}")
     return json_path, md_path

@@ -102,12 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     worst = max(max(r["ours_lora_ratio"], r["ours_moslora_ratio"]) for r in rows)
     notes = (f"Forward+backward of one adapted projection, median of {repeats} interleaved runs, {args.device}, "
              f"{args.dtype}, batch {args.batch}. Ratios are medians of per-round ratios (each round runs all three "
-             "back to back); < 1 means we are faster than PEFT. Worst ratio: {worst:.3f} "
+             f"back to back); < 1 means we are faster than PEFT. Worst ratio: {worst:.3f} "
              "(target <= 1.05). `peft_spread_pct` in the JSON is PEFT's (max-min)/median: the noise level.")
     name = "layer_vs_peft" + ("_quick" if args.quick else "") + ("" if args.device == "cpu" else "_gpu")
-    json_path, md_path = write_results(name, rows, _table(rows), notes, args.out_dir)
-    print(_table(rows))
-    print(f"\nworst ratio {worst:.3f}; wrote {md_path} and {json_path}")
+    write_results(name, rows, _table(rows), notes, args.out_dir)
     return rows
 
 

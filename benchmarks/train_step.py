@@ -201,9 +201,7 @@ def main(argv=None) -> list[dict]:
              "the model; GPU: max allocated). Targets: moslora/PEFT time <= 0.95, memory <= 1.0.")
     suffix = "" if args.device == "cpu" else "_gpu"
     name = f"train_step_{args.family}_{args.size}{suffix}"
-    json_path, md_path = write_results(name, rows, _table(rows), notes, args.out_dir)
-    print(_table(rows))
-    print(f"wrote {md_path} and {json_path}")
+    write_results(name, rows, _table(rows), notes, args.out_dir)
     return rows
 
 

@@ -12,6 +12,7 @@ import pytest
 from app_helpers import make_adapter
 
 from benchmarks import app_load
+from moslora_diffusion.safetensors_io import read_keys
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -122,6 +123,18 @@ def test_empty_prompt_shows_a_message_and_the_app_keeps_serving(page):
     page.locator("#prompt textarea").fill("a photo of sks dog")
     _generate_and_wait(page, count)
     assert page.locator("#gen-message").inner_text().strip() == ""
+
+
+def test_export_tab_offers_the_kohya_lora_for_download(page):
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export").click()
+    page.wait_for_function("document.querySelector('#export-message').innerText.includes('Wrote')")
+    assert "-dog-lora-kohya" in page.locator("#export-file").inner_text()
+    with page.expect_download() as download:
+        page.locator("#export-file a").first.click()
+    keys = read_keys(download.value.path())  # what the user's browser saved is a valid kohya LoRA
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_up.weight") for k in keys)
+    page.get_by_role("tab", name="Generate").click()
 
 
 def test_concurrent_requests_all_complete(server, tmp_path):

@@ -154,3 +154,14 @@ def test_bad_files_are_refused_before_anything_changes(pipe, adapters, tmp_path)
         fused.add("subject", adapters["subject"])
     with pytest.raises(AdapterError, match="unknown adapter"):
         fused.set_scales({"nope": 1.0})
+
+
+def test_sdxl_with_both_text_encoders_fuses_exactly(tiny_sdxl_dir, tmp_path):
+    path = make_adapter(tiny_sdxl_dir, tmp_path / "xl" / "moslora.safetensors", seed=5, text_targets="attn")
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_dir)
+    fused = FusedAdapters(pipe)
+    fused.add("xl", path, scale=0.9)
+    assert {key[0] for key in fused.adapters["xl"].layers} == {"unet", "text_encoder", "text_encoder_2"}
+    reference = DiffusionPipeline.from_pretrained(tiny_sdxl_dir)
+    load_adapter(reference, path, scale=0.9)
+    assert abs(generate(pipe) - generate(reference)).max() <= IMAGE_ATOL

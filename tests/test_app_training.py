@@ -35,7 +35,7 @@ FAKE_TRAINER = textwrap.dedent("""
     p = argparse.ArgumentParser()
     for flag in ("--pretrained_model_name_or_path", "--instance_data_dir", "--instance_prompt", "--output_dir",
                  "--max_train_steps", "--rank", "--learning_rate", "--validation_prompt", "--validation_steps",
-                 "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir"):
+                 "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir", "--logging_steps"):
         p.add_argument(flag)
     p.add_argument("--with_prior_preservation", action="store_true")
     args = p.parse_args()
@@ -86,6 +86,7 @@ def test_command_uses_the_trainers_flags(tmp_path):
     flags = dict(zip(cmd[2::2], cmd[3::2], strict=False))
     assert cmd[1] == str(TRAINER) and flags["--pretrained_model_name_or_path"] == "org/model"
     assert flags["--instance_prompt"] == "a photo of sks dog" and flags["--max_train_steps"] == "50"
+    assert flags["--logging_steps"] == "1"  # every step's loss for the curve at this length
     assert "--with_prior_preservation" in cmd and cmd[cmd.index("--class_prompt") + 1] == "a photo of a dog"
     assert cmd[cmd.index("--validation_steps") + 1] == "25" and cmd[cmd.index("--single_file_config") + 1] == "cfg"
 

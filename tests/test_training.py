@@ -73,6 +73,10 @@ def test_sd1_run_writes_every_output_and_skips_a_corrupt_photo(tiny_sd15_dir, tm
     validation = sorted(p.name for p in (Path(config.output_dir) / "validation").iterdir())
     assert validation == ["step-000002-0.png", "step-000003-0.png"]
     assert "validation/step-000003-0.png" in (Path(config.output_dir) / "README.md").read_text()
+    progress = [json.loads(line) for line in (Path(config.output_dir) / "progress.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["total"]) for r in progress if "loss" in r] == [(1, 3), (2, 3), (3, 3)]
+    assert [r["validation_images"] for r in progress if "validation_images" in r] == [
+        ["validation/step-000002-0.png"], ["validation/step-000003-0.png"]]
     kohya = load_tensors(Path(config.output_dir) / "lora_kohya.safetensors")[0]
     assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
     assert lora_image_change(tiny_sd15_dir, config.output_dir, sdxl=False) > 1e-3

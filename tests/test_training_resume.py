@@ -42,16 +42,21 @@ def _wait_for(path: Path, proc, timeout: float = 180.0) -> None:
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_sd15_dir, tmp_path):
-    """6 steps with a checkpoint at 3 (batch 1, gradient accumulation 2, EMA). The second copy runs as a
-    subprocess, is SIGKILLed as soon as checkpoint-3 exists, and is resumed with `latest`: on CPU with the
-    same thread count its final adapter equals the uninterrupted run's bit for bit."""
+    """6 steps with a checkpoint at 3 (batch 1, gradient accumulation 2, EMA, linear schedule). The second
+    copy runs as a subprocess, is SIGKILLed as soon as checkpoint-3 exists, and is resumed with `latest`: on
+    CPU with the same thread count its final adapter equals the uninterrupted run's bit for bit."""
     photos = make_photos(tmp_path / "photos", count=3)
     settings = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, use_ema=True,
                     learning_rate=1e-3, lr_scheduler="linear")
     uninterrupted = tiny_config(tiny_sd15_dir, photos, tmp_path / "a", **settings)
     run_training(uninterrupted)
 
-    proc = start_cli(tiny_config(tiny_sd15_dir, photos, tmp_path / "b", **settings))
+    # The copy to be killed also validates right after the checkpoint: validation changes nothing in training
+    # (validation settings may differ in a resumed run), and its seconds of image generation give the kill
+    # below a wide window between checkpoint-3 and the end.
+    slow = dict(validation_prompt="a photo of sks dog", validation_steps=4, num_validation_images=4,
+                validation_inference_steps=25)
+    proc = start_cli(tiny_config(tiny_sd15_dir, photos, tmp_path / "b", **settings, **slow))
     _wait_for(tmp_path / "b" / "checkpoint-3", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)

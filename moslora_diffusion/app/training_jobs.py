@@ -65,7 +65,9 @@ def build_command(base: str, settings: TrainingSettings, output_dir: Path, confi
     cmd = [sys.executable, str(trainer), "--pretrained_model_name_or_path", str(base),
            "--instance_data_dir", str(settings.instance_dir), "--instance_prompt", settings.instance_prompt.strip(),
            "--max_train_steps", str(int(settings.steps)), "--rank", str(int(settings.rank)),
-           "--learning_rate", str(settings.learning_rate), "--output_dir", str(output_dir)]
+           "--learning_rate", str(settings.learning_rate), "--output_dir", str(output_dir),
+           # ~200 loss points for the curve; each costs the trainer one device sync, so not every step
+           "--logging_steps", str(max(1, int(settings.steps) // 200))]
     if settings.class_prompt.strip():
         cmd += ["--with_prior_preservation", "--class_prompt", settings.class_prompt.strip(),
                 "--class_data_dir", str(output_dir.parent / f"{output_dir.name}-class-images")]

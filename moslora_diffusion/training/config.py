@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,7 @@ RUN_CONTROL_FIELDS = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
     "validation_inference_steps", "report_to", "logging_dir", "logging_steps", "dataloader_num_workers",
+    "gradient_checkpointing", "sample_batch_size",
 })
 
 
@@ -147,6 +149,7 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_FIELDS}
 
 
+@functools.cache
 def _field_types() -> dict[str, tuple[type, bool]]:
     """{name: (base type, optional)} from the annotations."""
     hints = typing.get_type_hints(TrainConfig)

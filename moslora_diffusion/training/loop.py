@@ -26,7 +26,7 @@ from .components import adapter_targets, attach_adapters, load_base
 from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
-from .outputs import check_output_dir, prepare_output_dir, write_final_files
+from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
 from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
 from .run import Run, encode_posterior, restore, save, setup_run, start_batches
 from .validation import run_validation
@@ -80,7 +80,7 @@ def train(config: TrainConfig) -> TrainResult:
         set_pipeline_scale(base.pipe, 1.0)
     dataset = build_dataset(config, records, class_images, resolution)
 
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # imported late: bad flags are reported without loading diffusers
 
     noise_scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     stream = GlobalBatchStream(dataset.bucket_ids, config.train_batch_size, accelerator.num_processes,
@@ -122,13 +122,8 @@ def train_loop(run: Run) -> list[float]:
         pending.append(optimizer_step(run, step))
         progress.update(1)
         if step % config.logging_steps == 0 or step == plan.max_train_steps:
-            # The only host-device sync of the loop: once per logging interval, not per step.
-            values = acc.reduce(torch.stack(pending), reduction="mean").tolist()
+            losses += log_losses(run, step, pending, progress)
             pending.clear()
-            losses.extend(values)
-            interval_loss = sum(values) / len(values)
-            acc.log({"loss": interval_loss, "lr": run.lr_scheduler.get_last_lr()[0]}, step=step)
-            progress.set_postfix(loss=f"{interval_loss:.4f}")
         if step % config.checkpointing_steps == 0:
             save(run, step)
         if config.validation_prompt and step % config.validation_steps == 0 and step < plan.max_train_steps:
@@ -137,6 +132,23 @@ def train_loop(run: Run) -> list[float]:
             acc.wait_for_everyone()
     progress.close()
     return losses
+
+
+def log_losses(run: Run, step: int, pending: list[torch.Tensor], progress) -> list[float]:
+    """Per-step losses of the interval ending at `step` (mean over processes), to the bar, trackers and file.
+
+    The only host-device sync of the loop: once per logging interval, not per step.
+    """
+    acc = run.accelerator
+    values = acc.reduce(torch.stack(pending), reduction="mean").tolist()
+    interval_loss = sum(values) / len(values)
+    acc.log({"loss": interval_loss, "lr": run.lr_scheduler.get_last_lr()[0]}, step=step)
+    progress.set_postfix(loss=f"{interval_loss:.4f}")
+    if acc.is_main_process:
+        first = step - len(values) + 1
+        append_progress(run.config.output_dir, [{"step": first + i, "total": run.plan.max_train_steps, "loss": v}
+                                                for i, v in enumerate(values)])
+    return values
 
 
 def optimizer_step(run: Run, step: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ KOHYA_FILE = "lora_kohya.safetensors"
 CONFIG_FILE = "training_config.json"
 CARD_FILE = "README.md"
 VALIDATION_DIR = "validation"
+PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the app's progress view
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
 
 
@@ -26,7 +27,7 @@ class OutputDirError(ValueError):
 
 def _artifacts(config: TrainConfig) -> set[str]:
     """Top-level names a run writes into its output folder (besides checkpoint-N)."""
-    return set(FINAL_FILES) | {VALIDATION_DIR, Path(config.logging_dir).parts[0]}
+    return set(FINAL_FILES) | {VALIDATION_DIR, PROGRESS_FILE, Path(config.logging_dir).parts[0]}
 
 
 def _is_artifact(name: str, config: TrainConfig) -> bool:
@@ -89,6 +90,12 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
             elif _is_artifact(path.name, config):
                 path.unlink()
     write_config(config, plan)
+
+
+def append_progress(output_dir: str | Path, records: list[dict]) -> None:
+    """Appends {"step", "total", "loss"} / {"step", "validation_images"} lines (readers skip a partial line)."""
+    with open(Path(output_dir) / PROGRESS_FILE, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
 
 
 def write_config(config: TrainConfig, plan: dict, result: dict | None = None) -> Path:

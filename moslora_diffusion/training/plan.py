@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..data import DreamBoothDataset, ImageRecord, ensure_class_images, make_buckets
@@ -53,8 +54,6 @@ def prepare_class_images(config: TrainConfig, base: BaseModel, resolution: int, 
 
     Call before attaching adapters, so the images come from the untouched base model.
     """
-    import torch
-
     def generate(prompts: list[str], seeds: list[int]):
         generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds]
         with accelerator.autocast():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .outputs import VALIDATION_DIR
+from .outputs import VALIDATION_DIR, append_progress
 
 
 def generate_images(pipe, prompt: str, count: int, steps: int, resolution: int, seed: int, autocast) -> list:
@@ -54,6 +54,8 @@ def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=No
         paths.append(path)
     if accelerator is not None:
         _log_images(accelerator, images, step)
+    append_progress(config.output_dir, [{"step": step, "validation_images": [
+        p.relative_to(config.output_dir).as_posix() for p in paths]}])
     return paths
 
 
