@@ -12,9 +12,3 @@ fi
 # On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0") to the build you want.
 python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q --disable-pip-version-check -e ".[test]"
-# The browser test of the web app needs Debian's chromium (.ci/run installs it; the test skips without it
-# outside CI). playwright comes with the test extra; its own browser download is never used.
-if [ ! -x /usr/bin/chromium ]; then
-  echo "note: /usr/bin/chromium not found; the web app's browser test will be skipped" \
-       "(sudo apt-get install -y --no-install-recommends chromium)" >&2
-fi
