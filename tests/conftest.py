@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from several threads, and on a busy 2-core machine (CI, or engineers running
+# tests side by side) oversubscribed threads make them up to 8x slower. Subprocesses inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from moslora_diffusion.tiny import save_tiny_pipeline
 
@@ -43,3 +50,19 @@ def randomize_adapters(pipe, seed: int = 0, std: float = 0.3) -> None:
     for layers in pipeline_adapters(pipe).values():
         for layer in layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+def make_adapter(model_dir, path, seed: int = 0, rank: int = 4, alpha: float = 8, unet_targets="attn",
+                 text_targets="attn", std: float = 0.3, kind: str = "moslora", mixer_init: str = "kaiming"):
+    """Attaches an adapter to a fresh tiny pipeline, randomises B (non-zero) and saves it to `path`."""
+    from diffusers import DiffusionPipeline
+
+    from moslora_diffusion import AdapterConfig, attach_to_pipeline, save_adapter
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    attach_to_pipeline(pipe, AdapterConfig(kind=kind, rank=rank, alpha=alpha, mixer_init=mixer_init),
+                       unet_targets=unet_targets, text_targets=text_targets)
+    randomize_adapters(pipe, seed=seed, std=std)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_adapter(pipe, path, info={"base_model": str(model_dir), "instance_prompt": "a photo of sks dog"})

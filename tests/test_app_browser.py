@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from app_helpers import make_adapter
+from conftest import make_adapter
 
 from benchmarks import app_load
 from moslora_diffusion.safetensors_io import read_keys

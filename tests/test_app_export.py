@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from app_helpers import make_adapter, one_thread
+from app_helpers import one_thread
+from conftest import make_adapter
 
 from moslora_diffusion.app.exporting import AppExportError, export_adapters
 from moslora_diffusion.app.paths import AllowedRoots

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from app_helpers import make_adapter, one_thread
-from conftest import generate
+from app_helpers import one_thread
+from conftest import generate, make_adapter
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 

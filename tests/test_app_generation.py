@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from app_helpers import make_adapter, one_thread
+from app_helpers import one_thread
+from conftest import make_adapter
 from PIL import Image
 
 from moslora_diffusion.app.generation import (

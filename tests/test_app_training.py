@@ -11,7 +11,8 @@ import textwrap
 import time
 
 import pytest
-from app_helpers import make_adapter, one_thread
+from app_helpers import one_thread
+from conftest import make_adapter
 from PIL import Image
 
 from moslora_diffusion.app.charts import loss_curve_image, smooth

@@ -3,7 +3,8 @@
 import types
 
 import pytest
-from app_helpers import make_adapter, one_thread
+from app_helpers import one_thread
+from conftest import make_adapter
 
 from moslora_diffusion.app import cli
 from moslora_diffusion.app.paths import AllowedRoots

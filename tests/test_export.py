@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import generate, randomize_adapters
+from conftest import generate, make_adapter
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from moslora_diffusion import AdapterConfig, attach_to_pipeline, inject, load_adapter, save_adapter
+from moslora_diffusion import inject, load_adapter
 from moslora_diffusion.export import ExportError, export, parse_adapter_spec
 from moslora_diffusion.model_loading import load_pipeline
 from moslora_diffusion.pipeline_adapters import detach_from_pipeline, model_components
@@ -23,29 +23,19 @@ from moslora_diffusion.pipeline_adapters import detach_from_pipeline, model_comp
 IMAGE_TOL = 1e-4
 
 
-def make_adapter(base_dir, path, seed=1, config=None, unet_targets="attn", text_targets="attn"):
-    """An adapter file with non-zero B, so merged != base and every equality below means something."""
-    pipe = load_pipeline(base_dir)
-    config = config or AdapterConfig(rank=4, alpha=8)
-    attach_to_pipeline(pipe, config, unet_targets=unet_targets, text_targets=text_targets)
-    randomize_adapters(pipe, seed=seed)
-    return save_adapter(pipe, path, {"instance_prompt": "a photo of sks dog"})
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, tiny_sd15_dir, tiny_sd2_dir, tiny_sdxl_dir):
     """family -> (base folder, adapter file); SD 2.x is the v-prediction tiny model."""
     root = tmp_path_factory.mktemp("export-cases")
     bases = {"sd15": tiny_sd15_dir, "sd2": tiny_sd2_dir, "sdxl": tiny_sdxl_dir}
-    return {fam: (base, make_adapter(base, root / f"{fam}.safetensors")) for fam, base in bases.items()}
+    return {fam: (base, make_adapter(base, root / f"{fam}.safetensors", seed=1)) for fam, base in bases.items()}
 
 
 @pytest.fixture(scope="module")
 def second_sd15_adapter(cases, tmp_path_factory):
     """Another shape of adapter: rank 2, orthogonal mixer, also on SD 1.x's 1x1-conv proj_in/proj_out."""
     return make_adapter(cases["sd15"][0], tmp_path_factory.mktemp("second") / "b.safetensors", seed=2,
-                        config=AdapterConfig(rank=2, alpha=3, mixer_init="orthogonal"),
-                        unet_targets="attn+proj", text_targets=None)
+                        rank=2, alpha=3, mixer_init="orthogonal", unet_targets="attn+proj", text_targets=None)
 
 
 def _pipeline_class(family):

@@ -1,0 +1,67 @@
+"""Generate from the command line with a base model and trained adapters (the app's code, no UI).
+
+    python -m moslora_diffusion.generate --base assets/toy-base --adapter outputs/demo:1.0 \
+        --prompt "a photo of sks star on a green background" --seeds 0 1 2 --out outputs/demo/samples
+
+Each PNG carries the same A1111-style `parameters` text as the app's images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .app.generation import GenerationError, GenerationRequest
+from .app.state import open_app_state
+from .export import ExportError, parse_adapter_spec
+from .inject import AdapterError
+from .safetensors_io import WeightFileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="training output folder or adapter file, optionally with a scale (default 1.0)")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--negative_prompt", default="")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
+    parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--compare_with_base", action="store_true", help="also render each seed at scale 0")
+    parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    return parser
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    specs = [parse_adapter_spec(text) for text in args.adapter]
+    state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
+    scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
+    size = args.size or state.default_size
+    written = []
+    for prompt in args.prompt:
+        for seed in args.seeds:
+            request = GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
+                                        steps=args.steps, guidance=args.guidance, width=size, height=size,
+                                        scheduler=args.sampler, scales=scales,
+                                        compare_with_base=args.compare_with_base)
+            written += [saved.path for saved in state.generate(request)]
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        written = run(args)
+    except (AdapterError, ExportError, GenerationError, WeightFileError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {len(written)} images under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

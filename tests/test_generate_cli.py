@@ -1,0 +1,29 @@
+"""`python -m moslora_diffusion.generate`: images with reproducible parameters, clear errors."""
+
+import pytest
+from conftest import make_adapter
+from PIL import Image
+
+from moslora_diffusion.generate import main
+
+
+def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path):
+    adapter = make_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors", seed=1)
+    out = tmp_path / "samples"
+    main(["--base", str(tiny_sd15_dir), "--adapter", f"{adapter.parent}:0.5", "--prompt", "a photo of sks dog",
+          "--prompt", "a photo of sks dog on grass", "--seeds", "3", "4", "--steps", "2", "--compare_with_base",
+          "--out", str(out)])
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 2 * 2 * 2  # prompts x seeds x (base, adapted)
+    texts = [Image.open(p).info["parameters"] for p in pngs]
+    assert sum("Lora scales: run: 0.5" in t for t in texts) == 4 and sum("Lora scales: run: 0" in t for t in texts) == 8
+    assert all("Steps: 2" in t for t in texts) and any("Seed: 4" in t for t in texts)
+
+
+def test_adapter_of_another_family_is_a_clear_error(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, capsys):
+    adapter = make_adapter(tiny_sd15_dir, tmp_path / "sd1.safetensors", seed=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--base", str(tiny_sdxl_dir), "--adapter", str(adapter), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "trained for sd1, but the model is sdxl" in capsys.readouterr().err
+    assert not list((tmp_path / "o").rglob("*.png"))
