@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from moslora_diffusion.tiny import save_tiny_pipeline
+
 # Tiny models gain nothing from several threads, and on a busy 2-core machine (CI, or engineers running
 # tests side by side) oversubscribed threads make them up to 8x slower. Subprocesses inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
-
-from moslora_diffusion.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(scope="session")
