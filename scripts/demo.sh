@@ -10,7 +10,7 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 BASE=assets/toy-base
 OUT="${OUT:-outputs/demo}"
-STEPS="${STEPS:-400}"
+STEPS="${STEPS:-100}"
 if [ ! -f "$BASE/model_index.json" ]; then  # a checkout without the trained toy model: random tiny model
   BASE=outputs/tiny-sd15
   [ -f "$BASE/model_index.json" ] || python -m moslora_diffusion.tiny --family sd15 --out "$BASE"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from moslora_diffusion.app.paths import AllowedRoots
+from moslora_diffusion.app.state import AppState, load_base_pipeline
 
 
-def one_thread():
-    """Generator for a fixture: tiny models run faster on one thread, and the CI machine is shared (2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_app_state(model_dir, tmp_path_factory) -> tuple[AppState, object]:
+    """An AppState on a tiny model; adapters may be read only from the returned fresh `given` folder."""
+    given = tmp_path_factory.mktemp("given")
+    roots = AllowedRoots()
+    roots.add(given)
+    state = AppState(load_base_pipeline(model_dir, device="cpu"), model_dir, tmp_path_factory.mktemp("outputs"), roots)
+    return state, given

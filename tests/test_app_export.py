@@ -4,24 +4,16 @@ import json
 
 import pytest
 import torch
-from app_helpers import one_thread
+from app_helpers import tiny_app_state
 from conftest import make_adapter
 
 from moslora_diffusion.app.exporting import AppExportError, export_adapters
-from moslora_diffusion.app.paths import AllowedRoots
-from moslora_diffusion.app.state import AppState, load_base_pipeline
 from moslora_diffusion.safetensors_io import load_tensors
-
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
 def state(tiny_sd15_dir, tmp_path_factory):
-    given = tmp_path_factory.mktemp("given")
-    roots = AllowedRoots()
-    roots.add(given)
-    app = AppState(load_base_pipeline(tiny_sd15_dir, device="cpu"), tiny_sd15_dir,
-                   tmp_path_factory.mktemp("outputs"), roots)
+    app, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
     app.load_adapter(make_adapter(tiny_sd15_dir, given / "dog" / "moslora.safetensors", seed=1, alpha=8))
     app.load_adapter(make_adapter(tiny_sd15_dir, given / "style.safetensors", seed=2, rank=2, alpha=2,
                                   text_targets=None))

@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from app_helpers import one_thread
 from conftest import generate, make_adapter
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
@@ -16,9 +15,6 @@ from moslora_diffusion.merge import bake_adapters
 # Fused computes (W + s*delta) x, the wrapper W x + s*(alpha/r) B M A x: equal up to fp32 rounding. Over a
 # 2-step 32x32 run we measured at most 2.4e-6 in [0, 1] pixel units (the adapter itself moves pixels by 0.2-0.4).
 IMAGE_ATOL = 1e-5
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_sd15_dir, tiny_sdxl_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from app_helpers import one_thread
 from conftest import make_adapter
 from PIL import Image
 
@@ -18,8 +17,6 @@ from moslora_diffusion.app.generation import (
 )
 from moslora_diffusion.app.paths import AllowedRoots
 from moslora_diffusion.app.state import MODEL_LOADS, AppState, load_base_pipeline
-
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _small(**kwargs):

@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-from app_helpers import one_thread
 from conftest import make_adapter
 from PIL import Image
 
@@ -27,8 +26,6 @@ from moslora_diffusion.app.training_jobs import (
     parse_log,
 )
 from moslora_diffusion.app.uploads import UploadError
-
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 FAKE_TRAINER = textwrap.dedent("""
     import argparse, os, shutil, subprocess, sys, time

@@ -3,24 +3,17 @@
 import types
 
 import pytest
-from app_helpers import one_thread
+from app_helpers import tiny_app_state
 from conftest import make_adapter
 
 from moslora_diffusion.app import cli
-from moslora_diffusion.app.paths import AllowedRoots
-from moslora_diffusion.app.state import AppState, load_base_pipeline, native_size
+from moslora_diffusion.app.state import native_size
 from moslora_diffusion.app.ui import MAX_SLOTS, _on_generate, build_ui, slot_updates
-
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
 def state(tiny_sd15_dir, tmp_path_factory):
-    given = tmp_path_factory.mktemp("given")
-    roots = AllowedRoots()
-    roots.add(given)
-    app = AppState(load_base_pipeline(tiny_sd15_dir, device="cpu"), tiny_sd15_dir, tmp_path_factory.mktemp("out"),
-                   roots)
+    app, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
     app.load_adapter(make_adapter(tiny_sd15_dir, given / "dog" / "moslora.safetensors", seed=1), scale=0.7)
     return app
 

@@ -13,7 +13,7 @@ from training_helpers import (
     PROMPT,
     adapter_weights,
     make_photos,
-    one_torch_thread,  # noqa: F401 (autouse fixture)
+     # noqa: F401 (autouse fixture)
     run_training,
     tiny_config,
 )

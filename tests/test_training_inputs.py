@@ -16,7 +16,7 @@ from training_helpers import (
     REPO,
     cli_env,
     make_photos,
-    one_torch_thread,  # noqa: F401 (autouse fixture)
+     # noqa: F401 (autouse fixture)
     run_training,
     snapshot,
     tiny_config,

@@ -15,7 +15,7 @@ import torch
 from training_helpers import (
     adapter_weights,
     make_photos,
-    one_torch_thread,  # noqa: F401 (autouse fixture)
+     # noqa: F401 (autouse fixture)
     run_training,
     start_cli,
     tiny_config,

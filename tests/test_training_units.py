@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from training_helpers import PROMPT, make_photos, one_torch_thread, reset_accelerate, tiny_config  # noqa: F401
+from training_helpers import PROMPT, make_photos, reset_accelerate, tiny_config  # noqa: F401
 
 from moslora_diffusion.inject import adapter_parameters
 from moslora_diffusion.pipeline_adapters import pipeline_adapters

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -37,15 +36,6 @@ def tiny_config(model: Path, photos: Path, output_dir: Path, **overrides) -> Tra
                     sample_batch_size=2, validation_inference_steps=2)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two threads contend and run the tiny models 3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reset_accelerate() -> None:
