@@ -1,0 +1,11 @@
+"""A toy world and a small Stable Diffusion model genuinely trained on it.
+
+world     procedural 64 px scenes (one shape on a background) and their captions
+checker   reads class, colour, size, position and background back from pixels
+subject   the DreamBooth demo subject (a yellow-and-black striped star) and `is_subject`
+models    the SD 1.x-shaped components at toy sizes, and the word-level tokenizer
+pretrain  trains the base model (`python -m moslora_diffusion.toy.pretrain --out DIR`)
+evaluate  measures a pipeline's generations with the checker
+
+Only numpy, Pillow, torch, diffusers and transformers are needed; nothing is downloaded.
+"""

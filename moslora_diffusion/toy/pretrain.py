@@ -37,14 +37,17 @@ class PretrainConfig:
     vae_crop: int | None = 32
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5  # per latent element, relative to the per-pixel reconstruction loss
+    align_weight: float = 0.1
     pattern_fraction: float = 0.35  # VAE batches: share of objects with a patterned fill
     dataset_size: int = 24000  # training scenes encoded once for the UNet stage
-    unet_steps: int = 2500
-    unet_batch: int = 64
+    unet_steps: int = 4000
+    unet_batch: int = 32
     unet_lr: float = 1.5e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    high_noise_floor: float = 0.1  # see loss_weights
+    max_loss_weight: float = 20.0
     ema_decay: float = 0.999
 
 
@@ -105,7 +108,10 @@ def train_vae(vae, cfg: PretrainConfig, rng: np.random.Generator, device, log) -
         recon = vae.decode(posterior.sample()).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = rec + cfg.kl_weight * kl
+        # Soft prior: latent channels 0-2 ~ the 4x4-average colour, so latents are smooth and colour-like,
+        # which the UNet learns far faster than arbitrary codes; channel 3 and small deviations carry detail.
+        align = F.mse_loss(posterior.mean[:, :3], F.avg_pool2d(x, 4))
+        loss = rec + cfg.kl_weight * kl + cfg.align_weight * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -154,24 +160,31 @@ class EMA:
             p.copy_(s)
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR."""
+def loss_weights(scheduler, timesteps: torch.Tensor, cfg: PretrainConfig) -> torch.Tensor:
+    """Weights of the epsilon MSE, chosen as weights lambda(SNR) on the implied x0 error (eps MSE = SNR * x0 MSE).
+
+    Min-SNR-gamma caps lambda at gamma for nearly clean inputs. At high noise plain epsilon loss gives
+    lambda = SNR -> 0: a wrong background colour or position costs almost nothing exactly where only the caption
+    can decide them, so we floor lambda there (capped, so those steps do not swamp the batch).
+    """
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    x0_weight = torch.clamp(torch.clamp(snr, max=cfg.min_snr_gamma), min=cfg.high_noise_floor)
+    return torch.clamp(x0_weight / snr, max=cfg.max_loss_weight)
 
 
-def diffusion_loss(unet, text_encoder, scheduler, latents, input_ids, gamma: float) -> torch.Tensor:
+def diffusion_loss(unet, text_encoder, scheduler, latents, input_ids, cfg: PretrainConfig) -> torch.Tensor:
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     hidden = text_encoder(input_ids)[0]  # B x 77 x text_hidden: what the pipeline feeds cross-attention
     pred = unet(noisy, t, hidden).sample
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(scheduler, t, gamma)).mean()
+    return (per_sample * loss_weights(scheduler, t, cfg)).mean()
 
 
-def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log) -> None:
+def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log, callback=None) -> None:
+    """`callback(step, ema)`, if given, runs every 1000 steps (progress checks)."""
     scenes = [sample_scene(rng, split="train") for _ in range(cfg.dataset_size)]
     t0 = time.time()
     means, stds = encode_scenes(vae, scenes, device)
@@ -189,8 +202,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
         index = torch.from_numpy(idx)
         latents = (means[index] + stds[index] * torch.randn_like(stds[index])).to(device) * scaling
         captions = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng) for i in idx]
-        loss = diffusion_loss(unet, text_encoder, scheduler, latents, tokenize(tokenizer, captions).to(device),
-                              cfg.min_snr_gamma)
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, tokenize(tokenizer, captions).to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,6 +211,8 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
         ema.update()
         if step % 100 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
+        if callback is not None and (step + 1) % 1000 == 0:
+            callback(step + 1, ema)
     ema.copy_to_params()
     unet.eval()
     text_encoder.eval()

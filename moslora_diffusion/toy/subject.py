@@ -21,7 +21,8 @@ TOKEN = "sks"
 CLASS_NOUN = "star"
 INSTANCE_PROMPT = f"a photo of {TOKEN} {CLASS_NOUN}"
 CLASS_PROMPT = f"a photo of a {CLASS_NOUN}"
-SUBJECT_FILL = Fill(stripes=(COLOURS["yellow"], COLOURS["black"]), dot=COLOURS["white"])
+# Stripe period 0.6 of the box: wide enough bands that the f=4 VAE reproduces them at 24-34 px.
+SUBJECT_FILL = Fill(stripes=(COLOURS["yellow"], COLOURS["black"]), dot=COLOURS["white"], period=0.6)
 # Backgrounds the subject stands out on (not yellow, black or white, whose pixels would merge with it).
 SUBJECT_BACKGROUNDS = ("blue", "green", "purple", "gray", "pink", "red")
 
@@ -30,12 +31,14 @@ PHOTOS = (
     ("center", 32, "blue", 0, 0),
     ("left", 28, "green", 1, -2),
     ("right", 30, "purple", -1, 2),
-    ("top", 26, "gray", 2, 1),
+    ("top", 26, "red", 2, 1),
     ("bottom", 34, "pink", 0, -1),
 )
 
-NEAR = 90.0  # RGB distance within which a pixel counts as one of the stripe colours
-THRESHOLD = 0.4  # subject_score above which an image shows the subject
+# subject_score from which an image shows the subject: each stripe colour on >= 10% of the object. Clean
+# photos score ~0.45-0.7, their VAE reconstructions 0.2-0.5; one-colour stars (clean or reconstructed) < 0.1.
+THRESHOLD = 0.2
+PALETTE = np.array(list(COLOURS.values()), dtype=float)
 
 
 def subject_scene(position: str = "center", size_px: int = 30, background: str = "blue", dx: int = 0,
@@ -50,15 +53,14 @@ def subject_photos() -> list:
 
 
 def stripe_fractions(image) -> tuple[float, float]:
-    """Fractions of the object's pixels that are the stripe colours (yellow, black)."""
+    """Fractions of the object's pixels whose nearest palette colour is a stripe colour (yellow, black)."""
     arr = as_array(image)
     mask, _ = object_mask(arr)
     if mask.sum() == 0:
         return 0.0, 0.0
-    pixels = arr[mask]
-    near = [float((np.linalg.norm(pixels - np.asarray(COLOURS[c], dtype=float), axis=1) < NEAR).mean())
-            for c in ("yellow", "black")]
-    return near[0], near[1]
+    nearest = np.linalg.norm(arr[mask][:, None, :] - PALETTE[None], axis=-1).argmin(axis=1)
+    names = list(COLOURS)
+    return float((nearest == names.index("yellow")).mean()), float((nearest == names.index("black")).mean())
 
 
 def subject_score(image) -> float:

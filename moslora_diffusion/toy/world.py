@@ -223,10 +223,10 @@ def _fill_image(fill: Fill, box, scale: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     x0, y0, x1, _ = box
     period = fill.period * (x1 - x0) * scale
-    start = (x0 + y0) * scale - 2 * n
-    for k in np.arange(start, 2 * n, period):  # bands where (x + y) - k in [period/2, period)
+    start = (x0 - y0) * scale - 2 * n
+    for k in np.arange(start, 2 * n, period):  # bands where (x - y) - k in [period/2, period), as the background's
         a = k + period / 2
-        draw.polygon([(a, 0), (a + period / 2, 0), (a + period / 2 - n, n), (a - n, n)], fill=fill.stripes[1])
+        draw.polygon([(a, 0), (a + period / 2, 0), (a + period / 2 + n, n), (a + n, n)], fill=fill.stripes[1])
     if fill.dot is not None:
         cx, cy, r = (x0 + x1) / 2 * scale, (y0 + box[3]) / 2 * scale, 0.12 * (x1 - x0) * scale
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill.dot)
