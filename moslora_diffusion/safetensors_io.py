@@ -113,3 +113,43 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), needed, overwrite)
+
+
+def save_nested(obj, path: str | Path, overwrite: bool = True) -> Path:
+    """Atomically stores a nested state (an optimizer/scheduler state_dict: dicts, lists, numbers,
+    strings, tensors) as safetensors: tensors as tensors, the rest as a JSON skeleton in the metadata.
+    Unlike torch.save, reading it back can never run code."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(x):
+        if torch.is_tensor(x):
+            key = f"t{len(tensors)}"
+            tensors[key] = x
+            return {"__tensor__": key}
+        if isinstance(x, dict):  # as pairs: optimizer states use int keys, which JSON objects would turn to str
+            return {"__dict__": [[k, encode(v)] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return [encode(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} in a safetensors state file")
+
+    return save_tensors(tensors, path, {"nested": json.dumps(encode(obj))}, overwrite=overwrite)
+
+
+def load_nested(path: str | Path, device: str = "cpu"):
+    """Inverse of save_nested."""
+    tensors, metadata = load_tensors(path, device)
+    if "nested" not in metadata:
+        raise WeightFileError(f"{path} is not a saved state (no 'nested' metadata)")
+
+    def decode(x):
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            return {k: decode(v) for k, v in x["__dict__"]}
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        return x
+
+    return decode(json.loads(metadata["nested"]))

@@ -83,11 +83,14 @@ def _checkpoint(folder: Path, step: int) -> Path:
 def test_latest_only_picks_complete_checkpoints_and_the_limit_prunes_old_ones(tmp_path):
     for step in (2, 4):
         _checkpoint(tmp_path, step)
+    # safetensors and JSON only: resuming from a checkpoint someone hands us can never unpickle code
+    assert sorted(p.name for p in (tmp_path / "checkpoint-4").iterdir()) == [
+        "adapter.safetensors", "optimizer.state.safetensors", "state.json"]
     shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-6.tmp")  # killed before the rename
     missing_file = shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-8")
     state = json.loads((missing_file / "state.json").read_text())
     (missing_file / "state.json").write_text(json.dumps({**state, "step": 8}))
-    (missing_file / "optimizer.pt").unlink()
+    (missing_file / "optimizer.state.safetensors").unlink()
     no_state = shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-9")
     (no_state / "state.json").unlink()
 

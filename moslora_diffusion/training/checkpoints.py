@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..safetensors_io import atomic_write, load_tensors, save_tensors
+from ..safetensors_io import atomic_write, load_nested, load_tensors, save_nested, save_tensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer/scheduler states as safetensors (1 used torch.save)
+STATE_SUFFIX = ".state.safetensors"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -106,7 +107,8 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict, tensors: dic
     """Writes checkpoint-<step> atomically (main process only).
 
     state: JSON-able run state (family, adapter, targets...); tensors: {file stem: tensors} saved as
-    safetensors; objects: {file stem: state_dict} of the optimizer, scheduler, scaler (torch.save).
+    safetensors; objects: {file stem: state_dict} of the optimizer, scheduler, scaler (save_nested: also
+    safetensors, so resuming from a checkpoint someone hands us can never run code).
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -117,8 +119,8 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict, tensors: dic
         save_tensors(group, tmp / f"{stem}.safetensors")
         files.append(f"{stem}.safetensors")
     for stem, obj in objects.items():
-        atomic_write(tmp / f"{stem}.pt", lambda p, obj=obj: torch.save(obj, p))
-        files.append(f"{stem}.pt")
+        save_nested(obj, tmp / f"{stem}{STATE_SUFFIX}")
+        files.append(f"{stem}{STATE_SUFFIX}")
     full_state = {"format_version": FORMAT_VERSION, **state, "step": step, "files": files}
     atomic_write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(full_state, indent=2), encoding="utf-8"))
     if final.exists():  # re-saving a step (a run resumed from an earlier checkpoint): swap, then delete
@@ -136,12 +138,12 @@ def load_checkpoint_files(info: CheckpointInfo, device: torch.device) -> tuple[d
     """({file stem: tensors}, {file stem: state_dict}) of a complete checkpoint."""
     tensors, objects = {}, {}
     for name in info.state["files"]:
-        stem, suffix = name.rsplit(".", 1)
-        if suffix == "safetensors":
-            tensors[stem] = load_tensors(info.path / name, device=str(device))[0]
+        if name.endswith(STATE_SUFFIX):
+            objects[name.removesuffix(STATE_SUFFIX)] = load_nested(info.path / name, device=str(device))
+        elif name.endswith(".safetensors"):
+            tensors[name.removesuffix(".safetensors")] = load_tensors(info.path / name, device=str(device))[0]
         else:
-            # Our own files: tensors, numbers and lists only, so the safe weights-only unpickler reads them.
-            objects[stem] = torch.load(info.path / name, map_location=device, weights_only=True)
+            raise CheckpointError(f"{info.path / name}: checkpoints hold safetensors files only")
     return tensors, objects
 
 
