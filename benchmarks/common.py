@@ -71,3 +71,20 @@ def write_results(name: str, rows: list[dict], markdown_table: str, notes: str =
     md_path.write_text(f"# {name}\n\n{notes}\n\n{markdown_table}\n\n## Machine\n\n{header}\n")
     print(f"{markdown_table}\n\nwrote {md_path} and {json_path}")
     return json_path, md_path
+
+
+def count_aten_ops(fn) -> int:
+    """ATen operator calls made by `fn()`: on a GPU that waits on the CPU to launch kernels (a UNet at batch 1
+    runs at ~1% of an H100's FLOP rate), step time follows this count more than FLOPs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.calls

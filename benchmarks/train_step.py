@@ -20,9 +20,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
+from benchmarks.common import RESULTS_DIR, count_aten_ops, paired_ratio, time_interleaved, write_results
 
 VARIANTS = ("peft_lora", "ours_lora", "ours_moslora")
+# Extra variant for GPU runs: ours with the UNet in channels-last memory format (NHWC convolutions).
+OPTIONAL_VARIANTS = ("ours_moslora_cl",)
+# Model FLOPs of one LoRA training step per image (forward + backward, frozen base; the issue's figures)
+# and dense bf16 peaks, for model-FLOPs utilisation.
+STEP_TFLOP_PER_IMAGE = {("sd15", 512): 1.73, ("sdxl", 1024): 14.2}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -54,8 +60,17 @@ def attach_variant(unet, variant: str, rank: int):
         return params, detach
     from moslora_diffusion.inject import AdapterConfig, adapter_parameters, attach, detach
 
-    attach(unet, AdapterConfig(kind=variant.removeprefix("ours_"), rank=rank, alpha=rank), TARGETS)
-    return adapter_parameters(unet), lambda: detach(unet)
+    channels_last = variant.endswith("_cl")
+    kind = variant.removeprefix("ours_").removesuffix("_cl")
+    attach(unet, AdapterConfig(kind=kind, rank=rank, alpha=rank), TARGETS)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+    def undo():
+        detach(unet)
+        if channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+    return adapter_parameters(unet), undo
 
 
 def make_batch(unet, family: str, resolution: int, batch: int, device: str, dtype: torch.dtype):
@@ -76,13 +91,14 @@ def make_batch(unet, family: str, resolution: int, batch: int, device: str, dtyp
             for k, v in batch_data.items()}
 
 
-def step_fn(unet, params, batch: dict, dtype: torch.dtype, device: str):
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+def step_fn(unet, params, batch: dict, dtype: torch.dtype, device: str, channels_last: bool = False):
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # CUDA's default; CPU's is a per-tensor loop
     kwargs = {"added_cond_kwargs": batch["added_cond_kwargs"]} if "added_cond_kwargs" in batch else {}
+    sample = batch["sample"].to(memory_format=torch.channels_last) if channels_last else batch["sample"]
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(batch["sample"], batch["timestep"], batch["encoder_hidden_states"], **kwargs).sample
+            pred = unet(sample, batch["timestep"], batch["encoder_hidden_states"], **kwargs).sample
         loss = torch.nn.functional.mse_loss(pred.float(), batch["target"].float())
         loss.backward()
         optimizer.step()
@@ -97,15 +113,27 @@ def time_variants(args, resolution: int, checkpointing: bool) -> dict:
         unet.enable_gradient_checkpointing()
     unet.train()
     batch = make_batch(unet, args.family, resolution, args.batch, args.device, args.dtype)
-    samples = {v: [] for v in VARIANTS}
+    samples, peaks, ops = {v: [] for v in args.variants}, {}, {}
+    cuda = args.device.startswith("cuda")
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in args.variants:
             params, detach = attach_variant(unet, variant, args.rank)
-            times = time_interleaved({variant: step_fn(unet, params, batch, args.dtype, args.device)},
-                                     repeats=1, warmup=1, device=args.device)
+            step = step_fn(unet, params, batch, args.dtype, args.device, variant.endswith("_cl"))
+            # Two warm-up steps: the first after attaching pays one-off costs (allocator growth, cast caches).
+            times = time_interleaved({variant: step}, repeats=args.steps_per_round, warmup=2, device=args.device)
             samples[variant] += times[variant]["samples"]
+            if variant not in ops:
+                ops[variant] = count_aten_ops(step)
+            if cuda:  # in-process peak of one more step: max allocated, which cached blocks do not inflate
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                peaks[variant] = max(peaks.get(variant, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+            del step, params
             detach()
-    return {v: {"samples": s, "median_s": sorted(s)[len(s) // 2]} for v, s in samples.items()}
+    return {v: {"samples": s, "median_s": sorted(s)[len(s) // 2], "peak_mib": peaks.get(v), "aten_ops": ops[v]}
+            for v, s in samples.items()}
 
 
 def peak_memory(args, variant: str, resolution: int, checkpointing: bool) -> float:
@@ -134,7 +162,7 @@ def memory_worker(args) -> None:
     unet.train()
     params, _ = attach_variant(unet, args.memory_worker, args.rank)
     step = step_fn(unet, params, make_batch(unet, args.family, args.resolution[0], args.batch, args.device,
-                                            args.dtype), args.dtype, args.device)
+                                            args.dtype), args.dtype, args.device, args.memory_worker.endswith("_cl"))
     step()  # warm-up: optimizer state and allocator caches exist from here on
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -149,27 +177,40 @@ def _row(args, resolution: int, checkpointing: bool) -> dict:
     times = time_variants(args, resolution, checkpointing)
     row = {"family": args.family, "size": args.size, "resolution": resolution, "batch": args.batch,
            "rank": args.rank, "gradient_checkpointing": checkpointing, "dtype": args.dtype_name}
-    for variant in VARIANTS:
+    for variant in args.variants:
         row[f"{variant}_s"] = round(times[variant]["median_s"], 4)
-        if args.memory:
+        row[f"{variant}_aten_ops"] = times[variant]["aten_ops"]
+        if times[variant]["peak_mib"] is not None:
+            row[f"{variant}_peak_mib"] = round(times[variant]["peak_mib"], 1)
+        elif args.memory:
             row[f"{variant}_peak_mib"] = peak_memory(args, variant, resolution, checkpointing)
-    for variant in VARIANTS[1:]:
-        row[f"{variant}_time_ratio"] = round(paired_ratio(times, variant, "peft_lora"), 3)
-        if args.memory:
-            row[f"{variant}_mem_ratio"] = round(row[f"{variant}_peak_mib"] / row["peft_lora_peak_mib"], 3)
+        flops = STEP_TFLOP_PER_IMAGE.get((args.family, resolution)) if args.size == "full" else None
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None) \
+            if args.device.startswith("cuda") else None
+        if flops and peak:
+            row[f"{variant}_mfu"] = round(flops * args.batch / times[variant]["median_s"] / peak, 4)
+    peer = args.variants[0]
+    for variant in args.variants[1:]:
+        row[f"{variant}_time_ratio"] = round(paired_ratio(times, variant, peer), 3)
+        if f"{peer}_peak_mib" in row:
+            row[f"{variant}_mem_ratio"] = round(row[f"{variant}_peak_mib"] / row[f"{peer}_peak_mib"], 3)
     return row
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | px | ckpt | PEFT s | ours lora s | ours moslora s | moslora/PEFT time | PEFT MiB "
-             "| moslora MiB | moslora/PEFT mem |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One line per configuration and variant; ratios are against the peer (the first variant)."""
+    lines = ["| model | px | batch | ckpt | variant | step s | time vs PEFT | peak MiB | memory vs PEFT | MFU "
+             "| ATen ops / step |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        mem = (f"{r['peft_lora_peak_mib']:.0f} | {r['ours_moslora_peak_mib']:.0f} | {r['ours_moslora_mem_ratio']:.3f}"
-               if "peft_lora_peak_mib" in r else "- | - | -")
-        ckpt = "yes" if r["gradient_checkpointing"] else "no"
-        lines.append(f"| {r['family']} {r['size']} | {r['resolution']} | {ckpt} | {r['peft_lora_s']:.3f} "
-                     f"| {r['ours_lora_s']:.3f} | {r['ours_moslora_s']:.3f} | {r['ours_moslora_time_ratio']:.3f} "
-                     f"| {mem} |")
+        variants = [k.removesuffix("_s") for k in r if k.endswith("_s") and not k.endswith("_peak_s")]
+        for v in variants:
+            cells = [f"{r['family']} {r['size']}", str(r["resolution"]), str(r["batch"]),
+                     "yes" if r["gradient_checkpointing"] else "no", v, f"{r[f'{v}_s']:.4f}",
+                     f"{r.get(f'{v}_time_ratio', 1.0):.3f}",
+                     f"{r[f'{v}_peak_mib']:.0f}" if f"{v}_peak_mib" in r else "-",
+                     f"{r.get(f'{v}_mem_ratio', 1.0):.3f}" if f"{v}_peak_mib" in r else "-",
+                     f"{100 * r[f'{v}_mfu']:.1f}%" if f"{v}_mfu" in r else "-", str(r.get(f"{v}_aten_ops", "-"))]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -180,14 +221,17 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, nargs="+", default=[256])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (interleaved)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each attaches every variant in turn")
+    parser.add_argument("--steps-per-round", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--checkpointing", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + OPTIONAL_VARIANTS,
+                        help="the first is the peer every ratio is taken against")
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", dest="dtype_name", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", choices=VARIANTS + OPTIONAL_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.dtype_name = args.dtype_name or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -203,12 +247,15 @@ def main(argv=None) -> list[dict]:
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
     rows = [_row(args, res, ckpt) for res in args.resolution for ckpt in modes]
     notes = (f"One training step (forward, backward, AdamW) of the UNet, {args.device}, {args.dtype_name}, batch "
-             f"{args.batch}, rank {args.rank}, targets {TARGETS}. Times: medians of {args.rounds} interleaved rounds; "
-             "ratios: medians of per-round ratios. Memory: peak during one step after a warm-up step, in a fresh "
-             "process per variant (CPU: peak RSS, model included, high-water mark reset before the step; GPU: max "
-             "allocated). Targets: moslora/PEFT time <= 0.95, memory <= 1.0.")
+             f"{args.batch}, rank {args.rank}, targets {TARGETS}. Times: medians over {args.rounds} interleaved "
+             f"rounds of {args.steps_per_round} timed steps (after 2 warm-up steps) per variant; ratios: medians of "
+             "paired ratios. Memory: peak during one step after warm-up (CPU: in a fresh process per variant, peak "
+             "RSS, model included, high-water mark reset before the step; GPU: in process, max allocated). "
+             "MFU: the issue's model FLOPs per image (SD 1.5 512 px 1.73 TFLOP, SDXL 1024 px 14.2 TFLOP) over the "
+             "step time and the dense bf16 peak (H100: 989 TFLOP/s). Targets: moslora/PEFT time <= 0.95, "
+             "memory <= 1.0.")
     suffix = "" if args.device == "cpu" else "_gpu"
-    name = f"train_step_{args.family}_{args.size}{suffix}"
+    name = f"train_step_{args.family}_{args.size}{suffix}" + (f"_b{args.batch}" if args.batch > 1 else "")
     write_results(name, rows, _table(rows), notes, args.out_dir)
     return rows
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import step_weights
 from .layer import KINDS, MIXER_INITS, MoSLoRALinear, is_adaptable
 
 _UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -99,11 +100,13 @@ def attach(model: nn.Module, config: AdapterConfig, targets: Sequence[str]) -> d
         layer = MoSLoRALinear(module, config.rank, config.effective_alpha, config.kind, config.mixer_init,
                               config.dropout)
         _replace(model, name, layer)
+    step_weights.install(model)
     return adapters(model)
 
 
 def detach(model: nn.Module) -> None:
     """Puts the original layers back: same state_dict keys, bit-identical values."""
+    step_weights.uninstall(model)
     for name, layer in adapters(model).items():
         layer.unmerge()
         _replace(model, name, layer.base_layer)
@@ -111,6 +114,7 @@ def detach(model: nn.Module) -> None:
 
 def bake(model: nn.Module) -> None:
     """Merges every adapter into its base weight for good and removes the wrappers (for export)."""
+    step_weights.uninstall(model)
     for name in list(adapters(model)):  # names only: each wrapper is dropped as soon as it is baked
         _replace(model, name, model.get_submodule(name).bake())
 

@@ -61,6 +61,7 @@ class MoSLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.step_weights = None  # set by step_weights.StepWeights before each forward of the adapted model
         self._weight_before_merge: torch.Tensor | None = None
         self._merged_delta: torch.Tensor | None = None
         self.reset_parameters()
@@ -91,17 +92,22 @@ class MoSLoRALinear(nn.Module):
             return y
         dtype = y.dtype  # the compute dtype (autocast or the base's own)
         h = self.dropout(x).to(dtype)
-        up = (self.lora_B * self.scaling).to(dtype)
-        if self.is_conv:
-            down = self.effective_down().to(dtype)
-            return y + F.conv2d(F.conv2d(h, down[:, :, None, None]), up[:, :, None, None])
-        tokens = x.numel() // x.shape[-1]
-        if self.kind == "moslora" and tokens < self.lora_A.shape[1]:
-            # Few tokens (deep UNet levels): mixing r activations (T*r*r) beats forming M A (r*r*in).
-            h = F.linear(F.linear(h, self.lora_A.to(dtype)), self.lora_M.to(dtype))
+        cached = self.step_weights
+        if cached is not None and cached.usable(self, dtype):
+            down, up = cached.down, cached.up
+        elif self.is_conv or self.kind == "lora" or x.numel() // x.shape[-1] >= self.lora_A.shape[1]:
+            down, up = self.effective_down().to(dtype), self.lora_B.to(dtype)
         else:
-            h = F.linear(h, self.effective_down().to(dtype))
-        return y + F.linear(h, up)
+            # Few tokens (deep UNet levels): mixing r activations (T*r*r) beats forming M A (r*r*in).
+            down, up = None, self.lora_B.to(dtype)
+            h = F.linear(F.linear(h, self.lora_A.to(dtype)), self.lora_M.to(dtype))
+        if self.is_conv:
+            return y.add(F.conv2d(F.conv2d(h, down[:, :, None, None]), up[:, :, None, None]), alpha=self.scaling)
+        if down is not None:
+            h = F.linear(h, down)
+        # One GEMM adds the scaled up-projection into y: no separate scale and add kernels.
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), up.t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of the equivalent plain LoRA of the same rank and alpha, in fp32.

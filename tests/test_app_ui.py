@@ -54,10 +54,17 @@ def test_command_line(tmp_path, monkeypatch):
     assert cli.build_parser().parse_args(["--auth", "me:se:cret"]).auth == ("me", "se:cret")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--auth", "nopassword"])
+    assert cli.default_base_model() == cli.TOY_BASE  # the shipped trained toy model, when the repo has it
     monkeypatch.setattr(cli, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(cli, "TOY_BASE", tmp_path / "no-toy-base")  # a package without the repo's assets
     folder = cli.default_base_model()
     assert (folder / "model_index.json").is_file() and folder == tmp_path / "tiny-sd15"
     stamp = (folder / "model_index.json").stat().st_mtime_ns
     assert cli.default_base_model() == folder and (folder / "model_index.json").stat().st_mtime_ns == stamp
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "moslora.safetensors").write_bytes(b"")
+    monkeypatch.setattr(cli, "DEMO_ADAPTER", demo)
+    assert cli.default_adapters(cli.TOY_BASE) == [str(demo)] and cli.default_adapters(folder) == []
     with pytest.raises(SystemExit, match="error: --adapter .*no such file"):
         cli.main(["--base", str(folder), "--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])

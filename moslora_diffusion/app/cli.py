@@ -19,13 +19,18 @@ log = logging.getLogger("moslora_diffusion.app")
 CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).expanduser()
 
 
-def default_base_model() -> Path:
-    """The model used when no --base is given: for now a tiny random SD 1.5 pipeline built on the spot.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOY_BASE = REPO_ROOT / "assets" / "toy-base"
+DEMO_ADAPTER = REPO_ROOT / "outputs" / "demo"  # what scripts/demo.sh trains
 
-    The one place to change when the project ships a trained toy model instead.
-    """
+
+def default_base_model() -> Path:
+    """The model used when no --base is given: the shipped toy base model (assets/toy-base); in a copy of the
+    package without the repository's assets, a tiny random SD 1.5 pipeline built on the spot."""
     from ..tiny import save_tiny_pipeline
 
+    if (TOY_BASE / "model_index.json").is_file():
+        return TOY_BASE
     folder = CACHE_DIR / "tiny-sd15"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +42,13 @@ def default_base_model() -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def default_adapters(base: Path) -> list[str]:
+    """With neither --base nor --adapter: the demo's adapter on the toy base, once scripts/demo.sh has run."""
+    if base == TOY_BASE and (DEMO_ADAPTER / "moslora.safetensors").is_file():
+        return [str(DEMO_ADAPTER)]
+    return []
 
 
 def _auth(text: str | None):
@@ -52,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="Generate, export and train MoSLoRA adapters in "
                                      "a web UI.")
     parser.add_argument("--base", help="hub id, diffusers folder or single .safetensors checkpoint "
-                        "(default: the embedded tiny SD 1.5 model)")
+                        "(default: the shipped toy model, assets/toy-base, with the demo's adapter outputs/demo "
+                        "once scripts/demo.sh has trained it)")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
                         help="training output folder or adapter .safetensors (repeatable); only these folders "
                              "and the app's own outputs are ever read")
@@ -78,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     from .ui import build_ui
 
     base = args.base or default_base_model()
+    adapters = args.adapter or ([] if args.base else default_adapters(base))
     try:
-        state = open_app_state(base, args.output_dir, args.adapter, args.config, args.photos_dir, args.device)
+        state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device)
     except (ValueError, OSError) as err:  # a bad --base / --adapter: one line, no traceback
         raise SystemExit(f"error: {err}") from None
     atexit.register(state.training.shutdown)

@@ -26,9 +26,9 @@ SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_t
 class Architecture:
     vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 levels: 64 px -> 16x16x4 latents (f=4)
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    # Cross-attention at 8x8 and 4x4 (and the mid block): at 16x16 it would cost 40% more compute per step
-    # for little gain on 64 px scenes.
-    unet_attention: tuple[bool, ...] = (False, True, True)
+    # Cross-attention at every level, 16x16 included: without it the caption's position word is ignored (a
+    # GPU sweep at 3000 steps: position right in 22% of held-out scenes without, 95% with; +40% step time).
+    unet_attention: tuple[bool, ...] = (True, True, True)
     unet_heads: int = 2
     norm_groups: int = 8
     text_hidden: int = 64

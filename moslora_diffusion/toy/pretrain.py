@@ -2,11 +2,13 @@
 
     python -m moslora_diffusion.toy.pretrain --out assets/toy-base --seed 0 --threads 2
 
-1. VAE: reconstruction (L1 + MSE) and a small KL on freshly rendered scenes; a third of them get
-   striped / dotted object fills, so the VAE can reproduce patterns the UNet never learns to draw.
+1. VAE: reconstruction (L1 + MSE), a small KL and a colour prior on the latents, on object-centred crops of
+   freshly rendered scenes; a third get striped / dotted object fills, so the VAE can reproduce patterns
+   the UNet never learns to draw (the DreamBooth subject's stripes).
 2. Latents of a fixed set of training scenes are encoded once (posterior mean and std).
-3. UNet and text encoder jointly, epsilon prediction with Min-SNR weighting, captions with random
-   attribute omission and 10% empty captions (for classifier-free guidance); EMA weights are saved.
+3. UNet and text encoder jointly: epsilon prediction, multi-resolution noise and loss weights that make the
+   caption decide the background and layout (see objective.py), captions with random attribute omission
+   and 10% empty captions (for classifier-free guidance); the EMA weights are saved.
 Held-out (class, colour, background) combinations never appear in step 2 (see world.is_held_out).
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from . import models
+from .objective import EMA, diffusion_loss, lr_lambda
 from .world import Fill, caption, render, sample_scene, with_fill
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: models.Architecture = field(default_factory=models.Architecture)
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch: int = 16
     vae_crop: int | None = 32
     vae_lr: float = 3e-3
@@ -40,19 +42,28 @@ class PretrainConfig:
     align_weight: float = 0.1
     pattern_fraction: float = 0.35  # VAE batches: share of objects with a patterned fill
     dataset_size: int = 24000  # training scenes encoded once for the UNet stage
-    unet_steps: int = 4000
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1.5e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     high_noise_floor: float = 0.1  # see loss_weights
-    max_loss_weight: float = 20.0
+    max_loss_weight: float = 5.0
+    multires_levels: int = 4  # see multires_noise; 0: plain Gaussian noise
+    multires_discount: float = 0.6
     ema_decay: float = 0.999
+    # End the UNet stage after this step while the learning-rate schedule still spans unet_steps (None: run
+    # them all). The shipped model is such a stop: its GPU lease ended at step 3000 of 12000.
+    unet_stop_step: int | None = None
 
 
 PRESETS = {
-    "default": PretrainConfig(),
+    # CPU-sized: about 45 minutes on 2 idle cores (VAE 0.1 s/step, UNet 0.38 s/step at batch 32).
+    "default": PretrainConfig(vae_steps=3000, unet_steps=5000),
+    # The recipe of the shipped assets/toy-base: batch 128, the EMA weights at step 3000 of a 12000-step
+    # schedule. 7 minutes on an H100 (shared by three runs); hours on a CPU.
+    "gpu": PretrainConfig(unet_batch=128, unet_steps=12000, unet_stop_step=3000, dataset_size=60000),
     # Only for tests: exercises every code path in seconds, learns nothing.
     "micro": PretrainConfig(
         arch=models.Architecture(vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), unet_attention=(False, True, True),
@@ -86,16 +97,6 @@ def vae_batch(rng: np.random.Generator, n: int, pattern_fraction: float, crop: i
         offsets = (np.clip(offsets, 0, images[0].width - crop) // 4 * 4).astype(int)  # on the 4 px latent grid
         images = [im.crop((x, y, x + crop, y + crop)) for im, (x, y) in zip(images, offsets, strict=True)]
     return images_to_tensor(images)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 10%."""
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return fn
 
 
 def train_vae(vae, cfg: PretrainConfig, rng: np.random.Generator, device, log) -> None:
@@ -139,52 +140,22 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+class CaptionIds:
+    """`tokenize` with a cache: the slow tokenizer costs more than a GPU step, and captions repeat."""
 
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay, self.steps = decay, 0
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
 
-    @torch.no_grad()
-    def update(self) -> None:
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to_params(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            p.copy_(s)
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        if missing:
+            self.cache.update(zip(missing, tokenize(self.tokenizer, missing), strict=True))
+        return torch.stack([self.cache[c] for c in captions])
 
 
-def loss_weights(scheduler, timesteps: torch.Tensor, cfg: PretrainConfig) -> torch.Tensor:
-    """Weights of the epsilon MSE, chosen as weights lambda(SNR) on the implied x0 error (eps MSE = SNR * x0 MSE).
-
-    Min-SNR-gamma caps lambda at gamma for nearly clean inputs. At high noise plain epsilon loss gives
-    lambda = SNR -> 0: a wrong background colour or position costs almost nothing exactly where only the caption
-    can decide them, so we floor lambda there (capped, so those steps do not swamp the batch).
-    """
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    x0_weight = torch.clamp(torch.clamp(snr, max=cfg.min_snr_gamma), min=cfg.high_noise_floor)
-    return torch.clamp(x0_weight / snr, max=cfg.max_loss_weight)
-
-
-def diffusion_loss(unet, text_encoder, scheduler, latents, input_ids, cfg: PretrainConfig) -> torch.Tensor:
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    hidden = text_encoder(input_ids)[0]  # B x 77 x text_hidden: what the pipeline feeds cross-attention
-    pred = unet(noisy, t, hidden).sample
-    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * loss_weights(scheduler, t, cfg)).mean()
-
-
-def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log, callback=None) -> None:
-    """`callback(step, ema)`, if given, runs every 1000 steps (progress checks)."""
+def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log, callback=None,
+               callback_every: int = 1000) -> None:
+    """`callback(step, ema)`, if given, runs every `callback_every` steps (progress checks)."""
     scenes = [sample_scene(rng, split="train") for _ in range(cfg.dataset_size)]
     t0 = time.time()
     means, stds = encode_scenes(vae, scenes, device)
@@ -195,23 +166,24 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     ema = EMA(params, cfg.ema_decay)
+    caption_ids = CaptionIds(tokenizer)
     unet.train()
     text_encoder.train()
-    for step in range(cfg.unet_steps):
+    for step in range(cfg.unet_stop_step or cfg.unet_steps):
         idx = rng.integers(0, len(scenes), cfg.unet_batch)
         index = torch.from_numpy(idx)
         latents = (means[index] + stds[index] * torch.randn_like(stds[index])).to(device) * scaling
         captions = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng) for i in idx]
-        loss = diffusion_loss(unet, text_encoder, scheduler, latents, tokenize(tokenizer, captions).to(device), cfg)
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, caption_ids(captions).to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         ema.update()
-        if step % 100 == 0 or step == cfg.unet_steps - 1:
+        if step % 100 == 0 or step == (cfg.unet_stop_step or cfg.unet_steps) - 1:
             log(f"unet step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
-        if callback is not None and (step + 1) % 1000 == 0:
+        if callback is not None and (step + 1) % callback_every == 0:
             callback(step + 1, ema)
     ema.copy_to_params()
     unet.eval()
@@ -227,8 +199,12 @@ def set_scaling_factor(vae, rng, device, n: int = 256) -> float:
     return factor
 
 
-def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None = None, log=print):
-    """Trains the toy base model and saves it as a diffusers folder; returns the pipeline (EMA weights)."""
+def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None = None, log=print, callback=None,
+             callback_every: int = 1000):
+    """Trains the toy base model and saves it as a diffusers folder; returns the pipeline (EMA weights).
+
+    `callback(step, ema, vae, unet, text_encoder, tokenizer)` runs every `callback_every` UNet steps.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -237,14 +213,15 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
         tokenizer = models.build_tokenizer(Path(tmp))
     vae, unet = models.build_vae(cfg.arch).to(device), models.build_unet(cfg.arch).to(device)
     text_encoder = models.build_text_encoder(cfg.arch, tokenizer).to(device)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train_vae(vae, cfg, rng, device, log)
     log(f"vae scaling factor {set_scaling_factor(vae, rng, device):.4f}")
-    timings["vae_s"] = time.time() - t0
+    timings.update(vae_wall_s=time.time() - t0, vae_cpu_s=time.process_time() - c0)
     vae.requires_grad_(False)
-    t0 = time.time()
-    train_unet(unet, text_encoder, tokenizer, vae, cfg, rng, device, log)
-    timings["unet_s"] = time.time() - t0
+    t0, c0 = time.time(), time.process_time()
+    progress = None if callback is None else (lambda step, ema: callback(step, ema, vae, unet, text_encoder, tokenizer))
+    train_unet(unet, text_encoder, tokenizer, vae, cfg, rng, device, log, progress, callback_every)
+    timings.update(unet_wall_s=time.time() - t0, unet_cpu_s=time.process_time() - c0)  # cpu: summed over threads
     pipe = models.assemble_pipeline(vae, unet, text_encoder, tokenizer).to("cpu")
     pipe.save_pretrained(out, safe_serialization=True)
     record = {"seed": seed, "device": str(device), "threads": torch.get_num_threads(), **timings,
@@ -252,7 +229,7 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
               "parameters": {name: models.count_parameters(m) for name, m in
                              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}}
     (Path(out) / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    log(f"saved to {out}: {json.dumps(timings)}")
+    log(f"saved to {out}: {json.dumps({k: round(v) for k, v in timings.items()})}")
     return pipe
 
 

@@ -76,7 +76,8 @@ def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torc
             if module is base.unet:
                 module.enable_gradient_checkpointing()
             else:
-                module.gradient_checkpointing_enable()
+                # Non-reentrant, as diffusers' UNet: required by the per-forward adapter weights (step_weights.py).
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return {name: adapter_parameters(getattr(base.pipe, name)) for name in pipeline_adapters(base.pipe)}
 
 
