@@ -1,0 +1,74 @@
+"""The quality benchmark end to end, shortened: a micro toy model, 2 seeds, a few steps and images."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import quality
+
+
+@pytest.fixture(scope="module")
+def micro_base(tmp_path_factory):
+    from moslora_diffusion.toy.pretrain import PRESETS, pretrain
+
+    out = tmp_path_factory.mktemp("toy-micro") / "model"
+    torch.set_num_threads(1)
+    pretrain(out, PRESETS["micro"], seed=0, device="cpu", log=lambda msg: None)
+    return out
+
+
+def test_quality_benchmark_short_run_writes_every_metric(micro_base, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = quality.main(["--base", str(micro_base), "--seeds", "2", "--steps", "2", "--rank", "2", "--batch", "1",
+                           "--num-class-images", "2", "--n-images", "3", "--gen-steps", "2",
+                           "--out-dir", str(tmp_path), "--grid", str(grid), "--threads", "1"])
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert "torch" in saved["machine"]
+    rows = saved["rows"]
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+        (v, s) for v in quality.VARIANTS for s in range(2))
+    metrics = [name for name, _, _ in quality.METRICS]
+    for r in runs + [next(r for r in rows if r["kind"] == "base_model")]:
+        for m in metrics:
+            assert math.isfinite(r[m]) and 0.0 <= r[m] <= 1.0, (m, r[m])
+    summaries = {r["variant"]: r for r in rows if r["kind"] == "summary"}
+    assert set(summaries) == set(quality.VARIANTS)
+    for summary in summaries.values():
+        for m in metrics:
+            stats = summary[m]
+            assert all(math.isfinite(stats[k]) for k in ("mean", "ci_low", "ci_high"))
+            assert stats["ci_low"] - 1e-12 <= stats["mean"] <= stats["ci_high"] + 1e-12
+            assert stats["n"] == 2
+    comparisons = {r["comparison"]: r for r in rows if r["kind"] == "comparison"}
+    assert set(comparisons) == {"moslora_kaiming_vs_lora", "moslora_orthogonal_vs_lora"}
+    for comp in comparisons.values():
+        for m in metrics:
+            test = comp[m]
+            assert test["p"] is None or 0.0 <= test["p"] <= 1.0
+            assert test["ci_low"] - 1e-12 <= test["diff"] <= test["ci_high"] + 1e-12
+            assert isinstance(test["significant"], bool)
+    table = (tmp_path / "quality.md").read_text()
+    assert "subject_rate" in table and "significant" in table
+    assert grid.is_file() and result["grid"] == str(grid)
+    from PIL import Image
+
+    assert Image.open(grid).size[1] > 64 * (1 + len(quality.VARIANTS))
+
+
+def test_statistics_match_reference_values():
+    # Student's t: 97.5% quantiles for df 1, 4, 30 (tables) and a two-sided tail.
+    assert quality.t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+    assert quality.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert quality.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+    assert quality.t_sf_two_sided(2.776, 4) == pytest.approx(0.05, abs=1e-3)
+    ci = quality.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert ci["mean"] == 3.0 and ci["ci_high"] - 3.0 == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), 1e-3)
+    same = quality.paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    assert same["p"] == 1.0 and not same["significant"]
+    shifted = quality.paired_test([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.2])
+    assert shifted["significant"] and shifted["p"] < 1e-4
