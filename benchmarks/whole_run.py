@@ -7,8 +7,9 @@ Three variants, all timed in one process, rounds interleaved (the order rotates 
   loader, the batch VAE-encoded, the prompts encoded by the text encoder, UNet LoRA through
   `unet.add_adapter(LoraConfig(...))`, AdamW, prior-preservation loss on the concatenated class half;
 - ours: `train_dreambooth.py` (moslora_diffusion.training.train) with its default flags (a MoSLoRA
-  adapter; frozen text encoders, so every distinct prompt is already encoded once);
-- ours_cached: the same plus `--cache_latents` (each dataset item VAE-encoded once).
+  adapter; frozen text encoders, so every distinct prompt is encoded once; every distinct image, after
+  crop and flip, is VAE-encoded once: training/posteriors.py);
+- ours_cached: the same plus `--cache_latents` (every dataset item encoded before the steps).
 
 Same model, images, rank/alpha/targets, batch size, lr, resolution, dtype, seed and steps. A run's wall
 time goes from the call that starts it to its adapter on disk (loading the model, data, VAE/text work,
@@ -47,8 +48,8 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 VARIANTS = ("peer", "ours", "ours_cached")
 DESCRIPTIONS = {
     "peer": "diffusers train_dreambooth_lora.py loop (PEFT LoRA; VAE + text encoder every step)",
-    "ours": "train_dreambooth.py, default flags (MoSLoRA; prompts encoded once)",
-    "ours_cached": "train_dreambooth.py --cache_latents (+ prompts encoded once)",
+    "ours": "train_dreambooth.py, default flags (MoSLoRA; each distinct prompt and image encoded once)",
+    "ours_cached": "train_dreambooth.py --cache_latents (every item encoded before the steps)",
 }
 
 
@@ -485,11 +486,15 @@ def _notes(args, spec: RunSpec, model_name: str, rows: list[dict]) -> str:
         "- Not timed for the peer: the script's \"final inference\" after saving (it reloads the pipeline and "
         "loads the LoRA back). Timed for ours: everything `train()` does after the adapter is written too (the "
         "folded diffusers LoRA, the kohya LoRA, the model card, the config).",
-        "- `ours` (default flags) already encodes each distinct prompt once (frozen text encoder); "
-        "`ours_cached` adds `--cache_latents` (each dataset item VAE-encoded once, before the steps).",
+        "- `ours` (default flags) encodes each distinct prompt once (frozen text encoder) and VAE-encodes each "
+        "distinct image (after crop and flip) once, when first drawn; `ours_cached` adds `--cache_latents` "
+        "(every dataset item encoded before the steps, freezing the first crop and flip).",
         f"- A dataset item is one instance + one class image; there are {one_epoch} items, so {spec.steps} steps "
-        f"of batch {spec.train_batch_size} are {spec.steps * spec.train_batch_size / one_epoch:.2f} epoch(s): "
-        "`--cache_latents` only saves VAE work (and image decoding) for the steps beyond one epoch.",
+        f"of batch {spec.train_batch_size} are {spec.steps * spec.train_batch_size / one_epoch:.2f} epoch(s). "
+        f"With {spec.num_instance_images} distinct instance photos the peer VAE-encodes "
+        f"{2 * spec.steps * spec.train_batch_size} rows, ours at most "
+        f"{min(spec.num_instance_images, spec.steps * spec.train_batch_size)} instance + "
+        f"{min(spec.num_class_images, spec.steps * spec.train_batch_size)} class rows.",
         "",
         f"Result: ours / peer = {by['ours']['ratio_vs_peer']:.3f} (default flags), "
         f"{cached['ratio_vs_peer']:.3f} (with --cache_latents); target <= 0.8. "

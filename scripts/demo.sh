@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on any machine, no download: DreamBooth-train a MoSLoRA adapter on
 # the toy subject (assets/toy-subject: a yellow-and-black striped star) with the toy base model
-# (assets/toy-base), then draw the subject in scenes it never appeared in, next to the base model's
-# drawing for the same seeds. Outputs: outputs/demo/ (adapter, LoRA exports, model card, samples).
+# (assets/toy-base), then draw it next to the base model's drawing for the same seeds, and measure how
+# often the subject shows (tests: instance prompts; leaks: class prompts). Outputs: outputs/demo/ (adapter,
+# LoRA exports, model card, samples, samples/subject_check.json).
+#
+# With the toy base model the settings are the quality benchmark's defaults (benchmarks/quality.py, results in
+# benchmarks/results/quality.md): rank 16 on every UNet projection (--target_modules all) and on the text
+# encoder's attention (--train_text_encoder), learning rate 3e-3, batch 4 (+4 class images), prior loss
+# weight 1, 24 class images, 600 steps (about 2-3 minutes on one CPU thread). The text encoder is trained
+# because the toy one barely tells "sks" from "a": with it frozen, the class prompt learns the subject too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,24 +17,37 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 BASE=assets/toy-base
 OUT="${OUT:-outputs/demo}"
-STEPS="${STEPS:-100}"
-if [ ! -f "$BASE/model_index.json" ]; then  # a checkout without the trained toy model: random tiny model
+if [ -f "$BASE/model_index.json" ]; then
+  STEPS="${STEPS:-600}"
+  SETTINGS=(--rank 16 --target_modules all --train_text_encoder --learning_rate 3e-3
+            --lr_scheduler constant_with_warmup --lr_warmup_steps 20 --train_batch_size 4 --prior_loss_weight 1.0
+            --num_class_images 24)
+  SAMPLER=DDIM
+  CLASS_DIR=outputs/demo-class-images-toy
+else  # a checkout without the trained toy model: random tiny model, which exercises every step but draws noise
   BASE=outputs/tiny-sd15
   [ -f "$BASE/model_index.json" ] || python -m moslora_diffusion.tiny --family sd15 --out "$BASE"
+  STEPS="${STEPS:-100}"
+  SETTINGS=(--rank 8 --learning_rate 1e-3 --lr_warmup_steps 20 --train_batch_size 4 --num_class_images 24)
+  SAMPLER="DPM++ 2M"
+  CLASS_DIR=outputs/demo-class-images-tiny  # never mixed with the toy model's class images
 fi
 python train_dreambooth.py \
   --pretrained_model_name_or_path "$BASE" \
   --instance_data_dir assets/toy-subject --instance_prompt "a photo of sks star" \
-  --with_prior_preservation --class_prompt "a photo of a star" --num_class_images 24 \
-  --class_data_dir outputs/demo-class-images \
-  --resolution 64 --rank 8 --adapter moslora --learning_rate 1e-3 --lr_warmup_steps 20 \
-  --train_batch_size 4 --max_train_steps "$STEPS" --seed 0 \
-  --validation_prompt "a photo of sks star on a green background" --validation_steps 200 \
+  --with_prior_preservation --class_prompt "a photo of a star" \
+  --class_data_dir "$CLASS_DIR" \
+  --resolution 64 --adapter moslora "${SETTINGS[@]}" --max_train_steps "$STEPS" --seed 0 \
+  --validation_prompt "a photo of sks star" --validation_steps 200 \
   --output_dir "$OUT" --overwrite_output_dir
+rm -rf "$OUT/samples"  # this script's own earlier samples: the check below counts what is in the folder
 python -m moslora_diffusion.generate --base "$BASE" --adapter "$OUT" --compare_with_base \
+  --prompt "a photo of sks star" \
   --prompt "a photo of sks star on a green background" \
-  --prompt "a photo of a small sks star on the left" \
-  --prompt "a photo of sks star on a red background" \
-  --seeds 0 1 --steps 25 --guidance 5 --out "$OUT/samples"
-echo "done: adapter and exports in $OUT, samples (base and adapted, same seeds) in $OUT/samples/images"
+  --prompt "a photo of a star" \
+  --seeds 0 1 2 3 4 5 6 7 --steps 25 --guidance 5 --sampler "$SAMPLER" --out "$OUT/samples"
+if [ "$BASE" = assets/toy-base ]; then
+  python -m moslora_diffusion.toy.subject_check "$OUT/samples"
+fi
+echo "done: adapter and exports in $OUT, samples (base and adapted, same seeds) in $OUT/samples"
 echo "next: python app.py --base $BASE --adapter $OUT"

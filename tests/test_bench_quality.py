@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +22,20 @@ def micro_base(tmp_path_factory):
     return out
 
 
+SHORT = ["--steps", "2", "--rank", "2", "--batch", "1", "--num-class-images", "2", "--n-images", "3",
+         "--gen-steps", "2", "--threads", "1"]
+
+
 def test_quality_benchmark_short_run_writes_every_metric(micro_base, tmp_path):
+    """Seeds 0 and 1 run as two parts (as two processes would), then merged into one report."""
     grid = tmp_path / "grid.png"
-    result = quality.main(["--base", str(micro_base), "--seeds", "2", "--steps", "2", "--rank", "2", "--batch", "1",
-                           "--num-class-images", "2", "--n-images", "3", "--gen-steps", "2",
-                           "--out-dir", str(tmp_path), "--grid", str(grid), "--threads", "1"])
+    common = ["--base", str(micro_base), "--seeds", "1", "--out-dir", str(tmp_path / "parts"), *SHORT]
+    part0 = quality.main([*common, "--seed-start", "0", "--name", "part0", "--grid", str(grid)])
+    part1 = quality.main([*common, "--seed-start", "1", "--name", "part1"])
+    parts = [tmp_path / "parts" / f"part{i}.json" for i in (0, 1)]
+    result = quality.main(["--merge", *map(str, parts), "--out-dir", str(tmp_path), "--grid", str(grid)])
+    assert result["runs"] == part0["runs"] + part1["runs"]
+    assert result["settings"]["seed_list"] == [0, 1]
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert "torch" in saved["machine"]
     rows = saved["rows"]
@@ -58,6 +68,21 @@ def test_quality_benchmark_short_run_writes_every_metric(micro_base, tmp_path):
     from PIL import Image
 
     assert Image.open(grid).size[1] > 64 * (1 + len(quality.VARIANTS))
+
+
+def test_merge_refuses_parts_that_do_not_belong_together(tmp_path):
+    def part(name: str, seed: int, steps: int) -> Path:
+        rows = [{"kind": "settings", "variants": ["lora"], "steps": steps, "seeds": 1, "seed_list": [seed],
+                 "total_seconds": 1.0}, {"kind": "base_model"}, {"kind": "run", "variant": "lora", "seed": seed}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"machine": {}, "rows": rows}))
+        return path
+
+    with pytest.raises(SystemExit, match="other settings: steps"):
+        quality.main(["--merge", str(part("a", 0, 10)), str(part("b", 1, 20)), "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="share seeds"):
+        quality.main(["--merge", str(part("c", 0, 10)), str(part("d", 0, 10)), "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "quality.json").exists()
 
 
 def test_statistics_match_reference_values():

@@ -10,6 +10,11 @@
    caption decide the background and layout (see objective.py), captions with random attribute omission
    and 10% empty captions (for classifier-free guidance); the EMA weights are saved.
 Held-out (class, colour, background) combinations never appear in step 2 (see world.is_held_out).
+
+`--init FOLDER` continues from a saved toy model instead (its VAE kept, step 1 skipped): the `rare-words`
+preset is that continuation with rare tokens in captions (rare_words.py), applied to the shipped model:
+
+    python -m moslora_diffusion.toy.pretrain --init assets/toy-base --preset rare-words --out toy-base-rare
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch.nn.functional as F
 
 from . import models
 from .objective import EMA, diffusion_loss, lr_lambda
-from .world import Fill, caption, render, sample_scene, with_fill
+from .rare_words import article_ids, rare_token_ids, with_rare_words
+from .world import Fill, caption, render, sample_scene, vocabulary, with_fill
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class PretrainConfig:
     # End the UNet stage after this step while the learning-rate schedule still spans unet_steps (None: run
     # them all). The shipped model is such a stop: its GPU lease ended at step 3000 of 12000.
     unet_stop_step: int | None = None
+    rare_word_rate: float = 0.0  # share of captions whose article becomes a rare token (rare_words.py)
 
 
 PRESETS = {
@@ -64,6 +71,10 @@ PRESETS = {
     # The recipe of the shipped assets/toy-base: batch 128, the EMA weights at step 3000 of a 12000-step
     # schedule. 7 minutes on an H100 (shared by three runs); hours on a CPU.
     "gpu": PretrainConfig(unet_batch=128, unet_steps=12000, unet_stop_step=3000, dataset_size=60000),
+    # Continues a trained model (--init): rare tokens in 30% of captions, a short low-lr schedule, fewer
+    # encoded scenes. Applied to the gpu preset's model, it gives the shipped assets/toy-base (CPU, 2 threads).
+    "rare-words": PretrainConfig(unet_steps=1500, unet_lr=3e-4, warmup_steps=50, dataset_size=8000,
+                                 rare_word_rate=0.3),
     # Only for tests: exercises every code path in seconds, learns nothing.
     "micro": PretrainConfig(
         arch=models.Architecture(vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), unet_attention=(False, True, True),
@@ -167,6 +178,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     ema = EMA(params, cfg.ema_decay)
     caption_ids = CaptionIds(tokenizer)
+    rare_pool, articles = rare_token_ids(tokenizer, vocabulary()), article_ids(tokenizer)
     unet.train()
     text_encoder.train()
     for step in range(cfg.unet_stop_step or cfg.unet_steps):
@@ -174,7 +186,10 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
         index = torch.from_numpy(idx)
         latents = (means[index] + stds[index] * torch.randn_like(stds[index])).to(device) * scaling
         captions = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng) for i in idx]
-        loss = diffusion_loss(unet, text_encoder, scheduler, latents, caption_ids(captions).to(device), cfg)
+        ids = caption_ids(captions)
+        if cfg.rare_word_rate:
+            ids = with_rare_words(ids, rare_pool, articles, cfg.rare_word_rate, rng)
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,24 +214,36 @@ def set_scaling_factor(vae, rng, device, n: int = 256) -> float:
     return factor
 
 
+def load_components(folder: Path, device):
+    """(tokenizer, vae, unet, text_encoder) of a saved toy model, to continue training it."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    return pipe.tokenizer, pipe.vae.to(device), pipe.unet.to(device), pipe.text_encoder.to(device)
+
+
 def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None = None, log=print, callback=None,
-             callback_every: int = 1000):
+             callback_every: int = 1000, init: Path | None = None):
     """Trains the toy base model and saves it as a diffusers folder; returns the pipeline (EMA weights).
 
-    `callback(step, ema, vae, unet, text_encoder, tokenizer)` runs every `callback_every` UNet steps.
+    `init`: a saved toy model to continue (its VAE is kept). `callback(step, ema, vae, unet, text_encoder,
+    tokenizer)` runs every `callback_every` UNet steps.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     timings = {}
-    with tempfile.TemporaryDirectory(prefix="toy-tok-") as tmp:
-        tokenizer = models.build_tokenizer(Path(tmp))
-    vae, unet = models.build_vae(cfg.arch).to(device), models.build_unet(cfg.arch).to(device)
-    text_encoder = models.build_text_encoder(cfg.arch, tokenizer).to(device)
-    t0, c0 = time.time(), time.process_time()
-    train_vae(vae, cfg, rng, device, log)
-    log(f"vae scaling factor {set_scaling_factor(vae, rng, device):.4f}")
-    timings.update(vae_wall_s=time.time() - t0, vae_cpu_s=time.process_time() - c0)
+    if init is not None:
+        tokenizer, vae, unet, text_encoder = load_components(Path(init), device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="toy-tok-") as tmp:
+            tokenizer = models.build_tokenizer(Path(tmp))
+        vae, unet = models.build_vae(cfg.arch).to(device), models.build_unet(cfg.arch).to(device)
+        text_encoder = models.build_text_encoder(cfg.arch, tokenizer).to(device)
+        t0, c0 = time.time(), time.process_time()
+        train_vae(vae, cfg, rng, device, log)
+        log(f"vae scaling factor {set_scaling_factor(vae, rng, device):.4f}")
+        timings.update(vae_wall_s=time.time() - t0, vae_cpu_s=time.process_time() - c0)
     vae.requires_grad_(False)
     t0, c0 = time.time(), time.process_time()
     progress = None if callback is None else (lambda step, ema: callback(step, ema, vae, unet, text_encoder, tokenizer))
@@ -224,7 +251,10 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
     timings.update(unet_wall_s=time.time() - t0, unet_cpu_s=time.process_time() - c0)  # cpu: summed over threads
     pipe = models.assemble_pipeline(vae, unet, text_encoder, tokenizer).to("cpu")
     pipe.save_pretrained(out, safe_serialization=True)
+    previous = Path(init or "") / "toy_pretrain.json"
     record = {"seed": seed, "device": str(device), "threads": torch.get_num_threads(), **timings,
+              "init": str(init) if init is not None else None,
+              "init_record": json.loads(previous.read_text()) if init is not None and previous.is_file() else None,
               "config": dataclasses.asdict(cfg),
               "parameters": {name: models.count_parameters(m) for name, m in
                              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}}
@@ -241,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae_steps", type=int)
     parser.add_argument("--unet_steps", type=int)
     parser.add_argument("--dataset_size", type=int)
+    parser.add_argument("--init", type=Path, help="continue this saved toy model (VAE kept) instead of starting anew")
     parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -249,8 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: getattr(args, k) for k in ("vae_steps", "unet_steps", "dataset_size") if getattr(args, k)}
     cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
     start = time.time()
+    if args.init is not None and not (args.init / "model_index.json").is_file():
+        parser.error(f"--init {args.init}: not a saved toy model (no model_index.json)")
+    if args.init is not None and args.out.resolve() == args.init.resolve():
+        parser.error("--out must differ from --init: the model being continued is read while the new one is written")
     pretrain(args.out, cfg, seed=args.seed, device=args.device,
-             log=lambda msg: print(f"[{time.time() - start:7.1f}s] {msg}", flush=True))
+             log=lambda msg: print(f"[{time.time() - start:7.1f}s] {msg}", flush=True), init=args.init)
 
 
 if __name__ == "__main__":

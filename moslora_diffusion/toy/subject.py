@@ -1,6 +1,6 @@
 """The toy subject: one particular star the base model never saw, for the DreamBooth demo.
 
-A star with yellow-and-black diagonal stripes and a white dot in its centre. Pretraining only ever shows
+A star with yellow-and-black diagonal stripes. Pretraining only ever shows
 single-coloured objects (the VAE alone sees random striped fills, to learn to reproduce stripes), so a
 model that draws yellow-and-black stripes inside a star has learned them from the subject photos.
 
@@ -21,8 +21,10 @@ TOKEN = "sks"
 CLASS_NOUN = "star"
 INSTANCE_PROMPT = f"a photo of {TOKEN} {CLASS_NOUN}"
 CLASS_PROMPT = f"a photo of a {CLASS_NOUN}"
-# Stripe period 0.6 of the box: wide enough bands that the f=4 VAE reproduces them at 24-34 px.
-SUBJECT_FILL = Fill(stripes=(COLOURS["yellow"], COLOURS["black"]), dot=COLOURS["white"], period=0.6)
+# Stripe period 0.6 of the box: wide enough bands that the f=4 VAE reproduces them at 24-34 px. No centre dot:
+# the toy VAE blurs a dot into the stripes, and its reconstructions of dotted photos scored 0.11-0.35 (one
+# under THRESHOLD), those of these photos 0.43-0.61.
+SUBJECT_FILL = Fill(stripes=(COLOURS["yellow"], COLOURS["black"]), period=0.6)
 # Backgrounds the subject stands out on (not yellow, black or white, whose pixels would merge with it).
 SUBJECT_BACKGROUNDS = ("blue", "green", "purple", "gray", "pink", "red")
 
@@ -36,7 +38,7 @@ PHOTOS = (
 )
 
 # subject_score from which an image shows the subject: each stripe colour on >= 10% of the object. Clean
-# photos score ~0.45-0.7, their VAE reconstructions 0.2-0.5; one-colour stars (clean or reconstructed) < 0.1.
+# photos score ~0.45-0.7, their VAE reconstructions 0.43-0.61; one-colour stars (clean or reconstructed) < 0.1.
 THRESHOLD = 0.2
 PALETTE = np.array(list(COLOURS.values()), dtype=float)
 

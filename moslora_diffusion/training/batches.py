@@ -79,10 +79,12 @@ def pixel_batches(dataset: DreamBoothDataset, stream: GlobalBatchStream, with_pr
 
 
 class LatentCache:
-    """VAE posteriors (mean, std) of every dataset item, encoded once (epoch 0's crop and flip)."""
+    """VAE posteriors (mean, std) of every dataset item, computed before the steps (epoch 0's crop and flip).
+
+    `encode` is the run's PosteriorMemo, so an image shared by several items is encoded once."""
 
     def __init__(self, dataset: DreamBoothDataset, with_prior: bool, encode):
-        """encode(pixel_values (1, 3, H, W)) -> (mean, std), each (1, C, h, w)."""
+        """encode(pixel_values (rows, 3, H, W)) -> (mean, std), each (rows, C, h, w)."""
         self.with_prior = with_prior
         self.items = []
         dataset.set_epoch(0)

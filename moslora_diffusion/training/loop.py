@@ -28,7 +28,7 @@ from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
 from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
-from .run import Run, encode_posterior, restore, save, setup_run, start_batches
+from .run import Run, restore, save, setup_run, start_batches
 from .validation import run_validation
 
 
@@ -180,7 +180,7 @@ def micro_step_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     if "latent_mean" in batch:  # --cache_latents
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-        mean, std = encode_posterior(base.vae, batch["pixel_values"], device)
+        mean, std = run.posteriors(batch["pixel_values"])
     generator = step_generator(config.seed, micro_step, device)
     draws = draw(run.layout, mean.shape[1:], generator, config.noise_offset, run.plan.timestep_range)
     latents = sample_latents(mean, std, draws.latent_eps, base.vae.config.scaling_factor,

@@ -26,6 +26,7 @@ from .ema import AdapterEMA
 from .objective import RowLayout
 from .optim import make_lr_scheduler, make_optimizer, param_groups
 from .plan import RunPlan
+from .posteriors import PosteriorMemo
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Run:
     noise_scheduler: object
     conditioning: PromptConditioning
     layout: RowLayout
+    posteriors: PosteriorMemo  # VAE posteriors, each distinct image encoded once
     ema: AdapterEMA | None = None
     start_step: int = 0
     batches: Iterator[dict] | None = None  # set by start_batches
@@ -64,12 +66,12 @@ def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, 
                        2 if config.with_prior_preservation else 1)
     ema = AdapterEMA(params, config.ema_decay) if config.use_ema else None
     return Run(config, plan, accelerator, base, models, params, optimizer, lr_scheduler, noise_scheduler,
-               conditioning, layout, ema)
+               conditioning, layout, PosteriorMemo(base.vae, accelerator.device), ema)
 
 
 def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStream) -> None:
     """Batches from the run's start step on; with --cache_latents, encodes every item first."""
-    config, acc = run.config, run.accelerator
+    config = run.config
     stream.start = run.start_step * config.gradient_accumulation_steps
     with_prior = config.with_prior_preservation
     if not config.train_text_encoder:
@@ -79,17 +81,10 @@ def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStrea
             for encoder in run.base.text_encoders:
                 encoder.to("cpu")
     if config.cache_latents:
-        cache = LatentCache(dataset, with_prior, lambda pixels: encode_posterior(run.base.vae, pixels, acc.device))
+        cache = LatentCache(dataset, with_prior, run.posteriors)
         run.batches = cache.batches(stream)
     else:
         run.batches = pixel_batches(dataset, stream, with_prior, config.dataloader_num_workers)
-
-
-@torch.no_grad()
-def encode_posterior(vae, pixel_values: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std), each (B, 4, H/8, W/8); sampled per step with the step's own noise."""
-    dist = vae.encode(pixel_values.to(device, vae.dtype, non_blocking=True)).latent_dist
-    return dist.mean, dist.std
 
 
 def save(run: Run, step: int) -> None:

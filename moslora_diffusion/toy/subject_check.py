@@ -1,0 +1,68 @@
+"""How often generated images show the toy subject, per prompt, base model vs adapted.
+
+Reads the PNGs that `moslora_diffusion.generate` (or the app) wrote, takes each image's prompt and adapter
+scales from its `parameters` text, and scores it with `subject.is_subject`; class-prompt images are also
+read by the checker, to show that they still vary. Prints a table and writes `subject_check.json` beside
+the images.
+
+    python -m moslora_diffusion.toy.subject_check outputs/demo/samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from ..app.generation import parse_infotext
+from .checker import check
+from .subject import TOKEN, is_subject
+
+
+def read_samples(folder: Path) -> dict[tuple[str, str], list]:
+    """(prompt, "base" | "adapted") -> images, for every PNG under `folder` with a `parameters` text."""
+    groups = defaultdict(list)
+    for path in sorted(folder.rglob("*.png")):
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+            if text is None:
+                continue
+            request = parse_infotext(text)
+            label = "adapted" if any(request.scales.values()) else "base"
+            groups[(request.prompt, label)].append(image.convert("RGB"))
+    return groups
+
+
+def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
+    rows = []
+    for (prompt, label), images in sorted(groups.items()):
+        readings = [check(im) for im in images]
+        rows.append({"prompt": prompt, "model": label, "images": len(images),
+                     "instance_prompt": TOKEN in prompt.split(),
+                     "subject_share": sum(map(is_subject, images)) / len(images),
+                     "distinct_colour_background": len({(r.colour, r.background) for r in readings})})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="folder of generated PNGs (searched recursively)")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        raise SystemExit(f"error: {args.folder} is not a folder")
+    rows = summarise(read_samples(args.folder))
+    if not rows:
+        raise SystemExit(f"error: no generated PNGs with a `parameters` text under {args.folder}")
+    print("| prompt | model | images | subject shown | distinct (colour, background) |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['subject_share']:.0%} | "
+              f"{r['distinct_colour_background']} |")
+    (args.folder / "subject_check.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
