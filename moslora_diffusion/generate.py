@@ -1,7 +1,7 @@
 """Generate from the command line with a base model and trained adapters (the app's code, no UI).
 
     python -m moslora_diffusion.generate --base assets/toy-base --adapter outputs/demo:1.0 \
-        --prompt "a photo of sks star on a green background" --seeds 0 1 2 --out outputs/demo/samples
+        --prompt "a photo of sks star, on a green background" --seeds 0 1 2 --out outputs/demo/samples
 
 Each PNG carries the same A1111-style `parameters` text as the app's images.
 """

@@ -43,7 +43,7 @@ python train_dreambooth.py \
 rm -rf "$OUT/samples"  # this script's own earlier samples: the check below counts what is in the folder
 python -m moslora_diffusion.generate --base "$BASE" --adapter "$OUT" --compare_with_base \
   --prompt "a photo of sks star" \
-  --prompt "a photo of sks star on a green background" \
+  --prompt "a photo of sks star, on a green background" \
   --prompt "a photo of a star" \
   --seeds 0 1 2 3 4 5 6 7 --steps 25 --guidance 5 --sampler "$SAMPLER" --out "$OUT/samples"
 if [ "$BASE" = assets/toy-base ]; then

@@ -29,6 +29,9 @@ def test_counts_the_subject_per_prompt_and_model(tmp_path):
         save(tmp_path, star, cls, seed, 0.0)
         save(tmp_path, star, cls, seed, 1.0)
     save(tmp_path, render(subject_scene()), cls, 3, 1.0)  # one leak
+    scene = "a photo of sks star, on a blue background"
+    save(tmp_path, photos[0], scene, 0, 1.0)  # the subject on blue
+    save(tmp_path, photos[1], scene, 1, 1.0)  # the subject on green
     photos[0].save(tmp_path / "a-photo-of-mine.png")  # no `parameters` text: not a generated image, ignored
 
     rows = {(r["prompt"], r["model"]): r for r in subject_check.main([str(tmp_path)])}
@@ -38,7 +41,9 @@ def test_counts_the_subject_per_prompt_and_model(tmp_path):
     assert rows[(cls, "base")]["distinct_colour_background"] == 3
     assert rows[(cls, "adapted")]["subject_share"] == pytest.approx(0.25)
     saved = json.loads((tmp_path / "subject_check.json").read_text())
-    assert len(saved) == 3
+    assert rows[(scene, "adapted")]["background_as_prompted"] == pytest.approx(0.5)
+    assert rows[(instance, "adapted")]["background_as_prompted"] is None
+    assert len(saved) == 4
 
 
 def test_a_folder_without_generated_images_is_an_error(tmp_path):

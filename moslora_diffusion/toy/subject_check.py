@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from PIL import Image
 from ..app.generation import parse_infotext
 from .checker import check
 from .subject import TOKEN, is_subject
+from .world import BACKGROUND_COLOURS
+
+BACKGROUND = re.compile(r"on an? (\w+)(?: \w+)? background")
 
 
 def read_samples(folder: Path) -> dict[tuple[str, str], list]:
@@ -36,14 +40,23 @@ def read_samples(folder: Path) -> dict[tuple[str, str], list]:
     return groups
 
 
+def prompted_background(prompt: str) -> str | None:
+    """The background colour a prompt names ("..., on a green background"), or None."""
+    found = BACKGROUND.search(prompt)
+    return found.group(1) if found and found.group(1) in BACKGROUND_COLOURS else None
+
+
 def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
     rows = []
     for (prompt, label), images in sorted(groups.items()):
         readings = [check(im) for im in images]
+        background = prompted_background(prompt)
         rows.append({"prompt": prompt, "model": label, "images": len(images),
                      "instance_prompt": TOKEN in prompt.split(),
                      "subject_share": sum(map(is_subject, images)) / len(images),
-                     "distinct_colour_background": len({(r.colour, r.background) for r in readings})})
+                     "distinct_colour_background": len({(r.colour, r.background) for r in readings}),
+                     "background_as_prompted": None if background is None else
+                     sum(r.background == background for r in readings) / len(images)})
     return rows
 
 
@@ -56,9 +69,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = summarise(read_samples(args.folder))
     if not rows:
         raise SystemExit(f"error: no generated PNGs with a `parameters` text under {args.folder}")
-    print("| prompt | model | images | subject shown | distinct (colour, background) |\n|---|---|---:|---:|---:|")
+    print("| prompt | model | images | subject shown | background as prompted | distinct (colour, background) |\n"
+          "|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['subject_share']:.0%} | "
+        shown = "" if r["background_as_prompted"] is None else f"{r['background_as_prompted']:.0%}"
+        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['subject_share']:.0%} | {shown} | "
               f"{r['distinct_colour_background']} |")
     (args.folder / "subject_check.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
