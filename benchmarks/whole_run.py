@@ -524,6 +524,8 @@ def parse_args(argv=None):
                         help="default: fp16 on cuda, no on cpu")
     parser.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"],
                         help="both scripts' default: tensorboard")
+    parser.add_argument("--name", default=None,
+                        help="results file name (default: whole_run on cpu, whole_run_gpu on cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (interleaved rounds)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")
     parser.add_argument("--work-dir", type=Path, default=None, help="for the model, images and runs (default: a "
@@ -567,7 +569,7 @@ def _main(args) -> list[dict]:
                        rank=args.rank, steps=args.steps, mixed_precision=args.mixed_precision, report_to=args.report_to)
         samples = time_runs(spec, work, args.repeats, args.warmup_steps)
     rows = build_rows(samples, spec, model_name, args.device)
-    name = "whole_run" if args.device == "cpu" else "whole_run_gpu"
+    name = args.name or ("whole_run" if args.device == "cpu" else "whole_run_gpu")
     write_results(name, rows, _table(rows), _notes(args, spec, model_name, rows), args.out_dir)
     return rows
 
