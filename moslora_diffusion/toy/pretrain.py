@@ -68,8 +68,8 @@ class PretrainConfig:
 PRESETS = {
     # CPU-sized: about 45 minutes on 2 idle cores (VAE 0.1 s/step, UNet 0.38 s/step at batch 32).
     "default": PretrainConfig(vae_steps=3000, unet_steps=5000),
-    # Stage 1 of the shipped assets/toy-base (stage 2: rare-words): batch 128, the EMA weights at step 3000 of a 12000-step
-    # schedule. 7 minutes on an H100 (shared by three runs); hours on a CPU.
+    # Stage 1 of the shipped assets/toy-base (stage 2: rare-words): batch 128, the EMA weights at step 3000 of a
+    # 12000-step schedule. 7 minutes on an H100 (shared by three runs); hours on a CPU.
     "gpu": PretrainConfig(unet_batch=128, unet_steps=12000, unet_stop_step=3000, dataset_size=60000),
     # Continues a trained model (--init): rare tokens in 30% of captions, a short low-lr schedule, fewer
     # encoded scenes. Applied to the gpu preset's model, it gives the shipped assets/toy-base (CPU, 2 threads).
