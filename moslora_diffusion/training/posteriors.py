@@ -15,7 +15,9 @@ import hashlib
 
 import torch
 
-DEFAULT_BUDGET_BYTES = 1 << 30  # what stored posteriors may take on the device; past it, rows are encoded
+# What stored posteriors may take in host memory; past it, new rows are encoded and not stored. They live on
+# the host, not the GPU: with random crops most rows never come back, and VRAM is what users run short of.
+DEFAULT_BUDGET_BYTES = 1 << 30
 
 
 def pixel_key(row: torch.Tensor) -> tuple:
@@ -47,12 +49,12 @@ class PosteriorMemo:
         hit = self.stored.get(key)
         if hit is not None:
             self.reused += 1
-            return hit
+            return hit[0].to(self.device, non_blocking=True), hit[1].to(self.device, non_blocking=True)
         mean, std = encode_posterior(self.vae, row[None], self.device)
         self.encoded += 1
         size = mean.nbytes + std.nbytes
         if self.stored_bytes + size <= self.budget_bytes:
-            self.stored[key] = (mean, std)
+            self.stored[key] = (mean.to("cpu"), std.to("cpu"))
             self.stored_bytes += size
         return mean, std
 
