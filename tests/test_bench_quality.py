@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import quality
+from benchmarks import quality, stats
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +87,13 @@ def test_merge_refuses_parts_that_do_not_belong_together(tmp_path):
 
 def test_statistics_match_reference_values():
     # Student's t: 97.5% quantiles for df 1, 4, 30 (tables) and a two-sided tail.
-    assert quality.t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-3)
-    assert quality.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
-    assert quality.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
-    assert quality.t_sf_two_sided(2.776, 4) == pytest.approx(0.05, abs=1e-3)
-    ci = quality.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert stats.t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert stats.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+    assert stats.t_sf_two_sided(2.776, 4) == pytest.approx(0.05, abs=1e-3)
+    ci = stats.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert ci["mean"] == 3.0 and ci["ci_high"] - 3.0 == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), 1e-3)
-    same = quality.paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    same = stats.paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert same["p"] == 1.0 and not same["significant"]
-    shifted = quality.paired_test([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.2])
+    shifted = stats.paired_test([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.2])
     assert shifted["significant"] and shifted["p"] < 1e-4
