@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on any machine, no download: DreamBooth-train a MoSLoRA adapter on
 # the toy subject (assets/toy-subject: a yellow-and-black striped star) with the toy base model
-# (assets/toy-base), then draw it next to the base model's drawing for the same seeds, and measure how
-# often the subject shows (tests: instance prompts; leaks: class prompts). Outputs: outputs/demo/ (adapter,
-# LoRA exports, model card, samples, samples/subject_check.json).
+# (assets/toy-base), then draw it next to the base model's drawing for the same seeds, and count how often
+# the subject shows for instance prompts (it should) and class prompts (it should not). Outputs: outputs/demo/
+# (adapter, LoRA exports, model card, samples, samples/subject_check.json).
 #
 # With the toy base model the settings are the quality benchmark's defaults (benchmarks/quality.py, results in
 # benchmarks/results/quality.md): rank 16 on every UNet projection (--target_modules all) and on the text
 # encoder's attention (--train_text_encoder), learning rate 3e-3, batch 4 (+4 class images), prior loss
 # weight 1, 24 class images, 600 steps (about 2-3 minutes on one CPU thread). The text encoder is trained
-# because the toy one barely tells "sks" from "a": with it frozen, the class prompt learns the subject too.
+# because the toy one tells "sks" from "a" only weakly (features 0.48 apart, a colour word 9): with it frozen,
+# a one-seed probe showed the subject in half the bare instance-prompt images, with it 88%.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -178,7 +178,8 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     ema = EMA(params, cfg.ema_decay)
     caption_ids = CaptionIds(tokenizer)
-    rare_pool, articles = rare_token_ids(tokenizer, vocabulary()), article_ids(tokenizer)
+    if cfg.rare_word_rate:
+        rare_pool, articles = rare_token_ids(tokenizer, vocabulary()), article_ids(tokenizer)
     unet.train()
     text_encoder.train()
     for step in range(cfg.unet_stop_step or cfg.unet_steps):
@@ -251,10 +252,10 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
     timings.update(unet_wall_s=time.time() - t0, unet_cpu_s=time.process_time() - c0)  # cpu: summed over threads
     pipe = models.assemble_pipeline(vae, unet, text_encoder, tokenizer).to("cpu")
     pipe.save_pretrained(out, safe_serialization=True)
-    previous = Path(init or "") / "toy_pretrain.json"
+    init_record = Path(init) / "toy_pretrain.json" if init is not None else None
     record = {"seed": seed, "device": str(device), "threads": torch.get_num_threads(), **timings,
               "init": str(init) if init is not None else None,
-              "init_record": json.loads(previous.read_text()) if init is not None and previous.is_file() else None,
+              "init_record": json.loads(init_record.read_text()) if init_record and init_record.is_file() else None,
               "config": dataclasses.asdict(cfg),
               "parameters": {name: models.count_parameters(m) for name, m in
                              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}}
