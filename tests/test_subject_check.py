@@ -33,6 +33,11 @@ def test_counts_the_subject_per_prompt_and_model(tmp_path):
     save(tmp_path, photos[0], scene, 0, 1.0)  # the subject on blue
     save(tmp_path, photos[1], scene, 1, 1.0)  # the subject on green
     photos[0].save(tmp_path / "a-photo-of-mine.png")  # no `parameters` text: not a generated image, ignored
+    from PIL.PngImagePlugin import PngInfo
+
+    foreign = PngInfo()
+    foreign.add_text("parameters", "a prompt\nSteps: 20")  # another tool's text, without size or seed
+    photos[0].save(tmp_path / "from-elsewhere.png", pnginfo=foreign)  # skipped with a warning
 
     rows = {(r["prompt"], r["model"]): r for r in subject_check.main([str(tmp_path)])}
     assert rows[(instance, "adapted")]["subject_share"] == pytest.approx(0.8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +35,11 @@ def read_samples(folder: Path) -> dict[tuple[str, str], list]:
             text = image.info.get("parameters")
             if text is None:
                 continue
-            request = parse_infotext(text)
+            try:
+                request = parse_infotext(text)
+            except (KeyError, ValueError):  # another tool's parameters text: not ours to score
+                print(f"warning: skipped {path}: its `parameters` text is not this project's", file=sys.stderr)
+                continue
             label = "adapted" if any(request.scales.values()) else "base"
             groups[(request.prompt, label)].append(image.convert("RGB"))
     return groups
