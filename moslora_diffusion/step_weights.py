@@ -46,11 +46,18 @@ def parameter_versions(layer: MoSLoRALinear) -> tuple[int, ...]:
 
 
 def compute_dtype(model: nn.Module, layers: list[MoSLoRALinear]) -> torch.dtype:
-    """The dtype the layers' outputs will have: autocast's if it is on for their device, else the base's."""
+    """The dtype the layers' outputs will have: autocast's if it is on for their device, else the base's.
+
+    The hook runs before accelerate's autocast wrapper is entered, where a bf16/fp16 base already tells the
+    compute dtype; a float8 base (--fp8_base) does not, so the norms' dtype stands in for it."""
     device_type = layers[0].lora_A.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return layers[0].base_layer.weight.dtype
+    dtype = layers[0].base_layer.weight.dtype
+    if dtype.itemsize == 1:  # float8 storage (--fp8_base): compute in the dtype of the weights left as they were
+        return next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype.itemsize > 1
+                     and not p.requires_grad), torch.float32)
+    return dtype
 
 
 def _grouped(layers: list[MoSLoRALinear], key) -> dict:

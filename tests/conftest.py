@@ -15,6 +15,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _private_latent_cache(tmp_path_factory, monkeypatch):
+    """Every test its own latent cache (inherited by the trainings it starts): none reads what another wrote,
+    and nothing lands in the user's ~/.cache."""
+    monkeypatch.setenv("MOSLORA_CACHE_DIR", str(tmp_path_factory.mktemp("moslora-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
     return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("tiny-sd15") / "model")

@@ -13,7 +13,6 @@ from training_helpers import (
     PROMPT,
     adapter_weights,
     make_photos,
-     # noqa: F401 (autouse fixture)
     run_training,
     tiny_config,
 )
@@ -140,3 +139,64 @@ def test_overfitting_one_image_lowers_the_loss(tiny_sd15_dir, tmp_path):
     losses = run_training(config).losses
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.6 * first, (first, last)
+
+
+def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
+    """--channels_last (the default on CUDA) changes the memory layout of the UNet's convolutions, not the run."""
+    import moslora_diffusion.training.loop as loop
+    from moslora_diffusion.training.components import use_channels_last
+
+    bases = []
+
+    def recording_load_base(*args, **kwargs):
+        bases.append(loop_load_base(*args, **kwargs))
+        return bases[-1]
+
+    loop_load_base = loop.load_base
+    monkeypatch.setattr(loop, "load_base", recording_load_base)
+    photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
+    runs = {}
+    for layout in (False, True):
+        runs[layout] = run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / str(layout), max_train_steps=4,
+                                                channels_last=layout)).losses
+    weight = bases[1].unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert bases[0].unet.conv_in.weight.is_contiguous()
+    assert len(set(runs[False])) > 1
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4, atol=1e-6)
+    default = tiny_config(tiny_sd15_dir, photos, tmp_path / "x")
+    assert not use_channels_last(default, torch.device("cpu")) and use_channels_last(default, torch.device("cuda"))
+
+
+def test_fp8_base_trains_with_float8_unet_weights(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """--fp8_base: the frozen UNet's linear/conv weights are float8 while training, the adapters stay fp32 and
+    learn, validation images come out, and the losses stay near the bf16 run's (float8 rounds the base only)."""
+    import moslora_diffusion.training.loop as loop
+    from moslora_diffusion.layer import MoSLoRALinear
+
+    bases = []
+    real_load_base = loop.load_base
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: bases.append(real_load_base(*a, **k)) or bases[-1])
+    photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
+    losses = {}
+    for fp8 in (False, True):
+        config = tiny_config(tiny_sdxl_dir, photos, tmp_path / f"fp8-{fp8}", max_train_steps=4, mixed_precision="bf16",
+                             gradient_checkpointing=True, fp8_base=fp8, validation_prompt=PROMPT,
+                             num_validation_images=1, validation_steps=1000)
+        losses[fp8] = run_training(config).losses
+        assert (Path(config.output_dir) / "moslora.safetensors").is_file()
+    unet = bases[1].unet
+    adapters = [m for m in unet.modules() if isinstance(m, MoSLoRALinear)]
+    assert adapters and all(m.base_layer.weight.dtype == torch.float8_e4m3fn for m in adapters)
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn and unet.conv_norm_out.weight.dtype == torch.bfloat16
+    assert all(m.lora_A.dtype == torch.float32 and m.lora_B.abs().max() > 0 for m in adapters)  # trained
+    assert list(Path(tmp_path / "fp8-True").rglob("*.png"))  # validation ran on the float8 UNet
+    assert losses[True] != losses[False] and all(math.isfinite(v) for v in losses[True])
+    np.testing.assert_allclose(losses[True], losses[False], rtol=0.02)  # measured: within 0.5%
+
+
+def test_fp8_base_needs_autocast(tiny_sd15_dir, tmp_path):
+    from moslora_diffusion.training import ConfigError
+
+    with pytest.raises(ConfigError, match="--fp8_base needs --mixed_precision"):
+        tiny_config(tiny_sd15_dir, tmp_path, tmp_path / "out", fp8_base=True)

@@ -15,6 +15,7 @@ from .conditioning import tokenizer_names, vae_dtype
 from .config import TrainConfig
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP8_STORAGE = torch.float8_e4m3fn
 
 
 @dataclass
@@ -57,8 +58,16 @@ def load_base(config: TrainConfig, device: torch.device) -> BaseModel:
     for name in info.family.components + ("vae",):
         getattr(pipe, name).requires_grad_(False)
     pipe.to(device)  # device only: a dtype here would also cast adapters attached later
+    if use_channels_last(config, device):
+        pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return BaseModel(pipe, info, weight_dtype)
+
+
+def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """--channels_last, by default on CUDA only: NHWC convolutions made H100 steps 5-30% faster (README,
+    "Training speed on a GPU"), while on CPU they measured slower (1.09x a contiguous step, SD 1.5 128 px)."""
+    return config.channels_last if config.channels_last is not None else torch.device(device).type == "cuda"
 
 
 def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torch.nn.Parameter]]:
@@ -79,6 +88,19 @@ def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torc
                 # Non-reentrant, as diffusers' UNet: required by the per-forward adapter weights (step_weights.py).
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return {name: adapter_parameters(getattr(base.pipe, name)) for name in pipeline_adapters(base.pipe)}
+
+
+def store_in_fp8(model: torch.nn.Module) -> int:
+    """--fp8_base: every frozen nn.Linear / nn.Conv2d of `model` (the adapted layers' bases included) to float8
+    e4m3; returns how many. Adapters, norms and embeddings keep their dtype. Autocast casts each weight to the
+    compute dtype for its own operation, so compute stays bf16/fp16; with gradient checkpointing those copies
+    are dropped after each block instead of being kept for the backward pass."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for layer in layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            raise ValueError("--fp8_base stores frozen weights only; a trainable layer would lose its precision")
+        layer.to(FP8_STORAGE)
+    return len(layers)
 
 
 def adapter_targets(base: BaseModel) -> dict[str, list[str]]:

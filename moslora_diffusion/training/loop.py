@@ -22,7 +22,7 @@ from ..data import scan_instance_folder
 from ..pipeline_adapters import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import check_compatible, find_resume_checkpoint
-from .components import adapter_targets, attach_adapters, load_base
+from .components import adapter_targets, attach_adapters, load_base, store_in_fp8
 from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
@@ -41,6 +41,8 @@ class TrainResult:
     seconds: float = 0.0  # the whole call, loading included
     loop_seconds: float = 0.0  # the training steps alone
     files: dict[str, Path] = field(default_factory=dict)
+    vae_encoded: int = 0  # image rows this process ran through the VAE encoder
+    vae_reused: int = 0  # rows answered without it (seen earlier in the run, or in the on-disk cache)
 
 
 def make_accelerator(config: TrainConfig):
@@ -93,6 +95,8 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.init_trackers("moslora-dreambooth", config=_hparams(config))
 
     run = setup_run(config, plan, accelerator, base, trainable, noise_scheduler)
+    if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
+        store_in_fp8(base.unet)
     if resume is not None:
         restore(run, resume)
     start_batches(run, dataset, stream)
@@ -201,10 +205,12 @@ def finish(run: Run, losses: list[float], started: float, loop_seconds: float) -
     """EMA weights in (they are what is saved), final validation, final files, summary."""
     config, plan, acc = run.config, run.plan, run.accelerator
     acc.wait_for_everyone()
+    run.posteriors.persist()  # every process its own new entries, for the next run on these images
     if run.ema is not None:
         run.ema.copy_to_params()
     result = TrainResult(Path(config.output_dir), plan.max_train_steps, run.start_step, losses,
-                         loop_seconds=loop_seconds)
+                         loop_seconds=loop_seconds, vae_encoded=run.posteriors.encoded,
+                         vae_reused=run.posteriors.reused)
     if acc.is_main_process:
         images = []
         if config.validation_prompt:
@@ -227,6 +233,9 @@ def print_summary(result: TrainResult) -> None:
           f"{speed:.2f} steps/s{resumed}; {result.seconds:.0f} s in all).")
     if result.losses:
         print(f"Final loss: {result.losses[-1]:.4f}")
+    if result.vae_encoded or result.vae_reused:
+        print(f"VAE: {result.vae_encoded} image rows encoded, {result.vae_reused} reused (earlier in the run "
+              "or from the latent cache of earlier runs).")
     print(f"Files in {result.output_dir}:")
     for path in result.files.values():
         print(f"  {Path(path).name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ from .ema import AdapterEMA
 from .objective import RowLayout
 from .optim import make_lr_scheduler, make_optimizer, param_groups
 from .plan import RunPlan
+from .posterior_store import PosteriorStore, default_cache_dir
 from .posteriors import PosteriorMemo
 
 
@@ -66,7 +68,16 @@ def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, 
                        2 if config.with_prior_preservation else 1)
     ema = AdapterEMA(params, config.ema_decay) if config.use_ema else None
     return Run(config, plan, accelerator, base, models, params, optimizer, lr_scheduler, noise_scheduler,
-               conditioning, layout, PosteriorMemo(base.vae, accelerator.device), ema)
+               conditioning, layout, posterior_memo(config, base, accelerator), ema)
+
+
+def posterior_memo(config: TrainConfig, base: BaseModel, accelerator) -> PosteriorMemo:
+    """The run's VAE posteriors, backed by the on-disk cache of earlier runs unless --no-latent_disk_cache."""
+    store = None
+    if config.latent_disk_cache:
+        root = Path(config.latent_cache_dir).expanduser() if config.latent_cache_dir else default_cache_dir()
+        store = PosteriorStore.for_vae(root, base.vae, accelerator.device, accelerator.process_index)
+    return PosteriorMemo(base.vae, accelerator.device, store=store)
 
 
 def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStream) -> None:
