@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 from benchmarks.common import RESULTS_DIR, count_aten_ops, paired_ratio, time_interleaved, write_results
 
 VARIANTS = ("peft_lora", "ours_lora", "ours_moslora")
-# Extra variant for GPU runs: ours with the UNet in channels-last memory format (NHWC convolutions).
-OPTIONAL_VARIANTS = ("ours_moslora_cl",)
+# Extra variants: ours with the UNet in channels-last memory format (NHWC convolutions; for GPU runs), and ours
+# with the frozen linear/conv weights stored in float8 (--fp8_base; needs --dtype bf16 or fp16).
+OPTIONAL_VARIANTS = ("ours_moslora_cl", "ours_moslora_fp8")
 # Model FLOPs of one LoRA training step per image (forward + backward, frozen base; the issue's figures)
 # and dense bf16 peaks, for model-FLOPs utilisation.
 STEP_TFLOP_PER_IMAGE = {("sd15", 512): 1.73, ("sdxl", 1024): 14.2}
@@ -44,8 +46,11 @@ def build_unet(family: str, size: str, dtype: torch.dtype, device: str):
     return unet.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def attach_variant(unet, variant: str, rank: int):
-    """Adds the variant's adapters; returns its trainable parameters (fp32) and a detach function."""
+def attach_variant(unet, variant: str, rank: int, restorable: bool = True):
+    """Adds the variant's adapters; returns its trainable parameters (fp32) and a detach function.
+
+    restorable=False (a memory worker, which never detaches): the float8 variant keeps no copy of the
+    weights it rounds, so the copy does not count in its peak."""
     if variant == "peft_lora":
         from peft import LoraConfig
 
@@ -59,17 +64,27 @@ def attach_variant(unet, variant: str, rank: int):
             unet.requires_grad_(False)
         return params, detach
     from moslora_diffusion.inject import AdapterConfig, adapter_parameters, attach, detach
+    from moslora_diffusion.training.components import store_in_fp8
 
-    channels_last = variant.endswith("_cl")
-    kind = variant.removeprefix("ours_").removesuffix("_cl")
+    channels_last, fp8 = variant.endswith("_cl"), variant.endswith("_fp8")
+    kind = variant.removeprefix("ours_").removesuffix("_cl").removesuffix("_fp8")
     attach(unet, AdapterConfig(kind=kind, rank=rank, alpha=rank), TARGETS)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    originals = {}
+    if fp8:
+        if restorable:  # float8 rounding is lossy: keep the weights, so the next variant starts from the same UNet
+            originals = {m: [p.data for p in m.parameters()] for m in unet.modules()
+                         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        store_in_fp8(unet)
 
     def undo():
         detach(unet)
         if channels_last:
             unet.to(memory_format=torch.contiguous_format)
+        for module, tensors in originals.items():
+            for param, tensor in zip(module.parameters(), tensors, strict=True):
+                param.data = tensor
     return adapter_parameters(unet), undo
 
 
@@ -142,7 +157,11 @@ def peak_memory(args, variant: str, resolution: int, checkpointing: bool) -> flo
            "--size", args.size, "--resolution", str(resolution), "--rank", str(args.rank), "--batch", str(args.batch),
            "--device", args.device, "--dtype", args.dtype_name]
     cmd += ["--gradient-checkpointing"] if checkpointing else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # glibc raises its mmap threshold as large blocks are freed, then keeps freed memory resident: a variant that
+    # makes many short-lived copies (autocast's upcasts of float8 weights) would look up to ~0.6 GiB bigger than
+    # its live tensors. A fixed 128 KiB threshold returns every tensor's memory when it is freed, for all variants.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -160,7 +179,7 @@ def memory_worker(args) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params, _ = attach_variant(unet, args.memory_worker, args.rank)
+    params, _ = attach_variant(unet, args.memory_worker, args.rank, restorable=False)
     step = step_fn(unet, params, make_batch(unet, args.family, args.resolution[0], args.batch, args.device,
                                             args.dtype), args.dtype, args.device, args.memory_worker.endswith("_cl"))
     step()  # warm-up: optimizer state and allocator caches exist from here on
@@ -236,6 +255,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.dtype_name = args.dtype_name or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype_name]
+    if args.dtype == torch.float32 and any(v.endswith("_fp8") for v in args.variants + [args.memory_worker or ""]):
+        parser.error("the float8 variant needs --dtype bf16 or fp16: autocast upcasts its weights")
     return args
 
 
@@ -250,11 +271,13 @@ def main(argv=None) -> list[dict]:
              f"{args.batch}, rank {args.rank}, targets {TARGETS}. Times: medians over {args.rounds} interleaved "
              f"rounds of {args.steps_per_round} timed steps (after 2 warm-up steps) per variant; ratios: medians of "
              "paired ratios. Memory: peak during one step after warm-up (CPU: in a fresh process per variant, peak "
-             "RSS, model included, high-water mark reset before the step; GPU: in process, max allocated). "
+             "RSS, model included, high-water mark reset before the step, glibc mmap threshold fixed at 128 KiB so "
+             "freed tensors leave the resident set; GPU: in process, max allocated). "
              "MFU: the issue's model FLOPs per image (SD 1.5 512 px 1.73 TFLOP, SDXL 1024 px 14.2 TFLOP) over the "
              "step time and the dense bf16 peak (H100: 989 TFLOP/s). Targets: moslora/PEFT time <= 0.95, "
              "memory <= 1.0.")
-    suffix = "" if args.device == "cpu" else "_gpu"
+    suffix = ("" if args.device == "cpu" else "_gpu") + (
+        "" if args.dtype_name == ("fp32" if args.device == "cpu" else "bf16") else f"_{args.dtype_name}")
     name = f"train_step_{args.family}_{args.size}{suffix}" + (f"_b{args.batch}" if args.batch > 1 else "")
     write_results(name, rows, _table(rows), notes, args.out_dir)
     return rows

@@ -26,6 +26,9 @@ def test_whole_run_tiny_writes_both_timings_and_ratios(tmp_path):
     assert all(row["wall_s"] > 0 and row["loop_s"] > 0 and row["steps"] == 3 for row in rows)
     assert by["ours"]["ratio_vs_peer"] > 0 and by["ours_cached"]["ratio_vs_peer"] > 0
     assert by["ours_cached"]["ratio_vs_ours_default"] > 0 and by["ours"]["cpu_ratio_vs_peer"] > 0
+    # First runs start from an empty latent cache; the rerun finds every posterior of the earlier run.
+    assert by["ours"]["vae_rows_encoded"] >= 4 and by["ours_cached"]["vae_rows_encoded"] >= 4
+    assert by["ours_rerun"]["vae_rows_encoded"] == 0 and by["ours_rerun"]["ratio_vs_ours_default"] > 0
     saved = json.loads((tmp_path / "results" / "whole_run.json").read_text())
     assert saved["rows"] == rows and "torch" in saved["machine"]
     assert "ours / peer" in (tmp_path / "results" / "whole_run.md").read_text()

@@ -21,3 +21,25 @@ def test_train_step_quick_run_writes_results(tmp_path):
     assert len(rows) == 1 and rows[0]["gradient_checkpointing"] is True
     assert all(rows[0][f"{v}_s"] > 0 and rows[0][f"{v}_peak_mib"] > 0 for v in train_step.VARIANTS)
     assert (tmp_path / "train_step_sd15_tiny.md").is_file()
+
+
+def test_train_step_float8_variant_runs_under_bf16_and_leaves_the_unet_as_it_was(tmp_path):
+    import pytest
+    import torch
+
+    from benchmarks import train_step
+
+    rows = train_step.main(["--size", "tiny", "--rounds", "1", "--steps-per-round", "1", "--resolution", "32",
+                            "--checkpointing", "on", "--dtype", "bf16", "--no-memory", "--variants", "ours_moslora",
+                            "ours_moslora_fp8", "--out-dir", str(tmp_path)])
+    assert rows[0]["ours_moslora_fp8_s"] > 0 and (tmp_path / "train_step_sd15_tiny_bf16.md").is_file()
+    with pytest.raises(SystemExit):  # float8 weights need autocast
+        train_step.parse_args(["--variants", "ours_moslora_fp8", "--dtype", "fp32"])
+
+    unet = train_step.build_unet("sd15", "tiny", torch.bfloat16, "cpu")
+    before = {name: p.clone() for name, p in unet.named_parameters()}
+    _, undo = train_step.attach_variant(unet, "ours_moslora_fp8", 4)
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    undo()
+    after = dict(unet.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
