@@ -122,6 +122,19 @@ def test_output_folder_of_a_different_run_is_left_alone(tiny_sd15_dir, tmp_path)
     assert json.loads((replaced.output_dir / "training_config.json").read_text())["config"]["rank"] == 8
 
 
+def test_a_run_recorded_before_a_setting_existed_still_resumes(tiny_sd15_dir, tmp_path):
+    """A run started with an older version has no entry for a newer setting: that entry counts as its default."""
+    photos = make_photos(tmp_path / "photos")
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=1, checkpointing_steps=1))
+    record_path = tmp_path / "out" / "training_config.json"
+    record = json.loads(record_path.read_text())
+    del record["config"]["fp8_base"]
+    record_path.write_text(json.dumps(record))
+    resumed = run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=2,
+                                       checkpointing_steps=1, resume_from_checkpoint="latest"))
+    assert (resumed.resumed_from, resumed.steps) == (1, 2)
+
+
 def test_resuming_from_a_checkpoint_of_another_family_is_refused(tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
     photos = make_photos(tmp_path / "photos")
     run_training(tiny_config(tiny_sdxl_dir, photos, tmp_path / "xl", max_train_steps=1, checkpointing_steps=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 from .. import __version__
@@ -71,9 +72,12 @@ def check_output_dir(config: TrainConfig) -> None:
         raise OutputDirError(f"--output_dir {folder} holds training files but no readable {CONFIG_FILE}; choose "
                              "another folder or pass --overwrite_output_dir")
     ours = config.run_defining()
-    differing = sorted(k for k in ours if stored.get(k) != ours[k])
+    # A setting newer than the stored run had its default there: a run started before an update still resumes.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    stored = {k: stored.get(k, defaults[k]) for k in ours}
+    differing = sorted(k for k in ours if stored[k] != ours[k])
     if differing:
-        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {ours[k]!r}" for k in differing[:5])
+        changes = ", ".join(f"{k}: {stored[k]!r} -> {ours[k]!r}" for k in differing[:5])
         raise OutputDirError(f"--output_dir {folder} holds a different run ({changes}); choose another folder, "
                              "or pass --overwrite_output_dir to replace it")
 
