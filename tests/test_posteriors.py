@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -68,3 +69,15 @@ def test_training_encodes_each_photo_once(tmp_path, tiny_sd15_dir, monkeypatch):
     result = run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=6))
     assert result.steps == 6
     assert (memos[0].encoded, memos[0].reused) == (2, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memo_on_cuda_stores_host_copies_and_answers_them_exactly():
+    vae = tiny_vae().to("cuda")
+    rows = (torch.rand(2, 3, 16, 16) * 2 - 1).to("cuda")
+    memo = PosteriorMemo(vae, "cuda")
+    first, _ = memo(rows)
+    again, _ = memo(rows)
+    assert (memo.encoded, memo.reused) == (2, 2) and again.device.type == "cuda"
+    assert torch.equal(first, again) and first.abs().mean() > 1e-3
+    assert all(mean.device.type == "cpu" and mean.is_pinned() for mean, _ in memo.stored.values())

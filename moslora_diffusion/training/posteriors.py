@@ -41,6 +41,17 @@ def encode_posterior(vae, pixel_values: torch.Tensor, device) -> tuple[torch.Ten
     return dist.mean, dist.std
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor that does not make the CPU wait for the GPU: `.to("cpu")` would, once per
+    new image, in the middle of the training loop. The copy goes into pinned memory in stream order; a later
+    `.to(device)` of it is queued behind it, and `persist` synchronizes before reading it on the host."""
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu")
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
 class PosteriorMemo:
     """`memo(pixel_values (B, 3, H, W))` -> (mean, std), each (B, C, h, w), encoding only unseen rows."""
 
@@ -66,7 +77,7 @@ class PosteriorMemo:
             return hit[0].to(self.device, non_blocking=True), hit[1].to(self.device, non_blocking=True)
         mean, std = encode_posterior(self.vae, row[None], self.device)
         self.encoded += 1
-        if self._keep(key, mean.to("cpu"), std.to("cpu")):
+        if self._keep(key, _to_host(mean), _to_host(std)):
             self.new_keys.append(key)
         return mean, std
 
@@ -82,6 +93,8 @@ class PosteriorMemo:
         """Writes this run's new entries to the store (once; a failure is a warning, never an error)."""
         if self.store is None:
             return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the asynchronous copies of _to_host have landed
         entries = {key: self.stored[key] for key in self.new_keys}
         try:
             self.store.write(entries)
