@@ -8,8 +8,8 @@ device kind, so it is stored under exactly that:
     <cache dir>/vae-<fingerprint of the VAE encoder>/<device type>-<dtype>/<shard>.safetensors
 
 Each shard holds what one run (one process) encoded, tensors named "<pixel key>.mean" / ".std". Shards are
-written under a temporary name and renamed, never rewritten, so neither a crash nor two runs at once can
-leave a broken one; a shard that cannot be read anyway is skipped with a warning. Shards a run reads from
+written atomically (safetensors_io) and never rewritten, so neither a crash nor two runs at once can leave a
+broken one; a shard that cannot be read anyway is skipped with a warning. Shards a run reads from
 are touched, and past the size budget the least recently used go first. Nothing here can fail a run: a
 cache that cannot be written is reported and training goes on.
 """
@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from ..safetensors_io import read_keys, save_tensors
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # the whole cache folder, all VAEs together
 CACHE_DIR_ENV = "MOSLORA_CACHE_DIR"
@@ -103,18 +105,9 @@ class PosteriorStore:
             _touch(shard)
         if not entries:
             return None
-        from safetensors.torch import save_file
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{uuid.uuid4().hex}-p{self.process_index}"
-        partial, final = self.folder / f".{name}.partial", self.folder / f"{name}{SHARD_SUFFIX}"
-        tensors = {f"{key}.{part}": value.contiguous() for key, pair in entries.items()
-                   for part, value in zip(("mean", "std"), pair, strict=True)}
-        try:
-            save_file(tensors, str(partial))
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
+        final = self.folder / f"{uuid.uuid4().hex}-p{self.process_index}{SHARD_SUFFIX}"
+        save_tensors({f"{key}.{part}": value for key, pair in entries.items()
+                      for part, value in zip(("mean", "std"), pair, strict=True)}, final)
         for key in entries:
             self.where.setdefault(key, final)
         prune(self.root, self.budget_bytes, keep=final)
@@ -122,10 +115,7 @@ class PosteriorStore:
 
 
 def _shard_keys(shard: Path) -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(shard), framework="pt") as f:
-        names = set(f.keys())
+    names = read_keys(shard)
     keys = {name.rsplit(".", 1)[0] for name in names}
     return {key for key in keys if f"{key}.mean" in names and f"{key}.std" in names}
 
