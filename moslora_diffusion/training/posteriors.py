@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .posterior_store import PosteriorStore
+from .posterior_store import PosteriorStore, tensor_bytes
 
 # What stored posteriors may take in host memory; past it, new rows are encoded and not stored. They live on
 # the host, not the GPU: with random crops most rows never come back, and VRAM is what users run short of.
@@ -28,9 +28,8 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 
 def pixel_key(row: torch.Tensor) -> str:
     """A row's identity: a 128-bit digest of its shape, dtype and bytes (hex)."""
-    data = row.detach().to("cpu").contiguous()
-    digest = hashlib.blake2b(f"{tuple(data.shape)}:{data.dtype}:".encode(), digest_size=16)
-    digest.update(data.view(torch.uint8).numpy().tobytes())
+    digest = hashlib.blake2b(f"{tuple(row.shape)}:{row.dtype}:".encode(), digest_size=16)
+    digest.update(tensor_bytes(row))
     return digest.hexdigest()
 
 
