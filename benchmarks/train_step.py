@@ -15,18 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, count_aten_ops, paired_ratio, time_interleaved, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    count_aten_ops,
+    paired_ratio,
+    synchronize,
+    time_interleaved,
+    write_results,
+)
 
 VARIANTS = ("peft_lora", "ours_lora", "ours_moslora")
-# Extra variants: ours with the UNet in channels-last memory format (NHWC convolutions; for GPU runs), and ours
-# with the frozen linear/conv weights stored in float8 (--fp8_base; needs --dtype bf16 or fp16).
-OPTIONAL_VARIANTS = ("ours_moslora_cl", "ours_moslora_fp8")
+# Extra variants: ours with the UNet in channels-last memory format (NHWC convolutions; for GPU runs), ours
+# with the frozen linear/conv weights stored in float8 (--fp8_base; needs --dtype bf16 or fp16), and ours with the
+# UNet compiled by torch.compile's inductor (--torch_compile; its first step, the compile, is reported apart).
+OPTIONAL_VARIANTS = ("ours_moslora_cl", "ours_moslora_fp8", "ours_moslora_compiled")
 # Model FLOPs of one LoRA training step per image (forward + backward, frozen base; the figures)
 # and dense bf16 peaks, for model-FLOPs utilisation.
 STEP_TFLOP_PER_IMAGE = {("sd15", 512): 1.73, ("sdxl", 1024): 14.2}
@@ -64,10 +74,10 @@ def attach_variant(unet, variant: str, rank: int, restorable: bool = True):
             unet.requires_grad_(False)
         return params, detach
     from moslora_diffusion.inject import AdapterConfig, adapter_parameters, attach, detach
-    from moslora_diffusion.training.components import store_in_fp8
+    from moslora_diffusion.training.components import compile_unet, store_in_fp8
 
-    channels_last, fp8 = variant.endswith("_cl"), variant.endswith("_fp8")
-    kind = variant.removeprefix("ours_").removesuffix("_cl").removesuffix("_fp8")
+    kind, _, option = variant.removeprefix("ours_").partition("_")
+    channels_last, fp8, compiled = option == "cl", option == "fp8", option == "compiled"
     attach(unet, AdapterConfig(kind=kind, rank=rank, alpha=rank), TARGETS)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -77,8 +87,13 @@ def attach_variant(unet, variant: str, rank: int, restorable: bool = True):
             originals = {m: [p.data for p in m.parameters()] for m in unet.modules()
                          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         store_in_fp8(unet)
+    if compiled:
+        compile_unet(unet, "inductor")
 
     def undo():
+        if compiled:  # Module.compile has no public inverse: drop the compiled call and dynamo's caches
+            unet._compiled_call_impl = None
+            torch._dynamo.reset()
         detach(unet)
         if channels_last:
             unet.to(memory_format=torch.contiguous_format)
@@ -128,17 +143,23 @@ def time_variants(args, resolution: int, checkpointing: bool) -> dict:
         unet.enable_gradient_checkpointing()
     unet.train()
     batch = make_batch(unet, args.family, resolution, args.batch, args.device, args.dtype)
-    samples, peaks, ops = {v: [] for v in args.variants}, {}, {}
+    samples, peaks, ops, first_steps = {v: [] for v in args.variants}, {}, {}, {}
     cuda = args.device.startswith("cuda")
     for _ in range(args.rounds):
         for variant in args.variants:
             params, detach = attach_variant(unet, variant, args.rank)
             step = step_fn(unet, params, batch, args.dtype, args.device, variant.endswith("_cl"))
+            if variant.endswith("_compiled"):  # the compile happens in this first call
+                synchronize(args.device)
+                started = time.perf_counter()
+                step()
+                synchronize(args.device)
+                first_steps.setdefault(variant, []).append(time.perf_counter() - started)
             # Two warm-up steps: the first after attaching pays one-off costs (allocator growth, cast caches).
             times = time_interleaved({variant: step}, repeats=args.steps_per_round, warmup=2, device=args.device)
             samples[variant] += times[variant]["samples"]
-            if variant not in ops:
-                ops[variant] = count_aten_ops(step)
+            if variant not in ops:  # a compiled step runs generated kernels, not ATen operators one by one
+                ops[variant] = None if variant.endswith("_compiled") else count_aten_ops(step)
             if cuda:  # in-process peak of one more step: max allocated, which cached blocks do not inflate
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -147,7 +168,8 @@ def time_variants(args, resolution: int, checkpointing: bool) -> dict:
                 peaks[variant] = max(peaks.get(variant, 0.0), torch.cuda.max_memory_allocated() / 2**20)
             del step, params
             detach()
-    return {v: {"samples": s, "median_s": sorted(s)[len(s) // 2], "peak_mib": peaks.get(v), "aten_ops": ops[v]}
+    return {v: {"samples": s, "median_s": sorted(s)[len(s) // 2], "peak_mib": peaks.get(v), "aten_ops": ops[v],
+                "first_step_s": statistics.median(first_steps[v]) if v in first_steps else None}
             for v, s in samples.items()}
 
 
@@ -199,6 +221,8 @@ def _row(args, resolution: int, checkpointing: bool) -> dict:
     for variant in args.variants:
         row[f"{variant}_s"] = round(times[variant]["median_s"], 4)
         row[f"{variant}_aten_ops"] = times[variant]["aten_ops"]
+        if times[variant]["first_step_s"] is not None:
+            row[f"{variant}_first_step_s"] = round(times[variant]["first_step_s"], 2)
         if times[variant]["peak_mib"] is not None:
             row[f"{variant}_peak_mib"] = round(times[variant]["peak_mib"], 1)
         elif args.memory:
@@ -221,14 +245,16 @@ def _table(rows: list[dict]) -> str:
     lines = ["| model | px | batch | ckpt | variant | step s | time vs PEFT | peak MiB | memory vs PEFT | MFU "
              "| ATen ops / step |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        variants = [k.removesuffix("_s") for k in r if k.endswith("_s") and not k.endswith("_peak_s")]
+        variants = [k.removesuffix("_s") for k in r if k.endswith("_s") and not k.endswith("_first_step_s")]
         for v in variants:
             cells = [f"{r['family']} {r['size']}", str(r["resolution"]), str(r["batch"]),
-                     "yes" if r["gradient_checkpointing"] else "no", v, f"{r[f'{v}_s']:.4f}",
+                     "yes" if r["gradient_checkpointing"] else "no",
+                     v + (f" (first step, the compile: {r[f'{v}_first_step_s']:.0f} s)" if f"{v}_first_step_s" in r
+                          else ""), f"{r[f'{v}_s']:.4f}",
                      f"{r.get(f'{v}_time_ratio', 1.0):.3f}",
                      f"{r[f'{v}_peak_mib']:.0f}" if f"{v}_peak_mib" in r else "-",
                      f"{r.get(f'{v}_mem_ratio', 1.0):.3f}" if f"{v}_peak_mib" in r else "-",
-                     f"{100 * r[f'{v}_mfu']:.1f}%" if f"{v}_mfu" in r else "-", str(r.get(f"{v}_aten_ops", "-"))]
+                     f"{100 * r[f'{v}_mfu']:.1f}%" if f"{v}_mfu" in r else "-", str(r.get(f"{v}_aten_ops") or "-")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -251,6 +277,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", dest="dtype_name", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--memory-worker", choices=VARIANTS + OPTIONAL_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--name", help="results file name (default: train_step_<family>_<size>, then _gpu off the "
+                        "CPU, the dtype when not the device's default, _b<batch> above 1)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.dtype_name = args.dtype_name or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -278,7 +306,7 @@ def main(argv=None) -> list[dict]:
              "memory <= 1.0.")
     suffix = ("" if args.device == "cpu" else "_gpu") + (
         "" if args.dtype_name == ("fp32" if args.device == "cpu" else "bf16") else f"_{args.dtype_name}")
-    name = f"train_step_{args.family}_{args.size}{suffix}" + (f"_b{args.batch}" if args.batch > 1 else "")
+    name = args.name or f"train_step_{args.family}_{args.size}{suffix}" + (f"_b{args.batch}" if args.batch > 1 else "")
     write_results(name, rows, _table(rows), notes, args.out_dir)
     return rows
 

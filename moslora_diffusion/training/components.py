@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import set_seed
 
+from .. import step_weights
 from ..families import Family, ModelInfo, detect_model
 from ..inject import adapter_parameters
 from ..model_loading import load_pipeline
@@ -101,6 +102,15 @@ def store_in_fp8(model: torch.nn.Module) -> int:
             raise ValueError("--fp8_base stores frozen weights only; a trainable layer would lose its precision")
         layer.to(FP8_STORAGE)
     return len(layers)
+
+
+def compile_unet(unet: torch.nn.Module, backend: str) -> None:
+    """--torch_compile: the UNet compiled in place (`Module.compile`: the same module object, its parameters
+    and state-dict keys unchanged, so checkpoints, EMA and exports see no difference). Inside one compiled
+    graph the per-layer casts and M A products are fused anyway, so the per-forward adapter weights
+    (step_weights.py), whose version bookkeeping dynamo cannot trace, are switched off."""
+    step_weights.uninstall(unet)
+    unet.compile(backend=backend)
 
 
 def adapter_targets(base: BaseModel) -> dict[str, list[str]]:

@@ -21,6 +21,8 @@ from ..inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..layer import KINDS, MIXER_INITS
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
+DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
 # diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
@@ -34,7 +36,7 @@ RUN_CONTROL_FIELDS = frozenset({
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
     "validation_inference_steps", "report_to", "logging_dir", "logging_steps", "dataloader_num_workers",
     "gradient_checkpointing", "sample_batch_size", "latent_disk_cache", "latent_cache_dir",
-    "channels_last",
+    "channels_last", "torch_compile", "dynamo_backend",
 })
 
 
@@ -112,6 +114,9 @@ class TrainConfig:
                            "fp16, and saves most with --gradient_checkpointing)")
     channels_last: bool | None = _flag(None, "UNet in channels-last memory format (default: on for CUDA, where it "
                                        "measured 5-30% faster steps; off on CPU, where it is slower)")
+    torch_compile: bool = _flag(False, "compile the UNet with torch.compile (kohya's --torch_compile): fused kernels, "
+                                "after a compile of a minute or more at the first step")
+    dynamo_backend: str = _flag("inductor", "torch.compile backend for --torch_compile", DYNAMO_BACKENDS)
     cache_latents: bool = _flag(False, "encode every image with the VAE once (freezes the crop/flip drawn first)")
     latent_disk_cache: bool = _flag(True, "keep each image's VAE posterior on disk: a later run on the same images "
                                     "and VAE skips the encoder (--no-latent_disk_cache: off)")

@@ -22,7 +22,7 @@ from ..data import scan_instance_folder
 from ..pipeline_adapters import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import check_compatible, find_resume_checkpoint
-from .components import adapter_targets, attach_adapters, load_base, store_in_fp8
+from .components import adapter_targets, attach_adapters, compile_unet, load_base, store_in_fp8
 from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
@@ -97,6 +97,8 @@ def train(config: TrainConfig) -> TrainResult:
     run = setup_run(config, plan, accelerator, base, trainable, noise_scheduler)
     if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
         store_in_fp8(base.unet)
+    if config.torch_compile:  # the module DDP wraps, compiled in place: compiled steps, DDP's hooks as before
+        compile_unet(base.unet, config.dynamo_backend)
     if resume is not None:
         restore(run, resume)
     start_batches(run, dataset, stream)

@@ -27,7 +27,9 @@ def generate_images(pipe, prompt: str, count: int, steps: int, resolution: int, 
     for module in trained:
         module.eval()
     try:
-        with torch.no_grad(), autocast:
+        # A --torch_compile UNet runs eagerly here: a few dozen inference calls would not repay compiling an
+        # eval-mode, no-grad graph of another batch size.
+        with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
             return pipe([prompt] * count, num_inference_steps=steps, height=resolution, width=resolution,
                         generator=generators).images
     finally:
