@@ -108,7 +108,7 @@ def compile_unet(unet: torch.nn.Module, backend: str) -> None:
     """--torch_compile: the UNet compiled in place (`Module.compile`: the same module object, its parameters
     and state-dict keys unchanged, so checkpoints, EMA and exports see no difference). Inside one compiled
     graph the per-layer casts and M A products are fused anyway, so the per-forward adapter weights
-    (step_weights.py), whose version bookkeeping dynamo cannot trace, are switched off."""
+    (step_weights.py) are switched off: their version bookkeeping splits dynamo's graph into pieces."""
     step_weights.uninstall(unet)
     unet.compile(backend=backend)
 
