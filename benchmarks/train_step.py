@@ -31,6 +31,7 @@ from benchmarks.common import (
     time_interleaved,
     write_results,
 )
+from moslora_diffusion.training.config import DYNAMO_BACKENDS
 
 VARIANTS = ("peft_lora", "ours_lora", "ours_moslora")
 # Extra variants: ours with the UNet in channels-last memory format (NHWC convolutions; for GPU runs), ours
@@ -56,11 +57,11 @@ def build_unet(family: str, size: str, dtype: torch.dtype, device: str):
     return unet.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def attach_variant(unet, variant: str, rank: int, restorable: bool = True):
+def attach_variant(unet, variant: str, rank: int, restorable: bool = True, dynamo_backend: str = "inductor"):
     """Adds the variant's adapters; returns its trainable parameters (fp32) and a detach function.
 
     restorable=False (a memory worker, which never detaches): the float8 variant keeps no copy of the
-    weights it rounds, so the copy does not count in its peak."""
+    weights it rounds, so the copy does not count in its peak. dynamo_backend: the compiled variant's."""
     if variant == "peft_lora":
         from peft import LoraConfig
 
@@ -88,7 +89,7 @@ def attach_variant(unet, variant: str, rank: int, restorable: bool = True):
                          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         store_in_fp8(unet)
     if compiled:
-        compile_unet(unet, "inductor")
+        compile_unet(unet, dynamo_backend)
 
     def undo():
         if compiled:  # Module.compile has no public inverse: drop the compiled call and dynamo's caches
@@ -147,7 +148,7 @@ def time_variants(args, resolution: int, checkpointing: bool) -> dict:
     cuda = args.device.startswith("cuda")
     for _ in range(args.rounds):
         for variant in args.variants:
-            params, detach = attach_variant(unet, variant, args.rank)
+            params, detach = attach_variant(unet, variant, args.rank, dynamo_backend=args.dynamo_backend)
             step = step_fn(unet, params, batch, args.dtype, args.device, variant.endswith("_cl"))
             if variant.endswith("_compiled"):  # the compile happens in this first call
                 synchronize(args.device)
@@ -177,7 +178,7 @@ def peak_memory(args, variant: str, resolution: int, checkpointing: bool) -> flo
     """MiB: one warm-up step and one measured step of this variant alone, in a fresh process."""
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-worker", variant, "--family", args.family,
            "--size", args.size, "--resolution", str(resolution), "--rank", str(args.rank), "--batch", str(args.batch),
-           "--device", args.device, "--dtype", args.dtype_name]
+           "--device", args.device, "--dtype", args.dtype_name, "--dynamo-backend", args.dynamo_backend]
     cmd += ["--gradient-checkpointing"] if checkpointing else []
     # glibc raises its mmap threshold as large blocks are freed, then keeps freed memory resident: a variant that
     # makes many short-lived copies (autocast's upcasts of float8 weights) would look up to ~0.6 GiB bigger than
@@ -201,7 +202,8 @@ def memory_worker(args) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params, _ = attach_variant(unet, args.memory_worker, args.rank, restorable=False)
+    params, _ = attach_variant(unet, args.memory_worker, args.rank, restorable=False,
+                               dynamo_backend=args.dynamo_backend)
     step = step_fn(unet, params, make_batch(unet, args.family, args.resolution[0], args.batch, args.device,
                                             args.dtype), args.dtype, args.device, args.memory_worker.endswith("_cl"))
     step()  # warm-up: optimizer state and allocator caches exist from here on
@@ -277,6 +279,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", dest="dtype_name", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--memory-worker", choices=VARIANTS + OPTIONAL_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--dynamo-backend", default="inductor", choices=DYNAMO_BACKENDS,
+                        help="torch.compile backend of ours_moslora_compiled (aot_eager: traces only, for smoke runs)")
     parser.add_argument("--name", help="results file name (default: train_step_<family>_<size>, then _gpu off the "
                         "CPU, the dtype when not the device's default, _b<batch> above 1)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)

@@ -43,3 +43,26 @@ def test_train_step_float8_variant_runs_under_bf16_and_leaves_the_unet_as_it_was
     undo()
     after = dict(unet.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_train_step_compiled_variant_runs_and_leaves_the_unet_uncompiled(tmp_path):
+    """Two rounds, so the second compiles again after the first's undo; aot_eager traces what inductor would
+    compile without its minutes of C++ builds."""
+    import torch
+
+    from benchmarks import train_step
+
+    rows = train_step.main(["--size", "tiny", "--rounds", "2", "--steps-per-round", "1", "--resolution", "32",
+                            "--checkpointing", "on", "--no-memory", "--variants", "ours_moslora",
+                            "ours_moslora_compiled", "--dynamo-backend", "aot_eager", "--name", "compiled_smoke",
+                            "--out-dir", str(tmp_path)])
+    row = rows[0]
+    assert row["ours_moslora_compiled_s"] > 0 and row["ours_moslora_compiled_first_step_s"] > 0
+    assert row["ours_moslora_compiled_aten_ops"] is None and row["ours_moslora_aten_ops"] > 0
+    assert "the compile:" in (tmp_path / "compiled_smoke.md").read_text()
+
+    unet = train_step.build_unet("sd15", "tiny", torch.float32, "cpu")
+    _, undo = train_step.attach_variant(unet, "ours_moslora_compiled", 4, dynamo_backend="aot_eager")
+    assert unet._compiled_call_impl is not None
+    undo()
+    assert unet._compiled_call_impl is None and not any("lora" in name for name, _ in unet.named_parameters())
