@@ -243,6 +243,30 @@ def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(adapters[True][key], eager, rtol=1e-3, atol=1e-5, msg=key)
 
 
+def test_torch_compile_without_a_toolchain_fails_before_loading_anything(tiny_sd15_dir, tmp_path, monkeypatch):
+    """inductor on CPU needs a C++ compiler: its absence is a one-line error before the model load, not a
+    failure at the first step after the class images."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import moslora_diffusion.training.loop as loop
+    from moslora_diffusion.training import ConfigError
+    from moslora_diffusion.training.components import check_compile_toolchain
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found in search path")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    photos = make_photos(tmp_path / "photos", count=1, size=(32, 32))
+    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", torch_compile=True)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler .*no C\\+\\+ compiler found"):
+        run_training(config)
+    assert not (tmp_path / "out").exists()
+    tracing_only = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", torch_compile=True,
+                               dynamo_backend="aot_eager")
+    check_compile_toolchain(tracing_only, torch.device("cpu"))  # aot_eager builds nothing: no toolchain needed
+
+
 def test_fp8_base_needs_autocast(tiny_sd15_dir, tmp_path):
     from moslora_diffusion.training import ConfigError
 

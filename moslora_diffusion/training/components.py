@@ -13,7 +13,7 @@ from ..inject import adapter_parameters
 from ..model_loading import load_pipeline
 from ..pipeline_adapters import attach_to_pipeline, pipeline_adapters
 from .conditioning import tokenizer_names, vae_dtype
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8_STORAGE = torch.float8_e4m3fn
@@ -102,6 +102,31 @@ def store_in_fp8(model: torch.nn.Module) -> int:
             raise ValueError("--fp8_base stores frozen weights only; a trainable layer would lose its precision")
         layer.to(FP8_STORAGE)
     return len(layers)
+
+
+def check_compile_toolchain(config: TrainConfig, device: torch.device) -> None:
+    """--torch_compile with inductor builds kernels with Triton (GPU) or a C++ compiler (CPU). Without one the run
+    would fail at its first step, after the model load and the class images: fail here instead, before both."""
+    if not config.torch_compile or config.dynamo_backend != "inductor":
+        return
+    missing = None
+    try:
+        if torch.device(device).type == "cuda":
+            from torch.utils._triton import has_triton
+
+            missing = None if has_triton() else "the triton package (pip install triton)"
+        else:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            try:
+                get_cpp_compiler()
+            except Exception as err:  # torch raises its own error types when no compiler is found
+                missing = f"a C++ compiler ({err})"
+    except ImportError:  # torch moved its helpers: let torch.compile report for itself
+        return
+    if missing:
+        raise ConfigError(f"--torch_compile with --dynamo_backend inductor needs {missing}; install it, or leave "
+                          "out --torch_compile (or pass --dynamo_backend aot_eager, which compiles nothing)")
 
 
 def compile_unet(unet: torch.nn.Module, backend: str) -> None:

@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         base, _ = types[f.name]
         help_text = meta["help"] + ("" if f.default in (None, False) else f" (default: {f.default})")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help: "30% faster" would break --help
         if base is bool:
             # --flag / --no-flag, so the command line can switch off what a config file switched on.
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,

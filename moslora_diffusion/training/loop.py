@@ -22,7 +22,14 @@ from ..data import scan_instance_folder
 from ..pipeline_adapters import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import check_compatible, find_resume_checkpoint
-from .components import adapter_targets, attach_adapters, compile_unet, load_base, store_in_fp8
+from .components import (
+    adapter_targets,
+    attach_adapters,
+    check_compile_toolchain,
+    compile_unet,
+    load_base,
+    store_in_fp8,
+)
 from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
@@ -66,6 +73,7 @@ def train(config: TrainConfig) -> TrainResult:
     records = scan_instance_folder(config.instance_data_dir, config.instance_prompt)
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
+    check_compile_toolchain(config, accelerator.device)
     base = load_base(config, accelerator.device)
     trainable = attach_adapters(base, config)
     resume = find_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
