@@ -141,19 +141,22 @@ def test_overfitting_one_image_lowers_the_loss(tiny_sd15_dir, tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
-def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
-    """--channels_last (the default on CUDA) changes the memory layout of the UNet's convolutions, not the run."""
+@pytest.fixture
+def loaded_bases(monkeypatch) -> list:
+    """Every BaseModel train() loads, in order: to inspect the modules a run trained."""
     import moslora_diffusion.training.loop as loop
-    from moslora_diffusion.training.components import use_channels_last
 
     bases = []
+    real_load_base = loop.load_base
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: bases.append(real_load_base(*a, **k)) or bases[-1])
+    return bases
 
-    def recording_load_base(*args, **kwargs):
-        bases.append(loop_load_base(*args, **kwargs))
-        return bases[-1]
 
-    loop_load_base = loop.load_base
-    monkeypatch.setattr(loop, "load_base", recording_load_base)
+def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, loaded_bases):
+    """--channels_last (the default on CUDA) changes the memory layout of the UNet's convolutions, not the run."""
+    from moslora_diffusion.training.components import use_channels_last
+
+    bases = loaded_bases
     photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
     runs = {}
     for layout in (False, True):
@@ -168,15 +171,12 @@ def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, monkeypatch
     assert not use_channels_last(default, torch.device("cpu")) and use_channels_last(default, torch.device("cuda"))
 
 
-def test_fp8_base_trains_with_float8_unet_weights(tiny_sdxl_dir, tmp_path, monkeypatch):
+def test_fp8_base_trains_with_float8_unet_weights(tiny_sdxl_dir, tmp_path, loaded_bases):
     """--fp8_base: the frozen UNet's linear/conv weights are float8 while training, the adapters stay fp32 and
     learn, validation images come out, and the losses stay near the bf16 run's (float8 rounds the base only)."""
-    import moslora_diffusion.training.loop as loop
     from moslora_diffusion.layer import MoSLoRALinear
 
-    bases = []
-    real_load_base = loop.load_base
-    monkeypatch.setattr(loop, "load_base", lambda *a, **k: bases.append(real_load_base(*a, **k)) or bases[-1])
+    bases = loaded_bases
     photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
     losses = {}
     for fp8 in (False, True):
@@ -195,7 +195,7 @@ def test_fp8_base_trains_with_float8_unet_weights(tiny_sdxl_dir, tmp_path, monke
     np.testing.assert_allclose(losses[True], losses[False], rtol=0.02)  # measured: within 0.5%
 
 
-def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
+def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch, loaded_bases):
     """--torch_compile: the UNet's training steps run as compiled graphs (gradient checkpointing included), the
     validation in between runs eagerly without compiling anything, and the adapters learn what the eager run's
     learn. aot_eager traces exactly what inductor would compile, without a C++ toolchain's minutes."""
@@ -203,9 +203,7 @@ def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
 
     import moslora_diffusion.training.loop as loop
 
-    bases = []
-    real_load_base = loop.load_base
-    monkeypatch.setattr(loop, "load_base", lambda *a, **k: bases.append(real_load_base(*a, **k)) or bases[-1])
+    bases = loaded_bases
     validations = []
     real_validation = loop.run_validation
 
@@ -217,7 +215,7 @@ def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "run_validation", counting_validation)
     photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
-    adapters = {}
+    losses, adapters = {}, {}
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     try:
@@ -225,18 +223,16 @@ def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch):
             config = tiny_config(tiny_sd15_dir, photos, tmp_path / f"compiled-{compiled}", max_train_steps=4,
                                  gradient_checkpointing=True, torch_compile=compiled, dynamo_backend="aot_eager",
                                  validation_prompt=PROMPT, num_validation_images=1, validation_steps=2)
-            losses = run_training(config).losses
+            losses[compiled] = run_training(config).losses
             adapters[compiled] = adapter_weights(config.output_dir)
-            if not compiled:
-                eager_losses = losses
         graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert bases[1].unet._compiled_call_impl is not None and bases[0].unet._compiled_call_impl is None
     assert graphs == 1, graphs  # the whole UNet step in one graph: no graph breaks, no recompiles
     assert validations == [0, 0, 0, 0], validations  # mid-run and final, both runs: eager, nothing compiled
-    assert len(set(eager_losses)) > 1
-    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    assert len(set(losses[False])) > 1
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4, atol=1e-6)
     assert adapters[True].keys() == adapters[False].keys()
     for key, eager in adapters[False].items():
         assert eager.abs().max() > 0, key  # trained: B moved off zero, so the comparison is not trivially true
