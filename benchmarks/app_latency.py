@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
 from moslora_diffusion import AdapterConfig, attach_to_pipeline, pipeline_adapters, save_adapter
-from moslora_diffusion.app.fusion import FusedAdapters
+from moslora_diffusion.generation.fusion import FusedAdapters
 
 # name: (size px, steps, repeats) on CPU; a GPU run uses the family's real resolution for sd15 / sdxl.
 SETTINGS = {"tiny": (64, 4, 15), "mid": (256, 4, 9), "sd15": (512, 20, 5), "sdxl": (1024, 20, 3)}
@@ -43,8 +43,8 @@ def _mid_pipeline(dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from moslora_diffusion.full_size import _CLIP_L, materialize_random
-    from moslora_diffusion.tiny import load_clip_tokenizer, write_clip_tokenizer
+    from moslora_diffusion.models.full_size import _CLIP_L, materialize_random
+    from moslora_diffusion.models.tiny import load_clip_tokenizer, write_clip_tokenizer
 
     with init_empty_weights():
         unet, vae = UNet2DConditionModel(**MID_UNET), AutoencoderKL(**MID_VAE)
@@ -60,12 +60,12 @@ def _mid_pipeline(dtype: torch.dtype):
 
 def build_base(config: str, dtype: torch.dtype):
     if config == "tiny":
-        from moslora_diffusion.tiny import build_tiny_pipeline
+        from moslora_diffusion.models.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline("sd15").to(dtype)
     if config == "mid":
         return _mid_pipeline(dtype)
-    from moslora_diffusion.full_size import build_random_pipeline
+    from moslora_diffusion.models.full_size import build_random_pipeline
 
     return build_random_pipeline({"sd15": "sd1", "sdxl": "sdxl"}[config], dtype)
 

@@ -46,17 +46,17 @@ def _peak_rss_bytes() -> int:
 
 def _build(family: str, size: str, dtype: torch.dtype):
     if size == "tiny":
-        from moslora_diffusion.tiny import build_tiny_pipeline
+        from moslora_diffusion.models.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(family).to(dtype)
-    from moslora_diffusion.full_size import build_random_pipeline
+    from moslora_diffusion.models.full_size import build_random_pipeline
 
     return build_random_pipeline(family, dtype)
 
 
 def _save_random_adapter(pipe, path: Path, rank: int) -> None:
     from moslora_diffusion import AdapterConfig, attach_to_pipeline, pipeline_adapters, save_adapter
-    from moslora_diffusion.pipeline_adapters import detach_from_pipeline
+    from moslora_diffusion.moslora.pipeline import detach_from_pipeline
 
     attach_to_pipeline(pipe, AdapterConfig(rank=rank, alpha=rank), text_targets="attn")
     generator = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def _save_random_adapter(pipe, path: Path, rank: int) -> None:
 
 def run_case(family: str, size: str, dtype_name: str) -> dict:
     """One export, measured in this process (call it in a fresh one for a clean peak)."""
-    from moslora_diffusion.export import DTYPES, export_pipeline
+    from moslora_diffusion.formats.export_targets import DTYPES, export_pipeline
 
     dtype = DTYPES[dtype_name]
     start = time.perf_counter()

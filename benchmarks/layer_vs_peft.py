@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
-from moslora_diffusion.layer import MoSLoRALinear
+from moslora_diffusion.moslora.layer import MoSLoRALinear
 
 SHAPES = [(320, 4096), (640, 1024), (1280, 256)]  # (width, tokens) of SD 1.5's attention levels at 512 px
 RANKS = [4, 16, 64]

@@ -29,150 +29,25 @@ over seeds (same seed = same data order, noise and adapter A init), significant 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_results
-from benchmarks.stats import mean_ci, paired_test
+from benchmarks.common import RESULTS_DIR
+from benchmarks.quality_metrics import GEN_SEED, class_metrics, class_prompts, instance_metrics, instance_prompts
+from benchmarks.quality_report import grid_images, merge_parts, report, save_grid
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"moslora_kaiming": ("moslora", "kaiming"), "moslora_orthogonal": ("moslora", "orthogonal"),
             "lora": ("lora", "identity")}
-BASELINE = "lora"
-GEN_SEED = 1234  # generation seed of every evaluation image (the same for every run and the base model)
 
 # The DreamBooth settings of the benchmark (and of scripts/demo.sh): found on the toy base model, see the notes.
 DEFAULTS = dict(rank=16, steps=600, learning_rate=3e-3, batch=4, prior_loss_weight=1.0, num_class_images=24,
                 train_text_encoder=True, text_encoder_lr=None, target_modules="all", captions="prompt")
-
-
-@dataclass(frozen=True)
-class InstancePrompt:
-    prompt: str
-    position: str | None  # None: the prompt names no position (not scored)
-    background: str | None  # None: the prompt names no background (not scored)
-
-
-# --- prompts and metrics ---------------------------------------------------------------------------------
-
-
-def instance_prompts(n: int) -> list[InstancePrompt]:
-    """`n` prompts that put the subject in scenes none of its photos shows, in the world's caption grammar.
-
-    Two of every three name a (position, background) pair that no photo has ("a photo of sks star on the left,
-    on a gray background"); the third names only a background or only a position ("a photo of sks star, on a
-    green background", "a photo of sks star at the top"). Backgrounds are those the subject stands out on.
-    """
-    from moslora_diffusion.toy.subject import INSTANCE_PROMPT, PHOTOS, SUBJECT_BACKGROUNDS
-    from moslora_diffusion.toy.world import POSITIONS
-
-    seen = {(photo[0], photo[2]) for photo in PHOTOS}
-    pairs = [(pos, bg) for bg, pos in itertools.product(SUBJECT_BACKGROUNDS, POSITIONS) if (pos, bg) not in seen]
-    pairs = pairs[::2] + pairs[1::2]  # a short list still varies both
-    partial = [x for pair in itertools.zip_longest([(None, bg) for bg in SUBJECT_BACKGROUNDS],
-                                                   [(pos, None) for pos in POSITIONS]) for x in pair if x]
-    chosen, full_i, partial_i = [], 0, 0
-    for i in range(n):
-        if i % 3 == 2:
-            chosen.append(partial[partial_i % len(partial)])
-            partial_i += 1
-        else:
-            chosen.append(pairs[full_i % len(pairs)])
-            full_i += 1
-    prompts = []
-    for pos, bg in chosen:
-        text = INSTANCE_PROMPT + (f" {POSITIONS[pos][1]}" if pos else "") + (f", on a {bg} background" if bg else "")
-        prompts.append(InstancePrompt(text, pos, bg))
-    return prompts
-
-
-def _pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-
-
-def mean_pairwise_distance(images) -> float:
-    """Mean absolute pixel difference (0..1) over all pairs of images."""
-    x = _pixels(images).reshape(len(images), -1)
-    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
-    return float(np.mean([np.abs(x[i] - x[j]).mean() for i, j in pairs])) if pairs else 0.0
-
-
-def instance_metrics(images, prompts: list[InstancePrompt]) -> dict:
-    """Subject fidelity and prompt fidelity (only the attributes a prompt names are scored)."""
-    from moslora_diffusion.toy.checker import check
-    from moslora_diffusion.toy.subject import THRESHOLD, subject_score
-
-    readings = [check(im) for im in images]
-    scores = [subject_score(im) for im in images]
-    pairs = list(zip(readings, prompts, strict=True))
-    bg_ok = [r.background == p.background for r, p in pairs if p.background]
-    pos_ok = [r.position == p.position for r, p in pairs if p.position]
-    both = [(p.background is None or r.background == p.background) and (p.position is None or r.position == p.position)
-            for r, p in pairs]
-    return {"subject_rate": float(np.mean([s >= THRESHOLD for s in scores])),
-            "subject_score": float(np.mean(scores)),
-            "prompt_background": float(np.mean(bg_ok)) if bg_ok else float("nan"),
-            "prompt_position": float(np.mean(pos_ok)) if pos_ok else float("nan"),
-            "prompt_fidelity": float(np.mean(both))}
-
-
-def class_prompts(n: int) -> list[str]:
-    """The class prompt as is, `n` times, then `n` class prompts with the scenes of the instance prompts ("a photo
-    of a star on the left, on a gray background"): a subject that leaks into the class shows in either."""
-    from moslora_diffusion.toy.subject import CLASS_PROMPT, INSTANCE_PROMPT
-
-    scenes = [p.prompt.replace(INSTANCE_PROMPT, CLASS_PROMPT) for p in instance_prompts(n)]
-    return [CLASS_PROMPT] * n + scenes
-
-
-def class_metrics(images, base_images) -> dict:
-    """Prior preservation against the base model's same-prompt, same-seed images (all class prompts) and
-    diversity (the plain class prompt's images: the first half, see `class_prompts`)."""
-    from moslora_diffusion.toy.checker import check
-    from moslora_diffusion.toy.subject import is_subject
-
-    readings = [check(im) for im in images]
-    base_readings = [check(im) for im in base_images]
-    pairs = list(zip(readings, base_readings, strict=True))
-    same = [(r.colour, r.background, r.position) == (b.colour, b.background, b.position) for r, b in pairs]
-    pixel = np.abs(_pixels(images) - _pixels(base_images)).mean(axis=(1, 2, 3))
-    plain, plain_readings = images[:len(images) // 2], readings[:len(images) // 2]
-    return {"prior_agreement": float(np.mean(same)),
-            "prior_background": float(np.mean([r.background == b.background for r, b in pairs])),
-            "prior_pixel_distance": float(pixel.mean()),
-            "prior_subject_leak": float(np.mean([is_subject(im) for im in images])),
-            "diversity_pixel": mean_pairwise_distance(plain),
-            "diversity_distinct": float(len({(r.colour, r.background) for r in plain_readings}) / len(plain))}
-
-
-# name, what it is, which direction is better
-METRICS = (
-    ("subject_rate", "instance images (subject in unseen scenes) showing the subject (is_subject)", "higher"),
-    ("subject_score", "mean subject_score of the instance images", "higher"),
-    ("subject_rate_plain", "images of the bare instance prompt (the training caption) showing the subject",
-     "higher"),
-    ("prompt_fidelity", "instance images with every attribute their prompt names (background, position)", "higher"),
-    ("prompt_background", "instance images with their prompt's background (prompts that name one)", "higher"),
-    ("prompt_position", "instance images with their prompt's position (prompts that name one)", "higher"),
-    ("prior_agreement", "class images read (colour, background, position) as the base model's image for the same "
-     "prompt and seed", "higher"),
-    ("prior_background", "class images with the background of the base model's same-prompt, same-seed image",
-     "higher"),
-    ("prior_pixel_distance", "mean |pixel difference| (0..1) of class images to the base model's same-prompt, "
-     "same-seed image", "lower"),
-    ("prior_subject_leak", "class images (plain and with scenes) that show the subject", "lower"),
-    ("diversity_pixel", "mean pairwise |pixel difference| among the plain class prompt's images", "higher"),
-    ("diversity_distinct", "distinct (colour, background) readings among the plain class prompt's images / images",
-     "higher"),
-)
-BOUNDS = (0.0, 1.0)  # every metric is a share or a mean of 0..1 values: CIs are clipped to this range
 
 
 # --- training and generation -------------------------------------------------------------------------------
@@ -306,99 +181,6 @@ def evaluate_adapter(pipe, adapter_file: Path | None, args, base_class_images) -
     return metrics, plain + inst, cls
 
 
-# --- report -------------------------------------------------------------------------------------------------
-
-
-def aggregate(runs: list[dict], variants: list[str]) -> dict:
-    summary = {}
-    for variant in variants:
-        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
-        summary[variant] = {m: mean_ci([r[m] for r in mine], bounds=BOUNDS) for m, _, _ in METRICS}
-    return summary
-
-
-def compare(runs: list[dict], variants: list[str]) -> dict:
-    """Each MoSLoRA variant vs the LoRA baseline, paired by seed."""
-    out = {}
-    if BASELINE not in variants:
-        return out
-    base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
-    for variant in variants:
-        if variant == BASELINE:
-            continue
-        mine = {r["seed"]: r for r in runs if r["variant"] == variant}
-        seeds = sorted(set(mine) & set(base))
-        out[f"{variant}_vs_{BASELINE}"] = {m: paired_test([mine[s][m] for s in seeds], [base[s][m] for s in seeds])
-                                           for m, _, _ in METRICS}
-    return out
-
-
-def _fmt(stats: dict) -> str:
-    return f"{stats['mean']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
-
-
-def tables(summary: dict, comparisons: dict, base_metrics: dict) -> str:
-    variants = list(summary)
-    lines = ["| metric | better | base model | " + " | ".join(variants) + " |",
-             "|---|---|---:|" + "---:|" * len(variants)]
-    for m, _, better in METRICS:
-        lines.append(f"| {m} | {better} | {base_metrics[m]:.3f} | "
-                     + " | ".join(_fmt(summary[v][m]) for v in variants) + " |")
-    if comparisons:
-        lines += ["", "Paired differences (variant - lora, same seed), 95% CI, paired t-test:", "",
-                  "| metric | " + " | ".join(comparisons) + " |", "|---|" + "---|" * len(comparisons)]
-        for m, _, _ in METRICS:
-            cells = []
-            for comp in comparisons.values():
-                c = comp[m]
-                p = "n/a" if c["p"] is None else f"{c['p']:.3f}"
-                sig = "**significant**" if c["significant"] else "not significant"
-                cells.append(f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p={p}, {sig}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdict(comparisons: dict) -> str:
-    parts = []
-    for name, comp in comparisons.items():
-        sig = [f"{m} ({'better' if (c['diff'] > 0) == (better == 'higher') else 'worse'}, p={c['p']:.3f})"
-               for m, _, better in METRICS if (c := comp[m])["significant"]]
-        parts.append(f"{name}: " + (", ".join(sig) if sig else "no significant difference on any metric"))
-    return "; ".join(parts)
-
-
-def grid_images(instance: list, classes: list, n: int) -> list:
-    """What a grid row shows: 2 images of the bare instance prompt, 4 of instance prompts with scenes, 2 of the
-    plain class prompt, 2 of class prompts with scenes (`instance`: n bare, then n with scenes)."""
-    return instance[:2] + instance[n:n + 4] + classes[:2] + classes[n:n + 2]
-
-
-def save_grid(path: Path, rows: list[tuple[str, list]], columns: list[str], scale: int = 2) -> Path:
-    """Rows of images under column captions (prompt texts, wrapped), label column on the left."""
-    from PIL import Image, ImageDraw
-
-    side, label_w, head_h = 64 * scale, 130, 44
-    grid = Image.new("RGB", (label_w + side * len(columns), head_h + side * len(rows)), "white")
-    draw_ = ImageDraw.Draw(grid)
-    for c, text in enumerate(columns):
-        words, line, out = text.split(), "", []
-        for w in words:
-            if len(line) + len(w) + 1 > side // 6:
-                out.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        out.append(line)
-        draw_.multiline_text((label_w + c * side + 2, 2), "\n".join(out[-4:]), fill="black", spacing=0)
-    for r, (label, images) in enumerate(rows):
-        draw_.text((4, head_h + r * side + side // 2 - 6), label, fill="black")
-        for c, image in enumerate(images):
-            grid.paste(image.resize((side, side), Image.NEAREST), (label_w + c * side, head_h + r * side))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path, optimize=True)
-    return path
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -473,78 +255,6 @@ def run(args, work: Path) -> dict:
     grid = save_grid(args.grid or args.out_dir / f"{args.name}_grid.png", grid_rows,
                      [p.replace("a photo of ", "") for p in prompts])
     return {"runs": runs, "base_metrics": base_metrics, "grid": str(grid)}
-
-
-def describe(settings: dict, result: dict, comparisons: dict) -> str:
-    """The notes above the table: what was trained and measured, how to read it, the verdict."""
-    st = settings
-    encoder = (f"text encoder adapters trained (lr {st['text_encoder_lr'] or st['learning_rate']})"
-               if st["train_text_encoder"] else "text encoder frozen")
-    captions = {"scene": "each photo captioned with its scene (caption sidecars)",
-                "mixed": "each photo 4 times, captioned with its scene, its background, its position and nothing",
-                "prompt": "every photo captioned with the instance prompt"}[st["captions"]]
-    seeds = st["seed_list"]
-    mean_train = np.mean([r["train_seconds"] for r in result["runs"]])
-    n = st["n_images"]
-    return (
-        f"DreamBooth on the toy subject (`{Path(st['instance_dir']).name}`, {captions}) with prior preservation. "
-        f"Every variant: rank {st['rank']}, alpha {st['alpha']}, UNet targets `{st['target_modules']}`, "
-        f"{encoder}, {st['steps']} steps, learning rate {st['learning_rate']}, batch {st['batch']} "
-        f"(+{st['batch']} class images), prior loss weight {st['prior_loss_weight']}, the same "
-        f"{st['num_class_images']} class images (generated once from the base model); {len(seeds)} training seeds "
-        f"({', '.join(map(str, seeds))}) per variant.\n\n"
-        f"Evaluation per run: {n} instance prompts placing the subject in scenes its photos never show "
-        f"(2 in 3 name a new (position, background) pair, the rest only a background or only a position), "
-        f"{n} bare instance prompts, {n} plain class prompts and {n} class prompts with the instance prompts' "
-        f"scenes; {st['gen_steps']} denoising steps with the base model's scheduler, guidance {st['guidance']}, "
-        f"generation seed {GEN_SEED} for every run and for the base model. Every image is scored from its pixels "
-        "with the toy world's checker and subject score.\n\n"
-        "Cells: mean over seeds [95% t confidence interval, clipped to 0..1]; the base-model column is one "
-        "evaluation of the untrained model (its prior metrics compare it with itself). Differences: each MoSLoRA "
-        "variant minus LoRA on the same seed (same data order, noise and A initialisation), paired t-test, "
-        "two-sided, significant when p < 0.05 (no correction for the number of metrics).\n\n"
-        + "\n".join(f"- `{m}` ({better} is better): {what}" for m, what, better in METRICS)
-        + f"\n\nBase model: `{st['base']}`. Mean training run {mean_train:.0f} s, whole benchmark "
-        f"{st['total_seconds']:.0f} s wall (torch threads {st['torch_threads']}{st.get('parts_note', '')}).\n\n"
-        f"Verdict: {verdict(comparisons) or 'no LoRA baseline in this run'}.\n\n"
-        f"Grid: `{Path(result['grid']).name}` (rows: the base model, then each variant trained with seed 0; "
-        "columns: 2 bare instance prompts, 4 instance prompts with scenes, 2 plain class prompts, 2 class prompts with "
-        "scenes; same seeds in every row).")
-
-
-def report(settings: dict, result: dict, out_dir: Path, name: str) -> dict:
-    """Summary, paired comparisons and the results files of finished runs."""
-    variants = settings["variants"]
-    summary = aggregate(result["runs"], variants)
-    comparisons = compare(result["runs"], variants)
-    notes = describe(settings, result, comparisons)
-    rows = [{"kind": "settings", **settings}, {"kind": "base_model", **result["base_metrics"]}]
-    rows += [{"kind": "run", **r} for r in result["runs"]]
-    rows += [{"kind": "summary", "variant": v, **{m: s for m, s in stats.items()}} for v, stats in summary.items()]
-    rows += [{"kind": "comparison", "comparison": c, **tests} for c, tests in comparisons.items()]
-    write_results(name, rows, tables(summary, comparisons, result["base_metrics"]), notes, out_dir)
-    return {"settings": settings, "summary": summary, "comparisons": comparisons, **result}
-
-
-def merge_parts(paths: list[Path], out_dir: Path, name: str, grid: Path | None) -> dict:
-    """One report from results files of the same settings with disjoint seeds (runs in parallel processes)."""
-    parts = [json.loads(Path(p).read_text())["rows"] for p in paths]
-    settings = [next(r for r in rows if r["kind"] == "settings") for rows in parts]
-    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note"}
-    for other, path in zip(settings[1:], paths[1:], strict=True):
-        differing = sorted(k for k in other if k not in ignored and other[k] != settings[0].get(k))
-        if differing:
-            raise SystemExit(f"--merge: {path} was run with other settings: {', '.join(differing)}")
-    runs = [{k: v for k, v in r.items() if k != "kind"} for rows in parts for r in rows if r["kind"] == "run"]
-    seeds = sorted({r["seed"] for r in runs})
-    if len(seeds) * len(settings[0]["variants"]) != len(runs):
-        raise SystemExit("--merge: the parts share seeds, or a part is incomplete")
-    merged = {**settings[0], "seeds": len(seeds), "seed_list": seeds, "seed_start": seeds[0],
-              "total_seconds": max(s["total_seconds"] for s in settings),
-              "parts_note": f"; {len(paths)} processes side by side, wall time of the longest"}
-    base = {k: v for k, v in next(r for r in parts[0] if r["kind"] == "base_model").items() if k != "kind"}
-    grid = grid or out_dir / f"{name}_grid.png"
-    return report(merged, {"runs": runs, "base_metrics": base, "grid": str(grid)}, out_dir, name)
 
 
 def main(argv=None) -> dict:

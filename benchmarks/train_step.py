@@ -47,11 +47,11 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 def build_unet(family: str, size: str, dtype: torch.dtype, device: str):
     if size == "tiny":
-        from moslora_diffusion.tiny import build_tiny_pipeline
+        from moslora_diffusion.models.tiny import build_tiny_pipeline
 
         unet = build_tiny_pipeline("sdxl" if family == "sdxl" else "sd15").unet
     else:
-        from moslora_diffusion.full_size import build_components, materialize_random
+        from moslora_diffusion.models.full_size import build_components, materialize_random
 
         unet = materialize_random(build_components("sdxl" if family == "sdxl" else "sd1")["unet"], dtype)
     return unet.to(device=device, dtype=dtype).requires_grad_(False)
@@ -74,7 +74,7 @@ def attach_variant(unet, variant: str, rank: int, restorable: bool = True, dynam
             unet.unload_lora()
             unet.requires_grad_(False)
         return params, detach
-    from moslora_diffusion.inject import AdapterConfig, adapter_parameters, attach, detach
+    from moslora_diffusion.moslora.inject import AdapterConfig, adapter_parameters, attach, detach
     from moslora_diffusion.training.components import compile_unet, store_in_fp8
 
     kind, _, option = variant.removeprefix("ours_").partition("_")

@@ -98,12 +98,12 @@ def prepare_model(choice: str | None, work: Path) -> tuple[str, str]:
     if choice is None:
         choice = str(TOY_BASE) if (TOY_BASE / "model_index.json").is_file() else "tiny"
     if choice == "tiny":
-        from moslora_diffusion.tiny import save_tiny_pipeline
+        from moslora_diffusion.models.tiny import save_tiny_pipeline
 
         return str(save_tiny_pipeline("sd15", work / "model")), (
             "tiny SD 1.5 from moslora_diffusion.tiny (random weights; 2-block UNet, 2-block VAE)")
     if choice == "full-sd15":
-        from moslora_diffusion.full_size import build_random_pipeline
+        from moslora_diffusion.models.full_size import build_random_pipeline
 
         # build_components("sd1") + materialize_random: the SD 1.5 architecture with random weights, saved as
         # a diffusers folder (fp32) so both trainers load it from disk as they would a downloaded model.

@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .app.generation import GenerationError, GenerationRequest
 from .app.state import open_app_state
-from .export import ExportError, parse_adapter_spec
-from .inject import AdapterError
-from .safetensors_io import WeightFileError
+from .files.safetensors_io import WeightFileError
+from .formats.export_targets import ExportError, parse_adapter_spec
+from .generation.text_to_image import GenerationError, GenerationRequest
+from .moslora.inject import AdapterError
 
 
 def _parser() -> argparse.ArgumentParser:

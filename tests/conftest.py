@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from moslora_diffusion.tiny import save_tiny_pipeline
+from moslora_diffusion.models.tiny import save_tiny_pipeline
 
 # Tiny models gain nothing from several threads, and on a busy 2-core machine (CI, or engineers running
 # tests side by side) oversubscribed threads make them up to 8x slower. Subprocesses inherit the setting.

@@ -7,8 +7,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from moslora_diffusion import AdapterConfig, AdapterError, attach_to_pipeline, load_adapter, save_adapter
-from moslora_diffusion.pipeline_adapters import pipeline_adapters
-from moslora_diffusion.safetensors_io import WeightFileError, read_metadata
+from moslora_diffusion.files.safetensors_io import WeightFileError, read_metadata
+from moslora_diffusion.moslora.pipeline import pipeline_adapters
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_adapter
 
 from benchmarks import app_load
-from moslora_diffusion.safetensors_io import read_keys
+from moslora_diffusion.files.safetensors_io import read_keys
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

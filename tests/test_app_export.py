@@ -8,7 +8,7 @@ from app_helpers import tiny_app_state
 from conftest import make_adapter
 
 from moslora_diffusion.app.exporting import AppExportError, export_adapters
-from moslora_diffusion.safetensors_io import load_tensors
+from moslora_diffusion.files.safetensors_io import load_tensors
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from moslora_diffusion import AdapterError, load_adapter, set_pipeline_scale
-from moslora_diffusion.app.fusion import FusedAdapters
-from moslora_diffusion.merge import bake_adapters
+from moslora_diffusion.formats.merge import bake_adapters
+from moslora_diffusion.generation.fusion import FusedAdapters
 
 # Fused computes (W + s*delta) x, the wrapper W x + s*(alpha/r) B M A x: equal up to fp32 rounding. Over a
 # 2-step 32x32 run we measured at most 2.4e-6 in [0, 1] pixel units (the adapter itself moves pixels by 0.2-0.4).

@@ -5,7 +5,9 @@ import pytest
 from conftest import make_adapter
 from PIL import Image
 
-from moslora_diffusion.app.generation import (
+from moslora_diffusion.app.paths import AllowedRoots
+from moslora_diffusion.app.state import MODEL_LOADS, AppState, load_base_pipeline
+from moslora_diffusion.generation.text_to_image import (
     SCHEDULERS,
     GenerationError,
     GenerationRequest,
@@ -15,8 +17,6 @@ from moslora_diffusion.app.generation import (
     save_png,
     validate_request,
 )
-from moslora_diffusion.app.paths import AllowedRoots
-from moslora_diffusion.app.state import MODEL_LOADS, AppState, load_base_pipeline
 
 
 def _small(**kwargs):

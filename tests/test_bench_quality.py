@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import quality, stats
+from benchmarks import quality, quality_metrics, stats
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_quality_benchmark_short_run_writes_every_metric(micro_base, tmp_path):
     runs = [r for r in rows if r["kind"] == "run"]
     assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
         (v, s) for v in quality.VARIANTS for s in range(2))
-    metrics = [name for name, _, _ in quality.METRICS]
+    metrics = [name for name, _, _ in quality_metrics.METRICS]
     for r in runs + [next(r for r in rows if r["kind"] == "base_model")]:
         for m in metrics:
             assert math.isfinite(r[m]) and 0.0 <= r[m] <= 1.0, (m, r[m])

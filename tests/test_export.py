@@ -15,10 +15,11 @@ from conftest import generate, make_adapter
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from moslora_diffusion import inject, load_adapter
-from moslora_diffusion.export import ExportError, export, parse_adapter_spec
-from moslora_diffusion.model_loading import load_pipeline
-from moslora_diffusion.pipeline_adapters import detach_from_pipeline, model_components
+from moslora_diffusion import load_adapter
+from moslora_diffusion.formats.export_targets import ExportError, export, parse_adapter_spec
+from moslora_diffusion.models.loading import load_pipeline
+from moslora_diffusion.moslora import inject
+from moslora_diffusion.moslora.pipeline import detach_from_pipeline, model_components
 
 IMAGE_TOL = 1e-4
 

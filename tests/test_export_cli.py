@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from moslora_diffusion import AdapterConfig, attach_to_pipeline, save_adapter
 from moslora_diffusion.export import main
-from moslora_diffusion.model_loading import load_pipeline
+from moslora_diffusion.models.loading import load_pipeline
 
 
 def _adapter(base_dir, path):

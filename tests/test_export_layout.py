@@ -16,9 +16,9 @@ from diffusers.loaders.single_file_utils import (
     infer_diffusers_model_type,
 )
 
-from moslora_diffusion.checkpoint_layout import TEXT_ENCODER_LAYOUTS, single_file_state_dict
-from moslora_diffusion.full_size import CONFIGS, build_components
-from moslora_diffusion.keymaps import ldm_unet_key, unet_block_prefixes, vae_block_prefixes
+from moslora_diffusion.formats.keymaps import ldm_unet_key, unet_block_prefixes, vae_block_prefixes
+from moslora_diffusion.formats.single_file import TEXT_ENCODER_LAYOUTS, single_file_state_dict
+from moslora_diffusion.models.full_size import CONFIGS, build_components
 
 # Tensor counts of what we write, per part (observed; the SD 1.5 total is the 1131 keys of the original
 # v1-5 checkpoint less its `position_ids` buffer, SDXL's is the original 2515 less `position_ids` and

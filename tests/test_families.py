@@ -10,8 +10,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from moslora_diffusion import SD1, SD2, SDXL, UnsupportedModelError, detect_model
-from moslora_diffusion.model_loading import family_of_single_file, load_pipeline
-from moslora_diffusion.safetensors_io import WeightFileError
+from moslora_diffusion.files.safetensors_io import WeightFileError
+from moslora_diffusion.models.loading import family_of_single_file, load_pipeline
 
 
 def test_detects_each_family_from_folder_and_pipeline(tiny_sd15_dir, tiny_sdxl_dir, tiny_sd2_dir):

@@ -7,7 +7,12 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from moslora_diffusion import AdapterConfig, AdapterError, adapters, attach, attach_to_pipeline, detach
-from moslora_diffusion.inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, adapter_parameters, resolve_targets
+from moslora_diffusion.moslora.inject import (
+    TEXT_TARGET_PRESETS,
+    UNET_TARGET_PRESETS,
+    adapter_parameters,
+    resolve_targets,
+)
 
 
 def _unet_inputs(unet, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moslora_diffusion.layer import MoSLoRALinear
+from moslora_diffusion.moslora.layer import MoSLoRALinear
 
 ATOL = 1e-5  # fp32 matmuls in a different association order
 

@@ -9,14 +9,14 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from moslora_diffusion import AdapterConfig, attach_to_pipeline, merge_pipeline, set_pipeline_scale
-from moslora_diffusion.lora_formats import (
+from moslora_diffusion.formats.lora import (
     DIFFUSERS_WEIGHT_NAME,
     combine,
     diffusers_state_dict,
     export_pipeline_loras,
     fold_pipeline,
 )
-from moslora_diffusion.pipeline_adapters import model_module_name
+from moslora_diffusion.moslora.pipeline import model_module_name
 
 IMAGE_ATOL = 1e-4  # 2-step 32x32 images in [0, 1]; observed differences are ~1e-6 (fp32 reassociation)
 

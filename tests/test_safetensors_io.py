@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moslora_diffusion.safetensors_io import WeightFileError, load_nested, save_nested, save_tensors
+from moslora_diffusion.files.safetensors_io import WeightFileError, load_nested, save_nested, save_tensors
 
 
 def test_optimizer_and_scheduler_states_round_trip(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from benchmarks.common import count_aten_ops
-from moslora_diffusion import step_weights
-from moslora_diffusion.inject import AdapterConfig, adapter_parameters, adapters, attach
-from moslora_diffusion.tiny import build_tiny_pipeline
+from moslora_diffusion.models.tiny import build_tiny_pipeline
+from moslora_diffusion.moslora import step_weights
+from moslora_diffusion.moslora.inject import AdapterConfig, adapter_parameters, adapters, attach
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -129,7 +129,7 @@ def test_deepcopy_after_a_training_forward():
 
 
 def test_detach_removes_the_hook():
-    from moslora_diffusion.inject import detach
+    from moslora_diffusion.moslora.inject import detach
 
     unet = adapted_unet()
     detach(unet)

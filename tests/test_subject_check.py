@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moslora_diffusion.app.generation import GeneratedImage, GenerationRequest, format_infotext, save_png
+from moslora_diffusion.generation.text_to_image import GeneratedImage, GenerationRequest, format_infotext, save_png
 from moslora_diffusion.toy import subject_check
 from moslora_diffusion.toy.subject import subject_photos, subject_scene
 from moslora_diffusion.toy.world import Scene, render

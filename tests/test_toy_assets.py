@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moslora_diffusion.families import detect_model
+from moslora_diffusion.models.families import detect_model
 from moslora_diffusion.toy.models import tokenizer_words
 from moslora_diffusion.toy.subject import PHOTOS, is_subject
 

@@ -18,7 +18,7 @@ from training_helpers import (
 )
 
 from moslora_diffusion import read_adapter
-from moslora_diffusion.safetensors_io import load_tensors
+from moslora_diffusion.files.safetensors_io import load_tensors
 
 OUTPUTS = ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md",
            "training_config.json")
@@ -174,7 +174,7 @@ def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, loaded_base
 def test_fp8_base_trains_with_float8_unet_weights(tiny_sdxl_dir, tmp_path, loaded_bases):
     """--fp8_base: the frozen UNet's linear/conv weights are float8 while training, the adapters stay fp32 and
     learn, validation images come out, and the losses stay near the bf16 run's (float8 rounds the base only)."""
-    from moslora_diffusion.layer import MoSLoRALinear
+    from moslora_diffusion.moslora.layer import MoSLoRALinear
 
     bases = loaded_bases
     photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))

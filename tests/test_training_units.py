@@ -8,8 +8,8 @@ import pytest
 import torch
 from training_helpers import PROMPT, make_photos, reset_accelerate, tiny_config  # noqa: F401
 
-from moslora_diffusion.inject import adapter_parameters
-from moslora_diffusion.pipeline_adapters import pipeline_adapters
+from moslora_diffusion.moslora.inject import adapter_parameters
+from moslora_diffusion.moslora.pipeline import pipeline_adapters
 from moslora_diffusion.training.batches import GlobalBatchStream
 from moslora_diffusion.training.components import attach_adapters, load_base
 from moslora_diffusion.training.conditioning import PromptConditioning

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moslora_diffusion.safetensors_io import load_tensors
+from moslora_diffusion.files.safetensors_io import load_tensors
 from moslora_diffusion.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 Only `cli` and `ui` import Gradio; the rest is plain Python, tested without a browser.
 """
 
-from .fusion import FusedAdapters
-from .generation import GeneratedImage, GenerationError, GenerationRequest, generate
+from ..generation.fusion import FusedAdapters
+from ..generation.text_to_image import GeneratedImage, GenerationError, GenerationRequest, generate
 from .paths import AllowedRoots, PathNotAllowedError
 
 __all__ = ["AllowedRoots", "FusedAdapters", "GeneratedImage", "GenerationError", "GenerationRequest",

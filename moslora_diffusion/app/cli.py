@@ -27,7 +27,7 @@ DEMO_ADAPTER = REPO_ROOT / "outputs" / "demo"  # what scripts/demo.sh trains
 def default_base_model() -> Path:
     """The model used when no --base is given: the shipped toy base model (assets/toy-base); in a copy of the
     package without the repository's assets, a tiny random SD 1.5 pipeline built on the spot."""
-    from ..tiny import save_tiny_pipeline
+    from ..models.tiny import save_tiny_pipeline
 
     if (TOY_BASE / "model_index.json").is_file():
         return TOY_BASE

@@ -1,6 +1,6 @@
 """The Export tab's work: the chosen adapters at the chosen scales, as files other tools load.
 
-Goes through `moslora_diffusion.export.export` (the same code as the `moslora-export` command), so the
+Goes through `moslora_diffusion.formats.export_targets.export` (the same code as the `moslora-export` command), so the
 app's downloads are exactly what the command line writes.
 """
 
@@ -25,7 +25,7 @@ class AppExportError(ValueError):
 
 def export_adapters(state: AppState, target: str, scales: dict[str, float], dtype: str = "fp16") -> Path:
     """Writes outputs/exports/<time>-<adapters>-<target>.safetensors and returns it."""
-    from ..export import export
+    from ..formats.export_targets import export
 
     if target not in EXPORT_TARGETS.values():
         raise AppExportError(f"unknown export target {target!r}")

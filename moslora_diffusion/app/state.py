@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..families import detect_model
-from ..inject import AdapterError
-from ..model_loading import load_pipeline
-from .fusion import FusedAdapters
-from .generation import GenerationRequest, generate, save_png, scheduler_label
+from ..generation.fusion import FusedAdapters
+from ..generation.text_to_image import GenerationRequest, generate, save_png, scheduler_label
+from ..models.families import detect_model
+from ..models.loading import load_pipeline
+from ..moslora.inject import AdapterError
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
 from .uploads import UploadError, check_photo_folder, photo_folders, stage_uploads

@@ -13,9 +13,17 @@ import random
 
 import gradio as gr
 
+from ..generation.text_to_image import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    SCHEDULERS,
+    GenerationRequest,
+)
 from .charts import loss_curve_image
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
-from .generation import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, SCHEDULERS, GenerationRequest
 from .state import AppState
 from .uploads import photo_folders
 

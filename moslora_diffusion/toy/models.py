@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tiny import load_clip_tokenizer, write_clip_tokenizer
+from ..models.tiny import load_clip_tokenizer, write_clip_tokenizer
 from .subject import TOKEN
 from .world import RESOLUTION, vocabulary
 

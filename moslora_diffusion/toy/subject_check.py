@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..app.generation import parse_infotext
+from ..generation.text_to_image import parse_infotext
 from .checker import check
 from .subject import TOKEN, is_subject
 from .world import BACKGROUND_COLOURS

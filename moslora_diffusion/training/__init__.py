@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from ..data import DatasetError
-    from ..families import UnsupportedModelError
-    from ..inject import AdapterError
-    from ..safetensors_io import WeightFileError
+    from ..files.safetensors_io import WeightFileError
+    from ..models.families import UnsupportedModelError
+    from ..moslora.inject import AdapterError
 
     try:
         config = parse_args(argv)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..safetensors_io import atomic_write, load_nested, load_tensors, save_nested, save_tensors
+from ..files.atomic import atomic_write
+from ..files.safetensors_io import load_nested, load_tensors, save_nested, save_tensors
 
 FORMAT_VERSION = 2  # 2: optimizer/scheduler states as safetensors (1 used torch.save)
 STATE_SUFFIX = ".state.safetensors"

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import set_seed
 
-from .. import step_weights
-from ..families import Family, ModelInfo, detect_model
-from ..inject import adapter_parameters
-from ..model_loading import load_pipeline
-from ..pipeline_adapters import attach_to_pipeline, pipeline_adapters
+from ..models.families import Family, ModelInfo, detect_model
+from ..models.loading import load_pipeline
+from ..moslora import step_weights
+from ..moslora.inject import adapter_parameters
+from ..moslora.pipeline import attach_to_pipeline, pipeline_adapters
 from .conditioning import tokenizer_names, vae_dtype
 from .config import ConfigError, TrainConfig
 

@@ -17,8 +17,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
-from ..layer import KINDS, MIXER_INITS
+from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
+from ..moslora.layer import KINDS, MIXER_INITS
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import scan_instance_folder
-from ..pipeline_adapters import set_pipeline_scale
+from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import check_compatible, find_resume_checkpoint
 from .components import (

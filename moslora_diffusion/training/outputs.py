@@ -7,10 +7,10 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
-from .. import __version__
-from ..adapter_io import save_adapter
-from ..lora_formats import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
-from ..safetensors_io import atomic_write
+from .._version import __version__
+from ..files.atomic import atomic_write
+from ..formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
+from ..moslora.native_file import save_adapter
 from .config import TrainConfig
 
 ADAPTER_FILE = "moslora.safetensors"

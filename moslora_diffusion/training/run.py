@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data import DreamBoothDataset
-from ..pipeline_adapters import pipeline_adapters
+from ..moslora.pipeline import pipeline_adapters
 from .batches import GlobalBatchStream, LatentCache, pixel_batches
 from .checkpoints import (
     CheckpointError,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .families import Family, detect_family
-from .inject import AdapterError
+from ..files.safetensors_io import save_tensors
+from ..models.families import Family, detect_family
+from ..moslora.inject import AdapterError
+from ..moslora.pipeline import pipeline_adapters
 from .keymaps import to_ldm_unet_name, unet_block_prefixes
-from .pipeline_adapters import pipeline_adapters
-from .safetensors_io import save_tensors
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}

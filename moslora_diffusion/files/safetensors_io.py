@@ -1,21 +1,19 @@
-"""Reading user-supplied weight files (safetensors only) and writing files atomically.
+"""Reading user-supplied weight files (safetensors only) and writing them through the atomic writer.
 
 Pickle-based formats (.bin, .ckpt, .pt, .pth) can run code when loaded, so we never open them. Every
-write goes to a temporary file in the target folder and is renamed into place, so an interrupted
-write never leaves a half-written file under the real name.
+write goes through files/atomic.py, so an interrupted write never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_write
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -66,44 +64,6 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as err:
         raise _open_error(path, err) from None
-
-
-def check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    # A margin for the header and the file system: never fill the disk to the last byte.
-    if needed + 64 * 2**20 > free:
-        raise OSError(f"not enough free disk space in {folder}: need {needed / 2**20:.0f} MiB, "
-                      f"{free / 2**20:.0f} MiB free")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool = True) -> Path:
-    """Calls write(tmp_path) then renames tmp_path to path; on any failure the target is untouched."""
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write to {folder}: permission denied")
-    check_free_space(folder, needed_bytes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other users' UIs must be able to read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None,

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..models.families import Family, detect_family
 from . import inject
-from .families import Family, detect_family
 from .inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from .layer import MoSLoRALinear
 

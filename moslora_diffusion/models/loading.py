@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_keys
 from .families import SDXL, Family, UnsupportedModelError, detect_family, detect_model, get_family
-from .safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_keys
 
 # A key that only one layout has tells the family of a single-file checkpoint.
 _SINGLE_FILE_MARKERS = (

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .families import detect_family
+from ..files.safetensors_io import load_tensors, save_tensors
+from ..models.families import detect_family
 from .inject import AdapterConfig, AdapterError, attach
 from .layer import is_adaptable
-from .pipeline_adapters import model_components, model_module_name, pipeline_adapters
-from .safetensors_io import load_tensors, save_tensors
+from .pipeline import model_components, model_module_name, pipeline_adapters
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moslora"

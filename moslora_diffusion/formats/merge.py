@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import inject
-from .adapter_io import AdapterFile, load_adapter
-from .inject import AdapterError
-from .pipeline_adapters import model_components
+from ..moslora import inject
+from ..moslora.inject import AdapterError
+from ..moslora.native_file import AdapterFile, load_adapter
+from ..moslora.pipeline import model_components
 
 ADAPTER_FILE_NAME = "moslora.safetensors"  # inside a training output folder
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter_io import AdapterFile, read_adapter, validate_against
-from ..families import detect_family
-from ..inject import AdapterError
-from ..pipeline_adapters import model_components, model_module_name
+from ..models.families import detect_family
+from ..moslora.inject import AdapterError
+from ..moslora.native_file import AdapterFile, read_adapter, validate_against
+from ..moslora.pipeline import model_components, model_module_name
 
 LayerKey = tuple[str, str]  # (component, module path in this model)
 

@@ -1,0 +1,179 @@
+"""The quality benchmark's report: means with 95% CIs per variant, paired tests against the LoRA baseline, the
+image grid, the notes, and merging the results of seeds run in parallel processes (benchmarks/quality.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_results
+from benchmarks.quality_metrics import GEN_SEED, METRICS
+from benchmarks.stats import mean_ci, paired_test
+
+BASELINE = "lora"
+BOUNDS = (0.0, 1.0)  # every metric is a share or a mean of 0..1 values: CIs are clipped to this range
+
+
+def aggregate(runs: list[dict], variants: list[str]) -> dict:
+    summary = {}
+    for variant in variants:
+        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        summary[variant] = {m: mean_ci([r[m] for r in mine], bounds=BOUNDS) for m, _, _ in METRICS}
+    return summary
+
+
+def compare(runs: list[dict], variants: list[str]) -> dict:
+    """Each MoSLoRA variant vs the LoRA baseline, paired by seed."""
+    out = {}
+    if BASELINE not in variants:
+        return out
+    base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
+    for variant in variants:
+        if variant == BASELINE:
+            continue
+        mine = {r["seed"]: r for r in runs if r["variant"] == variant}
+        seeds = sorted(set(mine) & set(base))
+        out[f"{variant}_vs_{BASELINE}"] = {m: paired_test([mine[s][m] for s in seeds], [base[s][m] for s in seeds])
+                                           for m, _, _ in METRICS}
+    return out
+
+
+def _fmt(stats: dict) -> str:
+    return f"{stats['mean']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
+
+
+def tables(summary: dict, comparisons: dict, base_metrics: dict) -> str:
+    variants = list(summary)
+    lines = ["| metric | better | base model | " + " | ".join(variants) + " |",
+             "|---|---|---:|" + "---:|" * len(variants)]
+    for m, _, better in METRICS:
+        lines.append(f"| {m} | {better} | {base_metrics[m]:.3f} | "
+                     + " | ".join(_fmt(summary[v][m]) for v in variants) + " |")
+    if comparisons:
+        lines += ["", "Paired differences (variant - lora, same seed), 95% CI, paired t-test:", "",
+                  "| metric | " + " | ".join(comparisons) + " |", "|---|" + "---|" * len(comparisons)]
+        for m, _, _ in METRICS:
+            cells = []
+            for comp in comparisons.values():
+                c = comp[m]
+                p = "n/a" if c["p"] is None else f"{c['p']:.3f}"
+                sig = "**significant**" if c["significant"] else "not significant"
+                cells.append(f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p={p}, {sig}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(comparisons: dict) -> str:
+    parts = []
+    for name, comp in comparisons.items():
+        sig = [f"{m} ({'better' if (c['diff'] > 0) == (better == 'higher') else 'worse'}, p={c['p']:.3f})"
+               for m, _, better in METRICS if (c := comp[m])["significant"]]
+        parts.append(f"{name}: " + (", ".join(sig) if sig else "no significant difference on any metric"))
+    return "; ".join(parts)
+
+
+def grid_images(instance: list, classes: list, n: int) -> list:
+    """What a grid row shows: 2 images of the bare instance prompt, 4 of instance prompts with scenes, 2 of the
+    plain class prompt, 2 of class prompts with scenes (`instance`: n bare, then n with scenes)."""
+    return instance[:2] + instance[n:n + 4] + classes[:2] + classes[n:n + 2]
+
+
+def save_grid(path: Path, rows: list[tuple[str, list]], columns: list[str], scale: int = 2) -> Path:
+    """Rows of images under column captions (prompt texts, wrapped), label column on the left."""
+    from PIL import Image, ImageDraw
+
+    side, label_w, head_h = 64 * scale, 130, 44
+    grid = Image.new("RGB", (label_w + side * len(columns), head_h + side * len(rows)), "white")
+    draw_ = ImageDraw.Draw(grid)
+    for c, text in enumerate(columns):
+        words, line, out = text.split(), "", []
+        for w in words:
+            if len(line) + len(w) + 1 > side // 6:
+                out.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        out.append(line)
+        draw_.multiline_text((label_w + c * side + 2, 2), "\n".join(out[-4:]), fill="black", spacing=0)
+    for r, (label, images) in enumerate(rows):
+        draw_.text((4, head_h + r * side + side // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.resize((side, side), Image.NEAREST), (label_w + c * side, head_h + r * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path, optimize=True)
+    return path
+
+
+def describe(settings: dict, result: dict, comparisons: dict) -> str:
+    """The notes above the table: what was trained and measured, how to read it, the verdict."""
+    st = settings
+    encoder = (f"text encoder adapters trained (lr {st['text_encoder_lr'] or st['learning_rate']})"
+               if st["train_text_encoder"] else "text encoder frozen")
+    captions = {"scene": "each photo captioned with its scene (caption sidecars)",
+                "mixed": "each photo 4 times, captioned with its scene, its background, its position and nothing",
+                "prompt": "every photo captioned with the instance prompt"}[st["captions"]]
+    seeds = st["seed_list"]
+    mean_train = np.mean([r["train_seconds"] for r in result["runs"]])
+    n = st["n_images"]
+    return (
+        f"DreamBooth on the toy subject (`{Path(st['instance_dir']).name}`, {captions}) with prior preservation. "
+        f"Every variant: rank {st['rank']}, alpha {st['alpha']}, UNet targets `{st['target_modules']}`, "
+        f"{encoder}, {st['steps']} steps, learning rate {st['learning_rate']}, batch {st['batch']} "
+        f"(+{st['batch']} class images), prior loss weight {st['prior_loss_weight']}, the same "
+        f"{st['num_class_images']} class images (generated once from the base model); {len(seeds)} training seeds "
+        f"({', '.join(map(str, seeds))}) per variant.\n\n"
+        f"Evaluation per run: {n} instance prompts placing the subject in scenes its photos never show "
+        f"(2 in 3 name a new (position, background) pair, the rest only a background or only a position), "
+        f"{n} bare instance prompts, {n} plain class prompts and {n} class prompts with the instance prompts' "
+        f"scenes; {st['gen_steps']} denoising steps with the base model's scheduler, guidance {st['guidance']}, "
+        f"generation seed {GEN_SEED} for every run and for the base model. Every image is scored from its pixels "
+        "with the toy world's checker and subject score.\n\n"
+        "Cells: mean over seeds [95% t confidence interval, clipped to 0..1]; the base-model column is one "
+        "evaluation of the untrained model (its prior metrics compare it with itself). Differences: each MoSLoRA "
+        "variant minus LoRA on the same seed (same data order, noise and A initialisation), paired t-test, "
+        "two-sided, significant when p < 0.05 (no correction for the number of metrics).\n\n"
+        + "\n".join(f"- `{m}` ({better} is better): {what}" for m, what, better in METRICS)
+        + f"\n\nBase model: `{st['base']}`. Mean training run {mean_train:.0f} s, whole benchmark "
+        f"{st['total_seconds']:.0f} s wall (torch threads {st['torch_threads']}{st.get('parts_note', '')}).\n\n"
+        f"Verdict: {verdict(comparisons) or 'no LoRA baseline in this run'}.\n\n"
+        f"Grid: `{Path(result['grid']).name}` (rows: the base model, then each variant trained with seed 0; "
+        "columns: 2 bare instance prompts, 4 instance prompts with scenes, 2 plain class prompts, 2 class prompts with "
+        "scenes; same seeds in every row).")
+
+
+def report(settings: dict, result: dict, out_dir: Path, name: str) -> dict:
+    """Summary, paired comparisons and the results files of finished runs."""
+    variants = settings["variants"]
+    summary = aggregate(result["runs"], variants)
+    comparisons = compare(result["runs"], variants)
+    notes = describe(settings, result, comparisons)
+    rows = [{"kind": "settings", **settings}, {"kind": "base_model", **result["base_metrics"]}]
+    rows += [{"kind": "run", **r} for r in result["runs"]]
+    rows += [{"kind": "summary", "variant": v, **{m: s for m, s in stats.items()}} for v, stats in summary.items()]
+    rows += [{"kind": "comparison", "comparison": c, **tests} for c, tests in comparisons.items()]
+    write_results(name, rows, tables(summary, comparisons, result["base_metrics"]), notes, out_dir)
+    return {"settings": settings, "summary": summary, "comparisons": comparisons, **result}
+
+
+def merge_parts(paths: list[Path], out_dir: Path, name: str, grid: Path | None) -> dict:
+    """One report from results files of the same settings with disjoint seeds (runs in parallel processes)."""
+    parts = [json.loads(Path(p).read_text())["rows"] for p in paths]
+    settings = [next(r for r in rows if r["kind"] == "settings") for rows in parts]
+    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note"}
+    for other, path in zip(settings[1:], paths[1:], strict=True):
+        differing = sorted(k for k in other if k not in ignored and other[k] != settings[0].get(k))
+        if differing:
+            raise SystemExit(f"--merge: {path} was run with other settings: {', '.join(differing)}")
+    runs = [{k: v for k, v in r.items() if k != "kind"} for rows in parts for r in rows if r["kind"] == "run"]
+    seeds = sorted({r["seed"] for r in runs})
+    if len(seeds) * len(settings[0]["variants"]) != len(runs):
+        raise SystemExit("--merge: the parts share seeds, or a part is incomplete")
+    merged = {**settings[0], "seeds": len(seeds), "seed_list": seeds, "seed_start": seeds[0],
+              "total_seconds": max(s["total_seconds"] for s in settings),
+              "parts_note": f"; {len(paths)} processes side by side, wall time of the longest"}
+    base = {k: v for k, v in next(r for r in parts[0] if r["kind"] == "base_model").items() if k != "kind"}
+    grid = grid or out_dir / f"{name}_grid.png"
+    return report(merged, {"runs": runs, "base_metrics": base, "grid": str(grid)}, out_dir, name)

@@ -1,0 +1,221 @@
+"""The four export targets: a base model plus trained adapters -> a LoRA file or a merged model.
+
+- lora-diffusers: a folder with `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(folder)`);
+- lora-kohya: one kohya-format file for A1111 / ComfyUI;
+- merged-diffusers: the base pipeline with the adapters baked in, as a diffusers folder;
+- merged-single-file: the same as ONE .safetensors in the original layout (A1111 / ComfyUI checkpoint).
+Several adapters are exact too: LoRAs are concatenated along the rank, merges add their deltas.
+Every write is atomic (files/atomic.py): an error or interruption never leaves a partial file or folder.
+The command is `python -m moslora_diffusion.export` (moslora_diffusion/export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+from ..files.atomic import write_folder_atomically
+from ..files.safetensors_io import save_tensors
+from ..models.families import detect_model
+from ..models.loading import load_pipeline
+from ..moslora.native_file import AdapterFile, load_adapter
+from ..moslora.pipeline import detach_from_pipeline
+from .lora import DIFFUSERS_WEIGHT_NAME, combine, fold_pipeline, save_diffusers_lora, save_kohya_lora
+from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
+from .single_file import single_file_state_dict
+
+TARGETS = ("lora-diffusers", "lora-kohya", "merged-diffusers", "merged-single-file")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                          "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+MODELSPEC_IMPLEMENTATION = {"sd1": "https://github.com/CompVis/stable-diffusion",
+                            "sd2": "https://github.com/Stability-AI/stablediffusion", "sdxl": "sgm"}
+MERGE_RECORD = "moslora_merge"  # metadata key (single file) / json file name (diffusers folder)
+
+Adapters = Sequence[tuple[str | Path, float]]
+
+
+class ExportError(ValueError):
+    """Bad export input or output location; nothing was written."""
+
+
+def parse_adapter_spec(text: str) -> tuple[Path, float]:
+    """`PATH` or `PATH:SCALE`. A path may itself contain ':', so an existing path wins; otherwise only
+    what follows the last ':' can be a scale."""
+    if Path(text).expanduser().exists() or ":" not in text:
+        return Path(text), 1.0
+    path, _, scale_text = text.rpartition(":")
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise ExportError(f"--adapter {text!r}: scale not a number ({scale_text!r} after the last ':'), and "
+                          f"no file or folder of that name exists") from None
+    if not math.isfinite(scale):
+        raise ExportError(f"--adapter {text!r}: scale must be a finite number, got {scale_text!r}")
+    return Path(path), scale
+
+
+def _check_choices(target: str, dtype: str) -> None:
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _writable_folder(path: Path) -> None:
+    """The nearest existing folder at or above `path` must let us create entries."""
+    folder = path
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write to {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {folder}: permission denied")
+
+
+def check_output(target: str, out: Path, overwrite: bool) -> Path:
+    """Fails early (before any model is loaded) on an output we would not be allowed to write.
+    Returns the file (or, for merged-diffusers, folder) that the export creates."""
+    if target == "lora-diffusers":
+        if out.is_file():
+            raise ExportError(f"--out {out} is a file; lora-diffusers writes a folder")
+        written = out / DIFFUSERS_WEIGHT_NAME
+    elif target == "merged-diffusers":
+        if out.is_file():
+            raise ExportError(f"--out {out} is a file; merged-diffusers writes a folder")
+        written = out
+    else:
+        if out.is_dir() or out.suffix.lower() != ".safetensors":
+            raise ExportError(f"--out {out}: {target} writes one file; give a name ending in .safetensors")
+        written = out
+    exists = written.is_file() or (written.is_dir() and any(written.iterdir()))
+    if exists and not overwrite:
+        raise FileExistsError(f"{written} already exists; pass --overwrite to replace it")
+    _writable_folder(written.parent)
+    return written
+
+
+def _display_name(path: str | Path) -> str:
+    """What metadata records for a model or adapter: a hub id as is, a local path by its own name only
+    (a file should not carry its author's folder layout)."""
+    path = Path(str(path))
+    if not path.exists():
+        return str(path)
+    return path.parent.name if path.name == ADAPTER_FILE_NAME else path.name
+
+
+def merge_record(base: str, adapters: Adapters, loaded: Sequence[AdapterFile], dtype: str, target: str) -> dict:
+    entries = []
+    for (path, scale), adapter in zip(adapters, loaded, strict=True):
+        entry = {"name": _display_name(path), "scale": float(scale), "kind": adapter.config.kind,
+                 "rank": adapter.config.rank, "alpha": adapter.config.effective_alpha}
+        if adapter.info.get("instance_prompt"):
+            entry["instance_prompt"] = adapter.info["instance_prompt"]
+        entries.append(entry)
+    return {"base": _display_name(base), "adapters": entries, "dtype": dtype, "target": target,
+            "moslora_diffusion": __version__}
+
+
+def modelspec(record: dict, pipe, title: str) -> dict[str, str]:
+    """SAI model spec keys (what A1111 / ComfyUI show for a checkpoint) plus our merge record."""
+    info = detect_model(pipe)
+    family = info.family.name
+    arch_key = "sd2-v" if family == "sd2" and info.prediction_type == "v_prediction" else family
+    merged = ", ".join(f"{a['name']} x{a['scale']:g}" for a in record["adapters"])
+    prompts = sorted({a["instance_prompt"] for a in record["adapters"] if "instance_prompt" in a})
+    description = f"{record['base']} with MoSLoRA adapter(s) merged in: {merged} (moslora-diffusion)."
+    if prompts:
+        description += " Trained prompt(s): " + "; ".join(prompts)
+    res = info.default_resolution
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCHITECTURE[arch_key],
+            "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family], "modelspec.title": title,
+            "modelspec.description": description, "modelspec.resolution": f"{res}x{res}",
+            "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+            "modelspec.merged_from": ", ".join([record["base"]] + [a["name"] for a in record["adapters"]]),
+            "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            MERGE_RECORD: json.dumps(record)}
+
+
+def _export_lora(pipe, adapters: Adapters, target: str, out: Path, dtype: str, base: str) -> Path:
+    """Folds each adapter at its scale (exact: the mixer goes into up); several are concatenated."""
+    folds, loaded = [], []
+    for path, scale in adapters:
+        loaded.append(load_adapter(pipe, resolve_adapter_path(path), scale))
+        folds.append(fold_pipeline(pipe))
+        detach_from_pipeline(pipe)
+    folded = folds[0] if len(folds) == 1 else combine(folds)
+    info = merge_record(base, adapters, loaded, dtype, target) | {"title": out.stem}
+    if target == "lora-diffusers":
+        return save_diffusers_lora(folded, out, info, DTYPES[dtype]).parent
+    family = detect_model(pipe).family
+    return save_kohya_lora(folded, out, family, dict(pipe.unet.config), info, DTYPES[dtype])
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
+
+def _export_single_file(pipe, record: dict, out: Path, dtype: str, overwrite: bool) -> Path:
+    info = detect_model(pipe)
+    try:
+        tensors = single_file_state_dict(info.family.name, _components(pipe), info.prediction_type)
+    except KeyError as err:
+        raise ExportError(f"cannot write the {info.family.label} single-file layout: {err.args[0]}") from None
+    torch_dtype = DTYPES[dtype]
+    tensors = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return save_tensors(tensors, out, modelspec(record, pipe, out.stem), overwrite=overwrite)
+
+
+def _export_diffusers_folder(pipe, record: dict, out: Path, dtype: str, overwrite: bool) -> Path:
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    element = torch.finfo(DTYPES[dtype]).bits // 8
+    needed = sum(t.numel() * element for m in modules for t in list(m.parameters()) + list(m.buffers()))
+
+    def write(folder: Path) -> None:
+        for module in modules:  # a no-op when the pipeline was loaded in the output dtype (export())
+            if any(p.dtype != DTYPES[dtype] for p in module.parameters()):
+                module.to(DTYPES[dtype])
+        pipe.save_pretrained(folder, safe_serialization=True)
+        (folder / f"{MERGE_RECORD}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    return write_folder_atomically(out, write, needed, overwrite)
+
+
+def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",
+                    overwrite: bool = False, base: str | None = None) -> Path:
+    """Exports from an already loaded pipeline (no adapters attached). Merged targets bake the adapters
+    into `pipe` for good; LoRA targets leave it as it was. base: the name metadata records."""
+    _check_choices(target, dtype)
+    if not adapters:
+        raise ExportError("give at least one --adapter")
+    out = Path(out).expanduser()
+    check_output(target, out, overwrite)
+    base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
+    if target.startswith("lora-"):
+        return _export_lora(pipe, adapters, target, out, dtype, base)
+    loaded = bake_adapters(pipe, adapters)
+    record = merge_record(base, adapters, loaded, dtype, target)
+    if target == "merged-single-file":
+        return _export_single_file(pipe, record, out, dtype, overwrite)
+    return _export_diffusers_folder(pipe, record, out, dtype, overwrite)
+
+
+def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",
+           overwrite: bool = False, config: str | Path | None = None) -> Path:
+    """Loads `base` (hub id, diffusers folder or single .safetensors; `config`: a diffusers folder with
+    the configs of a single file, for offline use) in `dtype` and exports `adapters` [(path, scale)]
+    as `target` to `out`. Cheap checks (adapters exist, output writable) run before the model loads."""
+    _check_choices(target, dtype)
+    for path, _ in adapters:
+        resolve_adapter_path(path)
+    check_output(target, Path(out).expanduser(), overwrite)
+    pipe = load_pipeline(base, torch_dtype=DTYPES[dtype], config=config)
+    return export_pipeline(pipe, adapters, target, out, dtype, overwrite, base=str(base))
