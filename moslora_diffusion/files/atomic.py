@@ -13,11 +13,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# Room left free beyond what a write needs (headers, the file system): never fill the disk to the last byte.
+FREE_SPACE_MARGIN = 64 * 2**20
+
 
 def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
-    # A margin for the header and the file system: never fill the disk to the last byte.
-    if needed + 64 * 2**20 > free:
+    if needed + FREE_SPACE_MARGIN > free:
         raise OSError(f"not enough free disk space in {folder}: need {needed / 2**20:.0f} MiB, "
                       f"{free / 2**20:.0f} MiB free")
 

@@ -1,7 +1,8 @@
 """Resumable checkpoints, written so that a crash at any moment never leaves one that looks complete.
 
 A checkpoint is a folder `checkpoint-<step>` holding the adapter weights, the optimizer, scheduler,
-EMA and grad-scaler states and `state.json` (step, family, adapter settings, the list of files). It is
+EMA and grad-scaler states and `state.json` (step, family, adapter settings, the optimizer and batch
+settings its state was made with (training/resume.py), the list of files). It is
 written as `checkpoint-<step>.tmp`, `state.json` last, then renamed: a folder without the `.tmp` suffix
 whose state.json lists only files that exist is complete. `latest` considers complete ones only.
 Only the adapters are stored, never the frozen base model (a few MB instead of GB).
@@ -24,7 +25,7 @@ from ..files.safetensors_io import load_nested, load_tensors, save_nested, save_
 FORMAT_VERSION = 2  # 2: optimizer/scheduler states as safetensors (1 used torch.save)
 STATE_SUFFIX = ".state.safetensors"
 STATE_FILE = "state.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +72,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
         return []
     found = []
     for path in folder.iterdir():
-        if path.is_dir() and _NAME.match(path.name):
+        if path.is_dir() and CHECKPOINT_NAME.match(path.name):
             try:
                 found.append(read_checkpoint(path))
             except CheckpointError as err:

@@ -30,8 +30,10 @@ REPORT_TO = ("tensorboard", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 # Settings that steer a run without defining what it learns: they may differ when a run is resumed in
-# the same output folder (e.g. more steps, another checkpoint interval).
+# the same output folder (e.g. more steps, another checkpoint interval). output_dir is where the run lives,
+# not what it is: a run folder that was moved or renamed still resumes.
 RUN_CONTROL_FIELDS = frozenset({
+    "output_dir",
     "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
     "validation_inference_steps", "report_to", "logging_dir", "logging_steps", "dataloader_num_workers",

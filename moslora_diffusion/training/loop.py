@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..data import scan_instance_folder
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
-from .checkpoints import check_compatible, find_resume_checkpoint
+from .checkpoints import check_compatible
 from .components import (
     adapter_targets,
     attach_adapters,
@@ -33,8 +33,10 @@ from .components import (
 from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
+from .output_location import check_room
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
 from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
+from .resume import find_resume
 from .run import Run, restore, save, setup_run, start_batches
 from .validation import run_validation
 
@@ -74,9 +76,11 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
+    resume = find_resume(config, accelerator.num_processes)  # other optimizer / batch settings: refused here
     base = load_base(config, accelerator.device)
     trainable = attach_adapters(base, config)
-    resume = find_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    check_room(config, sum(p.numel() for params in trainable.values() for p in params), len(records),
+               accelerator.num_processes, resume.step if resume else 0)  # now that the adapter's size is known
     if resume is not None:
         check_compatible(resume, base.family.name, config.adapter_config.to_dict(), adapter_targets(base))
     elif config.resume_from_checkpoint and accelerator.is_main_process:

@@ -1,9 +1,12 @@
-"""The output folder: refuse to mix two runs, record the configuration, write the final files and model card."""
+"""The output folder: refuse to mix two runs or to touch files that are not ours, record the configuration
+and what the run wrote (the manifest), write the final files and the model card."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,7 +14,11 @@ from .._version import __version__
 from ..files.atomic import atomic_write
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ..moslora.native_file import save_adapter
+from .checkpoints import CHECKPOINT_NAME, list_checkpoints
 from .config import TrainConfig
+from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
+from .manifest import owns, read_manifest, record_written, write_manifest
+from .output_location import OutputDirError, check_room, check_writable
 
 ADAPTER_FILE = "moslora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -22,17 +29,20 @@ PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
 
 
-class OutputDirError(ValueError):
-    """The output folder holds something this run must not overwrite."""
+def _logs_name(logging_dir: str) -> str | None:
+    """The top-level entry --logging_dir creates inside the output folder (None: it lies elsewhere)."""
+    parts = Path(logging_dir).parts
+    return parts[0] if parts and not Path(logging_dir).is_absolute() and parts[0] != ".." else None
 
 
-def _artifacts(config: TrainConfig) -> set[str]:
-    """Top-level names a run writes into its output folder (besides checkpoint-N)."""
-    return set(FINAL_FILES) | {VALIDATION_DIR, PROGRESS_FILE, Path(config.logging_dir).parts[0]}
+def _run_names(logging_dir: str) -> set[str]:
+    """Fixed top-level names a run writes (besides checkpoint-N)."""
+    return {*FINAL_FILES, VALIDATION_DIR, PROGRESS_FILE} | ({_logs_name(logging_dir)} - {None})
 
 
-def _is_artifact(name: str, config: TrainConfig) -> bool:
-    return name in _artifacts(config) or name.startswith("checkpoint-")
+def _is_run_name(name: str, logging_dir: str) -> bool:
+    base = name.removesuffix(".tmp").removesuffix(".old")
+    return name in _run_names(logging_dir) or bool(CHECKPOINT_NAME.match(base))
 
 
 def _is_class_dir(path: Path, config: TrainConfig) -> bool:
@@ -41,72 +51,143 @@ def _is_class_dir(path: Path, config: TrainConfig) -> bool:
                 and Path(config.class_data_dir).resolve() == path.resolve())
 
 
-def _stored_config(folder: Path) -> dict | None:
+def read_record(folder: str | Path) -> dict | None:
+    """The folder's training_config.json when it is one of ours ({"config", "plan", "inputs"?, ...}), else None."""
     try:
-        return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
-    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+        record = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if isinstance(record, dict) and "moslora_diffusion_version" in record and isinstance(record.get("config"), dict):
+        return record
+    return None
+
+
+def _run_files(folder: Path, record: dict | None) -> set[str]:
+    """The entries of `folder` that a run of ours wrote: its manifest, or, for a run written before runs kept
+    one (a readable training_config.json of ours and no manifest), the entries under the names a run writes."""
+    listed = read_manifest(folder)
+    if listed is None and record is not None:
+        logging_dir = record["config"].get("logging_dir") or "logs"
+        listed = {p.name for p in folder.iterdir() if _is_run_name(p.name, logging_dir)}
+    return {p.name for p in folder.iterdir() if owns(p.name, listed)} if listed else set()
+
+
+def _entries(folder: Path, config: TrainConfig) -> list[str]:
+    # Hidden files (.DS_Store, the manifest, our temporary files) and class images the run keeps inside its
+    # folder (their generation may have been interrupted before anything else was written) do not count.
+    return sorted(p.name for p in folder.iterdir() if not (p.name.startswith(".") or _is_class_dir(p, config))
+                  ) if folder.is_dir() else []
 
 
 def check_output_dir(config: TrainConfig) -> None:
-    """Raises unless the folder is new, empty, or holds this same run (which may then be resumed).
+    """Raises OutputDirError unless the folder can be written and is new, empty, or holds this same run (which
+    may then be resumed); with --overwrite_output_dir, unless every file whose name a run writes is a run's.
 
     Read-only: with --overwrite_output_dir the clean-up happens later, in prepare_output_dir, once every
-    input has been checked.
+    input has been checked. Files that no run of ours wrote are never deleted nor overwritten.
     """
+    check_writable(config.output_dir)
+    check_room(config)
     folder = Path(config.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise OutputDirError(f"--output_dir {folder} is a file, not a folder")
-    # Hidden files (.DS_Store, our own temporary files) and class images the run keeps inside its folder
-    # (their generation may have been interrupted before anything else was written) do not count.
-    entries = [p for p in folder.iterdir() if not (p.name.startswith(".") or _is_class_dir(p, config))
-               ] if folder.is_dir() else []
-    if config.overwrite_output_dir or not entries:
+    entries = _entries(folder, config)
+    if not entries:
         return
-    foreign = sorted(p.name for p in entries if not _is_artifact(p.name, config))
-    if foreign:
-        raise OutputDirError(f"--output_dir {folder} already holds other files ({', '.join(foreign[:5])}); choose "
-                             "an empty folder or pass --overwrite_output_dir")
-    stored = _stored_config(folder)
-    if stored is None:
-        raise OutputDirError(f"--output_dir {folder} holds training files but no readable {CONFIG_FILE}; choose "
-                             "another folder or pass --overwrite_output_dir")
+    record = read_record(folder)
+    ours = _run_files(folder, record)
+    foreign = [name for name in entries if name not in ours]
+    clashing = [name for name in foreign if _is_run_name(name, config.logging_dir)]
+    if clashing:
+        raise OutputDirError(f"--output_dir {folder} holds {', '.join(clashing[:5])}, which no run of ours wrote "
+                             "but this run would write; choose another --output_dir (files that are not a run's "
+                             "are never deleted or overwritten, not even with --overwrite_output_dir)")
+    if not ours:
+        if not config.overwrite_output_dir:
+            raise OutputDirError(f"--output_dir {folder} already holds other files ({', '.join(foreign[:5])}); "
+                                 "choose an empty folder, or pass --overwrite_output_dir to train beside them "
+                                 "(it deletes only what an earlier run wrote)")
+        return
+    if config.overwrite_output_dir:
+        return
+    if record is None:
+        raise OutputDirError(f"--output_dir {folder} holds a run without a readable {CONFIG_FILE}; choose another "
+                             "--output_dir, or pass --overwrite_output_dir to delete that run's files (checkpoints "
+                             "included)")
+    _check_same_run(folder, record, config)
+
+
+def _as_flag(name: str, value) -> str:
+    """The command-line form of a setting's value."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"(no --{name})" if value is None else f"--{name} {shlex.quote(str(value))}"
+
+
+def _check_same_run(folder: Path, record: dict, config: TrainConfig) -> None:
     ours = config.run_defining()
     # A setting newer than the stored run had its default there: a run started before an update still resumes.
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    stored = {k: stored.get(k, defaults[k]) for k in ours}
-    differing = sorted(k for k in ours if stored[k] != ours[k])
-    if differing:
-        changes = ", ".join(f"{k}: {stored[k]!r} -> {ours[k]!r}" for k in differing[:5])
-        raise OutputDirError(f"--output_dir {folder} holds a different run ({changes}); choose another folder, "
-                             "or pass --overwrite_output_dir to replace it")
+    stored = {k: record["config"].get(k, defaults[k]) for k in ours}
+    inputs = record.get("inputs") or {}
+    differing = [k for k in sorted(ours) if not same_setting(k, stored[k], inputs.get(k), ours[k])]
+    if not differing:
+        return
+    then = {k: stored_path(k, stored[k], inputs.get(k)) for k in differing}  # paths resolved, as compared
+    now = {k: resolve_path_setting(ours[k]) if k in PATH_SETTINGS else ours[k] for k in differing}
+    changes = ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in differing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an incomplete checkpoint is reported when the run resumes
+        checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        raise OutputDirError(f"--output_dir {folder} holds a different run ({changes}); choose another --output_dir,"
+                             " or pass --overwrite_output_dir to delete that run's files")
+    flags = " ".join(_as_flag(k, then[k]) for k in differing)
+    raise OutputDirError(f"--output_dir {folder} holds a resumable run (up to checkpoint-{checkpoints[-1].step}) "
+                         f"with other settings ({changes}); to continue it pass {flags} --resume_from_checkpoint "
+                         "latest, or choose another --output_dir for a new run (--overwrite_output_dir would delete "
+                         "its checkpoints)")
 
 
 def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
-    """Creates the folder (clearing a previous run's files with --overwrite_output_dir) and records the config."""
+    """Creates the folder (deleting the previous run's files with --overwrite_output_dir), starts or adopts
+    its manifest and records the config."""
     folder = Path(config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    ours = _run_files(folder, read_record(folder))
     if config.overwrite_output_dir:
-        # Only what a run of ours wrote: a stale checkpoint would otherwise be resumed by `latest`.
-        for path in folder.iterdir():
-            if _is_artifact(path.name, config) and path.is_dir():
+        # Exactly what a run of ours wrote: a stale checkpoint would otherwise be resumed by `latest`.
+        for name in ours:
+            path = folder / name
+            if _is_class_dir(path, config):  # the class images this run is about to train on
+                continue
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif _is_artifact(path.name, config):
+            else:
                 path.unlink()
+        kept = set()
+    else:  # `ours` adopts the files of a run written before runs kept a manifest
+        kept = (read_manifest(folder) or set()) | ours
+    # The trackers create the logging folder when the run starts, outside any writer of ours.
+    logs = {_logs_name(config.logging_dir)} - {None} if config.report_to != "none" else set()
+    write_manifest(folder, kept | logs)
     write_config(config, plan)
 
 
 def append_progress(output_dir: str | Path, records: list[dict]) -> None:
     """Appends {"step", "total", "loss"} / {"step", "validation_images"} lines (readers skip a partial line)."""
-    with open(Path(output_dir) / PROGRESS_FILE, "a", encoding="utf-8") as f:
+    path = Path(output_dir) / PROGRESS_FILE
+    if not path.exists():
+        record_written(output_dir, PROGRESS_FILE)
+    with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
 
 
 def write_config(config: TrainConfig, plan: dict, result: dict | None = None) -> Path:
-    record = {"moslora_diffusion_version": __version__, "config": config.to_dict(), "plan": plan}
+    record = {"moslora_diffusion_version": __version__, "config": config.to_dict(), "plan": plan,
+              "inputs": input_record(config)}
     if result is not None:
         record["result"] = result
     text = json.dumps(record, indent=2, sort_keys=True)
+    record_written(config.output_dir, CONFIG_FILE)
     return atomic_write(Path(config.output_dir) / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
 
 
@@ -114,6 +195,7 @@ def write_final_files(pipe, config: TrainConfig, plan: dict, result: dict,
                       validation_images: list[Path]) -> dict[str, Path]:
     """moslora.safetensors, the folded diffusers and kohya LoRAs, the model card and the config."""
     folder = Path(config.output_dir)
+    record_written(folder, ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE)
     info = {"base_model": config.pretrained_model_name_or_path, "instance_prompt": config.instance_prompt,
             "class_prompt": config.class_prompt if config.with_prior_preservation else None,
             "prediction_type": plan["prediction_type"], "resolution": plan["resolution"],

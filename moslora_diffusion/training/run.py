@@ -24,11 +24,13 @@ from .components import BaseModel, adapter_targets
 from .conditioning import PromptConditioning
 from .config import TrainConfig
 from .ema import AdapterEMA
+from .manifest import record_written
 from .objective import RowLayout
 from .optim import make_lr_scheduler, make_optimizer, param_groups
 from .plan import RunPlan
 from .posterior_store import PosteriorStore, default_cache_dir
 from .posteriors import PosteriorMemo
+from .resume import resume_settings
 
 
 @dataclass
@@ -105,13 +107,15 @@ def save(run: Run, step: int) -> None:
         config, base = run.config, run.base
         state = {"family": base.family.name, "adapter": config.adapter_config.to_dict(),
                  "targets": adapter_targets(base), "seed": config.seed,
-                 "ema_updates": run.ema.num_updates if run.ema else None}
+                 "ema_updates": run.ema.num_updates if run.ema else None,
+                 "settings": resume_settings(config, acc.num_processes)}
         tensors = {"adapter": adapter_tensors(pipeline_adapters(base.pipe))}
         if run.ema:
             tensors["ema"] = run.ema.tensors()
         objects = {"optimizer": run.optimizer.state_dict(), "scheduler": run.lr_scheduler.state_dict()}
         if acc.scaler is not None:
             objects["scaler"] = acc.scaler.state_dict()
+        record_written(config.output_dir, f"checkpoint-{step}")
         save_checkpoint(config.output_dir, step, state, tensors, objects)
         prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
     acc.wait_for_everyone()
@@ -128,6 +132,7 @@ def restore(run: Run, info: CheckpointInfo) -> None:
             getattr(layers[component][module], f"lora_{part}").copy_(value)
     run.optimizer.load_state_dict(objects["optimizer"])
     run.lr_scheduler.load_state_dict(objects["scheduler"])
+    resume_schedule(run.lr_scheduler, run.optimizer)
     if run.ema is not None:
         if "ema" not in tensors:
             raise CheckpointError(f"checkpoint {info.path} has no EMA weights, but this run uses --use_ema")
@@ -135,3 +140,18 @@ def restore(run: Run, info: CheckpointInfo) -> None:
     if run.accelerator.scaler is not None and "scaler" in objects:
         run.accelerator.scaler.load_state_dict(objects["scaler"])
     run.start_step = info.step
+
+
+def resume_schedule(lr_scheduler, optimizer) -> None:
+    """The rate of the resumed step under this run's schedule: the optimizer state carries the rate the
+    checkpoint's schedule set, and a changed --lr_scheduler, --lr_warmup_steps or --max_train_steps must apply
+    from the first resumed step on. Unchanged settings give the same rate bit for bit (the same product).
+
+    The diffusers schedules are LambdaLR: rate = base rate x lambda(step); the lambdas are this run's, the
+    base rates and step the checkpoint's (equal to this run's, resume.py checks).
+    """
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for group, base, rate in zip(optimizer.param_groups, lr_scheduler.base_lrs, lambdas, strict=True):
+        group["lr"] = base * rate(lr_scheduler.last_epoch)

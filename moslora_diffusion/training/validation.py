@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .manifest import record_written
 from .outputs import VALIDATION_DIR, append_progress
 
 
@@ -48,6 +49,7 @@ def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=No
         images = generate_images(pipe, config.validation_prompt, config.num_validation_images,
                                  config.validation_inference_steps, resolution, config.seed, autocast)
     folder = Path(config.output_dir) / VALIDATION_DIR
+    record_written(config.output_dir, VALIDATION_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
