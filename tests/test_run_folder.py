@@ -28,8 +28,10 @@ from training_helpers import (
 )
 
 from moslora_diffusion.training import CheckpointError, OutputDirError
+from moslora_diffusion.training.checkpoints import read_checkpoint, save_checkpoint
 from moslora_diffusion.training.manifest import MANIFEST_FILE, read_manifest
 from moslora_diffusion.training.outputs import prepare_output_dir
+from moslora_diffusion.training.resume import check_resume_settings
 
 MIB = 2**20
 
@@ -238,6 +240,14 @@ def test_resuming_with_a_setting_the_checkpoint_restores_is_refused(tiny_sd15_di
     message = _error(excinfo)
     assert named in message and "pass the checkpoint's values to resume from it" in message
     assert not (tmp_path / "b").exists()
+
+
+def test_a_checkpoint_whose_settings_are_unknown_is_resumed_with_a_warning(tmp_path):
+    """No "settings" in its state.json and no training_config.json beside it: nothing to compare, so say so."""
+    info = read_checkpoint(save_checkpoint(tmp_path / "handed-over", 3, {"family": "sd1"}, {}, {}))
+    config = tiny_config(Path("m"), tmp_path, tmp_path / "b", learning_rate=5e-3)
+    with pytest.warns(UserWarning, match="does not record the settings it was made with"):
+        check_resume_settings(info, config, num_processes=1)
 
 
 def test_settings_a_resume_may_change_apply_and_are_recorded(tiny_sd15_dir, tmp_path, checkpoint_a):
