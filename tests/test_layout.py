@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moslora_diffusion"
-LAYERS = {"_version": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3, "generation": 3,
+LAYERS = {"_version": 0, "checks": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3, "generation": 3,
           "training": 4, "toy": 4, "app": 5}
 TOP = 6  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"export", "generate", "tiny"}
