@@ -31,6 +31,7 @@ from moslora_diffusion.app.ui import build_ui
 from moslora_diffusion.checks import SCALE_MAX, SCALE_MIN
 from moslora_diffusion.export import main as export_main
 from moslora_diffusion.formats.export_targets import export
+from moslora_diffusion.formats.merge import bake_adapters
 from moslora_diffusion.generation.text_to_image import GenerationRequest
 from moslora_diffusion.models.loading import load_pipeline
 from moslora_diffusion.training import TrainConfig
@@ -158,6 +159,9 @@ CASES = [
           "--learning_rate must be a finite number > 0, got inf"),
     _case("api", lambda w: export(w.base, [(w.run, NAN)], "lora-kohya", w.out / "x.safetensors"),
           "must be a finite number between -1 and 2"),
+    # every scale checked before the first adapter is baked in for good (the message says which check spoke)
+    _case("api", lambda w: bake_adapters(w.app.pipe, [(w.run, 1.0), (w.run, 5.0)]),
+          "' must be between -1 and 2, got 5.0"),  # set_scale would say 'adapter scale must be'
     _case("api", _nan_adapter_file, "moslora_B holds NaN or inf values"),
 ]
 

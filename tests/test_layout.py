@@ -1,7 +1,7 @@
 """The package's layering: every import points down, and no module imports itself back in a cycle.
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
-files -> models, data -> moslora -> formats, generation -> training, toy -> app -> the package face and
+checks, files -> models, data -> moslora -> formats, generation -> training, toy -> app -> the package face and
 the commands (moslora_diffusion/*.py). The README's "Code layout" section states the same table.
 """
 

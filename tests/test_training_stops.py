@@ -185,6 +185,14 @@ def test_ctrl_c_during_gradient_accumulation_discards_the_partial_step(tiny_sd15
     assert str(err.value).startswith("Stopped by Ctrl-C at step 3 of 6 (the unfinished step 4 was discarded); "
                                      f"checkpoint-3 in {out} holds this state.")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # Resumed, and stopped again before a step finished: checkpoint-3 already holds that state, so it is not rewritten.
+    written = (out / "checkpoint-3" / "state.json").stat().st_mtime_ns
+    monkeypatch.undo()
+    _sigint_at(monkeypatch, loop, "micro_step_loss", lambda run, batch, micro_step: micro_step == 3 * 2)
+    with pytest.raises(TrainingInterrupted, match=r"at step 3 of 6 \(the unfinished step 4 was discarded\); "
+                                                  "checkpoint-3 in .* holds this state"):
+        run_training(tiny_config(tiny_sd15_dir, photos, out, resume_from_checkpoint="latest", **SETTINGS))
+    assert (out / "checkpoint-3" / "state.json").stat().st_mtime_ns == written
     monkeypatch.undo()
     _resume_and_compare(tiny_sd15_dir, photos, out, uninterrupted)
 

@@ -151,7 +151,9 @@ def train_loop(run: Run) -> list[float]:
     progress = tqdm(total=plan.max_train_steps, initial=run.start_step, desc="training", unit="step",
                     disable=not acc.is_main_process, dynamic_ncols=True)
     pending, losses = [], []
-    done = saved = step = run.start_step  # the last finished step; the last step a checkpoint holds; the step run
+    done = step = run.start_step  # the last finished step; the step being run
+    # the last step a checkpoint in output_dir holds (a run resumed from another folder has none there yet)
+    saved = run.start_step if (Path(config.output_dir) / f"checkpoint-{run.start_step}").is_dir() else 0
     with CtrlC(enabled=acc.num_processes == 1) as ctrl_c:
         try:
             for step in range(run.start_step + 1, plan.max_train_steps + 1):
