@@ -18,11 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from .checks import OneLineErrorParser
 from .formats.export_targets import DTYPES, TARGETS, export, parse_adapter_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moslora-export", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="moslora-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     parser.add_argument("--adapter", action="append", required=True, metavar="PATH[:SCALE]",
                         help="training output folder or adapter file, optionally with a scale (default 1.0); "

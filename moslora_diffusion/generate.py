@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 from .app.state import open_app_state
+from .checks import OneLineErrorParser
 from .files.safetensors_io import WeightFileError
 from .formats.export_targets import ExportError, parse_adapter_spec
-from .generation.text_to_image import GenerationError, GenerationRequest
+from .generation.text_to_image import GenerationError, GenerationRequest, validate_request
 from .moslora.inject import AdapterError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="training output folder or adapter file, optionally with a scale (default 1.0)")
@@ -37,19 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _requests(args: argparse.Namespace, scales: dict[str, float], size: int) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
+                              guidance=args.guidance, width=size, height=size, scheduler=args.sampler, scales=scales,
+                              compare_with_base=args.compare_with_base)
+            for prompt in args.prompt for seed in args.seeds]
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     specs = [parse_adapter_spec(text) for text in args.adapter]
+    # Every number is checked before the model loads. The model's own size is known only once it is loaded
+    # (and is always valid), so 512 stands in for it here when --size is not given.
+    for request in _requests(args, {}, args.size or 512):
+        validate_request(request)
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
-    size = args.size or state.default_size
     written = []
-    for prompt in args.prompt:
-        for seed in args.seeds:
-            request = GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
-                                        steps=args.steps, guidance=args.guidance, width=size, height=size,
-                                        scheduler=args.sampler, scales=scales,
-                                        compare_with_base=args.compare_with_base)
-            written += [saved.path for saved in state.generate(request)]
+    for request in _requests(args, scales, args.size or state.default_size):
+        written += [saved.path for saved in state.generate(request)]
     return written
 
 

@@ -47,7 +47,7 @@ def _pixels(image):
     (dict(steps=500), "steps must be between 1 and 150"),
     (dict(num_images=20), "number of images must be between 1 and 8"),
     (dict(seed=2**40), "seed must be between"),
-    (dict(guidance="lots"), "guidance must be a number"),
+    (dict(guidance="lots"), r"guidance \(CFG scale\) must be a number"),
     (dict(steps="ten"), "steps must be a whole number"),
     (dict(scheduler="LMS Karras"), "unknown scheduler"),
     (dict(scales={"cat": 1.0}), "no adapter loaded named cat"),

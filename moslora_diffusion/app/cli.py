@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..checks import OneLineErrorParser
+
 log = logging.getLogger("moslora_diffusion.app")
 CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).expanduser()
 
@@ -61,7 +63,7 @@ def _auth(text: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="app.py", description="Generate, export and train MoSLoRA adapters in "
+    parser = OneLineErrorParser(prog="app.py", description="Generate, export and train MoSLoRA adapters in "
                                      "a web UI.")
     parser.add_argument("--base", help="hub id, diffusers folder or single .safetensors checkpoint "
                         "(default: the shipped toy model, assets/toy-base, with the demo's adapter outputs/demo "

@@ -141,10 +141,9 @@ class AppState:
                        resolution: int | None = None, validation_steps: int = 100, folder: str | None = None,
                        uploads: list | None = None) -> TrainingJob:
         """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app."""
-        settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", int(steps or 0),
-                                    int(rank or 0), int(resolution) if resolution else None,
-                                    int(validation_steps or 0))
-        settings.check()  # before any upload is copied
+        settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", steps, rank,
+                                    resolution or None, validation_steps or 0)
+        settings.check()  # every number finite and in range, before any upload is copied
         if uploads:
             staged = stage_uploads(uploads, new_run_dir(self.outputs / "uploads", instance_prompt))
             settings.instance_dir = staged[0].parent

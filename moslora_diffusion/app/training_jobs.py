@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from ..checks import Range, number_problems
 from .paths import ADAPTER_FILE_NAME
 
 TRAINER = Path(__file__).resolve().parents[2] / "train_dreambooth.py"
@@ -34,6 +35,16 @@ class TrainingError(ValueError):
     """Bad training settings, or a job that cannot be started."""
 
 
+# The numbers a training request takes, with where they may lie (checked in one place, TrainingSettings.check).
+SETTINGS_RANGES = {
+    "steps": Range(1, MAX_TRAIN_STEPS, integer=True),
+    "rank": Range(1, MAX_RANK, integer=True),
+    "resolution": Range(64, 2048, integer=True, multiple_of=8, optional=True),
+    "validation_steps": Range(0, MAX_TRAIN_STEPS, integer=True, label="validation every N steps"),
+    "learning_rate": Range(0, 1, open_lower=True, label="learning rate"),
+}
+
+
 @dataclass
 class TrainingSettings:
     instance_dir: Path
@@ -46,17 +57,15 @@ class TrainingSettings:
     learning_rate: float = 1e-4
 
     def check(self) -> None:
-        problems = []
-        if not self.instance_prompt.strip():
-            problems.append("enter an instance prompt with a trigger word, e.g. 'a photo of sks dog'")
-        if not 1 <= int(self.steps) <= MAX_TRAIN_STEPS:
-            problems.append(f"steps must be between 1 and {MAX_TRAIN_STEPS}")
-        if not 1 <= int(self.rank) <= MAX_RANK:
-            problems.append(f"rank must be between 1 and {MAX_RANK}")
-        if self.resolution is not None and (not 64 <= int(self.resolution) <= 2048 or int(self.resolution) % 8):
-            problems.append("resolution must be a multiple of 8 between 64 and 2048")
+        """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate)."""
+        problems = [] if self.instance_prompt.strip() else [
+            "enter an instance prompt with a trigger word, e.g. 'a photo of sks dog'"]
+        numbers = {name: getattr(self, name) for name in SETTINGS_RANGES}
+        problems += number_problems(numbers, SETTINGS_RANGES)
         if problems:
             raise TrainingError("; ".join(problems))
+        for name, value in numbers.items():
+            setattr(self, name, SETTINGS_RANGES[name].clean(value))
 
 
 def build_command(base: str, settings: TrainingSettings, output_dir: Path, config: str | None = None,

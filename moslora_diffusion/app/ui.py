@@ -13,6 +13,7 @@ import random
 
 import gradio as gr
 
+from ..checks import SCALE_MAX, SCALE_MIN
 from ..generation.text_to_image import (
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -85,7 +86,7 @@ def _generate_tab(state: AppState, res: int) -> dict:
                 c["height"] = gr.Slider(64, MAX_SIDE, value=res, step=8, label="Height", elem_id="height")
                 c["count"] = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="count")
             names = state.fusion.names()  # adapters loaded at start-up have their slider from the first paint
-            c["slots"] = [gr.Slider(-1, 2, step=0.05, elem_id=f"scale-{i}", visible=i < len(names),
+            c["slots"] = [gr.Slider(SCALE_MIN, SCALE_MAX, step=0.05, elem_id=f"scale-{i}", visible=i < len(names),
                                     value=state.fusion.scales[names[i]] if i < len(names) else 1.0,
                                     label=f"{names[i]} scale" if i < len(names) else f"adapter {i} scale")
                           for i in range(MAX_SLOTS)]

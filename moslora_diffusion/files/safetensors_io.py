@@ -22,6 +22,27 @@ class WeightFileError(ValueError):
     """A weights file is missing, not safetensors, or damaged."""
 
 
+class NonFiniteError(WeightFileError):
+    """Weights about to be written hold NaN or inf values (a diverged training run, an fp16 overflow)."""
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return True
+    if tensor.element_size() == 1:  # float8: isfinite has no kernel for it everywhere
+        tensor = tensor.to(torch.float16)
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raises NonFiniteError naming the first tensor with a NaN or inf value: no file we write may hold one
+    (a NaN adapter loads without complaint everywhere and draws black or noise images)."""
+    for key, tensor in tensors.items():
+        if not _all_finite(tensor):
+            raise NonFiniteError(f"refusing to write {path}: {key} holds NaN or inf values (a diverged training "
+                                 "run, or a value too large for the chosen dtype); nothing was written")
+
+
 def _check_readable(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightFileError(f"{path}: only .safetensors files are accepted; pickle files ({path.suffix}) can "
@@ -68,9 +89,13 @@ def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None,
                  overwrite: bool = True) -> Path:
-    """Atomic safetensors write; metadata values that are not strings are stored as JSON."""
+    """Atomic safetensors write; metadata values that are not strings are stored as JSON.
+
+    Raises NonFiniteError (before anything is written) when a floating-point tensor holds NaN or inf.
+    """
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_finite(tensors, path)
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), needed, overwrite)
 

@@ -12,7 +12,6 @@ The command is `python -m moslora_diffusion.export` (moslora_diffusion/export.py
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -21,8 +20,9 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..checks import SCALE, as_number, check_number
 from ..files.atomic import write_folder_atomically
-from ..files.safetensors_io import save_tensors
+from ..files.safetensors_io import check_finite, save_tensors
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.native_file import AdapterFile, load_adapter
@@ -48,18 +48,21 @@ class ExportError(ValueError):
 
 def parse_adapter_spec(text: str) -> tuple[Path, float]:
     """`PATH` or `PATH:SCALE`. A path may itself contain ':', so an existing path wins; otherwise only
-    what follows the last ':' can be a scale."""
+    what follows the last ':' can be a scale, which must be finite and within SCALE_MIN..SCALE_MAX (the
+    app's slider range). Raises ExportError naming the problem."""
     if Path(text).expanduser().exists() or ":" not in text:
         return Path(text), 1.0
     path, _, scale_text = text.rpartition(":")
-    try:
-        scale = float(scale_text)
-    except ValueError:
+    if as_number(scale_text) is None:
         raise ExportError(f"--adapter {text!r}: scale not a number ({scale_text!r} after the last ':'), and "
-                          f"no file or folder of that name exists") from None
-    if not math.isfinite(scale):
-        raise ExportError(f"--adapter {text!r}: scale must be a finite number, got {scale_text!r}")
-    return Path(path), scale
+                          f"no file or folder of that name exists")
+    return Path(path), check_number(f"--adapter {text!r}: the scale", scale_text, SCALE, ExportError)
+
+
+def _check_scales(adapters: Adapters) -> None:
+    """Every (path, scale) pair's scale finite and within SCALE_MIN..SCALE_MAX, before anything is loaded."""
+    for path, scale in adapters:
+        check_number(f"scale of adapter {str(path)!r}", scale, SCALE, ExportError)
 
 
 def _check_choices(target: str, dtype: str) -> None:
@@ -183,6 +186,7 @@ def _export_diffusers_folder(pipe, record: dict, out: Path, dtype: str, overwrit
         for module in modules:  # a no-op when the pipeline was loaded in the output dtype (export())
             if any(p.dtype != DTYPES[dtype] for p in module.parameters()):
                 module.to(DTYPES[dtype])
+            check_finite(module.state_dict(), out)  # save_pretrained does not go through save_tensors
         pipe.save_pretrained(folder, safe_serialization=True)
         (folder / f"{MERGE_RECORD}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
@@ -196,6 +200,7 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     _check_choices(target, dtype)
     if not adapters:
         raise ExportError("give at least one --adapter")
+    _check_scales(adapters)
     out = Path(out).expanduser()
     check_output(target, out, overwrite)
     base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
@@ -214,6 +219,7 @@ def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, d
     the configs of a single file, for offline use) in `dtype` and exports `adapters` [(path, scale)]
     as `target` to `out`. Cheap checks (adapters exist, output writable) run before the model loads."""
     _check_choices(target, dtype)
+    _check_scales(adapters)
     for path, _ in adapters:
         resolve_adapter_path(path)
     check_output(target, Path(out).expanduser(), overwrite)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checks import SCALE, check_number
 from ..moslora import inject
 from ..moslora.inject import AdapterError
 from ..moslora.native_file import AdapterFile, load_adapter
@@ -41,8 +42,9 @@ def bake_adapters(pipe, adapters: Sequence[tuple[str | Path, float]]) -> list[Ad
         raise AdapterError("no adapter given to merge")
     if any(inject.adapters(m) for m in model_components(pipe).values()):
         raise AdapterError("the pipeline already has MoSLoRA adapters attached; detach or bake them first")
-    # Every path is resolved first: a missing second file fails before the first one is merged.
-    resolved = [(resolve_adapter_path(path), float(scale)) for path, scale in adapters]
+    # Every path and scale is checked first: a bad second adapter fails before the first one is merged.
+    resolved = [(resolve_adapter_path(path), check_number(f"scale of adapter {str(path)!r}", scale, SCALE,
+                                                          AdapterError)) for path, scale in adapters]
     loaded = []
     for path, scale in resolved:
         loaded.append(load_adapter(pipe, path, scale))

@@ -11,7 +11,6 @@ moving a slider any number of times never drifts, and scale 0 everywhere restore
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import SCALE, check_number
 from ..models.families import detect_family
 from ..moslora.inject import AdapterError
 from ..moslora.native_file import AdapterFile, read_adapter, validate_against
@@ -88,7 +88,7 @@ class FusedAdapters:
 
     def add(self, name: str, path: str | Path, scale: float = 0.0) -> FoldedAdapter:
         """Reads, checks (family, modules, shapes) and registers an adapter; on any error nothing changes."""
-        scale = _finite(scale, name)
+        scale = _checked(scale, name)
         if name in self.adapters:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
         adapter = read_adapter(path)
@@ -126,7 +126,7 @@ class FusedAdapters:
         if unknown:
             loaded = ", ".join(self.adapters) or "none"
             raise AdapterError(f"unknown adapter(s): {', '.join(unknown)}; loaded: {loaded}")
-        new = {name: _finite(value, name) for name, value in scales.items()}
+        new = {name: _checked(value, name) for name, value in scales.items()}
         with self._lock:
             changed = [name for name, value in new.items() if value != self.scales[name]]
             self.scales.update(new)
@@ -156,8 +156,5 @@ class FusedAdapters:
         return ", ".join(f"{n}: {s:g}" for n, s in self.scales.items()) or "none"
 
 
-def _finite(value, name: str) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise AdapterError(f"scale of {name!r} must be a finite number, got {value}")
-    return value
+def _checked(value, name: str) -> float:
+    return check_number(f"scale of {name!r}", value, SCALE, AdapterError)

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..checks import MAX_SEED, SCALE, Range, number_problems
 from .fusion import FusedAdapters
 
 MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
-MAX_SEED = 2**32 - 1
 # Label shown to users (and written as A1111's "Sampler") -> diffusers scheduler class.
 SCHEDULERS = {
     "DPM++ 2M": "DPMSolverMultistepScheduler",
@@ -62,54 +62,41 @@ class GeneratedImage:
     seed: int
 
 
-def _as_int(value, name: str, problems: list[str]) -> int:
-    try:
-        number = float(value)
-        if number != int(number):
-            raise ValueError
-        return int(number)
-    except (TypeError, ValueError, OverflowError):
-        problems.append(f"{name} must be a whole number, got {value!r}")
-        return 0
-
-
-def _check_ranges(req: GenerationRequest, problems: list[str]) -> None:
-    for name, side in (("width", req.width), ("height", req.height)):
-        if not 64 <= side <= MAX_SIDE or side % 8:
-            problems.append(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE} px, got {side}")
-    if not 1 <= req.steps <= MAX_STEPS:
-        problems.append(f"steps must be between 1 and {MAX_STEPS}, got {req.steps}")
-    if not 1 <= req.num_images <= MAX_IMAGES:
-        problems.append(f"number of images must be between 1 and {MAX_IMAGES}, got {req.num_images}")
-    if not -1 <= req.seed <= MAX_SEED:
-        problems.append(f"seed must be between 0 and {MAX_SEED} (or -1 for random), got {req.seed}")
-    if not 0.0 <= req.guidance <= MAX_GUIDANCE:
-        problems.append(f"guidance (CFG scale) must be between 0 and {MAX_GUIDANCE:g}, got {req.guidance}")
-    if req.scheduler not in SCHEDULERS:
-        problems.append(f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+# Every number of a request, with where it may lie (checked in one place, validate_request).
+REQUEST_RANGES = {
+    "seed": Range(-1, MAX_SEED, integer=True),  # -1: a random seed
+    "steps": Range(1, MAX_STEPS, integer=True),
+    "width": Range(64, MAX_SIDE, integer=True, multiple_of=8),
+    "height": Range(64, MAX_SIDE, integer=True, multiple_of=8),
+    "num_images": Range(1, MAX_IMAGES, integer=True, label="number of images"),
+    "guidance": Range(0.0, MAX_GUIDANCE, label="guidance (CFG scale)"),
+}
 
 
 def validate_request(req: GenerationRequest, loaded: list[str] | None = None) -> GenerationRequest:
-    """A cleaned copy of `req` (numbers as ints, a concrete seed); every problem named at once."""
+    """A cleaned copy of `req` (numbers as ints, a concrete seed); every problem named at once.
+
+    Raises GenerationError (one line) for an empty prompt, a number that is not finite or out of range
+    (REQUEST_RANGES; adapter scales within SCALE_MIN..SCALE_MAX), an unknown scheduler or adapter.
+    """
     problems: list[str] = []
     prompt = (req.prompt or "").strip()
     if not prompt:
         problems.append("enter a prompt")
-    ints = {name: _as_int(getattr(req, name), name, problems) for name in ("seed", "steps", "width", "height",
-                                                                            "num_images")}
-    try:
-        guidance = float(req.guidance)
-    except (TypeError, ValueError):
-        problems.append(f"guidance must be a number, got {req.guidance!r}")
-        guidance = 0.0
-    clean = replace(req, prompt=prompt, negative_prompt=(req.negative_prompt or "").strip(), guidance=guidance,
-                    scales={k: float(v) for k, v in (req.scales or {}).items()}, **ints)
-    _check_ranges(clean, problems)
-    unknown = sorted(set(clean.scales) - set(loaded if loaded is not None else clean.scales))
+    numbers = {name: getattr(req, name) for name in REQUEST_RANGES}
+    problems += number_problems(numbers, REQUEST_RANGES)
+    scales = dict(req.scales or {})
+    problems += number_problems(scales, dict.fromkeys(scales, SCALE), "scale of {!r}")
+    if req.scheduler not in SCHEDULERS:
+        problems.append(f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    unknown = sorted(set(scales) - set(loaded if loaded is not None else scales))
     if unknown:
         problems.append(f"no adapter loaded named {', '.join(unknown)}")
     if problems:
         raise GenerationError("; ".join(problems))
+    clean = replace(req, prompt=prompt, negative_prompt=(req.negative_prompt or "").strip(),
+                    scales={k: SCALE.clean(v) for k, v in scales.items()},
+                    **{name: REQUEST_RANGES[name].clean(value) for name, value in numbers.items()})
     if clean.seed == -1:
         clean.seed = random.randint(0, MAX_SEED)
     return clean

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import step_weights
-from .layer import KINDS, MIXER_INITS, MoSLoRALinear, is_adaptable
+from .layer import KINDS, MIXER_INITS, MoSLoRALinear, check_adapter_numbers, is_adaptable
 
 _UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _UNET_PROJ = ("proj_in", "proj_out")
@@ -47,12 +47,8 @@ class AdapterConfig:
             raise ValueError(f"adapter kind must be one of {KINDS}, got {self.kind!r}")
         if self.mixer_init not in MIXER_INITS:
             raise ValueError(f"mixer init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"lora alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_adapter_numbers(self.rank, self.alpha, self.dropout)
+        object.__setattr__(self, "rank", int(self.rank))  # 4.0 from a JSON file is rank 4
         if self.kind == "lora":
             object.__setattr__(self, "mixer_init", "identity")
 

@@ -14,8 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import SCALE, Range, check_number, number_problems
+
 KINDS = ("moslora", "lora")
 MIXER_INITS = ("kaiming", "orthogonal", "identity")
+# The numbers that shape an adapter; MoSLoRALinear and AdapterConfig check the same table.
+ADAPTER_RANGES = {"rank": Range(0, open_lower=True, integer=True), "alpha": Range(0, open_lower=True, optional=True),
+                  "dropout": Range(0, 1, open_upper=True)}
+
+
+def check_adapter_numbers(rank, alpha, dropout) -> None:
+    """Raises ValueError naming every rank / alpha / dropout that is not finite and in range."""
+    problems = number_problems({"rank": rank, "alpha": alpha, "dropout": dropout}, ADAPTER_RANGES)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _is_pointwise_conv(module: nn.Module) -> bool:
@@ -44,6 +56,7 @@ class MoSLoRALinear(nn.Module):
             raise ValueError(f"unknown adapter kind {kind!r}; choose one of {KINDS}")
         if mixer_init not in MIXER_INITS:
             raise ValueError(f"unknown mixer init {mixer_init!r}; choose one of {MIXER_INITS}")
+        check_adapter_numbers(rank, alpha, dropout)
         self.is_conv = isinstance(base, nn.Conv2d)
         in_features = base.in_channels if self.is_conv else base.in_features
         out_features = base.out_channels if self.is_conv else base.out_features
@@ -174,9 +187,7 @@ class MoSLoRALinear(nn.Module):
 
     def set_scale(self, scale: float) -> None:
         """Changes s; a merged layer is re-merged at the new scale (exact: from the kept original)."""
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"adapter scale must be a finite number, got {scale}")
+        scale = check_number("adapter scale", scale, SCALE)
         if scale == self.scale:
             return
         was_merged = self.merged

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import SCALE, check_number
 from ..files.safetensors_io import load_tensors, save_tensors
 from ..models.families import detect_family
 from .inject import AdapterConfig, AdapterError, attach
@@ -38,7 +39,10 @@ class AdapterFile:
 
 
 def save_adapter(pipe, path: str | Path, info: dict | None = None) -> Path:
-    """Writes every attached adapter of `pipe` (atomically) with its config and `info` as metadata."""
+    """Writes every attached adapter of `pipe` (atomically) with its config and `info` as metadata.
+
+    Raises NonFiniteError, writing nothing, when a weight holds NaN or inf (a diverged training run).
+    """
     found = pipeline_adapters(pipe, canonical=True)
     if not found:
         raise AdapterError("the pipeline has no MoSLoRA adapters to save")
@@ -121,8 +125,9 @@ def validate_against(adapter: AdapterFile, components: dict, path) -> None:
 def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
     """Attaches the adapters stored in `path` to `pipe` and loads their weights.
 
-    Every check (format, family, modules, shapes) runs before the pipeline is touched.
+    Every check (scale, format, family, modules, shapes) runs before the pipeline is touched.
     """
+    scale = check_number("adapter scale", scale, SCALE, AdapterError)
     adapter = read_adapter(path)
     if pipeline_adapters(pipe):
         raise AdapterError("this pipeline already has MoSLoRA adapters attached; detach them first")

@@ -14,9 +14,10 @@ import difflib
 import functools
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from ..checks import MAX_SEED, OneLineErrorParser, Range, number_problems
 from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..moslora.layer import KINDS, MIXER_INITS
 
@@ -206,31 +207,27 @@ def _check_required(c: TrainConfig) -> None:
             raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated there)")
 
 
-_POSITIVE = ("rank", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_class_images",
-             "sample_batch_size", "class_inference_steps", "num_validation_images", "validation_steps",
-             "validation_inference_steps", "checkpointing_steps", "logging_steps", "learning_rate", "adam_epsilon")
-_NON_NEGATIVE = ("lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "noise_offset", "prior_loss_weight",
-                 "min_timestep", "dataloader_num_workers")
-_POSITIVE_OR_NONE = ("max_train_steps", "lora_alpha", "text_encoder_lr", "snr_gamma", "checkpoints_total_limit",
-                     "resolution", "max_timestep")
+_GT0, _GE0, _UNIT = Range(0, open_lower=True), Range(0), Range(0, 1, open_upper=True)
+_GT0_OR_NONE = replace(_GT0, optional=True)
+# Every number a run takes, with where it may lie (finite always: `--learning_rate inf` never trains).
+# tests/test_training_inputs.py checks that no int or float setting is missing here.
+NUMBER_RANGES = {
+    "resolution": replace(_GT0_OR_NONE, multiple_of=8),  # the VAE downsamples by 8
+    "dataloader_num_workers": _GE0, "num_class_images": _GT0, "prior_loss_weight": _GE0, "sample_batch_size": _GT0,
+    "class_inference_steps": _GT0, "rank": _GT0, "lora_alpha": _GT0_OR_NONE, "text_encoder_lr": _GT0_OR_NONE,
+    "learning_rate": _GT0, "lr_warmup_steps": _GE0, "max_train_steps": _GT0_OR_NONE, "num_train_epochs": _GT0,
+    "train_batch_size": _GT0, "gradient_accumulation_steps": _GT0, "max_grad_norm": _GE0, "adam_beta1": _UNIT,
+    "adam_beta2": _UNIT, "adam_weight_decay": _GE0, "adam_epsilon": _GT0, "snr_gamma": _GT0_OR_NONE,
+    "noise_offset": _GE0, "min_timestep": _GE0, "max_timestep": _GT0_OR_NONE, "seed": Range(0, MAX_SEED),
+    "ema_decay": _UNIT, "num_validation_images": _GT0, "validation_steps": _GT0, "validation_inference_steps": _GT0,
+    "checkpointing_steps": _GT0, "checkpoints_total_limit": _GT0_OR_NONE, "logging_steps": _GT0,
+}
 
 
 def _check_ranges(c: TrainConfig) -> None:
-    for name in _POSITIVE:
-        if not getattr(c, name) > 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(c, name)}")
-    for name in _NON_NEGATIVE:
-        if getattr(c, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}")
-    for name in _POSITIVE_OR_NONE:
-        value = getattr(c, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"--{name} must be > 0 when given, got {value}")
-    for name in ("adam_beta1", "adam_beta2", "ema_decay"):
-        if not 0.0 <= getattr(c, name) < 1.0:
-            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
-    if c.resolution is not None and c.resolution % 8:
-        raise ConfigError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {c.resolution}")
+    problems = number_problems({name: getattr(c, name) for name in NUMBER_RANGES}, NUMBER_RANGES, "--{}")
+    if problems:
+        raise ConfigError("; ".join(problems))
     if c.overwrite_output_dir and c.resume_from_checkpoint:
         raise ConfigError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would resume "
                           "from; pass one of them")
@@ -252,7 +249,7 @@ def _check_choices(c: TrainConfig) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="train_dreambooth.py", description="DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.")
     parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -307,7 +304,7 @@ def load_config_file(path: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Command line (plus an optional --config file) -> a validated TrainConfig."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()

@@ -4,11 +4,13 @@
    before anything is written;
 2. frozen base in the weight dtype, fp32 adapters, class images, data, optimizer;
 3. the loop: noise the latents, predict, MSE (+ prior loss), step; checkpoints and validation on the way;
+   a NaN / inf loss or Ctrl-C ends it early without losing the last good state (stopping.py);
 4. final files: native adapter, folded diffusers / kohya LoRAs, model card, configuration.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from contextlib import ExitStack
@@ -38,6 +40,14 @@ from .outputs import append_progress, check_output_dir, prepare_output_dir, writ
 from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
 from .resume import find_resume
 from .run import Run, restore, save, setup_run, start_batches
+from .stopping import (
+    CtrlC,
+    StopRequested,
+    TrainingDiverged,
+    TrainingInterrupted,
+    diverged_message,
+    interrupted_message,
+)
 from .validation import run_validation
 
 
@@ -115,7 +125,11 @@ def train(config: TrainConfig) -> TrainResult:
         restore(run, resume)
     start_batches(run, dataset, stream)
     loop_started = time.perf_counter()
-    losses = train_loop(run)
+    try:
+        losses = train_loop(run)
+    except (TrainingDiverged, TrainingInterrupted):
+        accelerator.end_training()  # trackers flushed and closed: the logged steps stay readable
+        raise
     return finish(run, losses, started, time.perf_counter() - loop_started)
 
 
@@ -132,45 +146,99 @@ def _hparams(config: TrainConfig) -> dict:
 
 
 def train_loop(run: Run) -> list[float]:
+    """The optimizer steps, with logging, checkpoints and validation on the way; returns the losses.
+
+    Raises TrainingDiverged at the first NaN / inf loss or weight (nothing is saved from it on) and
+    TrainingInterrupted after a Ctrl-C, once the last finished step is checkpointed (stopping.py).
+    """
     config, plan, acc = run.config, run.plan, run.accelerator
     progress = tqdm(total=plan.max_train_steps, initial=run.start_step, desc="training", unit="step",
                     disable=not acc.is_main_process, dynamic_ncols=True)
     pending, losses = [], []
-    for step in range(run.start_step + 1, plan.max_train_steps + 1):
-        pending.append(optimizer_step(run, step))
-        progress.update(1)
-        if step % config.logging_steps == 0 or step == plan.max_train_steps:
-            losses += log_losses(run, step, pending, progress)
-            pending.clear()
-        if step % config.checkpointing_steps == 0:
-            save(run, step)
-        if config.validation_prompt and step % config.validation_steps == 0 and step < plan.max_train_steps:
-            if acc.is_main_process:
-                run_validation(run.base.pipe, config, plan.resolution, step, acc, run.ema)
-            acc.wait_for_everyone()
-    progress.close()
+    done = step = run.start_step  # the last finished step; the step being run
+    # the last step a checkpoint in output_dir holds (a run resumed from another folder has none there yet)
+    saved = run.start_step if (Path(config.output_dir) / f"checkpoint-{run.start_step}").is_dir() else 0
+    with CtrlC(enabled=acc.num_processes == 1) as ctrl_c:
+        try:
+            for step in range(run.start_step + 1, plan.max_train_steps + 1):
+                pending.append(optimizer_step(run, step, ctrl_c))
+                done = step
+                ctrl_c.end_update()
+                progress.update(1)
+                checkpoint = step % config.checkpointing_steps == 0
+                if step % config.logging_steps == 0 or step == plan.max_train_steps or checkpoint:
+                    losses += log_losses(run, step, pending, progress)  # every loss checked before a save
+                    pending.clear()
+                if checkpoint or step == plan.max_train_steps:
+                    check_weights(run, step)
+                if checkpoint:
+                    save(run, step)
+                    saved = step
+                if config.validation_prompt and step % config.validation_steps == 0 and step < plan.max_train_steps:
+                    if acc.is_main_process:
+                        run_validation(run.base.pipe, config, plan.resolution, step, acc, run.ema)
+                    acc.wait_for_everyone()
+        except StopRequested:
+            how = (f"the unfinished step {step} was discarded" if done < step else
+                   "its optimizer update was finished first" if ctrl_c.update_finished_first else "")
+            stop_after_ctrl_c(run, done, saved, pending, progress, how)
+        finally:
+            progress.close()  # before any message: the bar's last line must not follow it
     return losses
+
+
+def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str):
+    """Logs the finished steps, saves checkpoint-<done> unless one holds it already, raises TrainingInterrupted.
+
+    Still under CtrlC: a second Ctrl-C raises KeyboardInterrupt out of here, leaving at most a
+    checkpoint-<done>.tmp folder (never picked by `latest`).
+    """
+    if pending:
+        log_losses(run, done, pending, progress)  # a non-finite loss ends in TrainingDiverged: nothing is saved
+    progress.close()
+    if done > 0 and saved != done:
+        check_weights(run, done)
+        save(run, done)
+    raise TrainingInterrupted(interrupted_message(run.config.output_dir, done, run.plan.max_train_steps, how,
+                                                  saved=done > 0))
+
+
+def check_weights(run: Run, step: int) -> None:
+    """Raises TrainingDiverged unless every adapter weight (and EMA copy) is finite; one device sync."""
+    tensors = run.params + (run.ema.shadow if run.ema is not None else [])
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise TrainingDiverged(diverged_message(run.config, step, "adapter weights became NaN or inf"))
 
 
 def log_losses(run: Run, step: int, pending: list[torch.Tensor], progress) -> list[float]:
     """Per-step losses of the interval ending at `step` (mean over processes), to the bar, trackers and file.
 
-    The only host-device sync of the loop: once per logging interval, not per step.
+    The only host-device sync of the loop: once per logging interval, not per step. Raises TrainingDiverged
+    at the first non-finite loss (the finite ones before it are still recorded).
     """
     acc = run.accelerator
     values = acc.reduce(torch.stack(pending), reduction="mean").tolist()
-    interval_loss = sum(values) / len(values)
-    acc.log({"loss": interval_loss, "lr": run.lr_scheduler.get_last_lr()[0]}, step=step)
-    progress.set_postfix(loss=f"{interval_loss:.4f}")
-    if acc.is_main_process:
-        first = step - len(values) + 1
-        append_progress(run.config.output_dir, [{"step": first + i, "total": run.plan.max_train_steps, "loss": v}
-                                                for i, v in enumerate(values)])
+    first = step - len(values) + 1
+    bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+    finite = values if bad is None else values[:bad]
+    if finite:
+        interval_loss = sum(finite) / len(finite)
+        acc.log({"loss": interval_loss, "lr": run.lr_scheduler.get_last_lr()[0]}, step=first + len(finite) - 1)
+        progress.set_postfix(loss=f"{interval_loss:.4f}")
+        if acc.is_main_process:
+            append_progress(run.config.output_dir, [{"step": first + i, "total": run.plan.max_train_steps,
+                                                     "loss": v} for i, v in enumerate(finite)])
+    if bad is not None:
+        raise TrainingDiverged(diverged_message(run.config, first + bad, f"loss became {values[bad]}"))
     return values
 
 
-def optimizer_step(run: Run, step: int) -> torch.Tensor:
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss (on device)."""
+def optimizer_step(run: Run, step: int, ctrl_c: CtrlC | None = None) -> torch.Tensor:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss (on device).
+
+    ctrl_c: a Ctrl-C during the micro-batches stops at once (only gradients exist yet); from the update on
+    it waits until the caller calls ctrl_c.end_update().
+    """
     config, acc = run.config, run.accelerator
     accumulation = config.gradient_accumulation_steps
     total = torch.zeros((), device=acc.device)
@@ -182,6 +250,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
             loss = micro_step_loss(run, next(run.batches), (step - 1) * accumulation + micro)
             acc.backward(loss / accumulation)
         total += loss.detach()
+    if ctrl_c is not None:
+        ctrl_c.begin_update()  # until the loop has recorded this step: a Ctrl-C now waits for the update's end
     if config.max_grad_norm > 0:
         acc.clip_grad_norm_(run.params, config.max_grad_norm)
     run.optimizer.step()

@@ -1,0 +1,212 @@
+"""One table of bad inputs walked through every entry point: the train command, generate, export, the app's request
+functions and the Python API. Each must end in one line naming the problem (commands: `error: ...` on stderr and
+exit status 2; the app and the API: their ValueError subclass), before any model is loaded, with the output folder
+left exactly as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from pathlib import Path
+
+import pytest
+from app_helpers import tiny_app_state
+from conftest import make_adapter, randomize_adapters
+from training_helpers import PROMPT, make_photos
+
+import moslora_diffusion.formats.export_targets as export_targets
+import moslora_diffusion.generate as generate_command
+import moslora_diffusion.training.loop as loop
+from moslora_diffusion import (
+    AdapterConfig,
+    attach_to_pipeline,
+    load_adapter,
+    pipeline_adapters,
+    save_adapter,
+    set_pipeline_scale,
+)
+from moslora_diffusion.app.exporting import export_adapters
+from moslora_diffusion.app.training_jobs import TrainingJob
+from moslora_diffusion.app.ui import build_ui
+from moslora_diffusion.checks import SCALE_MAX, SCALE_MIN
+from moslora_diffusion.export import main as export_main
+from moslora_diffusion.formats.export_targets import export
+from moslora_diffusion.formats.merge import bake_adapters
+from moslora_diffusion.generation.text_to_image import GenerationRequest
+from moslora_diffusion.models.loading import load_pipeline
+from moslora_diffusion.training import TrainConfig
+from moslora_diffusion.training import main as train_main
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.fixture(scope="module")
+def w(tiny_sd15_dir, tmp_path_factory):
+    """Everything the cases use: a training output folder, photos, a user's output folder, the app, a pipeline."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    run = make_adapter(tiny_sd15_dir, root / "run" / "moslora.safetensors", seed=1).parent
+    out = root / "out"
+    (out / "earlier").mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "earlier" / "00000-1-adapted.png").write_bytes(b"an image of an earlier run")
+    (root / "nan.yaml").write_text("learning_rate: .nan\n")
+    app, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
+    app.load_adapter(make_adapter(tiny_sd15_dir, given / "dog" / "moslora.safetensors", seed=2))
+    cat = make_adapter(tiny_sd15_dir, given / "cat" / "moslora.safetensors", seed=3)
+    pipe = load_pipeline(tiny_sd15_dir)
+    attach_to_pipeline(pipe, AdapterConfig(rank=4, alpha=8), text_targets="attn")
+    randomize_adapters(pipe)
+    base = str(tiny_sd15_dir)
+    train = ["--pretrained_model_name_or_path", base, "--instance_data_dir", str(make_photos(root / "photos")),
+             "--instance_prompt", PROMPT, "--output_dir", str(out), "--report_to", "none"]
+    generate = ["--base", base, "--adapter", str(run), "--prompt", PROMPT, "--out", str(out)]
+    export = ["--base", base, "--to", "lora-kohya", "--out", str(out / "x.safetensors")]
+    return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
+                                 generate=generate, export=export)
+
+
+def _request(**change) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, **change})
+
+
+def _nan_adapter_file(w):
+    layer = next(iter(pipeline_adapters(w.pipe)["unet"].values()))
+    saved = layer.lora_B.detach().clone()
+    layer.lora_B.data[0, 0] = NAN
+    try:
+        save_adapter(w.pipe, w.out / "moslora.safetensors")
+    finally:
+        layer.lora_B.data.copy_(saved)
+
+
+def _case(entry, call, message, folder="out"):
+    return pytest.param(entry, call, message, folder, id=f"{entry}: {message[:60]}")
+
+
+CASES = [
+    # python train_dreambooth.py
+    _case("train", lambda w: train_main(w.train + ["--learning_rate", "inf"]),
+          "--learning_rate must be a finite number > 0, got inf"),
+    _case("train", lambda w: train_main(w.train + ["--learning_rate", "nan"]), "--learning_rate must be a finite"),
+    _case("train", lambda w: train_main(w.train + ["--learning_rate=-1e-4"]), "--learning_rate must be > 0"),
+    _case("train", lambda w: train_main(w.train + ["--text_encoder_lr", "inf"]), "--text_encoder_lr must be a finite"),
+    _case("train", lambda w: train_main(w.train + ["--max_grad_norm", "nan"]),
+          "--max_grad_norm must be a finite number >= 0, got nan"),
+    _case("train", lambda w: train_main(w.train + ["--prior_loss_weight", "inf"]), "--prior_loss_weight must be a fin"),
+    _case("train", lambda w: train_main(w.train + ["--snr_gamma=-inf"]), "--snr_gamma must be a finite number"),
+    _case("train", lambda w: train_main(w.train + ["--noise_offset", "nan"]), "--noise_offset must be a finite"),
+    _case("train", lambda w: train_main(w.train + ["--adam_beta2", "1.5"]), "--adam_beta2 must be in [0, 1)"),
+    _case("train", lambda w: train_main(w.train + ["--ema_decay", "inf"]), "--ema_decay must be a finite number"),
+    _case("train", lambda w: train_main(w.train + ["--seed", "-1"]), "--seed must be between 0 and 4294967295"),
+    _case("train", lambda w: train_main(w.train + ["--rank", "0"]), "--rank must be > 0, got 0"),
+    _case("train", lambda w: train_main(w.train + ["--rank", "four"]), "argument --rank: invalid int value: 'four'"),
+    _case("train", lambda w: train_main(w.train + ["--resolution", "500"]), "--resolution must be a multiple of 8"),
+    _case("train", lambda w: train_main(w.train + ["--config", str(w.root / "nan.yaml")]),
+          "--learning_rate must be a finite number > 0, got nan"),
+    # python -m moslora_diffusion.generate
+    _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
+          "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "31"]),
+          "guidance (CFG scale) must be between 0 and 30"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--steps", "0"]),
+          "steps must be between 1 and 150"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--steps", "ten"]), "invalid int value: 'ten'"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--size", "100"]), "width must be a multiple of 8"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--seeds", "-2"]), "seed must be between -1 and"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--adapter", f"{w.run}:5"]),
+          "the scale must be between -1 and 2, got '5'"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--adapter", f"{w.run}:inf"]),
+          "the scale must be a finite number between -1 and 2, got inf"),
+    # python -m moslora_diffusion.export
+    _case("export", lambda w: export_main(w.export + ["--adapter", f"{w.run}:nan"]), "the scale must be a finite"),
+    _case("export", lambda w: export_main(w.export + ["--adapter", f"{w.run}:3"]),
+          "the scale must be between -1 and 2"),
+    _case("export", lambda w: export_main(w.export + ["--adapter", f"{w.run}:-1.5"]), "must be between -1 and 2"),
+    _case("export", lambda w: export_main(w.export + ["--adapter", str(w.run), "--dtype", "fp8"]),
+          "argument --dtype: invalid choice: 'fp8'"),
+    # the app's request functions (what its UI and HTTP API call)
+    _case("app", lambda w: w.app.generate(_request(guidance=INF)), "guidance (CFG scale) must be a finite", "app"),
+    _case("app", lambda w: w.app.generate(_request(steps=NAN)), "steps must be a finite number between 1 and 150",
+          "app"),
+    _case("app", lambda w: w.app.generate(_request(width=INF)), "width must be a finite number", "app"),
+    _case("app", lambda w: w.app.generate(_request(scales={"dog": 5.0})), "scale of 'dog' must be between -1 and 2",
+          "app"),
+    _case("app", lambda w: w.app.generate(_request(scales={"dog": NAN})), "scale of 'dog' must be a finite", "app"),
+    _case("app", lambda w: w.app.load_adapter(w.cat, scale=NAN), "scale of 'cat' must be a finite number", "app"),
+    _case("app", lambda w: export_adapters(w.app, "lora-kohya", {"dog": INF}), "scale of 'dog' must be a finite",
+          "app"),
+    _case("app", lambda w: export_adapters(w.app, "lora-kohya", {"dog": 2.5}), "scale of 'dog' must be between -1",
+          "app"),
+    _case("app", lambda w: w.app.start_training(PROMPT, steps=INF), "steps must be a finite number between 1 and",
+          "app"),
+    _case("app", lambda w: w.app.start_training(PROMPT, rank=NAN), "rank must be a finite number between 1 and 256",
+          "app"),
+    _case("app", lambda w: w.app.start_training(PROMPT, steps="many"), "steps must be a whole number, got 'many'",
+          "app"),
+    _case("app", lambda w: w.app.start_training(PROMPT, resolution=100), "resolution must be a multiple of 8",
+          "app"),
+    # the Python API
+    _case("api", lambda w: AdapterConfig(rank=0), "rank must be > 0, got 0"),
+    _case("api", lambda w: AdapterConfig(alpha=INF), "alpha must be a finite number > 0, got inf"),
+    _case("api", lambda w: AdapterConfig(dropout=NAN), "dropout must be a finite number in [0, 1)"),
+    _case("api", lambda w: set_pipeline_scale(w.pipe, 3.0), "adapter scale must be between -1 and 2, got 3.0"),
+    _case("api", lambda w: set_pipeline_scale(w.pipe, NAN), "adapter scale must be a finite number"),
+    _case("api", lambda w: load_adapter(w.pipe, w.run / "moslora.safetensors", scale=INF),
+          "adapter scale must be a finite number"),
+    _case("api", lambda w: w.app.fusion.set_scales({"dog": -2.0}), "scale of 'dog' must be between -1 and 2"),
+    _case("api", lambda w: TrainConfig(pretrained_model_name_or_path=w.base, instance_data_dir="d",
+                                       instance_prompt=PROMPT, output_dir=str(w.out), learning_rate=INF),
+          "--learning_rate must be a finite number > 0, got inf"),
+    _case("api", lambda w: export(w.base, [(w.run, NAN)], "lora-kohya", w.out / "x.safetensors"),
+          "must be a finite number between -1 and 2"),
+    # every scale checked before the first adapter is baked in for good (the message says which check spoke)
+    _case("api", lambda w: bake_adapters(w.app.pipe, [(w.run, 1.0), (w.run, 5.0)]),
+          "' must be between -1 and 2, got 5.0"),  # set_scale would say 'adapter scale must be'
+    _case("api", _nan_adapter_file, "moslora_B holds NaN or inf values"),
+]
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (hidden ones too) with its content hash: to show nothing was added or changed."""
+    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("a model was loaded: the bad input was not caught before loading")
+
+
+@pytest.mark.parametrize("entry, call, message, folder", CASES)
+def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone(w, monkeypatch, capsys, entry, call,
+                                                                                 message, folder):
+    for module, name in ((loop, "load_base"), (generate_command, "open_app_state"), (export_targets, "load_pipeline")):
+        monkeypatch.setattr(module, name, _no_model_load)
+    monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
+    watched = w.app.outputs if folder == "app" else w.out
+    before, scales = _tree(watched), dict(w.app.fusion.scales)
+    capsys.readouterr()
+    if entry in ("train", "generate", "export"):
+        try:
+            status = call(w)
+        except SystemExit as exit_info:
+            status = exit_info.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert status == 2 and "Traceback" not in err
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        text = lines[0]
+    else:
+        with pytest.raises(ValueError) as raised:  # every error type of the app and the API is a ValueError
+            call(w)
+        text = str(raised.value)
+        assert "\n" not in text
+        if entry == "app":
+            assert type(raised.value) is not ValueError  # the app's own error types, which its UI shows as messages
+    assert message in text
+    assert _tree(watched) == before
+    assert w.app.fusion.scales == scales and w.app.training.job is None
+
+
+def test_the_app_slider_has_the_range_the_commands_accept(w):
+    sliders = [b for b in build_ui(w.app).blocks.values() if getattr(b, "elem_id", None) == "scale-0"]
+    assert [(s.minimum, s.maximum) for s in sliders] == [(SCALE_MIN, SCALE_MAX)] == [(-1.0, 2.0)]
