@@ -26,6 +26,7 @@ import moslora_diffusion.training.loop as loop
 from moslora_diffusion.files.safetensors_io import load_tensors
 from moslora_diffusion.training import TrainingDiverged, TrainingInterrupted, main
 from moslora_diffusion.training.checkpoints import find_resume_checkpoint
+from moslora_diffusion.training.manifest import MANIFEST_FILE
 from moslora_diffusion.training.outputs import ADAPTER_FILE, KOHYA_FILE, PROGRESS_FILE
 
 # Gradient accumulation, EMA and a linear schedule: every piece of state a checkpoint must carry exactly.
@@ -105,7 +106,9 @@ def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_no_ada
     assert "the loss became nan at step 3" in message and "checkpoint-2, the last good state, is kept" in message
     assert "--learning_rate" in message
     # no moslora.safetensors, no diffusers / kohya export, no checkpoint-4
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", PROGRESS_FILE, "training_config.json"]
+    # the run folder's manifest lists what the run wrote: the checkpoint, progress and config, no adapter
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "checkpoint-2", PROGRESS_FILE,
+                                                    "training_config.json"]
     tensors = load_tensors(out / "checkpoint-2" / "adapter.safetensors")[0]
     assert all(torch.isfinite(t).all() for t in tensors.values())
     steps = [json.loads(line)["step"] for line in (out / PROGRESS_FILE).read_text().splitlines()]

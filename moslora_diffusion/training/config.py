@@ -1,25 +1,23 @@
 """The training configuration: one frozen dataclass, validated on construction, and its command line.
 
 Every field is a flag of the same name (`--learning_rate`, ...), named as in diffusers'
-train_dreambooth_lora(_sdxl).py where those scripts have the setting. `--config run.yaml` (or .toml)
-may hold any flag; flags given on the command line override the file. The parsed values are turned
-into a TrainConfig once and never changed afterwards: settings that depend on the model (the default
-resolution, the number of steps) are resolved into a separate RunPlan by the trainer.
+train_dreambooth_lora(_sdxl).py where those scripts have the setting; flags.py turns the fields into the
+command line and reads `--config run.yaml` (or .toml). The parsed values are turned into a TrainConfig
+once and never changed afterwards: settings that depend on the model (the default resolution, the number
+of steps) are resolved into a separate RunPlan by the trainer.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import functools
 import json
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
-from ..checks import MAX_SEED, OneLineErrorParser, Range, number_problems
+from ..checks import MAX_SEED, Range, number_problems
 from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..moslora.layer import KINDS, MIXER_INITS
+from .flags import ConfigError, check_choices, check_types, parse_flags
+from .flags import build_parser as flags_parser
+from .flags import flag as _flag
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
@@ -42,13 +40,8 @@ RUN_CONTROL_FIELDS = frozenset({
     "channels_last", "torch_compile", "dynamo_backend",
 })
 
-
-class ConfigError(ValueError):
-    """A setting is missing, out of range or inconsistent with another one."""
-
-
-def _flag(default, help: str, choices: tuple | None = None, group: str = "training"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+PROG = "train_dreambooth.py"
+DESCRIPTION = "DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters."
 
 
 @dataclass(frozen=True)
@@ -145,11 +138,17 @@ class TrainConfig:
                                group="output")
 
     def __post_init__(self):
-        _check_types(self)
-        _check_required(self)
-        _check_ranges(self)
-        _check_choices(self)
+        check_types(self)
+        self.check_required()
+        self.check_ranges()
+        check_choices(self)
         resolve_targets(self.target_modules, UNET_TARGET_PRESETS)  # raises on an empty list
+
+    def check_required(self) -> None:
+        _check_required(self)
+
+    def check_ranges(self) -> None:
+        _check_ranges(self, NUMBER_RANGES)
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -165,32 +164,6 @@ class TrainConfig:
     def run_defining(self) -> dict:
         """The settings that decide what is learned (a resumed run must agree on all of them)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_FIELDS}
-
-
-@functools.cache
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """{name: (base type, optional)} from the annotations."""
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for name, hint in hints.items():
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        base = next(a for a in args if a is not type(None)) if args else hint
-        out[name] = (base, optional)
-    return out
-
-
-def _check_types(config: TrainConfig) -> None:
-    for name, (base, optional) in _field_types().items():
-        value = getattr(config, name)
-        if value is None and optional:
-            continue
-        ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
-        if base is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, name, float(value))  # 1 in a YAML file means 1.0
-            ok = True
-        if not ok:
-            raise ConfigError(f"--{name} must be {base.__name__}, got {value!r}")
 
 
 def _check_required(c: TrainConfig) -> None:
@@ -224,8 +197,8 @@ NUMBER_RANGES = {
 }
 
 
-def _check_ranges(c: TrainConfig) -> None:
-    problems = number_problems({name: getattr(c, name) for name in NUMBER_RANGES}, NUMBER_RANGES, "--{}")
+def _check_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
+    problems = number_problems({name: getattr(c, name) for name in ranges}, ranges, "--{}")
     if problems:
         raise ConfigError("; ".join(problems))
     if c.overwrite_output_dir and c.resume_from_checkpoint:
@@ -238,81 +211,13 @@ def _check_ranges(c: TrainConfig) -> None:
         raise ConfigError(f"--max_timestep ({c.max_timestep}) must be above --min_timestep ({c.min_timestep})")
 
 
-def _check_choices(c: TrainConfig) -> None:
-    for f in fields(TrainConfig):
-        choices = f.metadata.get("choices")
-        if choices and getattr(c, f.name) not in choices:
-            raise ConfigError(f"--{f.name} must be one of {list(choices)}, got {getattr(c, f.name)!r}")
-
-
-# --- command line -----------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="train_dreambooth.py", description="DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.")
-    parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    types = _field_types()
-    for f in fields(TrainConfig):
-        meta = f.metadata
-        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        base, _ = types[f.name]
-        help_text = meta["help"] + ("" if f.default in (None, False) else f" (default: {f.default})")
-        help_text = help_text.replace("%", "%%")  # argparse %-formats help: "30% faster" would break --help
-        if base is bool:
-            # --flag / --no-flag, so the command line can switch off what a config file switched on.
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_text)
-        else:
-            group.add_argument(f"--{f.name}", type=base, default=f.default, choices=meta["choices"], help=help_text)
-    return parser
-
-
-def load_config_file(path: str | Path) -> dict:
-    """The flags in a YAML or TOML file, checked against the known names."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml", ".json"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"--config {path}: expected a .yaml, .yml, .toml or .json file")
-    except ConfigError:
-        raise
-    except Exception as err:  # yaml and tomllib raise their own error types
-        raise ConfigError(f"--config {path} cannot be parsed: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
-    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
-    known = {f.name for f in fields(TrainConfig)}
-    for key in values:
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"--config {path}: unknown setting {key!r}"
-                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Command line (plus an optional --config file) -> a validated TrainConfig."""
-    pre = OneLineErrorParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config))
-    values = vars(parser.parse_args(argv))
-    values.pop("config")
-    return TrainConfig(**values)
+    return parse_flags(argv, TrainConfig, PROG, DESCRIPTION)
+
+
+def build_parser():
+    return flags_parser(TrainConfig, PROG, DESCRIPTION)
 
 
 def config_json(config: TrainConfig) -> str:

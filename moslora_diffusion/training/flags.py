@@ -1,0 +1,138 @@
+"""Settings as a frozen dataclass whose fields are the flags of a command: parsing, config files, type checks.
+
+Every field declared with `flag(default, help, choices, group)` becomes `--<name>` (booleans also get
+`--no-<name>`, so the command line can switch off what a config file switched on). `--config run.yaml`
+(or .toml / .json) may hold any flag; flags given on the command line override the file. The DreamBooth
+trainer (config.py: TrainConfig) and the MoLE gate trainer (a subclass of it) share this machinery, so
+the two commands parse, check and record their settings the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import typing
+from dataclasses import field, fields
+from pathlib import Path
+
+from ..checks import OneLineErrorParser
+
+
+class ConfigError(ValueError):
+    """A setting is missing, out of range or inconsistent with another one."""
+
+
+def flag(default, help: str, choices: tuple | None = None, group: str = "training"):
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{name: (base type, optional)} from the annotations of the settings class `cls`."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is typing.ClassVar:
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if args else hint
+        out[name] = (base, optional)
+    return out
+
+
+def check_types(config) -> None:
+    """ConfigError for a value of the wrong type; an int where a float goes (1 in a YAML file) becomes float."""
+    for name, (base, optional) in field_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, name, float(value))  # 1 in a YAML file means 1.0
+            ok = True
+        if not ok:
+            raise ConfigError(f"--{name} must be {base.__name__}, got {value!r}")
+
+
+def check_choices(config) -> None:
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise ConfigError(f"--{f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
+
+
+def _flag_fields(cls: type) -> list:
+    """The fields that are flags of this command (a subclass may hide some of its parent's)."""
+    hidden = getattr(cls, "HIDDEN_FLAGS", frozenset())
+    return [f for f in fields(cls) if f.name not in hidden]
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    types = field_types(cls)
+    for f in _flag_fields(cls):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        base, _ = types[f.name]
+        help_text = meta["help"] + ("" if f.default in (None, False) else f" (default: {f.default})")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help: "30% faster" would break --help
+        if base is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+        elif base is tuple:  # a list of values: --experts a b c
+            group.add_argument(f"--{f.name}", nargs="+", type=str, default=f.default, help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", type=base, default=f.default, choices=meta["choices"], help=help_text)
+    return parser
+
+
+def load_config_file(path: str | Path, cls: type) -> dict:
+    """The flags in a YAML or TOML file, checked against the known names."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml", ".json"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: expected a .yaml, .yml, .toml or .json file")
+    except ConfigError:
+        raise
+    except Exception as err:  # yaml and tomllib raise their own error types
+        raise ConfigError(f"--config {path} cannot be parsed: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in _flag_fields(cls)}
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"--config {path}: unknown setting {key!r}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    types = field_types(cls)
+    # A list in the file for a list flag: kept as a tuple, as the command line gives it.
+    return {k: tuple(v) if types[k][0] is tuple and isinstance(v, list) else v for k, v in values.items()}
+
+
+def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
+    """Command line (plus an optional --config file) -> a validated instance of `cls`."""
+    pre = OneLineErrorParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser(cls, prog, description)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config, cls))
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
