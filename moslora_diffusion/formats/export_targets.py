@@ -202,10 +202,17 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     if target.startswith("lora-"):
         return _export_lora(pipe, adapters, target, out, dtype, base)
     loaded = bake_adapters(pipe, adapters)
-    record = merge_record(base, adapters, loaded, dtype, target)
+    return write_merged(pipe, merge_record(base, adapters, loaded, dtype, target), target, out, dtype, overwrite)
+
+
+def write_merged(pipe, record: dict, target: str, out: Path, dtype: str, overwrite: bool) -> Path:
+    """Writes a pipeline whose weights already hold the adapters as `merged-single-file` (original layout,
+    modelspec metadata from `record`, which has merge_record's keys) or `merged-diffusers` (a folder)."""
     if target == "merged-single-file":
         return _export_single_file(pipe, record, out, dtype, overwrite)
-    return _export_diffusers_folder(pipe, record, out, dtype, overwrite)
+    if target == "merged-diffusers":
+        return _export_diffusers_folder(pipe, record, out, dtype, overwrite)
+    raise ExportError(f"{target} is not a merged target")
 
 
 def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",

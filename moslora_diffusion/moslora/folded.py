@@ -92,6 +92,11 @@ def fold_adapter_file(adapter: AdapterFile, name: str, path: Path | None) -> Fol
     layers = {}
     for component, modules in adapter.weights.items():
         for module, parts in modules.items():
+            rank = parts["A"].shape[0]
+            if parts["B"].shape[1] != rank or tuple(parts["M"].shape) != (rank, rank):
+                shapes = ", ".join(f"{p} {tuple(parts[p].shape)}" for p in "AMB")
+                raise AdapterError(f"{path or name}: {component}.{module} has inconsistent ranks ({shapes}): a damaged "
+                                   "adapter file")
             up = parts["B"] if adapter.config.kind == "lora" else parts["B"] @ parts["M"]
             down = parts["A"]
             shape = (up.shape[0], down.shape[1])
