@@ -165,7 +165,7 @@ def check_experts(experts: Sequence[Expert], pipe) -> None:
     components = model_components(pipe, family)
     for expert in experts:
         with as_mole_error():
-            validate_folded(expert.folded, components, f"expert {expert.source}")
+            validate_folded(expert.folded, components, f"expert {expert.folded.path or expert.source}")
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
