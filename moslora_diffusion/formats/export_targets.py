@@ -102,7 +102,7 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
     return written
 
 
-def _display_name(path: str | Path) -> str:
+def display_name(path: str | Path) -> str:
     """What metadata records for a model or adapter: a hub id as is, a local path by its own name only
     (a file should not carry its author's folder layout)."""
     path = Path(str(path))
@@ -114,12 +114,12 @@ def _display_name(path: str | Path) -> str:
 def merge_record(base: str, adapters: Adapters, loaded: Sequence[AdapterFile], dtype: str, target: str) -> dict:
     entries = []
     for (path, scale), adapter in zip(adapters, loaded, strict=True):
-        entry = {"name": _display_name(path), "scale": float(scale), "kind": adapter.config.kind,
+        entry = {"name": display_name(path), "scale": float(scale), "kind": adapter.config.kind,
                  "rank": adapter.config.rank, "alpha": adapter.config.effective_alpha}
         if adapter.info.get("instance_prompt"):
             entry["instance_prompt"] = adapter.info["instance_prompt"]
         entries.append(entry)
-    return {"base": _display_name(base), "adapters": entries, "dtype": dtype, "target": target,
+    return {"base": display_name(base), "adapters": entries, "dtype": dtype, "target": target,
             "moslora_diffusion": __version__}
 
 

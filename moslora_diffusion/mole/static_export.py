@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..formats.export_targets import DTYPES, TARGETS, ExportError, check_output, write_merged
+from ..formats.export_targets import DTYPES, TARGETS, ExportError, check_output, display_name, write_merged
 from ..formats.lora import combine, save_diffusers_lora, save_kohya_lora
 from ..generation.fusion import FusedAdapters
 from ..models.families import detect_family
@@ -111,8 +111,8 @@ def _record(mole: MoLE, weights: Weights, base: str, dtype: str, target: str) ->
         if expert.trigger_prompt:
             entry["instance_prompt"] = expert.trigger_prompt
         adapters.append(entry)
-    return {"base": base, "adapters": adapters, "dtype": dtype, "target": target, "moslora_diffusion": __version__,
-            "mole_static_weights": {k: list(v) for k, v in weights.items()}}
+    return {"base": display_name(base), "adapters": adapters, "dtype": dtype, "target": target,
+            "moslora_diffusion": __version__, "mole_static_weights": {k: list(v) for k, v in weights.items()}}
 
 
 def export_static(pipe, weights: Weights, target: str, out: str | Path, dtype: str = "fp16",
@@ -128,7 +128,7 @@ def export_static(pipe, weights: Weights, target: str, out: str | Path, dtype: s
     out = Path(out).expanduser()
     check_output(target, out, overwrite)
     folded = static_fold(mole, weights)
-    base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
+    base = str(base or getattr(pipe, "name_or_path", None) or "unknown base model")
     record = _record(mole, weights, base, dtype, target) | {"title": out.stem}
     if target == "lora-diffusers":
         return save_diffusers_lora(folded, out, record, DTYPES[dtype]).parent
