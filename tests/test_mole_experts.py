@@ -158,7 +158,7 @@ def test_bad_experts_are_refused_with_one_line_before_anything_is_touched(tiny_s
         load_experts(xl_pipe, [dog, cat])
 
 
-def test_attach_refuses_a_second_mole_and_moslora_adapters(tiny_sd15_dir, sd15_experts):
+def test_attach_refuses_a_second_mole_moslora_adapters_and_fused_projections(tiny_sd15_dir, sd15_experts):
     pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
     experts = load_experts(pipe, list(sd15_experts.values()))
     attach_mole(pipe, experts)
@@ -168,3 +168,7 @@ def test_attach_refuses_a_second_mole_and_moslora_adapters(tiny_sd15_dir, sd15_e
     load_adapter(other, sd15_experts["dog"] / "moslora.safetensors")
     with pytest.raises(MoLEError, match="MoSLoRA adapters attached"):
         attach_mole(other, experts)
+    fused = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    fused.fuse_qkv_projections()  # to_q / to_k / to_v would never run: their experts would silently vanish
+    with pytest.raises(MoLEError, match="unfuse_qkv_projections"):
+        attach_mole(fused, experts)

@@ -295,6 +295,9 @@ def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tenso
         raise MoLEError("this pipeline has MoSLoRA adapters attached; detach them before attaching MoLE")
     check_experts(experts, pipe)
     components = model_components(pipe)
+    if any(getattr(m, "fused_projections", False) for model in components.values() for m in model.modules()):
+        # fused q/k/v layers never call to_q / to_k / to_v, so their experts would silently do nothing
+        raise MoLEError("the pipeline's attention projections are fused; call pipe.unfuse_qkv_projections() first")
     keys = {key for expert in experts for key in expert.layers}
     blocks, layer_blocks = find_blocks(components, sorted(keys))
     mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name)
