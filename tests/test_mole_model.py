@@ -3,8 +3,10 @@ per sample and independent of resolution and prompt length, detach restores the 
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import generate
 from diffusers import DiffusionPipeline
 from mole_helpers import forward, make_experts, same_state, state
 from PIL import Image
@@ -231,10 +233,17 @@ def test_low_precision_inference(tiny_sd15_dir, expert_dirs, dtype, atol):
     assert all(p.dtype == torch.float32 for p in mole.parameters())  # gates stay fp32
 
 
-def test_gate_heatmap(tiny_sd15_dir, expert_dirs, tmp_path):
+def test_generation_and_its_gate_heatmap(tiny_sd15_dir, expert_dirs, tmp_path):
     pipe, mole = _attached(tiny_sd15_dir, expert_dirs("sd15"))
+    _randomise_gates(mole)
+    image = generate(pipe)  # the pipeline's own call: classifier-free guidance, 2 steps, under no_grad
+    assert np.isfinite(image).all()
+    learned = mole.gate_report()  # averaged over both CFG halves and both steps
+    assert learned.keys() == {b.name for b in mole.blocks} | {UNGATED}
+    assert all(math.isclose(sum(w), 1.0, abs_tol=1e-6) for w in learned.values())
+    mole.reset_report()
     mole.set_fixed_gates([1.0, 0.0, 0.0])
-    forward(pipe, PROMPTS)
+    generate(pipe)
     report = mole.gate_report()
     path = save_gate_heatmap(report, mole.expert_names, tmp_path / "gates.png", title="a photo of sks dog")
     image = Image.open(path).convert("RGB")
@@ -245,3 +254,25 @@ def test_gate_heatmap(tiny_sd15_dir, expert_dirs, tmp_path):
     assert image.getpixel((first_cell_x + CELL_W + 1, first_row_y + 1)) == LOW  # cat: weight 0
     with pytest.raises(ValueError, match="empty"):
         render_gate_heatmap({}, mole.expert_names)
+
+
+def test_gate_gradients_are_the_same_with_gradient_checkpointing(tiny_sd15_dir, expert_dirs):
+    """Training may checkpoint the UNet: the experts' layers are then recomputed in backward, reading the gate
+    weights their block computed in forward; the gate gradients do not change."""
+    grads = []
+    for checkpointing in (False, True):
+        pipe, mole = _attached(tiny_sd15_dir, expert_dirs("sd15"))
+        _randomise_gates(mole)
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        if checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            pipe.unet.train()
+        mole.clear_gates()
+        cond = pipe.text_encoder(pipe.tokenizer(PROMPTS, padding="max_length", max_length=77,
+                                                return_tensors="pt").input_ids)[0]
+        out = pipe.unet(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 500, cond).sample
+        (out.pow(2).mean() + 0.5 * balance_loss(mole)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in mole.parameters()]))
+    assert grads[0].abs().max() > 1e-3
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)

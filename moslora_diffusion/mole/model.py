@@ -288,7 +288,10 @@ def attached_mole(pipe) -> MoLE | None:
 
 def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
     """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
-    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified."""
+    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
+
+    The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
+    Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
     if attached_mole(pipe) is not None:
         raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
     if pipeline_adapters(pipe):
