@@ -105,7 +105,7 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
     return written
 
 
-def _display_name(path: str | Path) -> str:
+def display_name(path: str | Path) -> str:
     """What metadata records for a model or adapter: a hub id as is, a local path by its own name only
     (a file should not carry its author's folder layout)."""
     path = Path(str(path))
@@ -117,12 +117,12 @@ def _display_name(path: str | Path) -> str:
 def merge_record(base: str, adapters: Adapters, loaded: Sequence[AdapterFile], dtype: str, target: str) -> dict:
     entries = []
     for (path, scale), adapter in zip(adapters, loaded, strict=True):
-        entry = {"name": _display_name(path), "scale": float(scale), "kind": adapter.config.kind,
+        entry = {"name": display_name(path), "scale": float(scale), "kind": adapter.config.kind,
                  "rank": adapter.config.rank, "alpha": adapter.config.effective_alpha}
         if adapter.info.get("instance_prompt"):
             entry["instance_prompt"] = adapter.info["instance_prompt"]
         entries.append(entry)
-    return {"base": _display_name(base), "adapters": entries, "dtype": dtype, "target": target,
+    return {"base": display_name(base), "adapters": entries, "dtype": dtype, "target": target,
             "moslora_diffusion": __version__}
 
 
@@ -207,10 +207,17 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     if target.startswith("lora-"):
         return _export_lora(pipe, adapters, target, out, dtype, base)
     loaded = bake_adapters(pipe, adapters)
-    record = merge_record(base, adapters, loaded, dtype, target)
+    return write_merged(pipe, merge_record(base, adapters, loaded, dtype, target), target, out, dtype, overwrite)
+
+
+def write_merged(pipe, record: dict, target: str, out: Path, dtype: str, overwrite: bool) -> Path:
+    """Writes a pipeline whose weights already hold the adapters as `merged-single-file` (original layout,
+    modelspec metadata from `record`, which has merge_record's keys) or `merged-diffusers` (a folder)."""
     if target == "merged-single-file":
         return _export_single_file(pipe, record, out, dtype, overwrite)
-    return _export_diffusers_folder(pipe, record, out, dtype, overwrite)
+    if target == "merged-diffusers":
+        return _export_diffusers_folder(pipe, record, out, dtype, overwrite)
+    raise ExportError(f"{target} is not a merged target")
 
 
 def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",

@@ -10,13 +10,13 @@ mixer is lost; the runtime scale s is baked into up.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..files.safetensors_io import save_tensors
 from ..models.families import Family, detect_family
+from ..moslora.folded import FoldedLoRA
 from ..moslora.inject import AdapterError
 from ..moslora.pipeline import pipeline_adapters
 from .keymaps import to_ldm_unet_name, unet_block_prefixes
@@ -25,30 +25,6 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                   "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
-
-@dataclass
-class FoldedLoRA:
-    """A plain LoRA for one layer: delta = (alpha / rank) * up @ down (fp32, 2-D)."""
-
-    down: torch.Tensor  # (r, in)
-    up: torch.Tensor  # (out, r)
-    alpha: float
-    weight_shape: tuple[int, ...]  # the base weight's shape (4-D for 1x1 convolutions)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def baked_up(self) -> torch.Tensor:
-        return self.up * (self.alpha / self.rank)
-
-    def scaled(self, scale: float) -> FoldedLoRA:
-        return FoldedLoRA(self.down, self.up * scale, self.alpha, self.weight_shape)
-
-    def as_weight_shape(self, matrix: torch.Tensor) -> torch.Tensor:
-        """1x1 conv LoRAs are stored as (r, in, 1, 1) / (out, r, 1, 1) like the layers they adapt."""
-        return matrix[:, :, None, None] if len(self.weight_shape) == 4 else matrix
 
 
 def fold_pipeline(pipe) -> dict[str, dict[str, FoldedLoRA]]:

@@ -12,7 +12,6 @@ moving a slider any number of times never drifts, and scale 0 everywhere restore
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,44 +19,10 @@ from torch import nn
 
 from ..checks import SCALE, check_number
 from ..models.families import detect_family
+from ..moslora.folded import FoldedAdapter, LayerKey, fold_adapter_file, validate_folded
 from ..moslora.inject import AdapterError
-from ..moslora.native_file import AdapterFile, read_adapter, validate_against
+from ..moslora.native_file import read_adapter, validate_against
 from ..moslora.pipeline import model_components, model_module_name
-
-LayerKey = tuple[str, str]  # (component, module path in this model)
-
-
-@dataclass
-class FoldedAdapter:
-    """One adapter file folded to plain LoRA factors, per layer: delta = factor * up @ down."""
-
-    name: str
-    path: Path
-    layers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]  # (down r x in, up out x r), fp32
-    factor: float  # alpha / r
-    info: dict
-
-    def delta(self, key: LayerKey) -> torch.Tensor:
-        down, up = self.layers[key]
-        return (up @ down) * self.factor
-
-
-def fold_adapter_file(adapter: AdapterFile, components: dict[str, nn.Module], name: str,
-                      path: Path) -> FoldedAdapter:
-    """The fold B M A = (B M) A, keyed by this model's module paths; refuses non-finite weights."""
-    layers = {}
-    for component, modules in adapter.weights.items():
-        model = components[component]
-        device = next(model.parameters()).device
-        for module, parts in modules.items():
-            up = parts["B"] if adapter.config.kind == "lora" else parts["B"] @ parts["M"]
-            down = parts["A"]
-            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise AdapterError(f"{path}: {component}.{module} has NaN or inf weights (a diverged training run?)")
-            key = (component, model_module_name(model, module))
-            layers[key] = (down.to(device, torch.float32).contiguous(), up.to(device, torch.float32).contiguous())
-    factor = adapter.config.effective_alpha / adapter.config.rank
-    return FoldedAdapter(name, Path(path), layers, factor, adapter.info)
 
 
 class FusedAdapters:
@@ -83,8 +48,9 @@ class FusedAdapters:
         return list(self.adapters)
 
     def _module(self, key: LayerKey) -> nn.Module:
-        component, module = key
-        return self.components[component].get_submodule(module)
+        component, module = key  # canonical names, as files store them
+        model = self.components[component]
+        return model.get_submodule(model_module_name(model, module))
 
     def add(self, name: str, path: str | Path, scale: float = 0.0) -> FoldedAdapter:
         """Reads, checks (family, modules, shapes) and registers an adapter; on any error nothing changes."""
@@ -97,14 +63,24 @@ class FusedAdapters:
             raise AdapterError(f"{path}: adapter was trained for {stored}, but the model is {self.family.name} "
                                f"({self.family.label}); use a base model of the same family")
         validate_against(adapter, self.components, path)
-        folded = fold_adapter_file(adapter, self.components, name, Path(path))
+        return self.add_folded(fold_adapter_file(adapter, name, Path(path)), scale)
+
+    def add_folded(self, folded: FoldedAdapter, scale: float = 0.0) -> FoldedAdapter:
+        """Registers an adapter already folded to plain LoRA factors (a standard LoRA file, a static MoLE fold)
+        under `folded.name`; modules and shapes are checked first, and on any error nothing changes."""
+        scale = _checked(scale, folded.name)
+        if folded.name in self.adapters:
+            raise AdapterError(f"an adapter named {folded.name!r} is already loaded")
+        validate_folded(folded, self.components, str(folded.path or folded.name))
+        devices = {c: next(m.parameters()).device for c, m in self.components.items()}
+        folded = folded.to(devices)
         with self._lock:
             for key in folded.layers:
                 if key not in self._originals:
                     self._originals[key] = self._module(key).weight.detach().clone()
-            self.adapters[name] = folded
-            self.scales[name] = 0.0
-            self.set_scales({name: scale})
+            self.adapters[folded.name] = folded
+            self.scales[folded.name] = 0.0
+            self.set_scales({folded.name: scale})
         return folded
 
     def remove(self, name: str) -> None:
