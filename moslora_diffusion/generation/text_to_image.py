@@ -117,8 +117,10 @@ def scheduler_label(scheduler) -> str:
     return names.get(type(scheduler).__name__, "DPM++ 2M")
 
 
-def format_infotext(req: GenerationRequest, seed: int, scales: dict[str, float], model: str) -> str:
-    """A1111's `parameters` text: prompt, negative prompt line, then `key: value` pairs."""
+def format_infotext(req: GenerationRequest, seed: int, scales: dict[str, float], model: str,
+                    extra: dict[str, str] | None = None) -> str:
+    """A1111's `parameters` text: prompt, negative prompt line, then `key: value` pairs (`extra` last: e.g. the
+    MoLE file, mask and expert scales of a MoLE image)."""
     lines = [req.prompt]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
@@ -127,6 +129,8 @@ def format_infotext(req: GenerationRequest, seed: int, scales: dict[str, float],
     if scales:
         text = ", ".join(f"{name}: {value:g}" for name, value in scales.items())
         pairs["Lora scales"] = f'"{text}"' if "," in text else text  # A1111 quotes values holding commas
+    for key, text in (extra or {}).items():
+        pairs[key] = f'"{text}"' if "," in text else text
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))
     return "\n".join(lines)
 
@@ -150,7 +154,7 @@ def parse_infotext(text: str, loaded: list[str] | None = None) -> GenerationRequ
                              float(pairs["CFG scale"]), width, height, 1, pairs["Sampler"], scales)
 
 
-def _run(pipe, req: GenerationRequest, progress: Callable[[], None] | None) -> list[Image.Image]:
+def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | None) -> list[Image.Image]:
     generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
 
     def on_step(_pipe, _step, _timestep, kwargs):
@@ -185,7 +189,7 @@ def generate(pipe, fusion: FusedAdapters, req: GenerationRequest, model_name: st
         pipe.scheduler = make_scheduler(req.scheduler, scheduler_config or pipe.scheduler.config)
         for label, run_scales in runs:
             fusion.set_scales(run_scales)
-            results[label] = _run(pipe, req, tick)
+            results[label] = run_pipeline(pipe, req, tick)
     images = []
     for i in range(req.num_images):  # base and adapted of one seed next to each other
         for label, run_scales in runs:

@@ -11,13 +11,12 @@ sets of layers. Every check runs before anything touches the pipeline; each fail
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import SCALE, check_number
 from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME
 from ..formats.lora_files import read_lora_file
@@ -26,10 +25,9 @@ from ..models.families import detect_family
 from ..moslora.folded import FoldedAdapter, FoldedLoRA, LayerKey, validate_folded
 from ..moslora.inject import AdapterError
 from ..moslora.pipeline import model_components
+from ..training.outputs import read_record
 
 MIN_EXPERTS, MAX_EXPERTS = 2, 8
-# Written by training/outputs.py beside moslora.safetensors (that layer sits beside this one, so not imported).
-TRAINING_CONFIG_FILE = "training_config.json"
 
 
 class MoLEError(AdapterError):
@@ -98,15 +96,16 @@ def _display_name(path: Path) -> str:
     return path.parent.name if path.name in (ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME) else path.stem
 
 
-def _photo_dir(path: Path, info: dict) -> str | None:
-    """`instance_data_dir` from the metadata, else from the training run's config beside the adapter."""
+def photo_dir(path: Path, info: dict) -> str | None:
+    """`instance_data_dir` from the metadata, else the photo folder the training run beside the adapter recorded
+    (resolved when it ran, so a relative --instance_data_dir still points to the right folder from elsewhere)."""
     if info.get("instance_data_dir"):
         return str(info["instance_data_dir"])
-    try:
-        config = json.loads((path.parent / TRAINING_CONFIG_FILE).read_text(encoding="utf-8"))["config"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+    record = read_record(path.parent)
+    if record is None:
         return None
-    return str(config["instance_data_dir"]) if config.get("instance_data_dir") else None
+    resolved = ((record.get("inputs") or {}).get("instance_data_dir") or {}).get("path")
+    return resolved or record["config"].get("instance_data_dir")
 
 
 @contextmanager
@@ -126,7 +125,7 @@ def read_expert(path: Path, pipe, name: str, scale: float = 1.0) -> Expert:
         folded, kind = read_lora_file(path, pipe, name)
     baked = FoldedAdapter(name, path, {key: lora.baked() for key, lora in folded.layers.items()}, folded.info)
     return Expert(baked, _display_name(path), kind, file_sha256(path), folded.info.get("family"),
-                  folded.info.get("instance_prompt"), _photo_dir(path, folded.info), scale)
+                  folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale)
 
 
 def check_count(count: int) -> None:
@@ -138,10 +137,8 @@ def check_count(count: int) -> None:
 
 
 def check_scale(value, name: str) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise MoLEError(f"scale of expert {name!r} must be a finite number, got {value}")
-    return value
+    """The extra scale s_i of an expert: finite and in the range every adapter scale of the project has."""
+    return float(check_number(f"scale of expert {name!r}", value, SCALE, MoLEError))
 
 
 def check_experts(experts: Sequence[Expert], pipe) -> None:

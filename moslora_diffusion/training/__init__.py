@@ -11,31 +11,7 @@ __all__ = ["CheckpointError", "ConfigError", "OutputDirError", "TrainConfig", "T
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry; exit status 0 when trained. No traceback for what a user can act on, one line each:
-    2 for bad input, 1 when the training diverged (NaN / inf loss), 130 after Ctrl-C (saying how to resume)."""
-    import sys
+    """`python train_dreambooth.py ...`: exit status 0 when trained, else one line (command.py)."""
+    from .command import run_training_command
 
-    from ..data import DatasetError
-    from ..files.safetensors_io import WeightFileError
-    from ..models.families import UnsupportedModelError
-    from ..moslora.inject import AdapterError
-    from .stopping import TrainingDiverged, TrainingInterrupted, interrupted_message
-
-    config = None
-    try:
-        config = parse_args(argv)
-        train(config)
-    except (ConfigError, CheckpointError, OutputDirError, DatasetError, AdapterError, UnsupportedModelError,
-            WeightFileError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as err:
-        print(err, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # outside the loop (loading, class images, final files), or a second Ctrl-C
-        print("\n" + interrupted_message(config.output_dir if config else None), file=sys.stderr)
-        return 130
-    return 0
+    return run_training_command(parse_args, train, argv)

@@ -148,7 +148,7 @@ class TrainConfig:
         _check_required(self)
 
     def check_ranges(self) -> None:
-        _check_ranges(self, NUMBER_RANGES)
+        check_number_ranges(self, NUMBER_RANGES)
 
     @property
     def adapter_config(self) -> AdapterConfig:
@@ -197,7 +197,7 @@ NUMBER_RANGES = {
 }
 
 
-def _check_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
+def check_number_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
     problems = number_problems({name: getattr(c, name) for name in ranges}, ranges, "--{}")
     if problems:
         raise ConfigError("; ".join(problems))

@@ -57,7 +57,12 @@ def stored_path(name: str, stored_value, stored_input: dict | None):
 
 
 def same_setting(name: str, stored_value, stored_input: dict | None, value) -> bool:
-    """Whether a stored run-defining setting and this run's value mean the same thing."""
+    """Whether a stored run-defining setting and this run's value mean the same thing. A list setting (MoLE's
+    --experts and --expert_data_dirs) matches element by element, each path compared resolved."""
+    if isinstance(value, tuple):
+        return (isinstance(stored_value, list | tuple) and len(stored_value) == len(value)
+                and all(resolve_path_setting(a) == resolve_path_setting(b)
+                        for a, b in zip(stored_value, value, strict=True)))
     if name not in PATH_SETTINGS:
         return stored_value == value
     if stored_path(name, stored_value, stored_input) == resolve_path_setting(value):

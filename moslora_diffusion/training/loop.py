@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from ..data import scan_instance_folder
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
-from .checkpoints import check_compatible
+from .checkpoints import CheckpointInfo
 from .components import (
-    adapter_targets,
+    BaseModel,
     attach_adapters,
     check_compile_toolchain,
     compile_unet,
@@ -48,6 +48,7 @@ from .stopping import (
     diverged_message,
     interrupted_message,
 )
+from .trainable import AdapterTrainable, Trainable
 from .validation import run_validation
 
 
@@ -88,13 +89,12 @@ def train(config: TrainConfig) -> TrainResult:
     check_compile_toolchain(config, accelerator.device)
     resume = find_resume(config, accelerator.num_processes)  # other optimizer / batch settings: refused here
     base = load_base(config, accelerator.device)
-    trainable = attach_adapters(base, config)
-    check_room(config, sum(p.numel() for params in trainable.values() for p in params), len(records),
+    trained = attach_adapters(base, config)
+    check_room(config, sum(p.numel() for params in trained.values() for p in params), len(records),
                accelerator.num_processes, resume.step if resume else 0)  # now that the adapter's size is known
+    trainable = AdapterTrainable(base, config, trained)
     if resume is not None:
-        check_compatible(resume, base.family.name, config.adapter_config.to_dict(), adapter_targets(base))
-    elif config.resume_from_checkpoint and accelerator.is_main_process:
-        print(f"No complete checkpoint in {config.output_dir} yet: starting from step 0.")
+        trainable.check_checkpoint(resume)
     resolution = training_resolution(config, base)
 
     class_images = None
@@ -102,6 +102,21 @@ def train(config: TrainConfig) -> TrainResult:
         set_pipeline_scale(base.pipe, 0.0)  # adapters off: class images come from the base model exactly
         class_images = prepare_class_images(config, base, resolution, accelerator)
         set_pipeline_scale(base.pipe, 1.0)
+    run, batches = prepare_run(config, accelerator, base, trainable, records, class_images, resolution,
+                               "moslora-dreambooth")
+    if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
+        store_in_fp8(base.unet)
+    if config.torch_compile:  # the module DDP wraps, compiled in place: compiled steps, DDP's hooks as before
+        compile_unet(base.unet, config.dynamo_backend)
+    losses, loop_seconds = run_loop(run, batches, resume)
+    return finish(run, losses, started, loop_seconds)
+
+
+def prepare_run(config: TrainConfig, accelerator, base: BaseModel, trainable: Trainable, records: list,
+                class_images: list[Path] | None, resolution: int, project: str) -> tuple[Run, tuple]:
+    """Dataset, noise schedule, batch order, plan, the output folder, trackers and the Run: what both trainers
+    (DreamBooth here, MoLE's gates in mole/gate_training.py) share once the model and what trains are set up.
+    Returns the run and what run_loop needs to start its batches."""
     dataset = build_dataset(config, records, class_images, resolution)
 
     from diffusers import DDPMScheduler  # imported late: bad flags are reported without loading diffusers
@@ -114,23 +129,24 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         prepare_output_dir(config, plan.to_dict())
     accelerator.wait_for_everyone()
-    accelerator.init_trackers("moslora-dreambooth", config=_hparams(config))
+    accelerator.init_trackers(project, config=_hparams(config))
+    return setup_run(config, plan, accelerator, base, trainable, noise_scheduler), (dataset, stream)
 
-    run = setup_run(config, plan, accelerator, base, trainable, noise_scheduler)
-    if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
-        store_in_fp8(base.unet)
-    if config.torch_compile:  # the module DDP wraps, compiled in place: compiled steps, DDP's hooks as before
-        compile_unet(base.unet, config.dynamo_backend)
+
+def run_loop(run: Run, batches: tuple, resume: CheckpointInfo | None) -> tuple[list[float], float]:
+    """Restores the checkpoint (if any), runs the loop; returns the losses and the loop's seconds."""
     if resume is not None:
         restore(run, resume)
-    start_batches(run, dataset, stream)
+    elif run.config.resume_from_checkpoint and run.accelerator.is_main_process:
+        print(f"No complete checkpoint in {run.config.output_dir} yet: starting from step 0.")
+    start_batches(run, *batches)
     loop_started = time.perf_counter()
     try:
         losses = train_loop(run)
     except (TrainingDiverged, TrainingInterrupted):
-        accelerator.end_training()  # trackers flushed and closed: the logged steps stay readable
+        run.accelerator.end_training()  # trackers flushed and closed: the logged steps stay readable
         raise
-    return finish(run, losses, started, time.perf_counter() - loop_started)
+    return losses, time.perf_counter() - loop_started
 
 
 def _warn_if_sharded(accelerator) -> None:
@@ -252,6 +268,7 @@ def optimizer_step(run: Run, step: int, ctrl_c: CtrlC | None = None) -> torch.Te
         total += loss.detach()
     if ctrl_c is not None:
         ctrl_c.begin_update()  # until the loop has recorded this step: a Ctrl-C now waits for the update's end
+    run.trainable.before_update(acc)
     if config.max_grad_norm > 0:
         acc.clip_grad_norm_(run.params, config.max_grad_norm)
     run.optimizer.step()
@@ -280,9 +297,11 @@ def micro_step_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
         target = draws.noise
     conditioning = run.conditioning.unet_kwargs(batch, base.weight_dtype)
     pred = run.models["unet"](noisy.to(base.weight_dtype), draws.timesteps, **conditioning, return_dict=False)[0]
-    return diffusion_loss(pred, target, draws.timesteps, batch["num_instance"],
+    loss = diffusion_loss(pred, target, draws.timesteps, batch["num_instance"],
                           run.noise_scheduler.alphas_cumprod, run.plan.prediction_type, config.snr_gamma,
                           config.prior_loss_weight)
+    extra = run.trainable.extra_loss()  # MoLE: the gate-balancing loss of this forward's gates
+    return loss if extra is None else loss + extra
 
 
 def finish(run: Run, losses: list[float], started: float, loop_seconds: float) -> TrainResult:

@@ -119,13 +119,15 @@ def _as_flag(name: str, value) -> str:
     """The command-line form of a setting's value."""
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, list | tuple):  # MoLE's --experts a b c
+        return f"--{name} " + " ".join(shlex.quote(str(v)) for v in value)
     return f"(no --{name})" if value is None else f"--{name} {shlex.quote(str(value))}"
 
 
 def _check_same_run(folder: Path, record: dict, config: TrainConfig) -> None:
     ours = config.run_defining()
     # A setting newer than the stored run had its default there: a run started before an update still resumes.
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = {f.name: f.default for f in fields(type(config))}
     stored = {k: record["config"].get(k, defaults[k]) for k in ours}
     inputs = record.get("inputs") or {}
     differing = [k for k in sorted(ours) if not same_setting(k, stored[k], inputs.get(k), ours[k])]

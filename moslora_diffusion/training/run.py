@@ -10,27 +10,26 @@ from pathlib import Path
 import torch
 
 from ..data import DreamBoothDataset
-from ..moslora.pipeline import pipeline_adapters
 from .batches import GlobalBatchStream, LatentCache, pixel_batches
 from .checkpoints import (
     CheckpointError,
     CheckpointInfo,
-    adapter_tensors,
     load_checkpoint_files,
     prune_checkpoints,
     save_checkpoint,
 )
-from .components import BaseModel, adapter_targets
+from .components import BaseModel
 from .conditioning import PromptConditioning
 from .config import TrainConfig
 from .ema import AdapterEMA
 from .manifest import record_written
 from .objective import RowLayout
-from .optim import make_lr_scheduler, make_optimizer, param_groups
+from .optim import make_lr_scheduler, make_optimizer
 from .plan import RunPlan
 from .posterior_store import PosteriorStore, default_cache_dir
 from .posteriors import PosteriorMemo
 from .resume import resume_settings
+from .trainable import Trainable
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Run:
     accelerator: object
     base: BaseModel
     models: dict  # component name -> the module to call (DDP-wrapped when distributed)
-    params: list[torch.nn.Parameter]  # every trainable adapter parameter
+    trainable: Trainable  # what trains: DreamBooth's adapters or MoLE's gates
     optimizer: object
     lr_scheduler: object
     noise_scheduler: object
@@ -52,24 +51,29 @@ class Run:
     batches: Iterator[dict] | None = None  # set by start_batches
 
 
-def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, trainable: dict,
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.trainable.params
+
+
+def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, trainable: Trainable,
               noise_scheduler) -> Run:
     """Optimizer, schedule, device placement / DDP wrapping, EMA and prompt conditioning."""
-    text_params = [p for name in base.family.text_encoders for p in trainable.get(name, [])]
-    optimizer = make_optimizer(config, param_groups(config, trainable["unet"], text_params))
+    optimizer = make_optimizer(config, trainable.param_groups(config))
     # Not passed to accelerate.prepare: it would step the schedule once per process.
     lr_scheduler = make_lr_scheduler(config, optimizer, plan.max_train_steps)
-    names = ["unet"] + [name for name in base.family.text_encoders if name in trainable]
-    *prepared, optimizer = accelerator.prepare(*[getattr(base.pipe, n) for n in names], optimizer)
-    models = dict(zip(names, prepared, strict=True))
+    names = trainable.prepared_components
+    # accelerate returns a bare object (not a 1-tuple) when handed one: the optimizer alone for MoLE's gates.
+    *prepared, optimizer = accelerator.prepare(*[getattr(base.pipe, n) for n in names], optimizer) if names else (
+        accelerator.prepare(optimizer),)
+    models = {"unet": base.unet, **dict(zip(names, prepared, strict=True))}
     encoders = [models.get(name, getattr(base.pipe, name)) for name in base.family.text_encoders]
     conditioning = PromptConditioning(base.family, base.tokenizers, encoders, accelerator.device,
-                                      cache=not config.train_text_encoder)
-    params = trainable["unet"] + text_params
+                                      cache=trainable.caches_prompts)
     layout = RowLayout(config.train_batch_size, accelerator.num_processes, accelerator.process_index,
                        2 if config.with_prior_preservation else 1)
-    ema = AdapterEMA(params, config.ema_decay) if config.use_ema else None
-    return Run(config, plan, accelerator, base, models, params, optimizer, lr_scheduler, noise_scheduler,
+    ema = AdapterEMA(trainable.params, config.ema_decay) if config.use_ema else None
+    return Run(config, plan, accelerator, base, models, trainable, optimizer, lr_scheduler, noise_scheduler,
                conditioning, layout, posterior_memo(config, base, accelerator), ema)
 
 
@@ -104,12 +108,11 @@ def save(run: Run, step: int) -> None:
     """checkpoint-<step> (main process writes; every process waits so none runs ahead)."""
     acc = run.accelerator
     if acc.is_main_process:
-        config, base = run.config, run.base
-        state = {"family": base.family.name, "adapter": config.adapter_config.to_dict(),
-                 "targets": adapter_targets(base), "seed": config.seed,
+        config = run.config
+        state = {**run.trainable.identity(), "seed": config.seed,
                  "ema_updates": run.ema.num_updates if run.ema else None,
                  "settings": resume_settings(config, acc.num_processes)}
-        tensors = {"adapter": adapter_tensors(pipeline_adapters(base.pipe))}
+        tensors = run.trainable.tensors()
         if run.ema:
             tensors["ema"] = run.ema.tensors()
         objects = {"optimizer": run.optimizer.state_dict(), "scheduler": run.lr_scheduler.state_dict()}
@@ -124,12 +127,7 @@ def save(run: Run, step: int) -> None:
 def restore(run: Run, info: CheckpointInfo) -> None:
     """Loads a checkpoint (already checked compatible) into the run; training continues after its step."""
     tensors, objects = load_checkpoint_files(info, run.accelerator.device)
-    layers = pipeline_adapters(run.base.pipe)
-    with torch.no_grad():
-        for key, value in tensors["adapter"].items():
-            component, rest = key.split(".", 1)
-            module, part = rest.rsplit(".", 1)
-            getattr(layers[component][module], f"lora_{part}").copy_(value)
+    run.trainable.load(tensors)
     run.optimizer.load_state_dict(objects["optimizer"])
     run.lr_scheduler.load_state_dict(objects["scheduler"])
     resume_schedule(run.lr_scheduler, run.optimizer)
