@@ -25,8 +25,8 @@ import torch
 
 from ..data import scan_instance_folder
 from ..files.atomic import atomic_write
-from ..files.safetensors_io import read_metadata
-from ..formats.lora_files import trigger_prompt
+from ..files.safetensors_io import read_keys, read_metadata
+from ..formats.lora_files import family_hint, file_format, trigger_prompt
 from ..training.checkpoints import CheckpointError, CheckpointInfo
 from ..training.components import load_base
 from ..training.config import ConfigError
@@ -37,7 +37,7 @@ from ..training.outputs import CARD_FILE, check_output_dir, write_config
 from ..training.plan import prepare_class_images, training_resolution
 from ..training.resume import find_resume
 from ..training.validation import run_validation
-from .experts import as_mole_error, load_experts, photo_dir, resolve_expert_path
+from .experts import MoLEError, as_mole_error, load_experts, photo_dir, resolve_expert_path
 from .file import FILE_NAME, save_mole
 from .gate_config import GateTrainConfig
 from .losses import balance_loss
@@ -58,12 +58,20 @@ class ExpertSource:
 
 def expert_sources(config: GateTrainConfig) -> list[ExpertSource]:
     """Each expert's file, photo folder and prompt (given, or recorded by its training run); one-line
-    MoLEError / ConfigError for a missing or pickle file, or data that is neither given nor recorded."""
-    sources = []
+    MoLEError / ConfigError for a missing, pickle or non-LoRA file, experts of two families, or data that is
+    neither given nor recorded. Reads file headers only."""
+    sources, families = [], {}
     for i, given in enumerate(config.experts):
         path = resolve_expert_path(given)
         with as_mole_error():
-            metadata = read_metadata(path)
+            metadata, keys = read_metadata(path), read_keys(path)
+            file_format(keys, str(path))
+        family = family_hint(keys, metadata)
+        if family:
+            families.setdefault(family, given)
+        if len(families) > 1:
+            raise MoLEError(f"experts of different families: {', '.join(f'{g} is {f}' for f, g in families.items())};"
+                            " all experts must be trained on one base model family")
         folder = config.expert_data_dirs[i] if config.expert_data_dirs else photo_dir(path, metadata)
         prompt = config.expert_prompts[i] if config.expert_prompts else trigger_prompt(metadata)
         if not folder:
