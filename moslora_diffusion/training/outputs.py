@@ -98,6 +98,8 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
 
 def append_progress(output_dir: str | Path, records: list[dict]) -> None:
     """Appends {"step", "total", "loss"} / {"step", "validation_images"} lines (readers skip a partial line)."""
+    # An append, not files/atomic.py: the app reads this file while the run grows it, rewriting it whole at every
+    # logging interval would cost O(steps^2), and a kill can only cut the last line, which every reader skips.
     with open(Path(output_dir) / PROGRESS_FILE, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
 
