@@ -1,7 +1,7 @@
 """The package's layering: every import points down, and no module imports itself back in a cycle.
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
-files -> models, data -> moslora -> formats, generation -> training, toy -> app -> the package face and
+files, console -> models, data -> moslora -> formats, generation -> training, toy -> app -> the package face and
 the commands (moslora_diffusion/*.py). The README's "Code layout" section states the same table.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moslora_diffusion"
-LAYERS = {"_version": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3, "generation": 3,
+LAYERS = {"_version": 0, "files": 0, "console": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3, "generation": 3,
           "training": 4, "toy": 4, "app": 5}
 TOP = 6  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"export", "generate", "tiny"}

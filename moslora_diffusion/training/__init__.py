@@ -10,19 +10,8 @@ __all__ = ["CheckpointError", "ConfigError", "OutputDirError", "TrainConfig", "T
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: a clear one-line error (exit status 2) for bad input, no traceback."""
-    import sys
+    """Command-line entry: one line `error: ...` and exit status 2 for bad input, no traceback unless --debug
+    (console/exits.py, shared by every command)."""
+    from ..console import run_command
 
-    from ..data import DatasetError
-    from ..files.safetensors_io import WeightFileError
-    from ..models.families import UnsupportedModelError
-    from ..moslora.inject import AdapterError
-
-    try:
-        config = parse_args(argv)
-        train(config)
-    except (ConfigError, CheckpointError, OutputDirError, DatasetError, AdapterError, UnsupportedModelError,
-            WeightFileError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda args: train(parse_args(args)), argv)

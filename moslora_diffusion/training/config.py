@@ -17,6 +17,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..console import add_debug_flag
 from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..moslora.layer import KINDS, MIXER_INITS
 
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_dreambooth.py", description="DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.")
     parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
+    add_debug_flag(parser)  # for --help; the command runner takes --debug off before parsing
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = _field_types()
     for f in fields(TrainConfig):
@@ -313,6 +315,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.set_defaults(**load_config_file(known.config))
     values = vars(parser.parse_args(argv))
     values.pop("config")
+    values.pop("debug")
     return TrainConfig(**values)
 
 
