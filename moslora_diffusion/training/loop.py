@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import scan_instance_folder
+from ..data import scan_photos
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import check_compatible, find_resume_checkpoint
@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
-from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
+from .plan import build_dataset, data_report, make_plan, prepare_class_images, training_resolution
 from .run import Run, restore, save, setup_run, start_batches
 from .validation import run_validation
 
@@ -70,7 +70,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Cheap checks first: a typo must not cost a model load, and nothing is written before all pass.
     check_optimizer_available(config.optimizer)
     check_output_dir(config)
-    records = scan_instance_folder(config.instance_data_dir, config.instance_prompt)
+    photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
@@ -88,7 +88,9 @@ def train(config: TrainConfig) -> TrainResult:
         set_pipeline_scale(base.pipe, 0.0)  # adapters off: class images come from the base model exactly
         class_images = prepare_class_images(config, base, resolution, accelerator)
         set_pipeline_scale(base.pipe, 1.0)
-    dataset = build_dataset(config, records, class_images, resolution)
+    dataset = build_dataset(config, photos.records, class_images, resolution)
+    if accelerator.is_main_process:
+        print(data_report(config, photos, class_images, resolution))
 
     from diffusers import DDPMScheduler  # imported late: bad flags are reported without loading diffusers
 
