@@ -152,9 +152,6 @@ class FusedAdapters:
         """All scales to 0: the base model's exact weights."""
         self.set_scales(dict.fromkeys(self.adapters, 0.0))
 
-    def describe(self) -> str:
-        return ", ".join(f"{n}: {s:g}" for n, s in self.scales.items()) or "none"
-
 
 def _finite(value, name: str) -> float:
     value = float(value)
