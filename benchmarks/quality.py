@@ -100,9 +100,9 @@ def instance_folder(src: Path, dst: Path, captions: str) -> Path:
     each photo is read from its file name), or bare (`captions="prompt"`: every photo gets the instance prompt)."""
     import shutil
 
-    from moslora_diffusion.data.images import IMAGE_EXTENSIONS
+    from moslora_diffusion.data.images import list_image_files
 
-    photos = sorted(p for p in Path(src).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    photos = list_image_files(src)
     if not photos:
         raise SystemExit(f"--instance-dir {src}: no images")
     if dst.exists():

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checks import OneLineErrorParser
+from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import DTYPES, TARGETS, export, parse_adapter_spec
 
 
@@ -33,19 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--config", help="diffusers folder (or hub id) with the configs of a single-file --base")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _export(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        adapters = [parse_adapter_spec(spec) for spec in args.adapter]
-        written = export(args.base, adapters, args.target, args.out, args.dtype, args.overwrite, args.config)
-    except (ValueError, OSError) as err:  # our errors are one line; no traceback for input problems
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    adapters = [parse_adapter_spec(spec) for spec in args.adapter]
+    written = export(args.base, adapters, args.target, args.out, args.dtype, args.overwrite, args.config)
     print(f"wrote {written} ({args.target}, {args.dtype})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`error: ...` and exit status 2 for bad input (console/exits.py), 0 when written."""
+    return run_command(_export, argv)
 
 
 if __name__ == "__main__":

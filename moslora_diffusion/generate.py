@@ -12,12 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .app.state import open_app_state
-from .checks import OneLineErrorParser
-from .files.safetensors_io import WeightFileError
-from .formats.export_targets import ExportError, parse_adapter_spec
-from .generation.text_to_image import GenerationError, GenerationRequest, validate_request
-from .moslora.inject import AdapterError
+from .app.state import check_output_folder, open_app_state
+from .console import OneLineErrorParser, add_debug_flag, run_command
+from .formats.export_targets import parse_adapter_spec
+from .generation.text_to_image import GenerationRequest, validate_request
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="DPM++ 2M")
     parser.add_argument("--compare_with_base", action="store_true", help="also render each seed at scale 0")
     parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs (new names; nothing in it is "
+                        "overwritten)")
+    add_debug_flag(parser)
     return parser
 
 
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     # (and is always valid), so 512 stands in for it here when --size is not given.
     for request in _requests(args, {}, args.size or 512):
         validate_request(request)
+    check_output_folder(args.out, "--out")  # before the model loads
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
     written = []
@@ -59,15 +60,16 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def _generate(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    try:
-        written = run(args)
-    except (AdapterError, ExportError, GenerationError, WeightFileError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    written = run(args)
     print(f"wrote {len(written)} images under {args.out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`error: ...` and exit status 2 for bad input (console/exits.py), 0 when the images are written."""
+    return run_command(_generate, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,23 +8,32 @@ The builders live in models/tiny.py; this module is the command only.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from .console import add_debug_flag, run_command
 from .models.tiny import FAMILY_ALIASES, save_tiny_pipeline
 
 
-def main(argv: list[str] | None = None) -> None:
+def _tiny(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sd15", choices=sorted(FAMILY_ALIASES))
     parser.add_argument("--out", required=True, type=Path, help="folder to write the diffusers pipeline to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()):
-        parser.error(f"--out {args.out} exists and is not empty; choose a new folder")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        what = "is not empty" if args.out.is_dir() else "is a file"
+        raise FileExistsError(f"--out {args.out} exists and {what}; choose a new folder")
     save_tiny_pipeline(args.family, args.out, seed=args.seed, prediction_type=args.prediction_type)
     print(f"saved tiny {FAMILY_ALIASES[args.family]} pipeline to {args.out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`error: ...` and exit status 2 for bad input (console/exits.py), 0 when the model is written."""
+    return run_command(_tiny, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

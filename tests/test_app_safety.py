@@ -1,6 +1,8 @@
 """What the app reads: only the folders it was given, adapters only as safetensors, uploads checked by content."""
 
 import os
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -62,38 +64,51 @@ def _photo(path, size=(40, 30), fmt="PNG"):
     return path
 
 
+def _png_header(path, width, height):
+    """A PNG whose header claims width x height (1-bit grey) with no pixel data: what a decompression bomb shows."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
 def test_uploads_are_checked_by_content_size_and_pixels(tmp_path):
-    assert check_image(_photo(tmp_path / "ok.png")) == "PNG"
-    assert check_image(_photo(tmp_path / "named.txt", fmt="JPEG")) == "JPEG"  # content decides, not the name
+    assert check_image(_photo(tmp_path / "ok.png")).format == "PNG"
+    assert check_image(_photo(tmp_path / "named.txt", fmt="JPEG")).format == "JPEG"  # content decides, not the name
     (tmp_path / "fake.png").write_text("<script>alert(1)</script>")
-    with pytest.raises(UploadError, match="fake.png: not a readable image"):
+    with pytest.raises(UploadError, match="fake.png: not an image Pillow can read"):
         check_image(tmp_path / "fake.png")
     full = (tmp_path / "ok.jpg")
     _photo(full, (64, 64), "JPEG")
     (tmp_path / "cut.jpg").write_bytes(full.read_bytes()[:300])
-    with pytest.raises(UploadError, match="cut.jpg: not a readable image"):
+    with pytest.raises(UploadError, match="cut.jpg: damaged or truncated"):
         check_image(tmp_path / "cut.jpg")
     with pytest.raises(UploadError, match="over the 0 MiB limit"):
         check_image(tmp_path / "ok.png", max_bytes=10)
-    # A big canvas compresses to a small file: bounded by pixels before it is decoded.
-    Image.new("1", (9000, 5000)).save(tmp_path / "bomb.png")
-    assert (tmp_path / "bomb.png").stat().st_size < 2**20
-    with pytest.raises(UploadError, match="9000x5000 is over the 40,000,000 pixel limit"):
+    # A small file can claim a huge canvas: refused from its header, before any pixel is decoded.
+    _png_header(tmp_path / "bomb.png", 40_000, 30_000)
+    with pytest.raises(UploadError, match=r"bomb.png: 40000x30000 \(1200 MP\) is over the 1000 MP limit"):
         check_image(tmp_path / "bomb.png")
-    Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
-    with pytest.raises(UploadError, match="GIF images are not accepted"):
-        check_image(tmp_path / "anim.gif")
+    Image.new("RGB", (8, 8)).save(tmp_path / "still.gif")
+    assert check_image(tmp_path / "still.gif").format == "GIF"  # a GIF is used (its first frame), as in training
+    Image.new("RGB", (8, 8)).save(tmp_path / "scan.png", format="PPM")  # decodable, but no photo format of ours
+    with pytest.raises(UploadError, match="scan.png: PPM images are not used as photos; save it as JPEG or PNG"):
+        check_image(tmp_path / "scan.png")
 
 
 def test_staging_is_all_or_nothing_with_our_own_names(tmp_path):
-    good = [_photo(tmp_path / "a.png"), _photo(tmp_path / "b.jpeg", fmt="JPEG")]
+    good = [_photo(tmp_path / "a.png"), _photo(tmp_path / "b.jpeg", fmt="JPEG"),
+            _photo(tmp_path / "c.jfif", fmt="JPEG")]
     (tmp_path / "notes.png").write_text("not an image")
     dest = tmp_path / "staged"
     with pytest.raises(UploadError, match="notes.png"):
         stage_uploads(good + [tmp_path / "notes.png"], dest)
     assert not dest.exists()
     written = stage_uploads(good, dest)
-    assert [p.name for p in written] == ["photo_000.png", "photo_001.jpg"]
+    assert [(name, info.path.name) for name, info in written] == [
+        ("a.png", "photo_000.png"), ("b.jpeg", "photo_001.jpg"), ("c.jfif", "photo_002.jpg")]
+    assert all(info.path.read_bytes() == src.read_bytes() for src, (_, info) in zip(good, written, strict=True))
     with pytest.raises(UploadError, match="at least one photo"):
         stage_uploads([], dest)
 
@@ -106,8 +121,9 @@ def test_photo_folders_come_only_from_the_given_roots(tmp_path):
     roots = AllowedRoots()
     roots.add(photos)
     assert photo_folders(roots) == {"photos/dog": photos / "dog"}
-    assert check_photo_folder(photos / "dog", roots) == (photos / "dog").resolve()
-    with pytest.raises(UploadError, match="no photos"):
+    folder, found = check_photo_folder(photos / "dog", roots)
+    assert folder == (photos / "dog").resolve() and [p.path.name for p in found.photos] == ["1.png"]
+    with pytest.raises(UploadError, match="no usable photos"):
         check_photo_folder(photos / "empty", roots)
     with pytest.raises(PathNotAllowedError):
         check_photo_folder(photos / ".." / "..", roots)

@@ -120,7 +120,7 @@ def test_training_from_a_given_folder_finishes_and_loads_the_adapter(state):
 
 def test_uploaded_photos_are_checked_then_staged(state, tmp_path):
     (tmp_path / "evil.png").write_text("#!/bin/sh\nrm -rf /")
-    with pytest.raises(UploadError, match="evil.png: not a readable image"):
+    with pytest.raises(UploadError, match="evil.png: not an image Pillow can read"):
         state.start_training("a photo of sks cat", steps=2, uploads=[str(tmp_path / "evil.png")])
     Image.new("RGB", (64, 64)).save(tmp_path / "cat.jpg")
     job = state.start_training("a photo of sks cat", steps=2, uploads=[str(tmp_path / "cat.jpg")])

@@ -33,10 +33,34 @@ def test_generate_handler_returns_images_or_a_visible_message(state):
     gallery, infotext, message, status = handler("a photo of sks dog", "", 3, 2, 5.0, 64, 64, 1, "Euler", False,
                                                  *scales, progress=lambda *a, **k: None)
     assert len(gallery) == 1 and gallery[0][0].endswith(".png") and message == ""
-    assert "Lora scales: dog: 0.4" in infotext and "model loads: " in status
+    assert "Lora scales: dog: 0.4" in infotext and "**dog**" in status
     *_, message, _ = handler("", "", 3, 500, 5.0, 4096, 64, 1, "Euler", False, *scales,
                              progress=lambda *a, **k: None)
     assert message.startswith("⚠️") and "enter a prompt" in message and "steps" in message and "width" in message
+
+
+def test_the_header_shows_the_model_and_each_adapters_trigger_prompt_not_internals(state):
+    state.fusion.set_scales({"dog": 0.7})
+    header = state.status_text()
+    assert header == ("Base model **model** (Stable Diffusion 1.x) · adapters: **dog** (trigger “a photo of sks dog”, "
+                      "scale 0.7)")
+    assert f"{id(state.pipe):x}" not in header and "model loads" not in header
+    assert state.status()["pipeline_id"] == f"{id(state.pipe):x}"  # still there for monitoring, over the API
+    assert state.status()["trigger_prompts"] == {"dog": "a photo of sks dog"}
+
+
+def test_the_prompt_box_starts_with_the_trigger_prompt(state):
+    demo = build_ui(state)
+    box = next(c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "prompt")
+    assert box["props"]["value"] == "a photo of sks dog"
+    assert box["props"]["placeholder"] == "e.g. a photo of sks dog, on the beach"
+
+
+def test_without_adapters_the_header_says_how_to_get_one(tiny_sd15_dir, tmp_path_factory):
+    app, _ = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
+    assert app.status_text() == ("Base model **model** (Stable Diffusion 1.x) · no adapter loaded: load one under "
+                                 "*Adapters* or train one on the *Train* tab")
+    assert app.suggested_prompt() == ""
 
 
 def test_default_size_is_the_models_native_size(state):
@@ -48,7 +72,7 @@ def test_default_size_is_the_models_native_size(state):
     assert native_size(object(), 512) == 512
 
 
-def test_command_line(tmp_path, monkeypatch):
+def test_command_line(tmp_path, monkeypatch, capsys):
     args = cli.build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
     assert cli.build_parser().parse_args(["--auth", "me:se:cret"]).auth == ("me", "se:cret")
@@ -66,5 +90,7 @@ def test_command_line(tmp_path, monkeypatch):
     (demo / "moslora.safetensors").write_bytes(b"")
     monkeypatch.setattr(cli, "DEMO_ADAPTER", demo)
     assert cli.default_adapters(cli.TOY_BASE) == [str(demo)] and cli.default_adapters(folder) == []
-    with pytest.raises(SystemExit, match="error: --adapter .*no such file"):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["--base", str(folder), "--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: --adapter {tmp_path / 'missing'}: no such file or folder\n")

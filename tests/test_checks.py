@@ -7,7 +7,8 @@ from dataclasses import fields
 
 import pytest
 
-from moslora_diffusion.checks import SCALE, SCALE_MAX, SCALE_MIN, OneLineErrorParser, Range, number_problems
+from moslora_diffusion.checks import SCALE, SCALE_MAX, SCALE_MIN, Range, number_problems
+from moslora_diffusion.console import OneLineErrorParser
 from moslora_diffusion.training import ConfigError, TrainConfig, parse_args
 from moslora_diffusion.training.config import NUMBER_RANGES
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -140,11 +142,14 @@ def test_float_image_becomes_rgb(tmp_path):
     assert list(loaded[0, :, 1]) == [0, 128, 255]
 
 
-def test_list_image_files_filters_and_sorts(tmp_path):
-    for name in ["b.PNG", "a.jpeg", "c.webp", ".hidden.jpg", "._a.jpg", "notes.txt", "d.Tiff"]:
+def test_list_image_files_decides_by_content_and_sorts(tmp_path):
+    for name, fmt in [("b.PNG", "PNG"), ("a.jpeg", "JPEG"), ("c.webp", "WEBP"), (".hidden.jpg", "JPEG"),
+                      ("d.Tiff", "TIFF"), ("e.jfif", "JPEG"), ("f.gif", "GIF")]:
+        save(tmp_path / name, format=fmt)
+    for name in ["._a.jpg", "notes.txt", "fake.jpg"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "dir.jpg").mkdir()
-    assert [p.name for p in list_image_files(tmp_path)] == ["a.jpeg", "b.PNG", "c.webp", "d.Tiff"]
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.jpeg", "b.PNG", "c.webp", "d.Tiff", "e.jfif", "f.gif"]
 
 
 def test_corrupt_file_raises_image_error_naming_it(tmp_path):
@@ -361,7 +366,9 @@ def test_class_images_generate_only_missing_and_resume(tmp_path):
     class_dir = tmp_path / "class"
     save(class_dir / "user_1.jpg", (8, 8))
     save(class_dir / "user_2.png", (8, 8))
-    (class_dir / ".class_x.png.tmp").write_bytes(b"half written")
+    leftover = class_dir / ".class_00003_13.png.99999999-x1y2z3w4.tmp"  # a killed run's, pid gone for minutes
+    leftover.write_bytes(b"half written")
+    os.utime(leftover, (time.time() - 120, time.time() - 120))
     (class_dir / "class_00000_10.png").write_bytes(b"corrupt png")
     generator, progress = FakeGenerator(), []
 
@@ -400,8 +407,8 @@ def test_class_images_create_folder_and_reject_bad_arguments(tmp_path):
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
     class Exploding:
-        def save(self, handle, format):  # noqa: A002 - mirrors PIL's signature
-            handle.write(b"\x89PNG half")
+        def save(self, fp, format):  # noqa: A002 - mirrors PIL's signature
+            Path(fp).write_bytes(b"\x89PNG half")
             raise KeyboardInterrupt  # a kill mid-write
 
     with pytest.raises(KeyboardInterrupt):

@@ -136,7 +136,7 @@ def test_existing_output_needs_overwrite(tiny_sd15_dir, run_dir, tmp_path, capsy
     assert [p.name for p in tmp_path.iterdir()] == [out_name]
 
 
-def test_failure_while_writing_a_folder_leaves_nothing(tiny_sd15_dir, run_dir, tmp_path, monkeypatch):
+def test_failure_while_writing_a_folder_leaves_nothing(tiny_sd15_dir, run_dir, tmp_path, monkeypatch, capsys):
     from diffusers import DiffusionPipeline
 
     def half_written(self, folder, **kwargs):
@@ -145,8 +145,11 @@ def test_failure_while_writing_a_folder_leaves_nothing(tiny_sd15_dir, run_dir, t
         raise RuntimeError("disk went away")
 
     monkeypatch.setattr(DiffusionPipeline, "save_pretrained", half_written)
-    with pytest.raises(RuntimeError, match="disk went away"):
+    with pytest.raises(SystemExit) as exit_info:  # unexpected: one line, exit status 1 (console/exits.py)
         _cli(tiny_sd15_dir, run_dir, "merged-diffusers", tmp_path / "m")
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: unexpected RuntimeError: disk went away (a bug; run again with --debug")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -59,13 +59,13 @@ def assert_outputs(config, family: str, text_components: tuple[str, ...] = ()) -
         assert expected in card
 
 
-def test_sd1_run_writes_every_output_and_skips_a_corrupt_photo(tiny_sd15_dir, tmp_path):
+def test_sd1_run_writes_every_output_and_skips_a_corrupt_photo(tiny_sd15_dir, tmp_path, capsys):
     photos = make_photos(tmp_path / "photos", count=2)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=3, validation_prompt=PROMPT,
                          validation_steps=2, num_validation_images=1)
-    with pytest.warns(UserWarning, match="broken.jpg"):
-        result = run_training(config)
+    result = run_training(config)
+    assert f"Photos: 2 used from {photos}, 1 files skipped\n  skipped broken.jpg: " in capsys.readouterr().out
 
     assert result.steps == 3 and len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     assert_outputs(config, "sd1")

@@ -121,8 +121,10 @@ def test_a_diverging_learning_rate_ends_the_command_with_one_line_and_status_1(t
     out = tmp_path / "out"
     reset_accelerate()
     try:
-        status = main(cli_args(tiny_config(tiny_sd15_dir, photos, out, max_train_steps=8, checkpointing_steps=1,
-                                           learning_rate=1e30)))
+        with pytest.raises(SystemExit) as exit_info:
+            main(cli_args(tiny_config(tiny_sd15_dir, photos, out, max_train_steps=8, checkpointing_steps=1,
+                                      learning_rate=1e30)))
+        status = exit_info.value.code
     finally:
         reset_accelerate()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -250,7 +252,9 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_too(tiny_sd15_dir, photos,
     monkeypatch.setattr(loop, "load_base", interrupted_while_loading)
     reset_accelerate()
     try:
-        status = main(cli_args(tiny_config(tiny_sd15_dir, photos, tmp_path / "out")))
+        with pytest.raises(SystemExit) as exit_info:
+            main(cli_args(tiny_config(tiny_sd15_dir, photos, tmp_path / "out")))
+        status = exit_info.value.code
     finally:
         reset_accelerate()
     err = capsys.readouterr().err.strip()

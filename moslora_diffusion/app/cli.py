@@ -11,11 +11,9 @@ import argparse
 import atexit
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ..checks import OneLineErrorParser
+from ..console import OneLineErrorParser, add_debug_flag, run_command
 
 log = logging.getLogger("moslora_diffusion.app")
 CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).expanduser()
@@ -35,14 +33,8 @@ def default_base_model() -> Path:
         return TOY_BASE
     folder = CACHE_DIR / "tiny-sd15"
     if not (folder / "model_index.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd15.", dir=folder.parent))
-        try:  # built aside and renamed: two starting apps never see a half-written model
-            save_tiny_pipeline("sd15", tmp / "model")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp / "model", folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Written aside and renamed (files/atomic.py): two starting apps never see a half-written model.
+        save_tiny_pipeline("sd15", folder, overwrite=True)
     return folder
 
 
@@ -82,27 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", type=_auth, metavar="USER:PASSWORD", default=os.environ.get("MOSLORA_APP_AUTH"),
                         help="require a login (or set MOSLORA_APP_AUTH, which keeps it out of `ps`)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """A bad --base / --adapter ends in one line `error: ...`, exit status 2 (console/exits.py)."""
+    return run_command(_serve, argv)
+
+
+def _serve(argv: list[str]) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from .state import open_app_state
     from .ui import build_ui
+    from .uploads import MAX_UPLOAD_BYTES
 
     base = args.base or default_base_model()
     adapters = args.adapter or ([] if args.base else default_adapters(base))
-    try:
-        state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device)
-    except (ValueError, OSError) as err:  # a bad --base / --adapter: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+    state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device)
     atexit.register(state.training.shutdown)
     if (args.share or args.host not in ("127.0.0.1", "localhost")) and args.auth is None:
         log.warning("serving beyond this machine without --auth: anyone who can reach it can use it")
     demo = build_ui(state)
     demo.queue(max_size=256, default_concurrency_limit=1)  # one pipeline: requests wait their turn
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
-                allowed_paths=[str(state.outputs)], max_file_size="25mb", ssr_mode=False, show_error=False,
-                footer_links=["api"])
+                allowed_paths=[str(state.outputs)], max_file_size=f"{MAX_UPLOAD_BYTES // 2**20}mb", ssr_mode=False,
+                show_error=False, footer_links=["api"])

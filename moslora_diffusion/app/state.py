@@ -20,7 +20,7 @@ from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
-from .uploads import UploadError, check_photo_folder, photo_folders, stage_uploads
+from .uploads import UploadError, check_photo_folder, photo_folders, photo_notes, stage_uploads
 
 log = logging.getLogger("moslora_diffusion.app")
 MODEL_LOADS = {"count": 0}  # process-wide: proves a slider move never reloads the model
@@ -51,6 +51,24 @@ def native_size(pipe, family_default: int) -> int:
     except (AttributeError, TypeError):
         return family_default
     return min(max(64, size - size % 8), 2048)
+
+
+def _markdown(text: str) -> str:
+    """User text shown as itself in Markdown (a `*` or `_` in a prompt is no emphasis)."""
+    return "".join(f"\\{c}" if c in "\\`*_[]<>#|" else c for c in text)
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """Refuses, before anything is loaded, an output folder that names a file (or lies under one)."""
+    path = Path(path).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"is under {existing}, which is a file"
+                raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder the images go to "
+                                         "(created if missing): choose another name")
+            break
+    return path
 
 
 @dataclass
@@ -124,17 +142,32 @@ class AppState:
         self.last_seconds = time.perf_counter() - start
         return saved
 
+    def trigger_prompts(self) -> dict[str, str]:
+        """Loaded adapter -> its trigger prompt (the instance prompt it was trained with; "" when not recorded)."""
+        return {name: str(adapter.info.get("instance_prompt") or "") for name, adapter in self.fusion.adapters.items()}
+
+    def suggested_prompt(self) -> str:
+        """The first loaded adapter's trigger prompt: what the prompt box starts with."""
+        return next((prompt for prompt in self.trigger_prompts().values() if prompt), "")
+
     def status(self) -> dict:
+        """For monitoring over the API (`/status`): also the internals the header leaves out."""
         return {"model": self.model_name, "family": self.info.family.name, "model_loads": MODEL_LOADS["count"],
                 "pipeline_id": f"{id(self.pipe):x}", "generations": self.generations,
-                "last_seconds": round(self.last_seconds, 3), "adapters": dict(self.fusion.scales)}
+                "last_seconds": round(self.last_seconds, 3), "adapters": dict(self.fusion.scales),
+                "trigger_prompts": self.trigger_prompts()}
 
     def status_text(self) -> str:
-        s = self.status()
-        return (f"Model **{s['model']}** ({self.info.family.label}) · model loads: "
-                f"{s['model_loads']} · pipeline `{s['pipeline_id']}` · "
-                f"generations: {s['generations']} · last: {s['last_seconds']:.2f} s · adapters: "
-                f"{self.fusion.describe()}")
+        """The header a user reads: the base model, and each adapter with its trigger prompt and scale."""
+        head = f"Base model **{_markdown(self.model_name)}** ({self.info.family.label})"
+        triggers = self.trigger_prompts()
+        if not triggers:
+            return f"{head} · no adapter loaded: load one under *Adapters* or train one on the *Train* tab"
+        described = []
+        for name, prompt in triggers.items():
+            trigger = f"trigger “{_markdown(prompt)}”" if prompt else "no trigger prompt recorded"
+            described.append(f"**{_markdown(name)}** ({trigger}, scale {self.fusion.scales[name]:g})")
+        return f"{head} · adapters: " + ", ".join(described)
 
     # training
     def start_training(self, instance_prompt: str, class_prompt: str = "", steps: int = 400, rank: int = 4,
@@ -144,17 +177,23 @@ class AppState:
         settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", steps, rank,
                                     resolution or None, validation_steps or 0)
         settings.check()  # every number finite and in range, before any upload is copied
+        resolution = settings.resolution or self.default_size
         if uploads:
             staged = stage_uploads(uploads, new_run_dir(self.outputs / "uploads", instance_prompt))
-            settings.instance_dir = staged[0].parent
+            settings.instance_dir = staged[0][1].path.parent
+            notes = photo_notes(staged, resolution)
         elif folder:
             folders = photo_folders(self.photo_roots)
             if folder not in folders:
                 raise UploadError(f"unknown photo folder {folder!r}")
-            settings.instance_dir = check_photo_folder(folders[folder], self.photo_roots)
+            settings.instance_dir, found = check_photo_folder(folders[folder], self.photo_roots)
+            notes = [f"{s.path.name}: skipped, {s.reason}" for s in found.skipped]
+            notes += photo_notes([(p.path.name, p) for p in found.photos], resolution)
         else:
             raise UploadError("choose a photo folder or upload photos of the subject")
-        return self.training.start(self.base, settings, self.config)
+        job = self.training.start(self.base, settings, self.config)
+        job.notes = notes
+        return job
 
     def register_finished_training(self) -> str | None:
         """Loads the adapter of a just-finished training run (once); returns its name."""
@@ -176,6 +215,7 @@ def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), confi
     photos = AllowedRoots()
     for folder in photo_dirs:
         photos.add(folder)
+    check_output_folder(outputs_dir, "--output_dir")
     pipe = load_base_pipeline(base, config, device)
     state = AppState(pipe, base, outputs_dir, roots, config, photos)
     for path in adapters:

@@ -143,10 +143,13 @@ class TrainingJob:
         self.process: subprocess.Popen | None = None
         self.cancelled = False
         self.registered_as: str | None = None  # the adapter name once the app loaded the result
+        self.notes: list[str] = []  # what the user should know about the photos (skipped, downscaled, small)
         self.started_at = 0.0
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A live stream the trainer writes and the Train tab reads as it grows, so not files/atomic.py; each
+        # run gets a new log name (new_run_dir), so no earlier file is ever truncated.
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -61,6 +61,15 @@ def slot_updates(state: AppState, with_values: bool = False, new: str | None = N
     return updates
 
 
+def prompt_box(state: AppState) -> dict:
+    """Value and placeholder of the prompt box: the loaded adapter's trigger prompt, so a first click on
+    Generate shows the trained subject."""
+    trigger = state.suggested_prompt()
+    if trigger:
+        return {"value": trigger, "placeholder": f"e.g. {trigger}, on the beach"}
+    return {"value": "", "placeholder": "describe the image, e.g. a photo of a dog on the beach"}
+
+
 def _scales(state: AppState, values) -> dict[str, float]:
     return {name: float(v) for name, v in zip(state.fusion.names()[:MAX_SLOTS], values, strict=False)}
 
@@ -69,8 +78,7 @@ def _generate_tab(state: AppState, res: int) -> dict:
     c = {}
     with gr.Row():
         with gr.Column(scale=3):
-            c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                     placeholder="a photo of sks dog on the beach")
+            c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", **prompt_box(state))
             c["negative"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
             with gr.Row():
                 c["seed"] = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
@@ -195,7 +203,8 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
             job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads)
         except USER_ERRORS as err:
             return _refuse(err), gr.Timer(active=False)
-        return f"Started: `{job.output_dir.name}`", gr.Timer(active=True)
+        notes = "".join(f"\n\n⚠️ {note}" for note in job.notes)
+        return f"Started: `{job.output_dir.name}`{notes}", gr.Timer(active=True)
 
     def poll():
         job = state.training.job
@@ -249,11 +258,13 @@ def build_ui(state: AppState) -> gr.Blocks:
                           queue=False)
         refresh = _adapter_handlers(state, gen, status)
         _train_handlers(state, train, gen, status)
-        demo.load(lambda: [*slot_updates(state, with_values=True), state.status_text(), refresh()],
-                  outputs=gen["slots"] + [status, gen["available"]], api_visibility="private")
+        # A page (re)load shows what is loaded now: a trained adapter's slider and trigger prompt included.
+        demo.load(lambda: [*slot_updates(state, with_values=True), state.status_text(), refresh(),
+                           gr.update(**prompt_box(state))],
+                  outputs=gen["slots"] + [status, gen["available"], gen["prompt"]], api_visibility="private")
 
         @gr.api(api_name="status", concurrency_id="status")
         def app_status() -> dict:
-            """Model, load count, pipeline id and adapter scales (for monitoring and tests)."""
+            """Model, load count, pipeline id, adapter scales and trigger prompts (for monitoring and tests)."""
             return state.status()
     return demo

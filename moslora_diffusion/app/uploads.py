@@ -1,94 +1,86 @@
 """Subject photos from the browser or from a folder the app was given, checked before any use.
 
-An upload is judged by its content (PIL must recognise and fully decode it), not by its name, and
-bounded in bytes and in pixels so a small file cannot unpack into a huge image.
+A photo is judged exactly as the trainer judges it (data/images.py, `inspect_photo`): by its content, not its
+name, fully decoded, at most MAX_PIXELS (read from the header before decoding), and downscaled on load above
+WORKING_PIXELS, which the user is told. Uploads are also bounded in bytes and in number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from ..data.images import PHOTO_FORMATS, ImageError, PhotoInfo, identify_photo, inspect_photo
+from ..data.scan import FolderPhotos, find_photos
+from ..files.atomic import atomic_write
 from .paths import AllowedRoots
 
-MAX_UPLOAD_BYTES = 25 * 2**20
-MAX_PIXELS = 40_000_000  # about 7700 x 5200: bigger than any camera photo people train on
+MAX_UPLOAD_BYTES = 100 * 2**20  # a 200 MP phone JPEG is 30-60 MB
 MAX_UPLOAD_FILES = 100
-IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "MPO": ".jpg", "TIFF": ".tif"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class UploadError(ValueError):
     """A file that is not an acceptable photo; the message names it."""
 
 
-def check_image(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> str:
-    """The image format of `path` if it is a decodable photo within bounds; raises UploadError otherwise."""
+def check_image(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES) -> PhotoInfo:
+    """`path` checked as a photo (see the module docstring); UploadError naming the file otherwise."""
     path = Path(path)
-    name = path.name
     size = path.stat().st_size
     if size > max_bytes:
-        raise UploadError(f"{name}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB limit")
+        raise UploadError(f"{path.name}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB limit")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                fmt, (width, height) = image.format, image.size
-                if width * height > max_pixels:
-                    raise UploadError(f"{name}: {width}x{height} is over the {max_pixels:,} pixel limit")
-                if fmt not in IMAGE_FORMATS:
-                    raise UploadError(f"{name}: {fmt} images are not accepted; use JPEG, PNG, WebP, BMP or TIFF")
-                image.load()  # decodes every pixel: a truncated or corrupt file fails here, not in training
-    except UploadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
-        # The error text names the server's temporary path: the type says enough.
-        raise UploadError(f"{name}: not a readable image ({type(err).__name__})") from None
-    return fmt
+        return inspect_photo(path)
+    except ImageError as err:  # the reason only: the full path is the server's temporary one
+        raise UploadError(f"{path.name}: {err.reason}") from None
 
 
-def stage_uploads(files: list[str | Path], dest: Path) -> list[Path]:
-    """Checks every file first, then copies them into `dest` under safe names; nothing is copied on error."""
+def stage_uploads(files: list[str | Path], dest: Path) -> list[tuple[str, PhotoInfo]]:
+    """Checks every file first, then copies them into `dest` under safe names; nothing is copied on error.
+
+    Returns (uploaded name, the staged copy's PhotoInfo) per file, in order.
+    """
     if not files:
         raise UploadError("upload at least one photo of the subject")
     if len(files) > MAX_UPLOAD_FILES:
         raise UploadError(f"{len(files)} files is more than the {MAX_UPLOAD_FILES} accepted at once")
-    formats = [check_image(f) for f in files]
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, (src, fmt) in enumerate(zip(files, formats, strict=True)):
+    checked = [check_image(f) for f in files]
+    staged = []
+    for i, (src, info) in enumerate(zip(files, checked, strict=True)):
         # Our own names: an uploaded name never becomes a path component.
-        target = dest / f"photo_{i:03d}{IMAGE_FORMATS[fmt]}"
-        shutil.copyfile(src, target)
-        written.append(target)
-    return written
+        target = dest / f"photo_{i:03d}{PHOTO_FORMATS[info.format]}"
+        atomic_write(target, lambda tmp, src=src: shutil.copyfile(src, tmp), Path(src).stat().st_size)
+        staged.append((Path(src).name, dataclasses.replace(info, path=target)))
+    return staged
 
 
 def photo_folders(roots: AllowedRoots) -> dict[str, Path]:
-    """Label -> folder for every given photo root and its immediate subfolders that hold images."""
+    """Label -> folder for every given photo root and its immediate subfolders that hold a photo (by content)."""
     found = {}
     for root in roots.roots:
         if not root.is_dir():
             continue
         for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
-            if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file()):
+            if any(p.is_file() and not p.name.startswith(".") and identify_photo(p) for p in folder.iterdir()):
                 label = root.name if folder == root else f"{root.name}/{folder.name}"
                 found[label] = folder
     return found
 
 
-def check_photo_folder(folder: str | Path, roots: AllowedRoots) -> Path:
-    """A folder of photos inside the allowed roots, with every image in it checked."""
+def check_photo_folder(folder: str | Path, roots: AllowedRoots) -> tuple[Path, FolderPhotos]:
+    """A folder of photos inside the allowed roots, every file checked as the trainer will; the photos and the
+    skipped files (with reasons) come back for the user to see. UploadError when no photo is usable."""
     resolved = roots.check(folder)
     if not resolved.is_dir():
         raise UploadError(f"{folder}: not a folder")
-    images = [p for p in sorted(resolved.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        raise UploadError(f"{resolved.name}: no photos (JPEG, PNG, WebP, BMP or TIFF) in this folder")
-    for image in images:
-        check_image(image)
-    return resolved
+    found = find_photos(resolved)
+    if not found.photos:
+        why = "; ".join(f"{s.path.name}: {s.reason}" for s in found.skipped[:3])
+        raise UploadError(f"{resolved.name}: no usable photos in this folder" + (f" ({why})" if why else ""))
+    return resolved, found
+
+
+def photo_notes(named: list[tuple[str, PhotoInfo]], resolution: int | None) -> list[str]:
+    """One line per thing the user should know about the photos used (downscaled, first frame, small)."""
+    return [f"{name}: {note}" for name, info in named for note in info.notes(resolution)]

@@ -2,29 +2,28 @@
 
 The model is not needed here: the trainer passes `generate(prompts, seeds) -> images`.
 Image k is generated with seed `seed + k`, so a run killed part-way and resumed produces the
-same set as an uninterrupted run. Each file is written atomically (temp file in the same
-folder, then `os.replace`), so a kill never leaves a half-written PNG behind.
+same set as an uninterrupted run. Each file is written atomically (files/atomic.py: a temporary
+in the same folder, then renamed), so a kill never leaves a half-written PNG behind. Existing
+images count by content, as instance photos do (data/scan.py).
 Call this from one process only (the main rank), then have the others wait.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
-from .images import ImageError, image_size, list_image_files
+from ..files.atomic import save_image
+from .scan import find_photos
 
 GenerateFn = Callable[[list[str], list[int]], list[Image.Image]]
 ProgressFn = Callable[[int, int], None]
 
 _CLASS_NAME = re.compile(r"^class_(\d+)_(-?\d+)\.png$")
-_TEMP_PREFIX, _TEMP_SUFFIX = ".class_", ".png.tmp"
 
 
 def class_image_name(index: int, seed: int) -> str:
@@ -32,22 +31,11 @@ def class_image_name(index: int, seed: int) -> str:
 
 
 def _valid_class_images(class_dir: Path) -> list[Path]:
-    """Readable images already in `class_dir`; corrupt ones are ignored with a warning."""
-    valid = []
-    for path in list_image_files(class_dir):
-        try:
-            image_size(path)
-        except ImageError as err:
-            warnings.warn(f"ignoring unreadable class image {path}: {err}", stacklevel=3)
-            continue
-        valid.append(path)
-    return valid
-
-
-def _remove_stale_temp_files(class_dir: Path) -> None:
-    # Left by a run killed between writing and renaming; never a complete image.
-    for path in class_dir.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+    """Readable photos already in `class_dir`; any other file is ignored with a warning saying why."""
+    found = find_photos(class_dir)
+    for skipped in found.skipped:
+        warnings.warn(f"ignoring class image {skipped.path}: {skipped.reason}", stacklevel=3)
+    return [photo.path for photo in found.photos]
 
 
 def _free_indices(class_dir: Path, count: int) -> list[int]:
@@ -67,16 +55,7 @@ def _free_indices(class_dir: Path, count: int) -> list[int]:
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     """Write `image` to `path` as PNG so that `path` is either absent or complete."""
-    fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    save_image(image, path, "PNG")
 
 
 def _check_arguments(class_prompt: str, num_class_images: int, batch_size: int) -> None:
@@ -107,7 +86,6 @@ def ensure_class_images(
     _check_arguments(class_prompt, num_class_images, batch_size)
     class_dir = Path(class_dir).expanduser()
     class_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(class_dir)
     existing = _valid_class_images(class_dir)
     missing = num_class_images - len(existing)
     if missing > 0:

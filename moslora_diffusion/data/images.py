@@ -1,38 +1,199 @@
-"""Reading training photos: EXIF orientation, every PIL mode to 8-bit RGB, clear errors.
+"""Reading photos: decided by content, one size rule, EXIF orientation, every PIL mode to 8-bit RGB.
 
-Users hand us whatever their phone or editor wrote: rotated JPEGs, RGBA PNGs, 16-bit TIFFs,
-CMYK JPEGs from print workflows. Everything goes through `load_rgb` so the rest of the code
-only ever sees an upright RGB image.
+Users hand us whatever their phone or editor wrote: rotated JPEGs, RGBA PNGs, 16-bit TIFFs, CMYK JPEGs
+from print workflows, `.jfif` files, GIFs, 200-megapixel phone photos. The training scan and the app's
+upload check both go through `inspect_photo`, so a photo is used or refused the same way in both:
+
+- a file is a photo when Pillow recognises its *content* as one of PHOTO_FORMATS (the name does not
+  matter); an animation gives its first frame;
+- up to MAX_PIXELS (1000 MP, read from the header before anything is decoded); above, refused;
+- above WORKING_PIXELS (64 MP) it is halved on load (2x, 4x, ...) until within, with a note saying so:
+  JPEGs are decoded straight at the smaller scale, so a 200 MP JPEG costs 50 MP of memory, not 200.
+Everything else only ever sees an upright RGB image (`load_rgb`).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Pillow's format name -> the usual suffix (what the app names a staged copy). MPO: a phone JPEG with extra
+# views; its first frame is the photo.
+PHOTO_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
+                 "GIF": ".gif", "AVIF": ".avif"}
+MAX_PIXELS = 1_000_000_000  # 5x the largest phone sensor (200 MP); decoding one takes up to 4 GB
+WORKING_PIXELS = 64_000_000  # larger photos are halved on load until within: still 8x a 1024 px training crop
+SMALL_SIDE = 64  # a shorter side than this (or than half the training resolution) gets a warning
+_NO_DECODER = {".heic": "HEIC/HEIF photos", ".heif": "HEIC/HEIF photos", ".dng": "camera RAW files",
+               ".cr2": "camera RAW files", ".cr3": "camera RAW files", ".nef": "camera RAW files",
+               ".arw": "camera RAW files", ".raf": "camera RAW files", ".orf": "camera RAW files",
+               ".rw2": "camera RAW files"}
 
 # What PIL raises for unreadable, truncated or hostile files. UnidentifiedImageError is an
 # OSError; some decoders raise SyntaxError/EOFError/ValueError on malformed headers.
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
-
+_PIXEL_LIMIT_LOCK = threading.Lock()
 _WHITE = (255, 255, 255)
 
 
 class ImageError(ValueError):
-    """An image file that cannot be read or decoded."""
+    """A file that is not a usable photo; `reason` says why, without the path."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class PhotoInfo:
+    """A checked photo. Sizes are (width, height) in pixels."""
+
+    path: Path
+    format: str  # Pillow's name: "JPEG", "PNG", "GIF", ...
+    stored_size: tuple[int, int]  # as stored in the file
+    size: tuple[int, int]  # as used: EXIF orientation applied, downscaled when over WORKING_PIXELS
+    frames: int = 1  # an animation's frame count; only the first is used
+
+    @property
+    def downscaled(self) -> bool:
+        return self.size[0] * self.size[1] < self.stored_size[0] * self.stored_size[1]
+
+    def notes(self, resolution: int | None = None) -> list[str]:
+        """What the user should be told about this photo (used all the same)."""
+        (w, h), (sw, sh) = self.size, self.stored_size
+        notes = []
+        if self.downscaled:
+            notes.append(f"{sw}x{sh} ({sw * sh / 1e6:.0f} MP) is downscaled on load to {w}x{h} (over "
+                         f"{WORKING_PIXELS // 1_000_000} MP); a smaller copy would spare that work at every load")
+        if self.frames > 1 and self.format != "MPO":
+            notes.append(f"{self.frames} frames (an animation or pages): only the first is used")
+        smallest = max(SMALL_SIDE, (resolution or 0) // 2)
+        if min(w, h) < smallest:
+            target = f" for {resolution} px training" if resolution else ""
+            notes.append(f"{w}x{h} is very small{target}: it is upscaled, so the model learns a blurry subject")
+        return notes
+
+
+@contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """Pillow refuses pictures over ~179 MP as a "possible decompression bomb" before we can look at them. Our
+    own limit is MAX_PIXELS, checked from the header; Pillow's global one is raised to it while one photo is
+    read (the lock keeps overlapping reads from restoring it early), so Pillow's check stays as a backstop."""
+    with _PIXEL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only above MAX_PIXELS: refused anyway
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def reduction_factor(size: tuple[int, int]) -> int:
+    """1, 2, 4, ...: the smallest power of two that brings a (width, height) image within WORKING_PIXELS."""
+    width, height = size
+    factor = 1
+    while -(-width // factor) * -(-height // factor) > WORKING_PIXELS:
+        factor *= 2
+    return factor
+
+
+def _unidentified(path: Path) -> str:
+    kind = _NO_DECODER.get(path.suffix.lower())
+    if kind:
+        return f"{kind} cannot be read here; convert it to JPEG or PNG first"
+    return "not an image Pillow can read"
+
+
+def _check_header(img: Image.Image, path: Path) -> None:
+    if img.format not in PHOTO_FORMATS:
+        raise ImageError(path, f"{img.format} images are not used as photos; save it as JPEG or PNG")
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(path, f"{width}x{height} ({width * height / 1e6:.0f} MP) is over the "
+                               f"{MAX_PIXELS // 1_000_000} MP limit; resize it below that first")
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    if img.mode in ("1", "P", "PA") or img.mode.startswith("I;16"):  # reduce() cannot average these
+        img = to_rgb(img)
+    return img.reduce(factor)
+
+
+def _decode_open(img: Image.Image, path: Path) -> tuple[Image.Image, PhotoInfo]:
+    _check_header(img, path)
+    image_format, stored, frames = img.format, img.size, getattr(img, "n_frames", 1)
+    factor = reduction_factor(stored)
+    if factor > 1 and image_format in ("JPEG", "MPO"):  # libjpeg decodes at 1/2, 1/4, 1/8 scale directly
+        img.draft(img.mode, (-(-stored[0] // factor), -(-stored[1] // factor)))
+    img.load()  # decodes every pixel: a truncated file fails here, at scan time, not in training
+    _exif_transpose(img, path)
+    factor = reduction_factor(img.size)
+    if factor > 1:
+        result = _reduce(img, factor)
+    else:  # a single-frame file is closed once loaded; an animation keeps it open for seeking: copy
+        result = img if getattr(img, "fp", None) is None else img.copy()
+    return result, PhotoInfo(path, image_format, stored, result.size, frames)
+
+
+def _read(path: str | Path) -> tuple[Image.Image, PhotoInfo]:
+    """The photo fully decoded, upright and within WORKING_PIXELS, with what was found on the way."""
+    path = Path(path)
+    try:
+        with _our_pixel_limit():
+            img = Image.open(path)
+            try:
+                result, info = _decode_open(img, path)
+            except BaseException:
+                img.close()
+                raise
+            if result is not img:
+                img.close()
+            return result, info
+    except ImageError:
+        raise
+    except (FileNotFoundError, IsADirectoryError):
+        raise ImageError(path, "no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, _unidentified(path)) from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except _DECODE_ERRORS as err:
+        raise ImageError(path, f"damaged or truncated ({' '.join(str(err).split()) or type(err).__name__})") from None
+
+
+def inspect_photo(path: str | Path) -> PhotoInfo:
+    """Checks that `path` is a usable photo by decoding it whole (the rules in this module's docstring).
+
+    Raises ImageError (a ValueError) with the reason: not an image, a format we do not use, over MAX_PIXELS,
+    damaged or truncated.
+    """
+    return _read(path)[1]
+
+
+def identify_photo(path: str | Path) -> str | None:
+    """The photo format of `path` from its header alone (cheap), or None when it is none we use."""
+    try:
+        with _our_pixel_limit(), Image.open(path) as img:
+            return img.format if img.format in PHOTO_FORMATS else None
+    except _DECODE_ERRORS:
+        return None
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible regular file with one of the supported extensions."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    """A visible regular file whose content is a photo format we use (the name does not matter)."""
+    return not path.name.startswith(".") and path.is_file() and identify_photo(path) is not None
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files directly inside `folder` (not recursive), sorted by name.
+    """Photo files directly inside `folder` (not recursive), by content, sorted by name.
 
     Hidden files are skipped: macOS writes `._photo.jpg` AppleDouble files next to every photo
     copied from a Mac, and they are not images.
@@ -42,48 +203,35 @@ def list_image_files(folder: str | Path) -> list[Path]:
 
 
 def open_oriented(path: str | Path) -> Image.Image:
-    """Open, fully decode and EXIF-transpose an image, keeping its PIL mode.
+    """Open and fully decode a photo, EXIF-transposed and downscaled by the size rule, keeping its PIL mode
+    (palette, 1-bit and 16-bit ones become RGB when they had to be downscaled)."""
+    return _read(path)[0]
 
-    `Image.open` only parses the header; `load()` forces the whole decode so a truncated JPEG
-    fails here, at scan time, rather than in the middle of training.
-    """
-    path = Path(path)
+
+def _exif_transpose(img: Image.Image, path: Path) -> None:
+    # In place: a copy of a 200 MP image would double the memory. A malformed EXIF block should not cost
+    # the user a photo: keep it as stored, but say so.
     try:
-        with Image.open(path) as img:
-            img.load()
-            oriented = _exif_transpose(img, path)
-            # exif_transpose returns `img` itself when upright; copy so closing the file is safe.
-            return oriented.copy() if oriented is img else oriented
-    except FileNotFoundError as err:
-        raise ImageError(f"image file not found: {path}") from err
-    except _DECODE_ERRORS as err:
-        raise ImageError(f"cannot read image {path}: {err}") from err
-
-
-def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
-    # A malformed EXIF block should not cost the user a photo: keep it as stored, but say so.
-    try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt EXIF
-        warnings.warn(f"ignoring unreadable EXIF orientation in {path}: {err}", stacklevel=3)
-        return img
+        warnings.warn(f"ignoring unreadable EXIF orientation in {path}: {err}", stacklevel=4)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Load an image upright (EXIF orientation applied) as 8-bit RGB.
+    """Load a photo upright (EXIF orientation applied, downscaled by the size rule) as 8-bit RGB.
 
-    Raises ImageError (a ValueError) naming the file when it cannot be decoded.
+    Raises ImageError (a ValueError) naming the file when it cannot be used.
     """
     img = open_oriented(path)
     try:
         return to_rgb(img)
     except _DECODE_ERRORS as err:
-        raise ImageError(f"cannot convert image {path} (mode {img.mode}) to RGB: {err}") from err
+        raise ImageError(path, f"cannot convert mode {img.mode} to RGB: {err}") from err
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation; decodes the whole file to validate it."""
-    return open_oriented(path).size
+    """(width, height) as used (after EXIF orientation and downscaling); decodes the whole file to validate it."""
+    return inspect_photo(path).size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

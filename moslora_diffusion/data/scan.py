@@ -4,7 +4,8 @@ Conventions users bring from other tools:
 - a caption sidecar `<stem>.caption` (kohya's default) or `<stem>.txt` (what many users write);
 - kohya sub-folders `<repeats>_<prompt>`, e.g. `10_sks dog`;
 - plain photos in the folder, captioned with `--instance_prompt` (diffusers' DreamBooth).
-Every image is decoded once here, so a bad file is reported before training starts.
+A file is a photo by its content, not its name (data/images.py), and every photo is decoded once here, so a
+bad file is reported, with the reason, before training starts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import IMAGE_EXTENSIONS, ImageError, image_size, list_image_files
+from .images import PHOTO_FORMATS, ImageError, PhotoInfo, inspect_photo
 
 CAPTION_EXTENSIONS = (".caption", ".txt")  # first match wins: kohya's default, then common use
+MASK_SUFFIX = "_mask"  # `<photo>_mask.png` beside `<photo>.jpg`: a mask (for a masked loss), not a photo
 
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
@@ -27,7 +29,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One training photo. `size` is (width, height) after EXIF orientation, when known."""
+    """One training photo. `size` is (width, height) as loaded (upright, downscaled by the size rule), when known."""
 
     path: Path
     caption: str
@@ -35,6 +37,63 @@ class ImageRecord:
     size: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class FolderPhotos:
+    """What one folder holds: the photos (checked by content) and the other files with why they are not used."""
+
+    photos: list[PhotoInfo]
+    skipped: list[Skipped]
+
+
+def find_photos(folder: str | Path) -> FolderPhotos:
+    """Every photo directly inside `folder`, decided by content (data/images.py, also the app's upload check).
+
+    Not photos, and not reported: hidden files (macOS `._x.jpg`, `.DS_Store`) and caption sidecars. Reported as
+    skipped: masks (`<photo>_mask.*` beside `<photo>.*`) and every file that is no usable photo, with the reason.
+    """
+    folder = Path(folder)
+    files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
+    files = [p for p in files if p.suffix.lower() not in CAPTION_EXTENSIONS]
+    stems = {p.stem for p in files}
+    found = FolderPhotos([], [])
+    for path in files:
+        if path.stem.endswith(MASK_SUFFIX) and path.stem[: -len(MASK_SUFFIX)] in stems:
+            found.skipped.append(Skipped(path, f"a mask for {path.stem[: -len(MASK_SUFFIX)]}, not a photo "
+                                               "(masks are not used for training yet)"))
+            continue
+        try:
+            found.photos.append(inspect_photo(path))
+        except ImageError as err:
+            found.skipped.append(Skipped(path, err.reason))
+    return found
+
+
+@dataclass
+class PhotoScan:
+    """The instance photos of a run: records to train on, and what the user should be told."""
+
+    folder: Path
+    records: list[ImageRecord]
+    photos: dict[Path, PhotoInfo]
+    skipped: list[Skipped]
+
+    def report(self, resolution: int | None = None) -> list[str]:
+        """Lines for the run's log: how many photos are used, what was skipped and why, notes per photo."""
+        used = len(self.records)
+        items = sum(r.repeats for r in self.records)
+        head = f"Photos: {used} used from {self.folder}" + (f" ({items} with repeats)" if items != used else "")
+        lines = [head + (f", {len(self.skipped)} files skipped" if self.skipped else "")]
+        lines += [f"  skipped {_relative(s.path, self.folder)}: {s.reason}" for s in self.skipped]
+        for record in self.records:
+            lines += [f"  note {_relative(record.path, self.folder)}: {note}"
+                      for note in self.photos[record.path].notes(resolution)]
+        return lines
 def parse_repeats_folder(name: str) -> tuple[int, str] | None:
     """`"10_sks dog"` -> (10, "sks dog"); None when the name does not follow the convention."""
     match = _REPEATS_FOLDER.match(name)
@@ -72,9 +131,16 @@ def _require_folder(folder: str | Path) -> Path:
     return folder
 
 
-def _candidates(folder: Path) -> list[tuple[Path, int, str | None]]:
-    """(image path, repeats, folder prompt) for plain images and `<N>_<prompt>` sub-folders."""
-    found: list[tuple[Path, int, str | None]] = [(p, 1, None) for p in list_image_files(folder)]
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def _photo_folders(folder: Path) -> list[tuple[Path, int, str | None]]:
+    """(folder, repeats, folder prompt): `folder` itself, then kohya's `<N>_<prompt>` sub-folders."""
+    found: list[tuple[Path, int, str | None]] = [(folder, 1, None)]
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         parsed = parse_repeats_folder(sub.name)
         if parsed is None:
@@ -87,44 +153,50 @@ def _candidates(folder: Path) -> list[tuple[Path, int, str | None]]:
         if repeats < 1:
             warnings.warn(f"ignoring sub-folder {sub}: 0 repeats", stacklevel=3)
             continue
-        found.extend((p, repeats, prompt or None) for p in list_image_files(sub))
+        found.append((sub, repeats, prompt or None))
     return found
 
 
-def _readable_size(path: Path) -> tuple[int, int] | None:
-    try:
-        return image_size(path)
-    except ImageError as err:
-        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=3)
-        return None
+def scan_photos(folder: str | Path, instance_prompt: str | None, warn: bool = False) -> PhotoScan:
+    """Every usable photo in `folder` (and its `<N>_<prompt>` sub-folders), with caption and repeats resolved.
+
+    Caption precedence: sidecar file, then the `<N>_<prompt>` folder's prompt, then `instance_prompt`.
+    Files that are no usable photo are skipped and listed in the result (warn=True: also as warnings).
+    Raises DatasetError when the folder is missing, holds no photo, none is usable, or a photo has no
+    caption from any source.
+    """
+    folder = _require_folder(folder)
+    fallback = (instance_prompt or "").strip() or None
+    scan = PhotoScan(folder, [], {}, [])
+    for photo_folder, repeats, folder_prompt in _photo_folders(folder):
+        found = find_photos(photo_folder)
+        scan.skipped += found.skipped
+        for skipped in found.skipped if warn else ():
+            warnings.warn(f"skipping {skipped.path}: {skipped.reason}", stacklevel=2)
+        for photo in found.photos:
+            caption = read_caption_sidecar(photo.path) or folder_prompt or fallback
+            if caption is None:
+                raise DatasetError(
+                    f"no caption for {photo.path}: give an instance prompt, a {photo.path.stem}.caption or "
+                    f"{photo.path.stem}.txt file, or put it in a '<repeats>_<prompt>' sub-folder"
+                )
+            scan.records.append(ImageRecord(photo.path, caption, repeats, photo.size))
+            scan.photos[photo.path] = photo
+    if not scan.records:
+        _no_photos(folder, scan.skipped)
+    return scan
+
+
+def _no_photos(folder: Path, skipped: list[Skipped]) -> None:
+    formats = ", ".join(dict.fromkeys(f.replace("MPO", "JPEG") for f in PHOTO_FORMATS))
+    if not skipped:
+        raise DatasetError(f"no image files in {folder}: put the subject's photos there ({formats}; the content "
+                           "decides, not the file name)")
+    reasons = "; ".join(f"{_relative(s.path, folder)}: {s.reason}" for s in skipped[:5])
+    more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    raise DatasetError(f"no readable photo in {folder} ({len(skipped)} skipped: {reasons}{more})")
 
 
 def scan_instance_folder(folder: str | Path, instance_prompt: str | None) -> list[ImageRecord]:
-    """Records for every readable image in `folder`, with caption and repeats resolved.
-
-    Caption precedence: sidecar file, then the `<N>_<prompt>` folder's prompt, then
-    `instance_prompt`. Unreadable images are skipped with a warning naming them.
-    Raises DatasetError when the folder is missing, holds no images, none is readable,
-    or an image has no caption from any source.
-    """
-    folder = _require_folder(folder)
-    candidates = _candidates(folder)
-    if not candidates:
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise DatasetError(f"no image files ({extensions}) in {folder}")
-    fallback = (instance_prompt or "").strip() or None
-    records = []
-    for path, repeats, folder_prompt in candidates:
-        size = _readable_size(path)
-        if size is None:
-            continue
-        caption = read_caption_sidecar(path) or folder_prompt or fallback
-        if caption is None:
-            raise DatasetError(
-                f"no caption for {path}: give an instance prompt, a {path.stem}.caption or "
-                f"{path.stem}.txt file, or put it in a '<repeats>_<prompt>' sub-folder"
-            )
-        records.append(ImageRecord(path, caption, repeats, size))
-    if not records:
-        raise DatasetError(f"none of the {len(candidates)} image files in {folder} is readable")
-    return records
+    """The records of `scan_photos`, with a warning naming each skipped file (for callers without a report)."""
+    return scan_photos(folder, instance_prompt, warn=True).records

@@ -1,20 +1,29 @@
 """Atomic writes: every file and folder the project writes appears whole under its name, or not at all.
 
-A writer fills a temporary sibling (a hidden `.NAME.*.tmp`) that is renamed into place, so an error,
-a full disk or a kill never leaves a half-written file under the real name.
+A writer fills a temporary sibling (a hidden `.NAME.<pid>-<random>.tmp`) that is renamed into place, so an
+error, a full disk or a kill never leaves a half-written file under the real name. A killed process can
+leave its temporary behind; the next write into the same folder removes it (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # Room left free beyond what a write needs (headers, the file system): never fill the disk to the last byte.
 FREE_SPACE_MARGIN = 64 * 2**20
+# Our temporaries only: a dot, the target's name, the writer's pid (absent in names written before it was
+# added), 8 random characters (mkstemp's alphabet or token_hex), `.tmp`, and `.old` for a folder moved aside.
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.tmp(?:\.old)?$")
+STALE_AFTER_S = 3600.0  # untouched this long, a temporary is abandoned even if its pid was reused
+ORPHAN_AFTER_S = 60.0  # untouched this long with its writer gone: a grace for a writer on another host (NFS)
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -30,38 +39,185 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool = True) -> Path:
-    """Calls write(tmp_path) then renames tmp_path to path; on any failure the target is untouched."""
-    path = Path(path)
-    folder = path.parent
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}-"
+
+
+def _owner_is_gone(pid: str | None) -> bool:
+    if pid is None or os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):  # alive but another user's / not a pid at all
+        return False
+    return False
+
+
+def _last_touched(path: Path) -> float:
+    """Newest modification time in `path` (a folder being filled changes inside, not at its top)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    continue
+    return newest
+
+
+def remove_stale_temporaries(folder: str | Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Removes the temporaries a killed writer left in `folder`; returns what was removed.
+
+    Only names of our own pattern (`TEMP_NAME`), and only when nothing in them changed for `max_age_s`, or for
+    a minute when their writer is gone (its pid is in the name and no such process runs here). A writer keeps
+    touching its temporary while it writes, so it is not removed under it. Any other file is left alone.
+    """
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.name.startswith(".")]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if match is None or int(match.group("pid") or -1) == os.getpid():
+            continue
+        path = Path(entry.path)
+        try:
+            age = now - _last_touched(path)
+            stale = age > max_age_s or (age > ORPHAN_AFTER_S and _owner_is_gone(match.group("pid")))
+            if not stale:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:  # another process removed or renamed it first
+            continue
+    return removed
+
+
+def _prepare(folder: Path, needed_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied")
+    remove_stale_temporaries(folder)
     check_free_space(folder, needed_bytes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+
+
+def _filled_temp_file(folder: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """A complete, fsynced temporary in `folder` holding what write(tmp) wrote; removed on any failure."""
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other users' UIs must be able to read it
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Renames tmp to path only if no file has that name: FileExistsError otherwise, even against a racing
+    writer (a hard link is created atomically or not at all)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as err:  # a file system without hard links (FAT, some network shares): check, then rename
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def atomic_write(path: str | Path, write, needed_bytes: int = 0, overwrite: bool = True) -> Path:
+    """Calls write(tmp_path) then renames tmp_path to path; on any failure the target is untouched.
+
+    overwrite=False: FileExistsError when `path` exists, checked again at the rename (never clobbers a file
+    another writer created meanwhile). needed_bytes: refused up front when the disk has less free.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    _prepare(path.parent, needed_bytes)
+    tmp = _filled_temp_file(path.parent, path.name, write)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_new_file(folder: str | Path, names: Iterable[str], write: Callable[[Path], None],
+                   needed_bytes: int = 0) -> Path:
+    """Writes once, then publishes under the first of `names` no file has yet (never overwrites; two
+    concurrent writers never get the same name). Returns the path written."""
+    folder = Path(folder)
+    names = iter(names)
+    first = next(names)
+    _prepare(folder, needed_bytes)
+    tmp = _filled_temp_file(folder, first, write)
+    try:
+        name = first
+        while True:
+            try:
+                _publish_new(tmp, folder / name)
+                return folder / name
+            except FileExistsError:
+                name = next(names, None)
+                if name is None:
+                    raise FileExistsError(f"every name offered for a new file in {folder} is taken") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_image(image, path: str | Path, image_format: str = "PNG", overwrite: bool = True, **params) -> Path:
+    """A PIL image written atomically (`image.save(file, format=..., **params)`)."""
+    def write(tmp: Path) -> None:
+        image.save(tmp, format=image_format, **params)
+
+    return atomic_write(path, write, _raw_bytes(image), overwrite)
+
+
+def save_new_image(image, folder: str | Path, names: Iterable[str], image_format: str = "PNG", **params) -> Path:
+    """A PIL image written atomically under the first free name of `names` (see write_new_file)."""
+    return write_new_file(folder, names, lambda tmp: image.save(tmp, format=image_format, **params),
+                          _raw_bytes(image))
+
+
+def _raw_bytes(image) -> int:
+    """About the most an encoded 8-bit image takes: its raw RGBA pixels (PNG and JPEG compress below that)."""
+    width, height = getattr(image, "size", (0, 0))
+    return width * height * 4
 
 
 def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_bytes: int, overwrite: bool) -> Path:
     """write(tmp) fills a temporary sibling folder that is then renamed to `out`. A folder being
     replaced is moved aside first and only deleted once the new one is in place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    check_free_space(out.parent, needed_bytes)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    _prepare(out.parent, needed_bytes)
+    tmp = out.parent / f"{_temp_prefix(out.name)}{secrets.token_hex(4)}.tmp"
     tmp.mkdir()  # not mkdtemp: its 0700 would make the model unreadable to anyone else (umask applies here)
     old = out.parent / f"{tmp.name}.old"
     try:

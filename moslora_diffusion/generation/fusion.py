@@ -128,9 +128,6 @@ class FusedAdapters:
         """All scales to 0: the base model's exact weights."""
         self.set_scales(dict.fromkeys(self.adapters, 0.0))
 
-    def describe(self) -> str:
-        return ", ".join(f"{n}: {s:g}" for n, s in self.scales.items()) or "none"
-
 
 def _checked(value, name: str) -> float:
     return check_number(f"scale of {name!r}", value, SCALE, AdapterError)

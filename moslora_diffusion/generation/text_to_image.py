@@ -5,6 +5,7 @@ Everything here is plain Python (no Gradio), so tests drive it directly on tiny 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..checks import MAX_SEED, SCALE, Range, number_problems
+from ..files.atomic import save_new_image
 from .fusion import FusedAdapters
 
 MAX_SIDE = 2048
@@ -199,17 +201,14 @@ def generate(pipe, fusion: FusedAdapters, req: GenerationRequest, model_name: st
 
 
 def save_png(item: GeneratedImage, folder: str | Path) -> Path:
-    """Writes outputs/<date>/<n>-<seed>-<label>.png with the `parameters` text chunk; never overwrites."""
+    """Writes <folder>/<date>/<n>-<seed>-<label>.png with the `parameters` text chunk.
+
+    Through the atomic writer (files/atomic.py): never overwrites, two savers never share a name, and a
+    full disk or a kill leaves no partial or empty PNG behind.
+    """
     folder = Path(folder) / datetime.now().strftime("%Y-%m-%d")
-    folder.mkdir(parents=True, exist_ok=True)
     meta = PngInfo()
     meta.add_text("parameters", item.infotext)
-    n = len(list(folder.glob("*.png")))
-    while True:
-        path = folder / f"{n:05d}-{item.seed}-{item.label}.png"
-        try:
-            with open(path, "xb") as f:  # exclusive create: two savers never share a name
-                item.image.save(f, format="PNG", pnginfo=meta)
-            return path
-        except FileExistsError:
-            n += 1
+    first = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+    names = (f"{n:05d}-{item.seed}-{item.label}.png" for n in itertools.count(first))
+    return save_new_image(item.image, folder, names, "PNG", pnginfo=meta)

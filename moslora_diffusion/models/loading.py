@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_keys
-from .families import SDXL, Family, UnsupportedModelError, detect_family, detect_model, get_family
+from .families import SDXL, Family, ModelInfo, UnsupportedModelError, detect_family, detect_model, get_family
+
+
+class ModelFolderError(ValueError):
+    """A local diffusers folder that lacks a part we need; nothing was loaded."""
 
 # A key that only one layout has tells the family of a single-file checkpoint.
 _SINGLE_FILE_MARKERS = (
@@ -37,6 +42,78 @@ def dtype_kwargs(dtype: torch.dtype | None) -> dict:
     return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
+def _tokenizer_names(family: Family) -> tuple[str, ...]:
+    return tuple(name.replace("text_encoder", "tokenizer") for name in family.text_encoders)
+
+
+def _convert_hint(folder: Path) -> str:
+    source = str(folder)
+    return ("Convert the folder once, on a machine you trust: python -c \"from diffusers import DiffusionPipeline; "
+            f"DiffusionPipeline.from_pretrained('{source}', use_safetensors=False)"
+            f".save_pretrained('{source}-safetensors', safe_serialization=True)\"")
+
+
+def _check_weights(folder: Path, name: str) -> None:
+    sub = folder / name
+    if any(sub.glob("*.safetensors")):  # single, sharded or a variant (e.g. *.fp16.safetensors)
+        return
+    pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise WeightFileError(f"{sub} holds only pickle weights ({', '.join(pickles)}), which can run code when "
+                              f"loaded; moslora-diffusion loads .safetensors only. {_convert_hint(folder)}")
+    raise WeightFileError(f"{sub} holds no weights: expected a .safetensors file next to its config.json")
+
+
+def check_pipeline_folder(folder: str | Path) -> ModelInfo:
+    """Family and prediction type of a local diffusers folder, once every part we load is there.
+
+    Reads only small files: model_index.json, the configs, the names of the weight files. Raises
+    UnsupportedModelError (no model_index.json, another family), ModelFolderError (a component's sub-folder
+    or config is missing) or WeightFileError (a model's weights are pickle files only, or absent).
+    """
+    folder = Path(folder).expanduser()
+    info = detect_model(folder)
+    family = info.family
+    models = ("unet", "vae") + family.text_encoders
+    parts = models + _tokenizer_names(family) + ("scheduler",)
+    layout = ", ".join(f"{name}/" for name in parts)
+    for name in parts:
+        if not (folder / name).is_dir():
+            raise ModelFolderError(
+                f"{folder} has no {name}/ folder: a diffusers {family.label} folder holds model_index.json and "
+                f"one sub-folder per component ({layout}), each with its config and, for the models, .safetensors "
+                "weights; copy the whole folder, or pass a single .safetensors checkpoint instead")
+    for name in models:
+        if not (folder / name / "config.json").is_file():
+            raise ModelFolderError(f"{folder / name} has no config.json: copy the whole diffusers folder")
+        _check_weights(folder, name)
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise ModelFolderError(f"{folder / 'scheduler'} has no scheduler_config.json: copy the whole diffusers folder")
+    return info
+
+
+def empty_components(folder: str | Path, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """Components of a diffusers folder (e.g. "unet", "text_encoder") built from their configs on the meta
+    device: every layer with its shape, no weight read and no memory used. For checks before loading."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    folder = Path(folder).expanduser()
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    built = {}
+    with init_empty_weights():
+        for name in names:
+            library, class_name = index[name]
+            if library == "transformers":
+                cls = getattr(transformers, class_name)
+                built[name] = cls(cls.config_class.from_pretrained(folder / name))
+            else:
+                cls = getattr(diffusers, class_name)
+                built[name] = cls.from_config(cls.load_config(folder / name))
+    return built
+
+
 def _pipeline_class(family: Family):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -63,7 +140,9 @@ def load_pipeline(source: str | Path, *, revision: str | None = None, variant: s
         pipe = _pipeline_class(family).from_single_file(str(path), config=str(config) if config else None,
                                                         **kwargs)
     elif path.is_dir():
-        family = detect_model(path).family
+        family = check_pipeline_folder(path).family
+        if family is not SDXL:  # its NSFW checker is dropped below anyway: never read (its weights are often .bin)
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = _pipeline_class(family).from_pretrained(str(path), variant=variant, use_safetensors=True,
                                                        **kwargs)
     elif path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:

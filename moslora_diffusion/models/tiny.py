@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..files.atomic import atomic_write, write_folder_atomically
+
 FAMILY_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # SDXL's encoders differ in width (CLIP-L 768, OpenCLIP-G 1280, pooled projection 1280); the tiny ones do
@@ -55,9 +57,10 @@ def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
                 vocab_list.append(pieces[0])
     merges = list(dict.fromkeys(merges))
     vocab = {tok: i for i, tok in enumerate(vocab_list + list(SPECIAL_TOKENS))}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    vocab_text = json.dumps(vocab, ensure_ascii=False)
+    merges_text = "#version: 0.2\n" + "\n".join(merges) + "\n"
+    atomic_write(folder / "vocab.json", lambda tmp: tmp.write_text(vocab_text, encoding="utf-8"))
+    atomic_write(folder / "merges.txt", lambda tmp: tmp.write_text(merges_text, encoding="utf-8"))
 
 
 def load_clip_tokenizer(folder: Path, max_length: int = 77):
@@ -162,8 +165,13 @@ def build_tiny_pipeline(family: str = "sd15", seed: int = 0, tokenizer_dir: Path
     )
 
 
-def save_tiny_pipeline(family: str, out: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def save_tiny_pipeline(family: str, out: Path, seed: int = 0, prediction_type: str = "epsilon",
+                       overwrite: bool = False) -> Path:
+    """Builds and saves a tiny pipeline as a diffusers folder, whole or not at all (files/atomic.py).
+    FileExistsError when `out` holds files, unless overwrite."""
     out = Path(out)
     pipe = build_tiny_pipeline(family, seed=seed, prediction_type=prediction_type)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    needed = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                 for t in m.state_dict().values())
+    return write_folder_atomically(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), needed,
+                                   overwrite)

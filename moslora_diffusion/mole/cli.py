@@ -16,10 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checks import OneLineErrorParser
-from ..files.safetensors_io import WeightFileError
-from ..formats.export_targets import DTYPES, TARGETS, ExportError, check_output
-from ..generation.text_to_image import GenerationError, GenerationRequest, save_png, validate_request
+from ..console import OneLineErrorParser, add_debug_flag, run_command
+from ..formats.export_targets import DTYPES, TARGETS, check_output
+from ..generation.text_to_image import GenerationRequest, save_png, validate_request
 from ..models.loading import load_pipeline
 from ..training.command import run_training_command
 from .experts import MoLEError, check_scale
@@ -49,6 +48,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="experts to leave out; the others' gates are renormalised (the paper's second mode)")
     parser.add_argument("--scale", nargs="+", type=_scale, default=[], metavar="EXPERT=SCALE",
                         help="an extra scale per expert (default 1)")
+    add_debug_flag(parser)
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -149,12 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_training_command(parse_gate_args, train_gates, rest)
     parser = generate_parser() if command == "generate" else export_parser()
-    args = parser.parse_args(rest)
-    try:
+
+    def body(args_list: list[str]) -> None:
+        args = parser.parse_args(args_list)
         result = run_generate(args) if command == "generate" else run_export(args)
-    except (MoLEError, ExportError, GenerationError, WeightFileError, FileNotFoundError, OSError,
-            ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(result)} files under {args.out}" if command == "generate" else f"wrote {result}")
-    return 0
+        print(f"wrote {len(result)} files under {args.out}" if command == "generate" else f"wrote {result}")
+
+    return run_command(body, rest)

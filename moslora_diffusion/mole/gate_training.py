@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import scan_instance_folder
+from ..data import scan_photos
 from ..files.atomic import atomic_write
 from ..files.safetensors_io import read_keys, read_metadata
 from ..formats.lora_files import family_hint, file_format, trigger_prompt
@@ -142,7 +142,7 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     check_optimizer_available(config.optimizer)
     check_output_dir(config)
     sources = expert_sources(config)
-    records = [r for s in sources for r in scan_instance_folder(s.photo_dir, s.prompt)]
+    scans = [scan_photos(s.photo_dir, s.prompt) for s in sources]  # every file decided by content
     accelerator = make_accelerator(config)
     resume = find_resume(config, accelerator.num_processes)
     base = load_base(config, accelerator.device)
@@ -155,7 +155,7 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     trainable = GateTrainable(mole, config.balance_weight)
     if resume is not None:
         trainable.check_checkpoint(resume)
-    run, batches = prepare_run(config, accelerator, base, trainable, records, class_images, resolution,
+    run, batches = prepare_run(config, accelerator, base, trainable, scans, class_images, resolution,
                                "moslora-mole")
     losses, loop_seconds = run_loop(run, batches, resume)
     return finish(run, mole, sources, losses, started, loop_seconds)

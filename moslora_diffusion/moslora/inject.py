@@ -83,14 +83,46 @@ def adapters(model: nn.Module) -> dict[str, MoSLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoSLoRALinear)}
 
 
-def attach(model: nn.Module, config: AdapterConfig, targets: Sequence[str]) -> dict[str, MoSLoRALinear]:
-    """Wraps every Linear/1x1-conv whose path ends in a target; freezes everything but the adapters."""
-    if adapters(model):
-        raise AdapterError(f"{type(model).__name__} already has MoSLoRA adapters attached; detach them first")
+def target_layers(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every Linear / 1x1 conv whose path ends in a target; AdapterError when there is none.
+    Works on a model built on the meta device (shapes only), so a rank can be checked before loading."""
     wanted = frozenset(targets)
     found = [(n, m) for n, m in model.named_modules() if n and _matches(n, wanted) and is_adaptable(m)]
     if not found:
         raise AdapterError(f"no adaptable layer in {type(model).__name__} matches targets {list(targets)}")
+    return found
+
+
+def layer_width(layer: nn.Module) -> int:
+    """min(in, out) features (channels for a 1x1 conv): the largest rank B (out x r) A (r x in) can have."""
+    if isinstance(layer, nn.Conv2d):
+        return min(layer.in_channels, layer.out_channels)
+    return min(layer.in_features, layer.out_features)
+
+
+def narrowest_layer(model: nn.Module, targets: Sequence[str]) -> tuple[str, int]:
+    """(path, width) of the narrowest layer `targets` select: its width is the largest rank they allow."""
+    return min(((name, layer_width(layer)) for name, layer in target_layers(model, targets)), key=lambda t: t[1])
+
+
+def check_rank(model: nn.Module, rank: int, targets: Sequence[str]) -> None:
+    """AdapterError naming the narrowest layer when `rank` exceeds its width; nothing is changed."""
+    name, width = narrowest_layer(model, targets)
+    if rank > width:
+        raise AdapterError(f"rank {rank} is larger than the width of {type(model).__name__}'s {name} ({width}); "
+                           f"the largest rank these targets allow is {width}")
+
+
+def attach(model: nn.Module, config: AdapterConfig, targets: Sequence[str]) -> dict[str, MoSLoRALinear]:
+    """Wraps every Linear/1x1-conv whose path ends in a target; freezes everything but the adapters.
+
+    Raises AdapterError (nothing attached) when adapters are attached already, no layer matches, or the rank
+    is larger than the narrowest matching layer's width.
+    """
+    if adapters(model):
+        raise AdapterError(f"{type(model).__name__} already has MoSLoRA adapters attached; detach them first")
+    found = target_layers(model, targets)
+    check_rank(model, config.rank, targets)  # before any layer is replaced
     model.requires_grad_(False)
     for name, module in found:
         layer = MoSLoRALinear(module, config.rank, config.effective_alpha, config.kind, config.mixer_init,

@@ -24,11 +24,20 @@ def attach_to_pipeline(pipe, config: AdapterConfig, unet_targets: str | Sequence
     components = model_components(pipe)
     if any(inject.adapters(m) for m in components.values()):
         raise inject.AdapterError("this pipeline already has MoSLoRA adapters attached; detach them first")
+    wanted = targets_by_component(components, unet_targets, text_targets)
+    for name, targets in wanted.items():  # every component checked before any is changed
+        inject.check_rank(components[name], config.rank, targets)
+    return {name: inject.attach(components[name], config, targets) for name, targets in wanted.items()}
+
+
+def targets_by_component(components: dict[str, nn.Module], unet_targets: str | Sequence[str] = "attn",
+                         text_targets: str | Sequence[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """The resolved target names per component ("unet", and each text encoder when text_targets is given)."""
     wanted = {"unet": resolve_targets(unet_targets, UNET_TARGET_PRESETS)}
     if text_targets is not None:
         text = resolve_targets(text_targets, TEXT_TARGET_PRESETS)
         wanted.update({name: text for name in components if name != "unet"})
-    return {name: inject.attach(components[name], config, targets) for name, targets in wanted.items()}
+    return wanted
 
 
 def _is_flat_clip(model: nn.Module) -> bool:

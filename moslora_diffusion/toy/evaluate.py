@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..files.atomic import save_image
 from .checker import check
 from .world import caption, render, sample_scene
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_base(pipe, args.n, args.seed, args.steps, args.guidance, args.split)
     print(json.dumps(result, indent=2))
     if args.grid:
-        sample_grid(pipe, seed=args.seed, steps=args.steps, guidance=args.guidance).save(args.grid)
+        grid = sample_grid(pipe, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        save_image(grid, args.grid, Image.registered_extensions().get(args.grid.suffix.lower(), "PNG"))
         print(f"wrote {args.grid}")
 
 

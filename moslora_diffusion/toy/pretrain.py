@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files.atomic import write_folder_atomically
 from . import models
 from .objective import EMA, diffusion_loss, lr_lambda
 from .rare_words import article_ids, rare_token_ids, with_rare_words
@@ -223,6 +224,18 @@ def load_components(folder: Path, device):
     return pipe.tokenizer, pipe.vae.to(device), pipe.unet.to(device), pipe.text_encoder.to(device)
 
 
+def save_model(pipe, out: Path, record: dict) -> Path:
+    """The pipeline and its training record as one diffusers folder, whole or not at all (files/atomic.py). An
+    earlier toy model there is replaced; a folder holding anything else is refused (FileExistsError)."""
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        (folder / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    needed = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                 for t in m.state_dict().values())
+    return write_folder_atomically(out, write, needed, overwrite=(out / "model_index.json").is_file())
+
+
 def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None = None, log=print, callback=None,
              callback_every: int = 1000, init: Path | None = None):
     """Trains the toy base model and saves it as a diffusers folder; returns the pipeline (EMA weights).
@@ -251,7 +264,6 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
     train_unet(unet, text_encoder, tokenizer, vae, cfg, rng, device, log, progress, callback_every)
     timings.update(unet_wall_s=time.time() - t0, unet_cpu_s=time.process_time() - c0)  # cpu: summed over threads
     pipe = models.assemble_pipeline(vae, unet, text_encoder, tokenizer).to("cpu")
-    pipe.save_pretrained(out, safe_serialization=True)
     init_record = Path(init) / "toy_pretrain.json" if init is not None else None
     record = {"seed": seed, "device": str(device), "threads": torch.get_num_threads(), **timings,
               "init": str(init) if init is not None else None,
@@ -259,7 +271,7 @@ def pretrain(out: Path, cfg: PretrainConfig, seed: int = 0, device: str | None =
               "config": dataclasses.asdict(cfg),
               "parameters": {name: models.count_parameters(m) for name, m in
                              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}}
-    (Path(out) / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    save_model(pipe, Path(out), record)
     log(f"saved to {out}: {json.dumps({k: round(v) for k, v in timings.items()})}")
     return pipe
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files.atomic import save_image
 from .checker import as_array, object_mask
 from .world import COLOURS, Fill, Scene, render
 
@@ -80,8 +81,7 @@ def write_photos(out: Path) -> list[Path]:
     paths = []
     for i, (photo, image) in enumerate(zip(PHOTOS, subject_photos(), strict=True)):
         path = out / f"{i:02d}_{photo[0]}_{photo[2]}.png"
-        image.save(path)
-        paths.append(path)
+        paths.append(save_image(image, path))
     return paths
 
 

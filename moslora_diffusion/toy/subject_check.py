@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..files.atomic import atomic_write
 from ..generation.text_to_image import parse_infotext
 from .checker import check
 from .subject import TOKEN, is_subject
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shown = "" if r["background_as_prompted"] is None else f"{r['background_as_prompted']:.0%}"
         print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['subject_share']:.0%} | {shown} | "
               f"{r['distinct_colour_background']} |")
-    (args.folder / "subject_check.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = json.dumps(rows, indent=2) + "\n"
+    atomic_write(args.folder / "subject_check.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return rows
 
 

@@ -11,7 +11,7 @@ __all__ = ["CheckpointError", "ConfigError", "OutputDirError", "TrainConfig", "T
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python train_dreambooth.py ...`: exit status 0 when trained, else one line (command.py)."""
+    """`python train_dreambooth.py ...`: 0 when trained; else one line and the exit status of command.py."""
     from .command import run_training_command
 
     return run_training_command(parse_args, train, argv)

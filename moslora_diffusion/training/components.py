@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from ..models.families import Family, ModelInfo, detect_model
-from ..models.loading import load_pipeline
+from ..models.loading import check_pipeline_folder, empty_components, load_pipeline
 from ..moslora import step_weights
-from ..moslora.inject import adapter_parameters
-from ..moslora.pipeline import attach_to_pipeline, pipeline_adapters
+from ..moslora.inject import adapter_parameters, narrowest_layer
+from ..moslora.pipeline import attach_to_pipeline, model_components, pipeline_adapters, targets_by_component
 from .conditioning import tokenizer_names, vae_dtype
 from .config import ConfigError, TrainConfig
 
@@ -46,8 +47,36 @@ class BaseModel:
         return [getattr(self.pipe, name) for name in tokenizer_names(self.family)]
 
 
+def check_rank_fits(components: dict[str, torch.nn.Module], config: TrainConfig) -> None:
+    """ConfigError when --rank is larger than the narrowest layer the adapters would wrap (its min(in, out)):
+    one line naming that layer, its width and the largest --rank allowed."""
+    text_targets = "attn" if config.train_text_encoder else None
+    wanted = targets_by_component(components, config.unet_targets, text_targets)
+    narrowest = []
+    for name, targets in wanted.items():
+        layer, width = narrowest_layer(components[name], targets)
+        narrowest.append((width, f"{name}.{layer}"))
+    width, layer = min(narrowest)
+    if config.rank > width:
+        raise ConfigError(f"--rank {config.rank} is larger than the width of {layer} ({width} features); the "
+                          f"largest --rank these targets allow on this model is {width}")
+
+
+def check_base_before_loading(config: TrainConfig) -> None:
+    """For a local diffusers folder, what its small files tell before any weight is read: every component is
+    there with .safetensors weights (models/loading.py), and --rank fits the layers (built on the meta device).
+    A hub id or single file is checked the same way once loaded (attach_adapters)."""
+    folder = Path(config.pretrained_model_name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    family = check_pipeline_folder(folder).family
+    names = ("unet",) + (family.text_encoders if config.train_text_encoder else ())
+    check_rank_fits(empty_components(folder, names), config)
+
+
 def load_base(config: TrainConfig, device: torch.device) -> BaseModel:
     """The pipeline on `device`, every base weight frozen, in the dtype of --mixed_precision."""
+    check_base_before_loading(config)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     pipe = load_pipeline(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
                          vae=config.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype,
@@ -76,6 +105,7 @@ def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torc
 
     Seeded right before, so every process (and every run with this seed) starts from the same A and M.
     """
+    check_rank_fits(model_components(base.pipe, base.family), config)
     set_seed(config.seed)
     attach_to_pipeline(base.pipe, config.adapter_config, config.unet_targets,
                        "attn" if config.train_text_encoder else None)

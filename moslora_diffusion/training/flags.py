@@ -16,7 +16,7 @@ import typing
 from dataclasses import field, fields
 from pathlib import Path
 
-from ..checks import OneLineErrorParser
+from ..console import OneLineErrorParser, add_debug_flag
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,7 @@ def _flag_fields(cls: type) -> list:
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
+    add_debug_flag(parser)  # for --help; the command runner takes --debug off before parsing
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = field_types(cls)
     for f in _flag_fields(cls):
@@ -134,5 +135,6 @@ def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
         parser.set_defaults(**load_config_file(known.config, cls))
     values = vars(parser.parse_args(argv))
     values.pop("config")
+    values.pop("debug")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import scan_instance_folder
+from ..data import PhotoScan, scan_photos
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import CheckpointInfo
@@ -37,7 +37,7 @@ from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
 from .output_location import check_room
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
-from .plan import build_dataset, make_plan, prepare_class_images, training_resolution
+from .plan import build_dataset, data_report, make_plan, prepare_class_images, training_resolution
 from .resume import find_resume
 from .run import Run, restore, save, setup_run, start_batches
 from .stopping import (
@@ -83,14 +83,14 @@ def train(config: TrainConfig) -> TrainResult:
     # Cheap checks first: a typo must not cost a model load, and nothing is written before all pass.
     check_optimizer_available(config.optimizer)
     check_output_dir(config)
-    records = scan_instance_folder(config.instance_data_dir, config.instance_prompt)
+    photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
     resume = find_resume(config, accelerator.num_processes)  # other optimizer / batch settings: refused here
     base = load_base(config, accelerator.device)
     trained = attach_adapters(base, config)
-    check_room(config, sum(p.numel() for params in trained.values() for p in params), len(records),
+    check_room(config, sum(p.numel() for params in trained.values() for p in params), len(photos.records),
                accelerator.num_processes, resume.step if resume else 0)  # now that the adapter's size is known
     trainable = AdapterTrainable(base, config, trained)
     if resume is not None:
@@ -102,7 +102,7 @@ def train(config: TrainConfig) -> TrainResult:
         set_pipeline_scale(base.pipe, 0.0)  # adapters off: class images come from the base model exactly
         class_images = prepare_class_images(config, base, resolution, accelerator)
         set_pipeline_scale(base.pipe, 1.0)
-    run, batches = prepare_run(config, accelerator, base, trainable, records, class_images, resolution,
+    run, batches = prepare_run(config, accelerator, base, trainable, [photos], class_images, resolution,
                                "moslora-dreambooth")
     if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
         store_in_fp8(base.unet)
@@ -112,12 +112,15 @@ def train(config: TrainConfig) -> TrainResult:
     return finish(run, losses, started, loop_seconds)
 
 
-def prepare_run(config: TrainConfig, accelerator, base: BaseModel, trainable: Trainable, records: list,
+def prepare_run(config: TrainConfig, accelerator, base: BaseModel, trainable: Trainable, scans: list[PhotoScan],
                 class_images: list[Path] | None, resolution: int, project: str) -> tuple[Run, tuple]:
     """Dataset, noise schedule, batch order, plan, the output folder, trackers and the Run: what both trainers
     (DreamBooth here, MoLE's gates in mole/gate_training.py) share once the model and what trains are set up.
-    Returns the run and what run_loop needs to start its batches."""
-    dataset = build_dataset(config, records, class_images, resolution)
+    scans: the photo folders trained on (one per MoLE expert). Returns the run and what run_loop needs to
+    start its batches."""
+    dataset = build_dataset(config, [r for scan in scans for r in scan.records], class_images, resolution)
+    if accelerator.is_main_process:
+        print(data_report(config, scans, class_images, resolution))
 
     from diffusers import DDPMScheduler  # imported late: bad flags are reported without loading diffusers
 

@@ -176,6 +176,8 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
 
 def append_progress(output_dir: str | Path, records: list[dict]) -> None:
     """Appends {"step", "total", "loss"} / {"step", "validation_images"} lines (readers skip a partial line)."""
+    # An append, not files/atomic.py: the app reads this file while the run grows it, rewriting it whole at every
+    # logging interval would cost O(steps^2), and a kill can only cut the last line, which every reader skips.
     path = Path(output_dir) / PROGRESS_FILE
     if not path.exists():
         record_written(output_dir, PROGRESS_FILE)

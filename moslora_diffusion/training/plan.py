@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DreamBoothDataset, ImageRecord, ensure_class_images, make_buckets
+from ..data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
 from .components import BaseModel
 from .config import ConfigError, TrainConfig
 
@@ -80,3 +80,12 @@ def build_dataset(config: TrainConfig, records: list[ImageRecord], class_images:
         records, resolution, center_crop=config.center_crop, random_flip=config.random_flip,
         class_records=class_images, class_prompt=config.class_prompt if class_images else None,
         buckets=make_buckets(resolution) if config.enable_bucket else None, seed=config.seed)
+
+
+def data_report(config: TrainConfig, scans: list[PhotoScan], class_images: list[Path] | None, resolution: int) -> str:
+    """What the run trains on: photos used (per folder), files skipped and why, notes (downscaled, small), class
+    images."""
+    lines = [line for scan in scans for line in scan.report(resolution)]
+    if class_images is not None:
+        lines.append(f"Class images: {len(class_images)} used from {config.class_data_dir}")
+    return "\n".join(lines)

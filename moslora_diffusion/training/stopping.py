@@ -27,6 +27,8 @@ RESUME_HINT = "run the same command again with --resume_from_checkpoint latest (
 class TrainingDiverged(RuntimeError):
     """The loss or the adapter weights became NaN or inf; nothing was saved from that point on."""
 
+    exit_status = 1  # what the commands exit with (console/exits.py): not an input error, not a bug
+
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C ended the run; the message says what was saved and how to resume."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files.atomic import save_image
 from .manifest import record_written
 from .outputs import VALIDATION_DIR, append_progress
 
@@ -54,8 +55,7 @@ def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=No
     paths = []
     for i, image in enumerate(images):
         path = folder / f"step-{step:06d}-{i}.png"
-        image.save(path)
-        paths.append(path)
+        paths.append(save_image(image, path))
     if accelerator is not None:
         _log_images(accelerator, images, step)
     append_progress(config.output_dir, [{"step": step, "validation_images": [

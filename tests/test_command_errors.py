@@ -1,0 +1,223 @@
+"""Errors found late still end in one line: what the model's files tell is checked before loading, and every
+command ends through console/exits.py (`error: ...`, exit status 2; the traceback only with --debug)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from training_helpers import REPO, cli_env, make_photos, reset_accelerate, run_training, tiny_config
+
+from moslora_diffusion import export, generate, pipeline_adapters, tiny
+from moslora_diffusion.app import cli as app_cli
+from moslora_diffusion.console import run_command
+from moslora_diffusion.files.safetensors_io import WeightFileError
+from moslora_diffusion.models import loading
+from moslora_diffusion.models.loading import ModelFolderError, load_pipeline
+from moslora_diffusion.moslora.inject import AdapterError
+from moslora_diffusion.moslora.pipeline import attach_to_pipeline
+from moslora_diffusion.training import ConfigError
+from moslora_diffusion.training import main as train_main
+
+RANK_MESSAGE = ("--rank 64 is larger than the width of unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q "
+                "(32 features); the largest --rank these targets allow on this model is 32")
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fails the test if diffusers is asked to load a pipeline."""
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", _refuse)
+
+
+@pytest.fixture
+def no_loading(monkeypatch, no_weights_read):
+    """Fails the test if the app or `generate` even start loading the base model."""
+    from moslora_diffusion.app import state
+
+    monkeypatch.setattr(state, "load_base_pipeline", _refuse)
+
+
+@pytest.fixture
+def broken_models(tiny_sd15_dir, tmp_path):
+    """Copies of the tiny model: one without unet/, one whose UNet weights are a pickle (.bin) only."""
+    no_unet = shutil.copytree(tiny_sd15_dir, tmp_path / "no-unet")
+    shutil.rmtree(no_unet / "unet")
+    bin_only = shutil.copytree(tiny_sd15_dir, tmp_path / "bin-only")
+    unet = bin_only / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
+    return no_unet, bin_only
+
+
+# --- the shared command runner ------------------------------------------------------------------------------
+
+
+def _fail_with(err: BaseException):
+    def body(argv):
+        body.argv = argv
+        raise err
+    return body
+
+
+@pytest.mark.parametrize(("err", "status", "line"), [
+    (ValueError("--rank must be > 0"), 2, "error: --rank must be > 0"),
+    (OSError("Error no file named config.json found\n  in directory m."), 2,
+     "error: Error no file named config.json found in directory m."),
+    (ImportError("No module named 'bitsandbytes'"), 2, "error: No module named 'bitsandbytes'"),
+    (RuntimeError("shape mismatch"), 1, "error: unexpected RuntimeError: shape mismatch (a bug; run again with "
+                                        "--debug (or MOSLORA_DEBUG=1) for the traceback)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1,
+     "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); use a smaller batch or resolution, "
+     "or half precision (training: --gradient_checkpointing, --mixed_precision fp16 or bf16)"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_every_failure_ends_in_one_line_and_an_exit_status(err, status, line, capsys, monkeypatch):
+    monkeypatch.delenv("MOSLORA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(_fail_with(err), ["--flag", "x"])
+    assert exit_info.value.code == status
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_debug_shows_the_traceback_instead(capsys, monkeypatch):
+    monkeypatch.delenv("MOSLORA_DEBUG", raising=False)
+    body = _fail_with(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_command(body, ["--debug", "--flag", "x"])
+    assert body.argv == ["--flag", "x"] and capsys.readouterr().err == ""  # the command never sees --debug
+    monkeypatch.setenv("MOSLORA_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad"):
+        run_command(_fail_with(ValueError("bad")), [])
+    assert run_command(lambda argv: None, []) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "export", "app"])
+def test_every_command_reports_a_broken_model_folder_in_one_line(command, broken_models, tmp_path, capsys,
+                                                                  no_weights_read, monkeypatch):
+    monkeypatch.delenv("MOSLORA_DEBUG", raising=False)
+    no_unet, _ = broken_models
+    photos, adapter = make_photos(tmp_path / "photos"), tmp_path / "adapter.safetensors"
+    adapter.write_bytes(b"not checked: the base model fails first")
+    argv = {"train": ["--pretrained_model_name_or_path", str(no_unet), "--instance_data_dir", str(photos),
+                      "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out")],
+            "generate": ["--base", str(no_unet), "--prompt", "a dog", "--out", str(tmp_path / "out")],
+            "export": ["--base", str(no_unet), "--adapter", str(adapter), "--to", "lora-kohya",
+                       "--out", str(tmp_path / "out" / "lora.safetensors")],
+            "app": ["--base", str(no_unet), "--output_dir", str(tmp_path / "out")]}[command]
+    main = {"train": train_main, "generate": generate.main, "export": export.main, "app": app_cli.main}[command]
+    reset_accelerate()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {no_unet} has no unet/ folder") and err.count("\n") == 1
+        with pytest.raises(ModelFolderError):  # --debug: the exception itself, for its traceback
+            main([*argv, "--debug"])
+    finally:
+        reset_accelerate()
+    assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "images").exists()
+
+
+def test_tiny_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"mine")
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main(["--out", str(target)])
+    assert exit_info.value.code == 2 and target.read_bytes() == b"mine"
+    assert capsys.readouterr().err == f"error: --out {target} exists and is a file; choose a new folder\n"
+
+
+def test_the_training_script_ends_a_late_error_in_one_line(tiny_sd15_dir, tmp_path):
+    photos = make_photos(tmp_path / "photos")
+    argv = [sys.executable, str(REPO / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(tiny_sd15_dir),
+            "--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks dog", "--rank", "64",
+            "--output_dir", str(tmp_path / "out")]
+    plain = subprocess.run(argv, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1] == f"error: {RANK_MESSAGE}"  # (--debug: see the test above)
+    assert not (tmp_path / "out").exists()
+
+
+# --- what the model's files tell, before loading ------------------------------------------------------------
+
+
+def test_a_rank_larger_than_a_layer_is_refused_before_the_model_loads(tiny_sd15_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos"), tmp_path / "out", rank=64)
+    with pytest.raises(ConfigError) as err:
+        run_training(config)
+    assert str(err.value) == RANK_MESSAGE and not (tmp_path / "out").exists()
+
+
+def test_attaching_a_rank_too_large_changes_nothing(tiny_sd15_dir):
+    """Python API: the check runs over every component before any layer is wrapped (it used to fail half-way)."""
+    from diffusers import StableDiffusionPipeline
+
+    from moslora_diffusion import AdapterConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(AdapterError, match=r"rank 33 is larger than the width of UNet2DConditionModel's .*\(32\); "
+                                           r"the largest rank these targets allow is 32"):
+        attach_to_pipeline(pipe, AdapterConfig(rank=33), unet_targets="all", text_targets="attn")
+    assert pipeline_adapters(pipe) == {}
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # not even frozen
+
+
+def test_a_folder_missing_its_unet_names_the_folder_and_what_it_must_hold(broken_models, no_weights_read):
+    no_unet, _ = broken_models
+    with pytest.raises(ModelFolderError) as err:
+        load_pipeline(no_unet)
+    assert str(err.value) == (
+        f"{no_unet} has no unet/ folder: a diffusers Stable Diffusion 1.x folder holds model_index.json and one "
+        "sub-folder per component (unet/, vae/, text_encoder/, tokenizer/, scheduler/), each with its config and, "
+        "for the models, .safetensors weights; copy the whole folder, or pass a single .safetensors checkpoint "
+        "instead")
+
+
+def test_pickle_only_weights_are_refused_with_how_to_convert(broken_models, no_weights_read):
+    _, bin_only = broken_models
+    with pytest.raises(WeightFileError) as err:
+        load_pipeline(bin_only)
+    message = str(err.value)
+    assert message.startswith(f"{bin_only / 'unet'} holds only pickle weights (diffusion_pytorch_model.bin), which "
+                              "can run code when loaded; moslora-diffusion loads .safetensors only.")
+    assert (f"DiffusionPipeline.from_pretrained('{bin_only}', use_safetensors=False).save_pretrained("
+            f"'{bin_only}-safetensors', safe_serialization=True)") in message
+
+
+def test_a_safety_checker_is_never_read(tiny_sd15_dir, tmp_path):
+    """Old SD 1.x folders often keep the NSFW checker as .bin only: we drop it anyway, so it is not even opened."""
+    import json
+
+    model = shutil.copytree(tiny_sd15_dir, tmp_path / "with-checker")
+    (model / "safety_checker").mkdir()
+    (model / "safety_checker" / "config.json").write_text("{}")
+    (model / "safety_checker" / "pytorch_model.bin").write_bytes(b"a pickle we must never open")
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], requires_safety_checker=True)
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert load_pipeline(model).safety_checker is None
+
+
+def test_generate_refuses_an_out_that_names_a_file_before_loading(tiny_sd15_dir, tmp_path, capsys, no_loading):
+    target = tmp_path / "picture.png"
+    target.write_bytes(b"my picture")
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--base", str(tiny_sd15_dir), "--prompt", "a dog", "--out", str(target)])
+    assert exit_info.value.code == 2 and target.read_bytes() == b"my picture"
+    assert capsys.readouterr().err == (f"error: --out {target} is a file; --out names the folder the images go to "
+                                       "(created if missing): choose another name\n")
+    with pytest.raises(SystemExit):
+        generate.main(["--base", str(tiny_sd15_dir), "--prompt", "a dog", "--out", str(target / "sub")])
+    assert f"--out {target / 'sub'} is under {target}, which is a file" in capsys.readouterr().err
