@@ -37,7 +37,7 @@ from ..training.outputs import CARD_FILE, check_output_dir, write_config
 from ..training.plan import prepare_class_images, training_resolution
 from ..training.resume import find_resume
 from ..training.validation import run_validation
-from .experts import MoLEError, as_mole_error, load_experts, photo_dir, resolve_expert_path
+from .experts import MoLEError, as_mole_error, file_sha256, load_experts, photo_dir, resolve_expert_path
 from .file import FILE_NAME, save_mole
 from .gate_config import GateTrainConfig
 from .losses import balance_loss
@@ -102,11 +102,11 @@ class GateTrainable:
 
     def check_checkpoint(self, info: CheckpointInfo) -> None:
         ours = self.identity()
-        for key, what in (("family", "model family"), ("experts", "experts (by file hash)"),
-                          ("blocks", "gated blocks")):
+        check_same_experts(info, ours["experts"])
+        for key, what in (("family", "model family"), ("blocks", "gated blocks")):
             if info.state.get(key) != ours[key]:
-                raise CheckpointError(f"checkpoint {info.path} holds gates for other {what} than this run; resume "
-                                      "with the same --experts, in the same order, on the same base model")
+                raise CheckpointError(f"checkpoint {info.path} holds gates for another {what} than this run; "
+                                      "resume on the same base model")
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"gates": self.mole.gate_state()}
@@ -131,6 +131,13 @@ class GateTrainable:
                     param.grad = accelerator.reduce(param.grad, reduction="mean")
 
 
+def check_same_experts(info: CheckpointInfo, hashes: list[str]) -> None:
+    """CheckpointError unless the checkpoint's gates were trained for experts with these file hashes, in order."""
+    if info.state.get("experts") != hashes:
+        raise CheckpointError(f"checkpoint {info.path} holds gates for other experts (by file hash) than this run; "
+                              "resume with the same --experts, in the same order")
+
+
 def train_gates(config: GateTrainConfig) -> TrainResult:
     """Trains the gates of `config.experts` and writes <output_dir>/mole.safetensors; see the module docstring.
 
@@ -145,6 +152,8 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     scans = [scan_photos(s.photo_dir, s.prompt) for s in sources]  # every file decided by content
     accelerator = make_accelerator(config)
     resume = find_resume(config, accelerator.num_processes)
+    if resume is not None:  # the experts by their files' hashes, before the model loads
+        check_same_experts(resume, [file_sha256(s.path) for s in sources])
     base = load_base(config, accelerator.device)
     resolution = training_resolution(config, base)
     class_images = None
