@@ -96,8 +96,11 @@ def test_kohya_names_are_inverted_for_both_unet_namings_and_peft_alpha_is_read(t
 
 
 def test_expert_records_trigger_prompt_photo_folder_and_hash(tiny_sd15_dir, sd15_experts, tmp_path):
-    (sd15_experts["dog"] / "training_config.json").write_text(
-        json.dumps({"config": {"instance_data_dir": "/photos/dog", "instance_prompt": "a photo of sks dog"}}))
+    # As a training run records it: the flag as typed, and the folder resolved when the run started.
+    (sd15_experts["dog"] / "training_config.json").write_text(json.dumps({
+        "moslora_diffusion_version": "0.1.0",
+        "config": {"instance_data_dir": "dog", "instance_prompt": "a photo of sks dog"},
+        "inputs": {"instance_data_dir": {"path": "/photos/dog", "files": None}}}))
     pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
     dog, cat = load_experts(pipe, [sd15_experts["dog"], sd15_experts["cat"]], scales=[1.0, 0.5])
     assert (dog.name, cat.name) == ("dog", "cat")  # a training folder's name
