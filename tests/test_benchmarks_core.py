@@ -66,3 +66,17 @@ def test_train_step_compiled_variant_runs_and_leaves_the_unet_uncompiled(tmp_pat
     assert unet._compiled_call_impl is not None
     undo()
     assert unet._compiled_call_impl is None and not any("lora" in name for name, _ in unet.named_parameters())
+
+
+def test_mole_cost_quick_run_writes_every_variant(tmp_path):
+    """The MoLE cost benchmark end to end on the tiny model (the figures are its results file, not this test)."""
+    from benchmarks import mole_cost
+
+    rows = mole_cost.main(["--size", "tiny", "--resolution", "64", "--train-resolution", "32", "--repeats", "1",
+                           "--name", "mole_cost_quick", "--out-dir", str(tmp_path)])
+    generation = {r["variant"]: r for r in rows if r["kind"] == "generation"}
+    assert set(generation) == {"base", "mole_dynamic", "mole_static"}
+    assert generation["base"]["unet_ratio"] == 1.0 and generation["mole_dynamic"]["unet_step_s"] > 0
+    assert {r["variant"] for r in rows if r["kind"] == "training"} == {"dreambooth_step", "gate_step"}
+    saved = json.loads((tmp_path / "mole_cost_quick.json").read_text())
+    assert saved["rows"][-1]["kind"] == "summary" and saved["rows"][-1]["gate_parameters"] > 0
