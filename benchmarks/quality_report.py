@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.common import write_results
 from benchmarks.quality_metrics import GEN_SEED, METRICS
-from benchmarks.stats import mean_ci, paired_test
+from moslora_diffusion.evaluation.stats import mean_ci, paired_test
 
 BASELINE = "lora"
 BOUNDS = (0.0, 1.0)  # every metric is a share or a mean of 0..1 values: CIs are clipped to this range

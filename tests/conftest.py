@@ -73,3 +73,40 @@ def make_adapter(model_dir, path, seed: int = 0, rank: int = 4, alpha: float = 8
     randomize_adapters(pipe, seed=seed, std=std)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_adapter(pipe, path, info={"base_model": str(model_dir), "instance_prompt": "a photo of sks dog"})
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer_dirs(tmp_path_factory):
+    """Random DINO-shaped ViT and CLIP models with their processors, saved as safetensors (nothing downloaded):
+    {"dino": folder, "clip": folder}."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    from moslora_diffusion.models.tiny import load_clip_tokenizer, write_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-scorers")
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64), add_pooling_layer=False)
+    vit.save_pretrained(root / "dino", safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    write_clip_tokenizer(root / "clip", ("sks", "dog", "star", "photo"))
+    tokenizer = load_clip_tokenizer(root / "clip")
+    text = {"vocab_size": tokenizer.vocab_size + 2, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
+        root / "clip", safe_serialization=True)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(root / "clip")
+    return {"dino": root / "dino", "clip": root / "clip"}

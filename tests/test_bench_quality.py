@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import quality, quality_metrics, stats
+from benchmarks import quality, quality_metrics
+from moslora_diffusion.evaluation import stats
 
 
 @pytest.fixture(scope="module")

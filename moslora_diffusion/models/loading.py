@@ -54,13 +54,18 @@ def _convert_hint(folder: Path) -> str:
 
 
 def _check_weights(folder: Path, name: str) -> None:
-    sub = folder / name
-    if any(sub.glob("*.safetensors")):  # single, sharded or a variant (e.g. *.fp16.safetensors)
+    check_safetensors_folder(folder / name, _convert_hint(folder))
+
+
+def check_safetensors_folder(sub: Path, convert_hint: str) -> None:
+    """Raises WeightFileError unless the model folder `sub` holds .safetensors weights (single, sharded or a
+    variant such as *.fp16.safetensors); a folder of pickle weights only is refused with `convert_hint`."""
+    if any(sub.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise WeightFileError(f"{sub} holds only pickle weights ({', '.join(pickles)}), which can run code when "
-                              f"loaded; moslora-diffusion loads .safetensors only. {_convert_hint(folder)}")
+                              f"loaded; moslora-diffusion loads .safetensors only. {convert_hint}")
     raise WeightFileError(f"{sub} holds no weights: expected a .safetensors file next to its config.json")
 
 

@@ -1,4 +1,5 @@
-"""Student-t statistics for the benchmarks' confidence intervals and paired tests (no scipy needed)."""
+"""Student-t statistics for confidence intervals and paired tests (no scipy needed): the evaluation
+report's and the benchmarks' (benchmarks/quality_report.py imports them from here)."""
 
 from __future__ import annotations
 
