@@ -136,4 +136,4 @@ def test_toy_prompt_attributes():
 def test_toy_metrics_per_image():
     photos = subject_photos()
     scores = score_images(toy_metrics(ToyScorer()), photos[:2], photos, ["a photo of sks star"] * 2, "sks")
-    assert scores == {"subject": [1.0, 1.0], "prompt": [1.0, 1.0]}
+    assert scores == {"toy_subject": [1.0, 1.0], "toy_prompt": [1.0, 1.0]}

@@ -19,7 +19,7 @@ LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "da
 # evaluation/ scores with toy/'s checker and is used by training/ (--validation_metrics); mole/ trains its gates
 # with training/'s loop.
 TOP = 9  # __init__ (the public API) and the command modules at the root
-COMMANDS = {"export", "generate", "tiny"}
+COMMANDS = {"evaluate", "export", "generate", "tiny"}
 
 
 def _module_name(path: Path) -> str:

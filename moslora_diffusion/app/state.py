@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..generation.fusion import FusedAdapters
-from ..generation.text_to_image import GenerationRequest, generate, save_png, scheduler_label
+from ..generation.text_to_image import GenerationRequest, generate, native_size, save_png, scheduler_label
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
@@ -41,16 +41,6 @@ def display_name(source: str | Path) -> str:
     """A hub id as is, a local model by its folder or file name (no private paths in PNG metadata)."""
     path = Path(str(source))
     return path.name if path.exists() else str(source)
-
-
-def native_size(pipe, family_default: int) -> int:
-    """The size the model was trained at (UNet sample size x VAE factor, as diffusers' own default), which is
-    the family's resolution for every real checkpoint (512 / 768 / 1024) and small for the tiny test models."""
-    try:
-        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    except (AttributeError, TypeError):
-        return family_default
-    return min(max(64, size - size % 8), 2048)
 
 
 def _markdown(text: str) -> str:

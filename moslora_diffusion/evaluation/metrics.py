@@ -10,8 +10,8 @@ DreamBooth (Ruiz et al., CVPR 2023, section 4.1), for the images generated for o
 Here each image gets its own value (for DINO / CLIP-I its mean over the real photos), so the mean over images
 equals the paper's mean over all pairs and confidence intervals can be taken over images.
 
-On the toy world (`toy_metrics`): "subject" (the toy scorer's image similarity to the subject photos) and
-"prompt" (the share of the prompt's attributes shown, the token included: the subject counts as an attribute).
+On the toy world (`toy_metrics`): "toy_subject" (the toy scorer's image similarity to the subject photos) and
+"toy_prompt" (the share of the prompt's attributes shown, the token included: the subject counts as an attribute).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .scorer import Scorer
 
 @dataclass(frozen=True)
 class Metric:
-    name: str  # the report's column: "dino", "clip_i", "clip_t", "subject", "prompt"
+    name: str  # the report's column: "dino", "clip_i", "clip_t", "toy_subject", "toy_prompt" (never a row field)
     scorer: Scorer
     kind: str  # "subject": generated vs every real photo; "prompt": generated vs its prompt
     drop_token: bool = False  # CLIP-T: the prompt without the unique token
@@ -45,7 +45,7 @@ def dreambench_metrics(dino: Scorer, clip: Scorer) -> list[Metric]:
 
 
 def toy_metrics(toy: Scorer) -> list[Metric]:
-    return [Metric("subject", toy, "subject"), Metric("prompt", toy, "prompt")]
+    return [Metric("toy_subject", toy, "subject"), Metric("toy_prompt", toy, "prompt")]
 
 
 def score_images(metrics: Sequence[Metric], images: Sequence, references: Sequence, prompts: Sequence[str],
