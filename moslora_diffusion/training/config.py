@@ -23,7 +23,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
 DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "none")  # wandb: through accelerate's tracker, when installed
+VALIDATION_METRICS = ("none", "dreambench", "toy")
 # diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
 # piecewise_constant, which needs step rules that no flag gives.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -37,7 +38,7 @@ RUN_CONTROL_FIELDS = frozenset({
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
     "validation_inference_steps", "report_to", "logging_dir", "logging_steps", "dataloader_num_workers",
     "gradient_checkpointing", "sample_batch_size", "latent_disk_cache", "latent_cache_dir",
-    "channels_last", "torch_compile", "dynamo_backend",
+    "channels_last", "torch_compile", "dynamo_backend", "validation_metrics", "dino_model", "clip_model", "keep_best",
 })
 
 PROG = "train_dreambooth.py"
@@ -126,6 +127,15 @@ class TrainConfig:
     num_validation_images: int = _flag(4, "images per validation", group="validation")
     validation_steps: int = _flag(100, "validate every N steps", group="validation")
     validation_inference_steps: int = _flag(25, "denoising steps per validation image", group="validation")
+    validation_metrics: str = _flag(
+        "none", "score every validation: dreambench (DINO, CLIP-I to the instance photos, CLIP-T) or toy (the toy "
+        "checker, offline on assets/toy-base)", VALIDATION_METRICS, "validation")
+    dino_model: str = _flag("facebook/dino-vits16", "DINO model for --validation_metrics dreambench (safetensors)",
+                            group="validation")
+    clip_model: str = _flag("openai/clip-vit-base-patch32", "CLIP model for --validation_metrics dreambench",
+                            group="validation")
+    keep_best: bool = _flag(False, "keep the adapter of the best-scoring validation as moslora_best.safetensors",
+                            group="validation")
     # checkpoints and outputs
     checkpointing_steps: int = _flag(500, "save a resumable checkpoint every N steps", group="output")
     checkpoints_total_limit: int | None = _flag(None, "keep only the newest N checkpoints", group="output")
@@ -207,6 +217,10 @@ def check_number_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
     if c.fp8_base and c.mixed_precision == "no":
         raise ConfigError("--fp8_base needs --mixed_precision bf16 or fp16: autocast is what upcasts each float8 "
                           "weight for its operation")
+    if (c.validation_metrics != "none" or c.keep_best) and not c.validation_prompt:
+        raise ConfigError("--validation_metrics and --keep_best score the validation images: give --validation_prompt")
+    if c.keep_best and c.validation_metrics == "none":
+        raise ConfigError("--keep_best needs scores: add --validation_metrics dreambench (or toy on the toy base)")
     if c.max_timestep is not None and c.max_timestep <= c.min_timestep:
         raise ConfigError(f"--max_timestep ({c.max_timestep}) must be above --min_timestep ({c.min_timestep})")
 

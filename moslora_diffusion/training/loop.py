@@ -50,6 +50,7 @@ from .stopping import (
 )
 from .trainable import AdapterTrainable, Trainable
 from .validation import run_validation
+from .validation_scores import best_so_far, check_report_to
 
 
 @dataclass
@@ -82,6 +83,7 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     # Cheap checks first: a typo must not cost a model load, and nothing is written before all pass.
     check_optimizer_available(config.optimizer)
+    check_report_to(config.report_to)
     check_output_dir(config)
     photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     accelerator = make_accelerator(config)
@@ -324,6 +326,8 @@ def finish(run: Run, losses: list[float], started: float, loop_seconds: float) -
         result.seconds = time.perf_counter() - started
         summary = {"steps": result.steps, "resumed_from": result.resumed_from,
                    "seconds": round(result.seconds, 1), "final_loss": losses[-1] if losses else None}
+        if config.keep_best:
+            summary["best"] = best_so_far(config.output_dir)
         result.files = write_final_files(run.base.pipe, config, plan.to_dict(), summary, images)
         print_summary(result)
     acc.wait_for_everyone()

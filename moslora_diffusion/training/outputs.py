@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest
 from .output_location import OutputDirError, check_room, check_writable
+from .validation_scores import BEST_FILE
 
 ADAPTER_FILE = "moslora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -37,7 +38,7 @@ def _logs_name(logging_dir: str) -> str | None:
 
 def _run_names(logging_dir: str) -> set[str]:
     """Fixed top-level names a run writes (besides checkpoint-N)."""
-    return {*FINAL_FILES, VALIDATION_DIR, PROGRESS_FILE} | ({_logs_name(logging_dir)} - {None})
+    return {*FINAL_FILES, VALIDATION_DIR, PROGRESS_FILE, BEST_FILE} | ({_logs_name(logging_dir)} - {None})
 
 
 def _is_run_name(name: str, logging_dir: str) -> bool:
@@ -237,6 +238,11 @@ def model_card(config: TrainConfig, plan: dict, result: dict, images: list[str])
     base, prompt = config.pretrained_model_name_or_path, config.instance_prompt
     rows = "\n".join(f"| {k} | {v} |" for k, v in _settings(config, plan, result).items())
     gallery = "\n".join(f"![validation image]({path})" for path in images) or "(no validation prompt was given)"
+    best = result.get("best")
+    if best:
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in best["scores"].items())
+        gallery += (f"\n\nBest validation (--keep_best, {best['metrics']} metrics): step {best['step']} ({scores}; "
+                    f"mean {best['score']:.3f}), kept as `{BEST_FILE}` next to the final adapter.")
     return f"""---
 base_model: {json.dumps(base)}
 instance_prompt: {json.dumps(prompt)}

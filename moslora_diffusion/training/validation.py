@@ -17,6 +17,7 @@ import torch
 from ..files.atomic import save_image
 from .manifest import record_written
 from .outputs import VALIDATION_DIR, append_progress
+from .validation_scores import keep_if_best, score_validation
 
 
 def generate_images(pipe, prompt: str, count: int, steps: int, resolution: int, seed: int, autocast) -> list:
@@ -40,15 +41,21 @@ def generate_images(pipe, prompt: str, count: int, steps: int, resolution: int, 
 
 
 def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=None) -> list[Path]:
-    """Generates, saves under <output_dir>/validation/ and logs to the trackers; returns the image paths.
+    """Generates, saves under <output_dir>/validation/, scores (--validation_metrics) and logs to the trackers and
+    progress.jsonl; with --keep_best keeps the adapter when this step scores best. Returns the image paths.
 
-    With EMA the EMA weights are swapped in for the images (they are what will be saved) and the live
-    weights restored bit for bit afterwards.
+    With EMA the EMA weights are swapped in for the images and the kept adapter (they are what will be saved)
+    and the live weights restored bit for bit afterwards.
     """
     autocast = accelerator.autocast() if accelerator is not None else nullcontext()
+    record: dict = {"step": step}
     with ema.swapped_in() if ema is not None else nullcontext():
         images = generate_images(pipe, config.validation_prompt, config.num_validation_images,
                                  config.validation_inference_steps, resolution, config.seed, autocast)
+        if config.validation_metrics != "none":
+            record["scores"] = score_validation(config, images, pipe.unet.device)
+            if config.keep_best and keep_if_best(pipe, config, step, record["scores"]):
+                record["best"] = True
     folder = Path(config.output_dir) / VALIDATION_DIR
     record_written(config.output_dir, VALIDATION_DIR)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,8 +65,10 @@ def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=No
         paths.append(save_image(image, path))
     if accelerator is not None:
         _log_images(accelerator, images, step)
-    append_progress(config.output_dir, [{"step": step, "validation_images": [
-        p.relative_to(config.output_dir).as_posix() for p in paths]}])
+        if "scores" in record:
+            accelerator.log({f"validation/{name}": value for name, value in record["scores"].items()}, step=step)
+    record["validation_images"] = [p.relative_to(config.output_dir).as_posix() for p in paths]
+    append_progress(config.output_dir, [record])
     return paths
 
 
