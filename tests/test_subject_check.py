@@ -56,3 +56,30 @@ def test_a_folder_without_generated_images_is_an_error(tmp_path):
         subject_check.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a folder"):
         subject_check.main([str(tmp_path / "missing")])
+
+
+def test_reports_the_second_subject_the_zigzag_and_bleed(tmp_path):
+    from moslora_diffusion.toy.concepts import BACKGROUND
+    from moslora_diffusion.toy.subject import SUBJECT, SUBJECT_2
+    from moslora_diffusion.toy.world import with_fill
+
+    squares, stars = SUBJECT_2.photo_images(), subject_photos()
+    v_prompt, composed = SUBJECT_2.instance_prompt, BACKGROUND.prompt(SUBJECT.token + " star")
+    for seed, square in enumerate(squares[:3]):  # the second subject 3 of 4 times, once with the stripes (bleed)
+        save(tmp_path, square, v_prompt, seed, 1.0)
+    save(tmp_path, render(with_fill(SUBJECT_2.scene(), SUBJECT.fill)), v_prompt, 3, 1.0)
+    on_zigzag = render(SUBJECT.scene(background=BACKGROUND.colour, texture=BACKGROUND.texture))
+    save(tmp_path, on_zigzag, composed, 0, 1.0)  # both present
+    save(tmp_path, stars[0], composed, 1, 1.0)  # the subject on plain blue: no zigzag
+    leak = "a photo of a red star, on a blue background"
+    save(tmp_path, BACKGROUND.photo_images()[0], leak, 0, 1.0)  # the zigzag where the prompt asks for blue
+    save(tmp_path, render(Scene("star", "red", "large", "center", "blue", "plain")), leak, 1, 1.0)
+
+    rows = {(r["prompt"], r["model"]): r for r in subject_check.main([str(tmp_path)])}
+    v_row, both, blue = rows[(v_prompt, "adapted")], rows[(composed, "adapted")], rows[(leak, "adapted")]
+    assert v_row["named"] == ["v"] and v_row["subject_2_share"] == pytest.approx(0.75)
+    assert v_row["bleed_share"] == pytest.approx(0.25) and v_row["subject_share"] == pytest.approx(0.25)
+    assert both["named"] == ["sks", "z"] and both["subject_share"] == 1.0 and both["zigzag_share"] == 0.5
+    assert both["bleed_share"] == 0.0 and both["subject_2_share"] == 0.0
+    assert blue["named"] == [] and blue["zigzag_share"] == 0.5
+    assert blue["background_as_prompted"] == 1.0  # the colour reading calls the zigzag blue: only the pattern tells

@@ -88,3 +88,26 @@ def test_held_out_split_is_disjoint_and_nonempty():
     rng = np.random.default_rng(3)
     assert all(not is_held_out(sample_scene(rng, "train")) for _ in range(200))
     assert all(is_held_out(sample_scene(rng, "heldout")) for _ in range(50))
+
+
+def test_concept_texture_and_checker_fill_render_and_never_appear_in_pretraining():
+    from moslora_diffusion.toy.world import ZIGZAG, ZIGZAG_COLOURS, Fill
+
+    image = np.asarray(render(Scene("star", "red", "small", "center", "blue", ZIGZAG)), dtype=float)
+    blue, green = (np.linalg.norm(image - COLOURS[c], axis=-1) < 30 for c in ZIGZAG_COLOURS)
+    assert 0.35 < blue.mean() < 0.5 and 0.35 < green.mean() < 0.5  # the star and antialiased edges take the rest
+    # zigzag, not straight bands: along a row the colour changes (a band edge rises and falls across it)
+    assert blue[2].any() and green[2].any() and blue[6].any() and green[6].any()
+
+    fill = Fill(stripes=(COLOURS["red"], COLOURS["white"]), period=1 / 3, kind="checker")
+    square = np.asarray(render(Scene("square", "red", "large", "center", "blue", "plain", size_px=30, fill=fill)))
+    cells = [[square[17 + 5 + 10 * r, 17 + 5 + 10 * c] for c in range(3)] for r in range(3)]  # cell centres
+    for r in range(3):
+        for c in range(3):
+            expected = COLOURS["white"] if (r + c) % 2 else COLOURS["red"]
+            assert np.allclose(cells[r][c], expected, atol=1), (r, c)
+
+    rng = np.random.default_rng(4)
+    scenes = [sample_scene(rng) for _ in range(500)]
+    assert all(s.texture != ZIGZAG and s.fill is None for s in scenes)
+    assert ZIGZAG not in vocabulary() and ZIGZAG not in TEXTURES

@@ -59,7 +59,14 @@ def _border(arr: np.ndarray, width: int = 2) -> np.ndarray:
 
 def background_model(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The two colours of the background (equal for a plain one): 2-means on the border pixels."""
-    pixels = _border(arr)
+    return _two_colours(_border(arr))
+
+
+def _two_colours(pixels: np.ndarray, retry: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """2-means of (N, 3) pixels, seeded with their median and the pixel farthest from it. A cluster of < 8%
+    is an object reaching into the border: it is dropped and the rest modelled again, since the farthest
+    pixel was the object's and the background may still have two colours (a yellow cross near the edge of
+    a black striped background was read as a one-colour background, and the stripes as the object)."""
     a = np.median(pixels, axis=0)
     dist = np.linalg.norm(pixels - a, axis=1)
     if np.percentile(dist, 90) < 25:
@@ -67,8 +74,9 @@ def background_model(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b = pixels[dist.argmax()]
     for _ in range(8):
         near_a = np.linalg.norm(pixels - a, axis=1) <= np.linalg.norm(pixels - b, axis=1)
-        if near_a.mean() > 0.92 or near_a.mean() < 0.08:  # a small cluster is an object touching the border
-            return (np.median(pixels[near_a], axis=0),) * 2 if near_a.mean() > 0.5 else (b, b)
+        if near_a.mean() > 0.92 or near_a.mean() < 0.08:
+            rest = pixels[near_a] if near_a.mean() > 0.5 else pixels[~near_a]
+            return _two_colours(rest, retry=False) if retry else (np.median(rest, axis=0),) * 2
         a, b = np.median(pixels[near_a], axis=0), np.median(pixels[~near_a], axis=0)
     return a, b
 
@@ -138,11 +146,16 @@ def class_scores(mask: np.ndarray) -> dict[str, float]:
     return scores
 
 
+def interior(mask: np.ndarray) -> np.ndarray:
+    """The mask less its 1 px rim, whose antialiased pixels blend object and background colours (the mask
+    itself when too little is left)."""
+    inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3))) > 0
+    return inner if inner.sum() >= MIN_AREA // 2 else mask
+
+
 def _object_colour(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Median colour of the mask's interior (edges blend with the background)."""
-    inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3))) > 0
-    use = inner if inner.sum() >= MIN_AREA // 2 else mask
-    return np.median(arr[use], axis=0)
+    return np.median(arr[interior(mask)], axis=0)
 
 
 def check(image) -> Reading:

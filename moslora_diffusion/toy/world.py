@@ -35,6 +35,13 @@ POSITIONS = {  # anchor (x, y) of the box centre, and how a caption says it
     "bottom": ((32, 45), "at the bottom"), "center": ((32, 32), "in the center"),
 }
 TEXTURES = {"plain": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
+# The background concept's texture (toy/concepts.py): horizontal zigzag bands of a fixed colour (green) over
+# the background colour (blue in every concept photo), a pair no world texture has. Pretraining never draws
+# it, so it is not in TEXTURES.
+ZIGZAG = "zigzag"
+ZIGZAG_COLOURS = ("blue", "green")
+ZIGZAG_PERIOD = 16  # px: a band pair's height and a tooth's width at 64 px
+ZIGZAG_AMPLITUDE = 4  # px: how far a band edge rises and falls
 JITTER = 2  # pixels of random offset around an anchor
 MIN_OBJECT_BG_DISTANCE = 100.0  # RGB distance: object vs background, so the checker can segment it
 MIN_OBJECT_SHADE_DISTANCE = 80.0  # object vs the texture's second colour
@@ -42,11 +49,13 @@ MIN_OBJECT_SHADE_DISTANCE = 80.0  # object vs the texture's second colour
 
 @dataclass(frozen=True)
 class Fill:
-    """A patterned object fill (the toy subject, and VAE training variety): diagonal stripes and a dot."""
+    """A patterned object fill (the toy subjects, and VAE training variety): two colours in diagonal stripes
+    (with an optional centre dot) or, with kind "checker", in an axis-aligned checkerboard."""
 
-    stripes: tuple[tuple[int, int, int], tuple[int, int, int]]
+    stripes: tuple[tuple[int, int, int], tuple[int, int, int]]  # the pattern's two colours
     dot: tuple[int, int, int] | None = None
-    period: float = 0.45  # stripe period as a fraction of the box side
+    period: float = 0.45  # stripe period, or a checker cell's side, as a fraction of the box side
+    kind: str = "stripes"  # "stripes" | "checker"
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,12 @@ class Scene:
         return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
 
 
+def inside_frame(scene: Scene, margin: int = 2) -> bool:
+    """Whether the scene's box keeps `margin` px off every image edge (the checker reads the background
+    from a 2 px border; every `sample_scene` box does)."""
+    return min(scene.box) >= margin and max(scene.box) <= RESOLUTION - margin
+
+
 def vocabulary() -> tuple[str, ...]:
     """Every word a caption can contain (each becomes a single token of the toy tokenizer)."""
     words = ["a", "an", "photo", "of", "on", "the", "at", "in", "background", *SIZES, *OBJECT_COLOURS,
@@ -85,6 +100,11 @@ def shade(background: str) -> tuple[int, int, int]:
     rgb = np.array(COLOURS[background], dtype=float)
     target = 0.0 if rgb.mean() > 128 else 255.0
     return tuple(int(round(v)) for v in rgb + 0.3 * (target - rgb))
+
+
+def second_colour(background: str, texture: str) -> tuple[int, int, int]:
+    """The texture's second colour: the zigzag's fixed one, every other texture's shade of the background."""
+    return COLOURS[ZIGZAG_COLOURS[1]] if texture == ZIGZAG else shade(background)
 
 
 def colour_distance(a, b) -> float:
@@ -199,9 +219,11 @@ def shape_mask(cls: str, box: tuple[float, float, float, float], size: tuple[int
 def _background(background: str, texture: str) -> Image.Image:
     s = SUPERSAMPLE
     img = Image.new("RGB", (RESOLUTION * s, RESOLUTION * s), COLOURS[background])
-    draw, second = ImageDraw.Draw(img), shade(background)
+    draw, second = ImageDraw.Draw(img), second_colour(background, texture)
     n = RESOLUTION * s
-    if texture == "stripes":  # diagonal bands, 6 px wide every 12 px
+    if texture == ZIGZAG:
+        _zigzag(draw, n, second)
+    elif texture == "stripes":  # diagonal bands, 6 px wide every 12 px
         for k in range(-n, n, 12 * s):
             draw.polygon([(k, 0), (k + 6 * s, 0), (k + 6 * s + n, n), (k + n, n)], fill=second)
     elif texture == "dots":  # the grid starts on the image edge, so the border shows both colours
@@ -209,11 +231,30 @@ def _background(background: str, texture: str) -> Image.Image:
             for x in range(0, n + 1, 10 * s):
                 draw.ellipse([x - 2 * s, y - 2 * s, x + 2 * s, y + 2 * s], fill=second)
     elif texture == "checker":
-        for y in range(0, n, 8 * s):
-            for x in range(0, n, 8 * s):
-                if (x // (8 * s) + y // (8 * s)) % 2:
-                    draw.rectangle([x, y, x + 8 * s - 1, y + 8 * s - 1], fill=second)
+        _checker(draw, n, (0, 0), 8 * s, second)
     return img
+
+
+def _zigzag(draw: ImageDraw.ImageDraw, n: int, colour) -> None:
+    """Bands of `colour` half a period high whose edges rise and fall by the amplitude every half tooth."""
+    s, period, amp = n // RESOLUTION, ZIGZAG_PERIOD, ZIGZAG_AMPLITUDE
+    xs = np.arange(0, RESOLUTION + period, period / 2)
+    wave = [(x * s, (amp if i % 2 else -amp) * s) for i, x in enumerate(xs)]
+    for top in range(-period, RESOLUTION + period, period):
+        upper = [(x, top * s + dy) for x, dy in wave]
+        lower = [(x, (top + period / 2) * s + dy) for x, dy in reversed(wave)]
+        draw.polygon(upper + lower, fill=colour)
+
+
+def _checker(draw: ImageDraw.ImageDraw, n: int, origin: tuple[float, float], cell: float, colour) -> None:
+    """Cells of `colour` on every other square of a grid of side `cell` whose corner is `origin` (px)."""
+    x0, y0 = origin
+    first_col, first_row = math.floor(-x0 / cell), math.floor(-y0 / cell)
+    for row in range(first_row, first_row + int(n / cell) + 2):
+        for col in range(first_col, first_col + int(n / cell) + 2):
+            if (row + col) % 2:
+                x, y = x0 + col * cell, y0 + row * cell
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
 
 
 def _fill_image(fill: Fill, box, scale: int) -> Image.Image:
@@ -223,6 +264,9 @@ def _fill_image(fill: Fill, box, scale: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     x0, y0, x1, _ = box
     period = fill.period * (x1 - x0) * scale
+    if fill.kind == "checker":  # the grid starts at the box corner, so the pattern moves with the object
+        _checker(draw, n, (x0 * scale, y0 * scale), period, fill.stripes[1])
+        return img
     start = (x0 - y0) * scale - 2 * n
     for k in np.arange(start, 2 * n, period):  # bands where (x - y) - k in [period/2, period), as the background's
         a = k + period / 2
