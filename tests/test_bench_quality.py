@@ -98,3 +98,24 @@ def test_statistics_match_reference_values():
     assert same["p"] == 1.0 and not same["significant"]
     shifted = stats.paired_test([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.2])
     assert shifted["significant"] and shifted["p"] < 1e-4
+
+
+def test_mole_benchmark_short_run_scores_every_method_and_seed(micro_base, tmp_path):
+    """The MoLE composition benchmark end to end on the micro toy model (the figures: benchmarks/results)."""
+    from PIL import Image
+
+    from benchmarks import mole_toy
+
+    result = mole_toy.main(["--base", str(micro_base), "--seeds", "2", "--expert-steps", "2", "--background-steps",
+                            "2", "--gate-steps", "2", "--gate-batch", "1", "--n-images", "2", "--gen-steps", "2",
+                            "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path)])
+    runs = result["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in mole_toy.METHODS for s in (0, 1))
+    for run in runs:
+        assert all(0.0 <= run[name] <= 1.0 for name, _, _ in mole_toy.METRICS)
+    static = [r for r in runs if r["method"] == "mole_static"]
+    assert all(math.isfinite(r["static_gap_latents"]) for r in static)
+    assert set(result["comparisons"]) == {f"{a}_vs_{b}" for a, b in mole_toy.COMPARISONS}
+    assert Image.open(result["grid"]).size[1] > 64 * len(mole_toy.METHODS)
+    table = (tmp_path / "mole_toy.md").read_text()
+    assert all(name in table for name, _, _ in mole_toy.METRICS)
