@@ -36,7 +36,10 @@ def _controls(state: AppState, res: int) -> dict:
     c["mode"] = gr.Radio(list(MODES), value=next(iter(MODES)), label="Mode (weighted sum: the Generate tab's "
                          "sliders)", elem_id="compose-mode")
     names = list(state.compose.moles)
-    c["mole"] = gr.Dropdown(names, value=names[0] if names else None, label="MoLE file", elem_id="compose-mole")
+    # allow_custom_value: the API checks names against the files loaded now (Compositions.check), not those of the
+    # first paint
+    c["mole"] = gr.Dropdown(names, value=names[0] if names else None, label="MoLE file", elem_id="compose-mole",
+                            allow_custom_value=True)
     experts = state.compose.experts(names[0]) if names else []  # a --mole file's experts from the first paint
     c["scales"], c["masks"] = [], []
     for i in range(MAX_EXPERTS):
@@ -136,7 +139,7 @@ def _mole_files(state: AppState, c: dict):
 
 
 def _gate_training(state: AppState, c: dict, res: int):
-    with gr.Accordion("Train gates for loaded adapters (MoLE)", open=False):
+    with gr.Accordion("Train gates for loaded adapters (MoLE)", open=False) as accordion:
         g = {"experts": gr.CheckboxGroup(state.fusion.names(), label="Experts (2 to 8 loaded adapters)",
                                          elem_id="gate-experts")}
         g["photos"] = gr.Textbox(label="Photo folder of each expert, one a line (filled from the adapters)", lines=2,
@@ -180,6 +183,8 @@ def _gate_training(state: AppState, c: dict, res: int):
             experts = _expert_updates(state, new)
         return text, loss_curve_image(p.losses), gr.Timer(active=p.state == "running"), mole, *experts
 
+    # Adapters loaded or trained since the page was drawn are offered when the panel opens.
+    accordion.expand(lambda: gr.update(choices=state.fusion.names()), outputs=g["experts"], api_visibility="private")
     g["experts"].change(fill, inputs=g["experts"], outputs=[g["photos"], g["prompts"]], api_visibility="private")
     g["start"].click(start, inputs=[g["experts"], g["photos"], g["prompts"], g["steps"], g["resolution"]],
                      outputs=[g["status"], g["timer"]], api_name="train_gates", concurrency_id="training")
