@@ -57,7 +57,6 @@ COMPARISONS = (("mole", "nla"), ("mole", "sum"), ("mole_static", "mole"))
 def concepts():
     """(name, photo folder, instance prompt, class prompt) of the three experts."""
     from moslora_diffusion.toy.concepts import BACKGROUND
-
     from moslora_diffusion.toy.subject import SUBJECT, SUBJECT_2
 
     return [("subject", REPO / "assets" / SUBJECT.folder, SUBJECT.instance_prompt, SUBJECT.class_prompt),
@@ -67,7 +66,6 @@ def concepts():
 
 def prompts() -> dict[str, str]:
     from moslora_diffusion.toy.concepts import BACKGROUND
-
     from moslora_diffusion.toy.subject import SUBJECT, SUBJECT_2
 
     return {"subject": SUBJECT.instance_prompt, "subject2": SUBJECT_2.instance_prompt,
@@ -137,7 +135,6 @@ def draw(pipe, args, seed: int) -> dict[str, list]:
 
 def metrics(images: dict[str, list]) -> dict[str, float]:
     from moslora_diffusion.toy.concepts import BACKGROUND
-
     from moslora_diffusion.toy.subject import SUBJECT, SUBJECT_2
 
     def share(test, key):

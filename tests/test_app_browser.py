@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import make_adapter
+from PIL import Image
+from training_helpers import make_photos
 
 from benchmarks import app_load
 from moslora_diffusion.files.safetensors_io import read_keys
@@ -20,6 +22,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # The README's screenshot is refreshed only when asked (UPDATE_SCREENSHOT=1), so a test run leaves the
 # tracked file alone; otherwise it goes next to the server's outputs.
 ASSET_SCREENSHOT = Path(__file__).resolve().parents[1] / "assets" / "app_screenshot.png"
+COMPOSE_SCREENSHOT = ASSET_SCREENSHOT.with_name("compose_screenshot.png")
 TIMEOUT_MS = 60_000
 
 
@@ -43,11 +46,15 @@ def server(tiny_sd15_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     make_adapter(tiny_sd15_dir, root / "given" / "dog" / "moslora.safetensors", seed=1)
     make_adapter(tiny_sd15_dir, root / "other" / "moslora.safetensors", seed=2)  # not given to the app
+    # A second subject as if trained from the app (its own training folder): loaded from the UI, then composed.
+    make_adapter(tiny_sd15_dir, root / "outputs" / "training" / "cat" / "moslora.safetensors", seed=3)
+    for i, name in enumerate(("dog", "cat")):
+        make_photos(root / "photos" / name, count=2, size=(64, 64), seed=10 * i)
     log = root / "app.log"
     base = root / "tiny-sd15"  # the name the status line and the PNG metadata show
     base.symlink_to(tiny_sd15_dir, target_is_directory=True)
     proc, url = app_load.start_app(["--base", str(base), "--adapter", str(root / "given" / "dog"),
-                                    "--output_dir", str(root / "outputs")], log)
+                                    "--output_dir", str(root / "outputs"), "--photos_dir", str(root / "photos")], log)
     yield {"url": url, "log": log, "root": root}
     app_load.stop_app(proc)
 
@@ -173,3 +180,80 @@ def test_adapter_outside_the_given_folders_is_refused_over_the_api(server):
         else:
             assert result[-3].startswith("⚠️"), result
     assert client.predict(api_name="/status")["adapters"] == before["adapters"]
+
+
+def _wait_for_text(page, elem_id: str, text: str, timeout_ms: int = TIMEOUT_MS) -> None:
+    page.wait_for_function(f"document.querySelector('#{elem_id}').innerText.includes({text!r})", timeout=timeout_ms)
+
+
+def _wait_for_infotext(page, text: str) -> None:
+    page.wait_for_function(f"document.querySelector('#compose-infotext textarea').value.includes({text!r})")
+
+
+def _save_small_png(page, path: Path) -> None:
+    """The top of the compose view (controls, images, gate heat map) as a 64-colour PNG: the README's picture
+    stays small."""
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(path))
+    Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)
+
+
+def test_compose_two_adapters_train_gates_generate_both_modes_export(page, server, api, tmp_path):
+    # Load the second subject from the Generate tab's adapter list.
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_text("Adapters", exact=True).click()
+    page.locator("#refresh-adapters").click()
+    page.locator("#available-adapters input").click()
+    page.get_by_role("option", name="cat").click()
+    page.locator("#load-adapter").click()
+    _wait_for_text(page, "gen-message", "Loaded")
+    assert api.predict(api_name="/status")["adapters"].keys() == {"dog", "cat"}
+
+    # Train gates for both from the Compose tab: prompts come from the adapters, photo folders are typed.
+    page.get_by_role("tab", name="Compose").click()
+    page.get_by_text("Train gates for loaded adapters (MoLE)").click()
+    for name in ("dog", "cat"):
+        page.locator("#gate-experts").get_by_label(name).check()
+    page.wait_for_function("document.querySelector('#gate-prompts textarea').value.split('\\n').length == 2")
+    photos = server["root"] / "photos"
+    page.locator("#gate-photos textarea").fill(f"{photos / 'dog'}\n{photos / 'cat'}")
+    page.locator("#gate-steps input").fill("2")
+    page.locator("#gate-resolution input").fill("64")
+    page.locator("#gate-start").click()
+    _wait_for_text(page, "gate-status", "loaded: choose the MoLE mode", timeout_ms=300_000)
+    mole = api.predict(api_name="/status")["moles"][0]
+    assert "step 2/2" in page.locator("#gate-status").inner_text()
+
+    # MoLE alone, then compare (base | sum | MoLE of one seed), with the gate heat map.
+    for elem_id, value in (("compose-steps", 2), ("compose-width", 64), ("compose-height", 64)):
+        _set_number(page, elem_id, value)
+    page.locator("#compose-seed input").fill("7")
+    page.locator("#compose-mode").get_by_label("MoLE (learned gates)").check()
+    count = _status(api)[2]
+    page.locator("#compose-generate").click()
+    _wait_for_infotext(page, f"MoLE: {mole}")
+    page.locator("#compose-mode").get_by_label("compare: base | sum | MoLE").check()
+    page.locator("#expert-mask-1 input").check()  # cat masked in the MoLE image
+    page.locator("#compose-generate").click()
+    page.wait_for_function("document.querySelectorAll('#compose-gallery img').length >= 3")
+    _wait_for_infotext(page, "MoLE mask: cat")
+    infotext = page.locator("#compose-infotext textarea").input_value()
+    assert "Lora scales" in infotext and f"MoLE: {mole}" in infotext and infotext.count("Seed: 7,") == 3
+    page.locator("#compose-heatmap img").wait_for(state="visible")
+    assert _status(api)[2] == count + 2 and _status(api)[0] == 1  # two requests, the model loaded once
+
+    # Export the composition as a kohya LoRA and download it.
+    page.get_by_text("Export the MoLE composition").click()
+    page.locator("#mole-export").click()
+    _wait_for_text(page, "mole-export-message", "Wrote", timeout_ms=120_000)
+    with page.expect_download() as download:
+        page.locator("#mole-export-file a").first.click()
+    keys = read_keys(download.value.path())
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_up.weight") for k in keys)
+    screenshot = COMPOSE_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "compose.png"
+    _save_small_png(page, screenshot)
+    assert screenshot.stat().st_size > 10_000
+
+    # The load test with MoLE generations: 20 at once, none lost.
+    row = app_load.run_load(server["url"], 20, 20, 64, 1, 240, mole)
+    assert (row["completed"], row["failed"], row["lost"], row["server_generations"]) == (20, 0, 0, 20), row["errors"]

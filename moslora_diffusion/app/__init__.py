@@ -1,6 +1,7 @@
 """The web app: generation with live adapter scales at base-model speed, export, and training jobs.
 
-Only `cli` and `ui` import Gradio; the rest is plain Python, tested without a browser.
+Only `cli` and the UI modules (`ui`, `compose_ui`, `ui_common`) import Gradio; the rest is plain Python, tested
+without a browser.
 """
 
 from ..generation.fusion import FusedAdapters

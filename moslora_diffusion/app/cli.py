@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
                         help="training output folder or adapter .safetensors (repeatable); only these folders "
                              "and the app's own outputs are ever read")
+    parser.add_argument("--mole", action="append", default=[], metavar="PATH",
+                        help="MoLE file (mole.safetensors) or the gate-training folder holding it, for the Compose "
+                             "tab (repeatable)")
     parser.add_argument("--photos_dir", action="append", default=[], metavar="DIR",
                         help="folder of subject photo folders the Train tab may pick from (repeatable)")
     parser.add_argument("--config", help="diffusers folder with the configs of a single-file --base (offline)")
@@ -93,7 +96,7 @@ def _serve(argv: list[str]) -> None:
 
     base = args.base or default_base_model()
     adapters = args.adapter or ([] if args.base else default_adapters(base))
-    state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device)
+    state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device, args.mole)
     atexit.register(state.training.shutdown)
     if (args.share or args.host not in ("127.0.0.1", "localhost")) and args.auth is None:
         log.warning("serving beyond this machine without --auth: anyone who can reach it can use it")

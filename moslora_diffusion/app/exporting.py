@@ -1,7 +1,8 @@
-"""The Export tab's work: the chosen adapters at the chosen scales, as files other tools load.
+"""The Export tab's work: the chosen adapters at the chosen scales, or a MoLE composition, as files other tools load.
 
-Goes through `moslora_diffusion.formats.export_targets.export` (the same code as the `moslora-export` command), so the
-app's downloads are exactly what the command line writes.
+Goes through `moslora_diffusion.formats.export_targets.export` (the same code as the `moslora-export` command) and
+`mole.export_static` (as `mole export`), so the app's downloads are exactly what the command line writes; every
+file lands under outputs/exports/ with a new name, written atomically by those writers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..checks import SCALE, check_number
+from ..generation.text_to_image import MoLESettings
 from .state import AppState
 
 EXPORT_TARGETS = {
@@ -24,14 +26,25 @@ class AppExportError(ValueError):
     """Nothing to export, or an unknown choice."""
 
 
-def export_adapters(state: AppState, target: str, scales: dict[str, float], dtype: str = "fp16") -> Path:
-    """Writes outputs/exports/<time>-<adapters>-<target>.safetensors and returns it."""
-    from ..formats.export_targets import export
-
+def _check_choices(target: str, dtype: str) -> None:
     if target not in EXPORT_TARGETS.values():
         raise AppExportError(f"unknown export target {target!r}")
     if dtype not in EXPORT_DTYPES:
         raise AppExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+
+
+def _export_path(state: AppState, names: list[str], target: str) -> Path:
+    """outputs/exports/<time>-<names>-<target>.safetensors: never a user-chosen path."""
+    slug = "+".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", name) for name in names)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return state.outputs / "exports" / f"{stamp}-{slug[:60]}-{target}.safetensors"
+
+
+def export_adapters(state: AppState, target: str, scales: dict[str, float], dtype: str = "fp16") -> Path:
+    """Writes outputs/exports/<time>-<adapters>-<target>.safetensors and returns it."""
+    from ..formats.export_targets import export
+
+    _check_choices(target, dtype)
     scales = {name: check_number(f"scale of {name!r}", value, SCALE, AppExportError) for name, value in scales.items()}
     loaded = state.loaded_adapters()
     unknown = sorted(set(scales) - set(loaded))
@@ -40,7 +53,29 @@ def export_adapters(state: AppState, target: str, scales: dict[str, float], dtyp
     chosen = [(loaded[name], scale) for name, scale in scales.items() if scale != 0.0]
     if not chosen:
         raise AppExportError("choose at least one adapter with a scale other than 0 to export")
-    names = "+".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", name) for name, s in scales.items() if s != 0.0)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = state.outputs / "exports" / f"{stamp}-{names[:60]}-{target}.safetensors"
+    out = _export_path(state, [name for name, s in scales.items() if s != 0.0], target)
     return export(state.base, chosen, target, out, dtype=dtype, overwrite=False, config=state.config)
+
+
+def export_mole(state: AppState, settings: MoLESettings, target: str, dtype: str = "fp16",
+                prompts: list[str] | None = None) -> Path:
+    """The static MoLE export (mole.average_gates + mole.export_static, as `mole export`) of a loaded MoLE file
+    with its mask and extra scales: gates averaged per block over `prompts` (default: the experts' trigger
+    prompts) on the app's pipeline in MoLE mode, then folded exactly into one kohya LoRA, or merged into a fresh
+    copy of the base model (the app's own weights are never baked). Returns the written file."""
+    from ..models.loading import load_pipeline
+    from ..mole import attach_mole, average_gates, export_static
+    from ..mole.inference import configure
+
+    _check_choices(target, dtype)
+    settings = state.compose.check(settings)
+    prompts = [p.strip() for p in prompts or [] if p.strip()] or None
+    out = _export_path(state, ["mole", settings.file], target)
+    with state.compose.active(settings) as mole:
+        weights = average_gates(state.pipe, prompts, seeds=(0, 1))
+        if target == "lora-kohya":
+            return export_static(state.pipe, weights, target, out, dtype, base=state.base)
+        experts, gates = mole.experts, mole.gate_state()
+    pipe = load_pipeline(state.base, config=state.config)  # fp32 on the CPU, as the export command
+    configure(attach_mole(pipe, experts, gates), settings.masked, settings.scales)
+    return export_static(pipe, weights, target, out, dtype, base=state.base)

@@ -48,19 +48,20 @@ def adapter_file(path: str | Path, roots: AllowedRoots) -> Path:
     return resolved
 
 
-def adapter_name(path: Path) -> str:
-    """A training folder's adapter is named after the folder; any other file after its stem."""
-    return path.parent.name if path.name == ADAPTER_FILE_NAME else path.stem
+def adapter_name(path: Path, file_name: str = ADAPTER_FILE_NAME) -> str:
+    """A training folder's file (`file_name`) is named after the folder; any other file after its stem."""
+    return path.parent.name if path.name == file_name else path.stem
 
 
-def discover_adapters(roots: AllowedRoots) -> dict[str, Path]:
-    """name -> adapter file for every root file, every root's moslora.safetensors and its subfolders'."""
+def discover_adapters(roots: AllowedRoots, file_name: str = ADAPTER_FILE_NAME) -> dict[str, Path]:
+    """name -> file for every root .safetensors file, every root's `file_name` and its subfolders' (adapters:
+    moslora.safetensors; MoLE compositions: mole.safetensors)."""
     found: dict[str, Path] = {}
     for root in roots.roots:
         if root.is_file():
             candidates = [root] if root.suffix.lower() == ".safetensors" else []
         elif root.is_dir():
-            candidates = [root / ADAPTER_FILE_NAME] + sorted(root.glob(f"*/{ADAPTER_FILE_NAME}"))
+            candidates = [root / file_name] + sorted(root.glob(f"*/{file_name}"))
         else:
             candidates = []
         for candidate in candidates:
@@ -71,7 +72,7 @@ def discover_adapters(roots: AllowedRoots) -> dict[str, Path]:
             except PathNotAllowedError:
                 continue
             if resolved not in found.values():
-                found[unique_name(adapter_name(candidate), found)] = resolved
+                found[unique_name(adapter_name(candidate, file_name), found)] = resolved
     return found
 
 

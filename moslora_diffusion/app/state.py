@@ -14,15 +14,24 @@ from pathlib import Path
 import torch
 
 from ..generation.fusion import FusedAdapters
-from ..generation.text_to_image import GenerationRequest, generate, native_size, save_png, scheduler_label
+from ..generation.text_to_image import (
+    GeneratedImage,
+    GenerationRequest,
+    generate,
+    native_size,
+    save_png,
+    scheduler_label,
+)
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
+from .compose import Compositions
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
 from .uploads import UploadError, check_photo_folder, photo_folders, photo_notes, stage_uploads
 
 log = logging.getLogger("moslora_diffusion.app")
+GATE_RUNS = "mole"  # outputs/mole/<run>/mole.safetensors: gates trained from the app
 MODEL_LOADS = {"count": 0}  # process-wide: proves a slider move never reloads the model
 
 
@@ -70,7 +79,8 @@ class Saved:
 
 class AppState:
     def __init__(self, pipe, base: str | Path, outputs_dir: str | Path, roots: AllowedRoots | None = None,
-                 config: str | Path | None = None, photo_roots: AllowedRoots | None = None):
+                 config: str | Path | None = None, photo_roots: AllowedRoots | None = None,
+                 mole_roots: AllowedRoots | None = None):
         self.pipe, self.base, self.config = pipe, str(base), str(config) if config else None
         self.model_name = display_name(base)
         self.info = detect_model(pipe)
@@ -85,6 +95,12 @@ class AppState:
         self.roots.add(self.outputs / "training")  # adapters trained from the app land here
         self.photo_roots = photo_roots or AllowedRoots()
         self.training = TrainingManager(self.outputs / "training")
+        # MoLE files: the --mole paths, the adapters' folders, and the gates trained from the app (outputs/mole).
+        (self.outputs / GATE_RUNS).mkdir(exist_ok=True)
+        self.mole_roots = mole_roots or AllowedRoots()
+        for root in [*self.roots.roots, self.outputs / GATE_RUNS]:
+            self.mole_roots.add(root)
+        self.compose = Compositions(pipe, self.fusion, self.mole_roots)
         self.generations = 0
         self.last_seconds = 0.0
         self._paths: dict[str, Path] = {}  # loaded adapter name -> file
@@ -127,6 +143,10 @@ class AppState:
     def generate(self, request: GenerationRequest, progress=None) -> list[Saved]:
         start = time.perf_counter()
         images = generate(self.pipe, self.fusion, request, self.model_name, self.scheduler_config, progress)
+        return self.save_generated(images, start)
+
+    def save_generated(self, images: list[GeneratedImage], start: float) -> list[Saved]:
+        """The PNGs of one request (with their parameters text) under outputs/images; counts the request."""
         saved = [Saved(save_png(item, self.outputs / "images"), item.infotext, item.label) for item in images]
         self.generations += 1
         self.last_seconds = time.perf_counter() - start
@@ -145,7 +165,7 @@ class AppState:
         return {"model": self.model_name, "family": self.info.family.name, "model_loads": MODEL_LOADS["count"],
                 "pipeline_id": f"{id(self.pipe):x}", "generations": self.generations,
                 "last_seconds": round(self.last_seconds, 3), "adapters": dict(self.fusion.scales),
-                "trigger_prompts": self.trigger_prompts()}
+                "trigger_prompts": self.trigger_prompts(), "moles": list(self.compose.moles)}
 
     def status_text(self) -> str:
         """The header a user reads: the base model, and each adapter with its trigger prompt and scale."""
@@ -188,26 +208,30 @@ class AppState:
     def register_finished_training(self) -> str | None:
         """Loads the adapter of a just-finished training run (once); returns its name."""
         job = self.training.job
-        if job is None or job.registered_as or job.state() != "finished":
+        if job is None or job.kind != "dreambooth" or job.registered_as or job.state() != "finished":
             return None
         job.registered_as = self.load_adapter(job.output_dir, scale=1.0)
         return job.registered_as
 
 
 def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), config=None, photo_dirs=(),
-                   device: str | None = None) -> AppState:
-    """Loads the base model once and every --adapter (each must load: a bad one stops the start-up)."""
-    roots = AllowedRoots()
-    for path in adapters:
-        if not Path(path).expanduser().exists():
-            raise AdapterError(f"--adapter {path}: no such file or folder")
-        roots.add(path)
+                   device: str | None = None, moles=()) -> AppState:
+    """Loads the base model once, every --adapter and every --mole file (each must load: a bad one stops the
+    start-up)."""
+    roots, mole_roots = AllowedRoots(), AllowedRoots()
+    for flag, paths, allowed in (("--adapter", adapters, roots), ("--mole", moles, mole_roots)):
+        for path in paths:
+            if not Path(path).expanduser().exists():
+                raise AdapterError(f"{flag} {path}: no such file or folder")
+            allowed.add(path)
     photos = AllowedRoots()
     for folder in photo_dirs:
         photos.add(folder)
     check_output_folder(outputs_dir, "--output_dir")
     pipe = load_base_pipeline(base, config, device)
-    state = AppState(pipe, base, outputs_dir, roots, config, photos)
+    state = AppState(pipe, base, outputs_dir, roots, config, photos, mole_roots)
     for path in adapters:
         state.load_adapter(path, scale=1.0)
+    for path in moles:
+        state.compose.load(path)
     return state

@@ -1,4 +1,4 @@
-"""DreamBooth training from the app: the project's own trainer in a background process group.
+"""Training from the app: the project's own trainers (DreamBooth, MoLE gates) in a background process group.
 
 The app never trains in its own process: a crash or an out-of-memory kill of the trainer must not take
 the web server down, and cancelling must stop every process the trainer started (its process group).
@@ -22,7 +22,8 @@ from pathlib import Path
 from ..checks import Range, number_problems
 from .paths import ADAPTER_FILE_NAME
 
-TRAINER = Path(__file__).resolve().parents[2] / "train_dreambooth.py"
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder `moslora_diffusion` is imported from
+TRAINER = PACKAGE_PARENT / "train_dreambooth.py"
 PROGRESS_FILE = "progress.jsonl"
 VALIDATION_DIR = "validation"
 MAX_TRAIN_STEPS = 20_000
@@ -136,10 +137,15 @@ def read_progress_file(path: Path) -> tuple[int, int, list[tuple[int, float]], l
 
 
 class TrainingJob:
-    """One trainer process: started in its own session (process group), polled, cancellable."""
+    """One trainer process: started in its own session (process group), polled, cancellable.
 
-    def __init__(self, cmd: list[str], output_dir: Path, log_path: Path):
+    kind: "dreambooth" (its result is moslora.safetensors) or "gates" (MoLE gate training: mole.safetensors);
+    the job has finished when the process exited 0 and left `result_name` in its output folder."""
+
+    def __init__(self, cmd: list[str], output_dir: Path, log_path: Path, result_name: str = ADAPTER_FILE_NAME,
+                 kind: str = "dreambooth"):
         self.cmd, self.output_dir, self.log_path = cmd, Path(output_dir), Path(log_path)
+        self.result_name, self.kind = result_name, kind
         self.process: subprocess.Popen | None = None
         self.cancelled = False
         self.registered_as: str | None = None  # the adapter name once the app loaded the result
@@ -150,9 +156,12 @@ class TrainingJob:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # A live stream the trainer writes and the Train tab reads as it grows, so not files/atomic.py; each
         # run gets a new log name (new_run_dir), so no earlier file is ever truncated.
+        # `python -m moslora_diffusion...` must import this very copy of the package, installed or not.
+        path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                            start_new_session=True,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
         self.started_at = time.time()
 
     @property
@@ -160,8 +169,9 @@ class TrainingJob:
         return self.process is not None and self.process.poll() is None
 
     @property
-    def adapter_path(self) -> Path:
-        return self.output_dir / ADAPTER_FILE_NAME
+    def result_path(self) -> Path:
+        """What a successful run leaves: the adapter (DreamBooth) or the MoLE file (gates)."""
+        return self.output_dir / self.result_name
 
     def cancel(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the whole group, SIGKILL if it has not exited after grace_s."""
@@ -190,7 +200,7 @@ class TrainingJob:
         if state == "failed":
             message = f"trainer exited with code {self.process.returncode}: " + "\n".join(log.splitlines()[-8:])
         elif state == "finished":
-            message = f"finished: {self.adapter_path}"
+            message = f"finished: {self.result_path}"
         return JobProgress(state, step, total, losses, images, message)
 
     def state(self) -> str:
@@ -198,7 +208,7 @@ class TrainingJob:
             return "running"
         if self.cancelled:
             return "cancelled"
-        if self.process.returncode == 0 and self.adapter_path.is_file():
+        if self.process.returncode == 0 and self.result_path.is_file():
             return "finished"
         return "failed"
 
@@ -216,7 +226,7 @@ def new_run_dir(runs_dir: Path, prompt: str) -> Path:
 
 
 class TrainingManager:
-    """At most one training job at a time (one accelerator, one trainer)."""
+    """At most one training job at a time (one accelerator, one trainer), DreamBooth or MoLE gates."""
 
     def __init__(self, runs_dir: Path, trainer: Path = TRAINER):
         self.runs_dir, self.trainer = Path(runs_dir), Path(trainer)
@@ -224,13 +234,23 @@ class TrainingManager:
 
     def start(self, base: str, settings: TrainingSettings, config: str | None = None) -> TrainingJob:
         settings.check()
-        if self.job is not None and self.job.running:
-            raise TrainingError("a training run is already in progress; cancel it or wait for it to finish")
+        self.check_free()
         if not self.trainer.is_file():
             raise TrainingError(f"the trainer {self.trainer} is missing")
         output_dir = new_run_dir(self.runs_dir, settings.instance_prompt)
-        cmd = build_command(base, settings, output_dir, config, self.trainer)
-        job = TrainingJob(cmd, output_dir, self.runs_dir / "logs" / f"{output_dir.name}.log")
+        return self.launch(build_command(base, settings, output_dir, config, self.trainer), output_dir)
+
+    def check_free(self) -> None:
+        if self.job is not None and self.job.running:
+            raise TrainingError(f"a training run ({self.job.kind}) is already in progress; cancel it or wait for it "
+                                "to finish")
+
+    def launch(self, cmd: list[str], output_dir: Path, result_name: str = ADAPTER_FILE_NAME,
+               kind: str = "dreambooth") -> TrainingJob:
+        """Starts any trainer command that writes `output_dir` (progress.jsonl, `result_name`); its log goes to
+        <output_dir's parent>/logs/<run>.log."""
+        self.check_free()
+        job = TrainingJob(cmd, output_dir, output_dir.parent / "logs" / f"{output_dir.name}.log", result_name, kind)
         job.start()
         self.job = job
         return job

@@ -1,4 +1,4 @@
-"""The Gradio interface: Generate, Export and Train tabs over an AppState.
+"""The Gradio interface: Generate, Export, Compose (compose_ui.py) and Train tabs over an AppState.
 
 Handlers are thin: they convert widget values, call AppState / generation / export / training
 functions, and turn every refusal into a visible message (gr.Warning plus a message box) so a bad
@@ -8,7 +8,6 @@ API keeps one stable signature however many adapters get loaded.
 
 from __future__ import annotations
 
-import logging
 import random
 
 import gradio as gr
@@ -24,41 +23,12 @@ from ..generation.text_to_image import (
     GenerationRequest,
 )
 from .charts import loss_curve_image
+from .compose_ui import compose_tab
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
 from .state import AppState
+from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, slider_scales, slot_updates
+from .ui_common import refuse as _refuse
 from .uploads import photo_folders
-
-log = logging.getLogger("moslora_diffusion.app")
-MAX_SLOTS = 8  # adapter sliders; more adapters than this can be loaded but not given a slider
-PROGRESS = gr.Progress()  # Gradio swaps in a per-request tracker for a parameter defaulting to one
-# A handler is the boundary to the user: every failure becomes a visible message and the app keeps serving.
-USER_ERRORS = Exception
-
-
-def _refuse(err: Exception) -> str:
-    message = str(err) or type(err).__name__
-    if not isinstance(err, (ValueError, OSError)):  # ours subclass ValueError; anything else is unexpected
-        log.error("handler failed", exc_info=err)
-        message = f"{type(err).__name__}: {message}"
-    else:
-        log.warning("refused: %s", message)
-    gr.Warning(message)
-    return f"⚠️ {message}"
-
-
-def slot_updates(state: AppState, with_values: bool = False, new: str | None = None) -> list:
-    """One update per slider slot: label and visibility from the loaded adapters (in load order)."""
-    names = state.fusion.names()[:MAX_SLOTS]
-    updates = []
-    for i in range(MAX_SLOTS):
-        if i >= len(names):
-            updates.append(gr.update(visible=False))
-            continue
-        update = {"visible": True, "label": f"{names[i]} scale"}
-        if with_values or names[i] == new:
-            update["value"] = state.fusion.scales[names[i]]
-        updates.append(gr.update(**update))
-    return updates
 
 
 def prompt_box(state: AppState) -> dict:
@@ -68,10 +38,6 @@ def prompt_box(state: AppState) -> dict:
     if trigger:
         return {"value": trigger, "placeholder": f"e.g. {trigger}, on the beach"}
     return {"value": "", "placeholder": "describe the image, e.g. a photo of a dog on the beach"}
-
-
-def _scales(state: AppState, values) -> dict[str, float]:
-    return {name: float(v) for name, v in zip(state.fusion.names()[:MAX_SLOTS], values, strict=False)}
 
 
 def _generate_tab(state: AppState, res: int) -> dict:
@@ -116,7 +82,7 @@ def _on_generate(state: AppState):
     def generate(prompt, negative, seed, steps, guidance, width, height, count, scheduler, compare, *scales,
                  progress=PROGRESS):
         request = GenerationRequest(prompt, negative, seed, steps, guidance, width, height, count, scheduler,
-                                    _scales(state, scales), bool(compare))
+                                    slider_scales(state, scales), bool(compare))
         try:
             saved = state.generate(request, lambda done, total: progress((done, total), desc="denoising"))
         except USER_ERRORS as err:
@@ -157,7 +123,7 @@ def _export_tab(state: AppState, slots: list):
     def run_export(label, precision, *scales, progress=PROGRESS):
         progress(None, desc="exporting (loads the base model once more)")
         try:
-            path = export_adapters(state, EXPORT_TARGETS[label], _scales(state, scales), precision)
+            path = export_adapters(state, EXPORT_TARGETS[label], slider_scales(state, scales), precision)
         except USER_ERRORS as err:
             return gr.skip(), _refuse(err)
         return str(path), f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)"
@@ -247,6 +213,8 @@ def build_ui(state: AppState) -> gr.Blocks:
             gen = _generate_tab(state, res)
         with gr.Tab("Export"):
             _export_tab(state, gen["slots"])
+        with gr.Tab("Compose"):
+            compose_tab(state, gen["slots"], res, demo, status)
         with gr.Tab("Train"):
             train = _train_tab(state, res)
         inputs = [gen[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "count",

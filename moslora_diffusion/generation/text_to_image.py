@@ -42,6 +42,16 @@ class GenerationError(ValueError):
 
 
 @dataclass
+class MoLESettings:
+    """A MoLE composition as a request and a `parameters` text give it (the pairs mole/inference.py writes:
+    `MoLE`, `MoLE scales`, `MoLE mask`)."""
+
+    file: str  # the MoLE file's name (the app's: its training folder's name, else the file's stem)
+    scales: dict[str, float] = field(default_factory=dict)  # expert -> extra scale s_i (default 1)
+    masked: list[str] = field(default_factory=list)  # experts left out; the others' gates renormalised
+
+
+@dataclass
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
@@ -54,6 +64,7 @@ class GenerationRequest:
     scheduler: str = "DPM++ 2M"
     scales: dict[str, float] = field(default_factory=dict)
     compare_with_base: bool = False
+    mole: MoLESettings | None = None  # a MoLE generation's composition (None: weighted sum of `scales`)
 
 
 @dataclass
@@ -89,6 +100,9 @@ def validate_request(req: GenerationRequest, loaded: list[str] | None = None) ->
     problems += number_problems(numbers, REQUEST_RANGES)
     scales = dict(req.scales or {})
     problems += number_problems(scales, dict.fromkeys(scales, SCALE), "scale of {!r}")
+    mole = replace(req.mole, scales=dict(req.mole.scales), masked=list(req.mole.masked)) if req.mole else None
+    if mole is not None:  # the experts' extra scales take the range of every adapter scale
+        problems += number_problems(mole.scales, dict.fromkeys(mole.scales, SCALE), "scale of expert {!r}")
     if req.scheduler not in SCHEDULERS:
         problems.append(f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     unknown = sorted(set(scales) - set(loaded if loaded is not None else scales))
@@ -96,8 +110,10 @@ def validate_request(req: GenerationRequest, loaded: list[str] | None = None) ->
         problems.append(f"no adapter loaded named {', '.join(unknown)}")
     if problems:
         raise GenerationError("; ".join(problems))
+    if mole is not None:
+        mole.scales = {k: SCALE.clean(v) for k, v in mole.scales.items()}
     clean = replace(req, prompt=prompt, negative_prompt=(req.negative_prompt or "").strip(),
-                    scales={k: SCALE.clean(v) for k, v in scales.items()},
+                    scales={k: SCALE.clean(v) for k, v in scales.items()}, mole=mole,
                     **{name: REQUEST_RANGES[name].clean(value) for name, value in numbers.items()})
     if clean.seed == -1:
         clean.seed = random.randint(0, MAX_SEED)
@@ -150,20 +166,30 @@ def format_infotext(req: GenerationRequest, seed: int, scales: dict[str, float],
 _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
 
 
+def _named_scales(text: str) -> dict[str, float]:
+    """`name: 1.2, other: 0.8` -> {name: 1.2, other: 0.8}."""
+    scales = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.rpartition(":")
+        scales[name.strip()] = float(value)
+    return scales
+
+
 def parse_infotext(text: str, loaded: list[str] | None = None) -> GenerationRequest:
-    """The request a `parameters` text describes (the inverse of format_infotext)."""
+    """The request a `parameters` text describes (the inverse of format_infotext, MoLE pairs included)."""
     *head, last = text.strip().split("\n")
     negative = ""
     if head and head[-1].startswith("Negative prompt: "):
         negative = head.pop()[len("Negative prompt: "):]
     pairs = {k.strip(): v.strip().strip('"') for k, v in _PAIR.findall(last)}
     width, height = (int(x) for x in pairs["Size"].split("x"))
-    scales = {}
-    for item in filter(None, pairs.get("Lora scales", "").split(",")):
-        name, _, value = item.rpartition(":")
-        scales[name.strip()] = float(value)
+    mole = None
+    if pairs.get("MoLE"):
+        mole = MoLESettings(pairs["MoLE"], _named_scales(pairs.get("MoLE scales", "")),
+                            [n.strip() for n in pairs.get("MoLE mask", "").split("|") if n.strip()])
     return GenerationRequest("\n".join(head), negative, int(pairs["Seed"]), int(pairs["Steps"]),
-                             float(pairs["CFG scale"]), width, height, 1, pairs["Sampler"], scales)
+                             float(pairs["CFG scale"]), width, height, 1, pairs["Sampler"],
+                             _named_scales(pairs.get("Lora scales", "")), mole=mole)
 
 
 def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | None) -> list[Image.Image]:

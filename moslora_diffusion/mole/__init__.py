@@ -26,13 +26,13 @@ from .experts import MAX_EXPERTS, MIN_EXPERTS, Expert, MoLEError, load_experts
 from .file import FILE_NAME, MoLEFile, load_mole, read_mole, save_mole
 from .gates import UNGATED, Block, Gate
 from .losses import balance_loss, expert_usage
-from .model import MoLE, attach_mole, attached_mole, detach_mole
+from .model import MoLE, attach_mole, attached_mole, detach_mole, hooked
 from .report import render_gate_heatmap, save_gate_heatmap
 from .static_export import average_gates, export_static, static_fold, static_gap
 
 __all__ = [
     "FILE_NAME", "MAX_EXPERTS", "MIN_EXPERTS", "UNGATED", "Block", "Expert", "Gate", "MoLE", "MoLEError", "MoLEFile",
     "attach_mole", "attached_mole", "average_gates", "balance_loss", "detach_mole", "expert_usage", "export_static",
-    "load_experts", "load_mole", "read_mole", "render_gate_heatmap", "save_gate_heatmap", "save_mole",
+    "hooked", "load_experts", "load_mole", "read_mole", "render_gate_heatmap", "save_gate_heatmap", "save_mole",
     "static_fold", "static_gap",
 ]

@@ -14,7 +14,8 @@ tensors outside any state_dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -320,3 +321,19 @@ def detach_mole(pipe) -> MoLE:
     mole.remove()
     delattr(pipe, ATTRIBUTE)
     return mole
+
+
+@contextmanager
+def hooked(pipe, mole: MoLE) -> Iterator[MoLE]:
+    """A MoLE built by `attach_mole` on this `pipe` and since detached, hooked in again for a with block only.
+
+    For a caller that keeps other generations free of MoLE (the web app fuses adapters into the same weights):
+    outside the block the pipeline computes exactly what it did before. MoLEError when a MoLE is attached."""
+    if attached_mole(pipe) is not None:
+        raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
+    mole.install()
+    setattr(pipe, ATTRIBUTE, mole)
+    try:
+        yield mole
+    finally:
+        detach_mole(pipe)
