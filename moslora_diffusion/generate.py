@@ -15,6 +15,7 @@ from pathlib import Path
 from .app.state import check_output_folder, open_app_state
 from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import parse_adapter_spec
+from .generation.flags import add_request_flags
 from .generation.text_to_image import GenerationRequest, validate_request
 
 
@@ -23,13 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="training output folder or adapter file, optionally with a scale (default 1.0)")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    parser.add_argument("--negative_prompt", default="")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
-    parser.add_argument("--sampler", default="DPM++ 2M")
+    add_request_flags(parser)
     parser.add_argument("--compare_with_base", action="store_true", help="also render each seed at scale 0")
     parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs (new names; nothing in it is "

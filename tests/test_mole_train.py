@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from conftest import make_adapter
 from diffusers import DiffusionPipeline
 from mole_helpers import EXPERT_SPECS, encode, latents, make_experts
 from PIL import Image
-from training_helpers import REPO, cli_env, make_photos, reset_accelerate
+from training_helpers import REPO, cli_env, make_photos, reset_accelerate, wait_for
 
 from moslora_diffusion.files.safetensors_io import load_tensors
 from moslora_diffusion.formats.lora_files import read_lora_file
@@ -124,17 +123,6 @@ def test_the_balance_term_has_gradient_on_the_gates_and_reads_zero_when_balanced
     assert all(float(g.bias.grad.abs().max()) > 0 for g in mole.gates)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before writing {path}:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {path} after {timeout} s")
-        time.sleep(0.01)
-
-
 def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup):
     model, experts, photos, root = setup
     settings = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear")
@@ -150,7 +138,7 @@ def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_ga
                                                                                **settings, **slow))]
     proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    _wait_for(root / "b" / "checkpoint-3", proc)
+    wait_for(root / "b" / "checkpoint-3", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()

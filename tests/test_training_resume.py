@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,11 @@ import torch
 from training_helpers import (
     adapter_weights,
     make_photos,
-     # noqa: F401 (autouse fixture)
+    # noqa: F401 (autouse fixture)
     run_training,
     start_cli,
     tiny_config,
+    wait_for,
 )
 
 from moslora_diffusion.training.checkpoints import (
@@ -28,17 +28,6 @@ from moslora_diffusion.training.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
-
-
-def _wait_for(path: Path, proc, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited (status {proc.returncode}) before writing {path}:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {path} after {timeout} s")
-        time.sleep(0.01)
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_sd15_dir, tmp_path):
@@ -57,7 +46,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_
     slow = dict(validation_prompt="a photo of sks dog", validation_steps=4, num_validation_images=4,
                 validation_inference_steps=25)
     proc = start_cli(tiny_config(tiny_sd15_dir, photos, tmp_path / "b", **settings, **slow))
-    _wait_for(tmp_path / "b" / "checkpoint-3", proc)
+    wait_for(tmp_path / "b" / "checkpoint-3", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL

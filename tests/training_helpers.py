@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -88,3 +90,15 @@ def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def snapshot(tree: Path) -> dict[str, bytes]:
     """Every file under `tree` with its bytes: to show a folder was left untouched."""
     return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Until `path` exists (a checkpoint the process writes); fails the test if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited (status {proc.returncode}) before writing {path}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {path} after {timeout} s")
+        time.sleep(0.01)

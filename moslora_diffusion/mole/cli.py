@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..console import OneLineErrorParser, add_debug_flag, run_command
 from ..formats.export_targets import DTYPES, TARGETS, check_output
+from ..generation.flags import add_request_flags
 from ..generation.text_to_image import GenerationRequest, save_png, validate_request
 from ..models.loading import load_pipeline
 from ..training.command import run_training_command
@@ -55,13 +56,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m moslora_diffusion.mole generate",
                                 description="Generate with every expert and the learned gates of a MoLE file.")
     _common(parser)
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    parser.add_argument("--negative_prompt", default="")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
-    parser.add_argument("--sampler", default="DPM++ 2M")
+    add_request_flags(parser)
     parser.add_argument("--heatmap", action="store_true", help="also write gates-<n>.png per prompt and seed: the "
                         "gate weight of each expert in each block")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")

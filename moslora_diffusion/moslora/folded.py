@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from .inject import AdapterError
-from .layer import is_adaptable
 from .native_file import AdapterFile
-from .pipeline import model_module_name
+from .pipeline import adaptable_module
 
 LayerKey = tuple[str, str]  # (component: unet / text_encoder / text_encoder_2, canonical module path)
 
@@ -121,17 +120,7 @@ def validate_folded(folded: FoldedAdapter, components: dict[str, nn.Module], lab
     (the file) and the first mismatch; modifies nothing else.
     """
     for (component, module_name), lora in folded.layers.items():
-        if component not in components:
-            raise AdapterError(f"{label}: has weights for {component}, which this model does not have")
-        model = components[component]
-        try:
-            module = model.get_submodule(model_module_name(model, module_name))
-        except AttributeError:
-            raise AdapterError(f"{label}: {component}.{module_name} matches no module of this model (made for "
-                               "another base model or architecture?)") from None
-        if not is_adaptable(module):
-            raise AdapterError(f"{label}: {component}.{module_name} is a {type(module).__name__}, not a Linear or "
-                               "1x1 Conv2d layer a LoRA can adapt")
+        module = adaptable_module(components, component, module_name, label)
         out_f, in_f = module.weight.shape[:2]
         if lora.down.shape[1] != in_f or lora.up.shape[0] != out_f or lora.up.shape[1] != lora.rank:
             raise AdapterError(f"{label}: shape mismatch at {component}.{module_name} (down {tuple(lora.down.shape)}, "

@@ -19,8 +19,7 @@ from ..checks import SCALE, check_number
 from ..files.safetensors_io import load_tensors, save_tensors
 from ..models.families import detect_family
 from .inject import AdapterConfig, AdapterError, attach
-from .layer import is_adaptable
-from .pipeline import model_components, model_module_name, pipeline_adapters
+from .pipeline import adaptable_module, model_components, model_module_name, pipeline_adapters
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moslora"
@@ -101,17 +100,8 @@ def validate_against(adapter: AdapterFile, components: dict, path) -> None:
     """Checks every module and shape before anything is modified; names the first mismatch."""
     r = adapter.config.rank
     for component, modules in adapter.weights.items():
-        if component not in components:
-            raise AdapterError(f"{path}: adapter has weights for {component}, which this model does not have")
-        model = components[component]
         for module_name, parts in modules.items():
-            try:
-                module = model.get_submodule(model_module_name(model, module_name))
-            except AttributeError:
-                raise AdapterError(f"{path}: module {component}.{module_name} does not exist in this model "
-                                   "(adapter made for a different architecture?)") from None
-            if not is_adaptable(module):
-                raise AdapterError(f"{path}: {component}.{module_name} is a {type(module).__name__}, not adaptable")
+            module = adaptable_module(components, component, module_name, str(path))
             out_f, in_f = module.weight.shape[:2]
             expected = {"A": (r, in_f), "M": (r, r), "B": (out_f, r)}
             for part, shape in expected.items():

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..models.families import Family, detect_family
 from . import inject
-from .inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
-from .layer import MoSLoRALinear
+from .inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, AdapterConfig, AdapterError, resolve_targets
+from .layer import MoSLoRALinear, is_adaptable
 
 
 def model_components(pipe, family: Family | None = None) -> dict[str, nn.Module]:
@@ -96,3 +96,20 @@ def unmerge_pipeline(pipe) -> None:
 def detach_from_pipeline(pipe) -> None:
     for module in model_components(pipe).values():
         inject.detach(module)
+
+
+def adaptable_module(components: dict[str, nn.Module], component: str, module_name: str, label: str) -> nn.Module:
+    """The layer an adapter file names (`module_name` in canonical form) in `components`; AdapterError naming
+    `label` (the file) when the component or module is missing or is not a Linear / 1x1 Conv2d a LoRA adapts."""
+    if component not in components:
+        raise AdapterError(f"{label}: has weights for {component}, which this model does not have")
+    model = components[component]
+    try:
+        module = model.get_submodule(model_module_name(model, module_name))
+    except AttributeError:
+        raise AdapterError(f"{label}: {component}.{module_name} matches no module of this model: it does not exist "
+                           "in this model (made for another base model or architecture?)") from None
+    if not is_adaptable(module):
+        raise AdapterError(f"{label}: {component}.{module_name} is a {type(module).__name__}, not a Linear or 1x1 "
+                           "Conv2d layer a LoRA can adapt")
+    return module
