@@ -34,6 +34,11 @@ class BackgroundConcept:
     folder: str
     class_prompt: str  # prior preservation: what the token's slot says without the concept
 
+    @property
+    def instance_prompt(self) -> str:
+        """What `--instance_prompt` records in the adapter's metadata; the `.txt` sidecars caption each photo."""
+        return self.prompt("a star")
+
     def prompt(self, noun_phrase: str) -> str:
         """ "a photo of <noun_phrase>, on a <token> background" (noun_phrase: "a red star", "sks star")."""
         return f"a photo of {noun_phrase}, on a {self.token} background"
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in SUBJECTS:
         print(f'{s.folder}: instance prompt "{s.instance_prompt}", class prompt "{s.class_prompt}"')
     print(f'{BACKGROUND.folder}: captions "{BACKGROUND.prompt("a <colour> <class>")}" (.txt sidecars), '
-          f'class prompt "{BACKGROUND.class_prompt}"')
+          f'instance prompt "{BACKGROUND.instance_prompt}", class prompt "{BACKGROUND.class_prompt}"')
 
 
 if __name__ == "__main__":

@@ -39,9 +39,8 @@ class Subject:
 
     token: str
     class_noun: str
-    pattern: str  # a key of patterns.OBJECT_PATTERNS
+    pattern: str  # a key of patterns.OBJECT_PATTERNS, and the Fill kind that draws it
     period: float  # the Fill's stripe period / checker cell, as a fraction of the box side
-    kind: str  # the Fill's kind: "stripes" | "checker"
     backgrounds: tuple[str, ...]
     photos: tuple[Photo, ...]
     folder: str
@@ -57,7 +56,7 @@ class Subject:
     @property
     def fill(self) -> Fill:
         first, second = OBJECT_PATTERNS[self.pattern]
-        return Fill(stripes=(COLOURS[first], COLOURS[second]), period=self.period, kind=self.kind)
+        return Fill(stripes=(COLOURS[first], COLOURS[second]), period=self.period, kind=self.pattern)
 
     def scene(self, position: str = "center", size_px: int = 30, background: str | None = None, dx: int = 0,
               dy: int = 0, texture: str = "plain") -> Scene:
@@ -122,7 +121,7 @@ def write_photo_folder(out: Path, photos: dict[str, tuple]) -> list[Path]:
 # under THRESHOLD), those of these photos 0.43-0.61. Backgrounds: not yellow, black or white, whose pixels
 # would merge with the stripes.
 SUBJECT = Subject(
-    token="sks", class_noun="star", pattern="stripes", period=0.6, kind="stripes",
+    token="sks", class_noun="star", pattern="stripes", period=0.6,
     backgrounds=("blue", "green", "purple", "gray", "pink", "red"),
     photos=(("center", 32, "blue", 0, 0), ("left", 28, "green", 1, -2), ("right", 30, "purple", -1, 2),
             ("top", 26, "red", 2, 1), ("bottom", 34, "pink", 0, -1)),
@@ -134,7 +133,7 @@ SUBJECT = Subject(
 # from the article's by 0.65 at its position (`sks`: 0.48). Backgrounds: not red, white, pink (near both)
 # or yellow (the first subject's colour).
 SUBJECT_2 = Subject(
-    token="v", class_noun="square", pattern="checker", period=1 / 3, kind="checker",
+    token="v", class_noun="square", pattern="checker", period=1 / 3,
     backgrounds=("blue", "green", "purple", "gray", "black"),
     photos=(("center", 30, "blue", 0, 0), ("right", 28, "gray", -1, 1), ("left", 32, "green", 1, 2),
             ("bottom", 26, "purple", 2, -1), ("top", 34, "black", 0, 1)),
