@@ -83,3 +83,16 @@ def test_reports_the_second_subject_the_zigzag_and_bleed(tmp_path):
     assert both["bleed_share"] == 0.0 and both["subject_2_share"] == 0.0
     assert blue["named"] == [] and blue["zigzag_share"] == 0.5
     assert blue["background_as_prompted"] == 1.0  # the colour reading calls the zigzag blue: only the pattern tells
+
+
+def test_mole_images_are_counted_as_mole_not_base(tmp_path):
+    """A PNG written by `mole generate` (MoLE pairs in its parameters text, no LoRA scales) is its own row."""
+    from moslora_diffusion.generation.text_to_image import MoLESettings
+
+    request = GenerationRequest(prompt="a photo of sks star", seed=3, steps=2, width=64, height=64,
+                                mole=MoLESettings("gates", {"a": 1.0, "b": 1.0}, []))
+    text = format_infotext(request, 3, {}, "toy-base", {"MoLE": "gates", "MoLE scales": "a: 1, b: 1"})
+    save_png(GeneratedImage(render(subject_scene()), text, "mole", 3), tmp_path)
+    rows = subject_check.main([str(tmp_path)])
+    assert [(r["prompt"], r["model"], r["images"]) for r in rows] == [("a photo of sks star", "mole", 1)]
+    assert rows[0]["subject_share"] == 1.0

@@ -45,7 +45,8 @@ def read_samples(folder: Path) -> dict[tuple[str, str], list]:
             except (KeyError, ValueError):  # another tool's parameters text: not ours to score
                 print(f"warning: skipped {path}: its `parameters` text is not this project's", file=sys.stderr)
                 continue
-            label = "adapted" if any(request.scales.values()) else "base"
+            label = ("mole" if request.mole is not None else  # `mole generate`: every expert, learned gates
+                     "adapted" if any(request.scales.values()) else "base")
             groups[(request.prompt, label)].append(image.convert("RGB"))
     return groups
 
