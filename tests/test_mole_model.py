@@ -276,3 +276,24 @@ def test_gate_gradients_are_the_same_with_gradient_checkpointing(tiny_sd15_dir, 
         grads.append(torch.cat([p.grad.flatten() for p in mole.parameters()]))
     assert grads[0].abs().max() > 1e-3
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_prompt_features_without_a_mask_are_not_swamped_by_padding():
+    """Two prompts padded to 77 tokens that differ only in their first 5 tokens: a mean over all tokens is
+    mostly padding (nearly the same vector), the max keeps the difference; with a mask the mean of the valid
+    tokens is taken."""
+    from moslora_diffusion.mole.gates import pooled_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    padding = torch.randn(1, 1, 16, generator=generator).expand(2, 72, -1)  # the same pad token, 72 times
+    words = torch.randn(2, 5, 16, generator=generator)
+    hidden = torch.cat([words, padding], dim=1)
+
+    def cosine(pooled):
+        a, b = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    assert cosine(hidden.mean(dim=1)) > 0.99 and cosine(pooled_tokens(hidden)) < 0.5
+    valid = torch.zeros(2, 77, dtype=torch.bool)
+    valid[:, :5] = True
+    assert torch.allclose(pooled_tokens(hidden, valid), words.mean(dim=1), atol=1e-6)

@@ -28,8 +28,9 @@ from .model import MoLE, attach_mole
 FILE_NAME = "mole.safetensors"
 FORMAT_VERSION = 1
 METADATA_KEY = "mole"
-GATE_FEATURES = ("unet block: LayerNorm(mean over H, W of the block input) ++ LayerNorm(mean over tokens of the "
-                 "prompt embedding); text layer: LayerNorm(mean over unmasked tokens of its input); no affine")
+GATE_FEATURES = ("unet block: LayerNorm(mean over H, W of the block input) ++ LayerNorm(max over tokens of the "
+                 "prompt embedding); text layer: LayerNorm(mean over unmasked tokens of its input, max over tokens "
+                 "without a mask); no affine")
 
 
 @dataclass

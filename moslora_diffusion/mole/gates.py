@@ -16,9 +16,10 @@ Gate (per sample, so the two halves of a classifier-free-guidance batch get thei
     g = softmax((W f + b) / T)  over the experts,   T = exp(log_temperature)
 
 where f does not depend on resolution or prompt length: for a UNet block
-f = concat(LayerNorm(mean over H, W of the block input (B, C, H, W)), LayerNorm(mean over tokens of the
-prompt embedding (B, L, D))), for a text-encoder layer f = LayerNorm(mean over (unmasked) tokens of its input
-(B, L, D)). LayerNorm without affine parameters, so a gate has (C + D) * N + N + 1 parameters (a few thousand).
+f = concat(LayerNorm(mean over H, W of the block input (B, C, H, W)), LayerNorm(max over tokens of the
+prompt embedding (B, L, D))), for a text-encoder layer f = LayerNorm(mean over the unmasked tokens of its input
+(B, L, D)), or the max over tokens when the encoder gets no mask (pooled_tokens says why: padding). LayerNorm
+without affine parameters, so a gate has (C + D) * N + N + 1 parameters (a few thousand).
 W = 0, b = 0, T = 1 at init: every gate starts uniform (1/N), i.e. at the NLA composition.
 The paper's gate instead reads the experts' block outputs; see the README ("Composing subjects: MoLE").
 """
@@ -92,10 +93,13 @@ def token_validity(mask: torch.Tensor | None, batch: int, length: int) -> torch.
 
 
 def pooled_tokens(hidden: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L, D) -> (B, D): the mean over (valid) tokens, fp32."""
+    """(B, L, D) -> (B, D) fp32: the mean over the valid tokens when a mask says which they are, else the max
+    over tokens. SD pipelines pad every prompt to 77 tokens and pass no mask: a mean over all 77 is mostly
+    padding (on the toy base two prompts that differ in their trigger word and noun pooled to cosine 0.993,
+    no signal a gate can route on), while the max keeps what the prompt's own tokens add (cosine 0.768)."""
     hidden = hidden.float()
     if valid is None:
-        return hidden.mean(dim=1)
+        return hidden.amax(dim=1)
     weights = valid.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
