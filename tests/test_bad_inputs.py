@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from app_helpers import tiny_app_state
 from conftest import make_adapter, randomize_adapters
 from training_helpers import PROMPT, make_photos
@@ -36,6 +37,7 @@ from moslora_diffusion.generation.text_to_image import GenerationRequest
 from moslora_diffusion.models.loading import load_pipeline
 from moslora_diffusion.training import TrainConfig
 from moslora_diffusion.training import main as train_main
+from moslora_diffusion.training.checkpoints import save_checkpoint
 
 INF, NAN = float("inf"), float("nan")
 
@@ -50,6 +52,10 @@ def w(tiny_sd15_dir, tmp_path_factory):
     (out / "notes.txt").write_text("the user's own file")
     (out / "earlier" / "00000-1-adapted.png").write_bytes(b"an image of an earlier run")
     (root / "nan.yaml").write_text("learning_rate: .nan\n")
+    torch_state = {"adapter": {"unet.x.A": torch.ones(2)}}
+    save_checkpoint(root / "db-run", 5, {"family": "sd1", "adapter": {"rank": 4}}, torch_state, {})  # step 5
+    save_checkpoint(root / "gate-run", 2, {"family": "sd1", "experts": ["0" * 64]}, {"gates": {"b": torch.ones(2)}},
+                    {})
     app, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
     app.load_adapter(make_adapter(tiny_sd15_dir, given / "dog" / "moslora.safetensors", seed=2))
     cat = make_adapter(tiny_sd15_dir, given / "cat" / "moslora.safetensors", seed=3)
@@ -61,8 +67,9 @@ def w(tiny_sd15_dir, tmp_path_factory):
              "--instance_prompt", PROMPT, "--output_dir", str(out), "--report_to", "none"]
     generate = ["--base", base, "--adapter", str(run), "--prompt", PROMPT, "--out", str(out)]
     export = ["--base", base, "--to", "lora-kohya", "--out", str(out / "x.safetensors")]
+    fresh = train + ["--output_dir", str(root / "fresh-run")]  # a new run folder: the resume checks come next
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
-                                 generate=generate, export=export)
+                                 fresh=fresh, generate=generate, export=export)
 
 
 def _request(**change) -> GenerationRequest:
@@ -84,7 +91,20 @@ def _case(entry, call, message, folder="out"):
 
 
 CASES = [
-    # python train_dreambooth.py
+    # python train_dreambooth.py: what a first user tried (resume targets, huge or empty values)
+    _case("train", lambda w: train_main(w.train + ["--max_train_steps", "99999999999999999999"]),
+          "--max_train_steps must be"),
+    _case("train", lambda w: train_main(w.train + ["--instance_data_dir", ""]), "--instance_data_dir is"),
+    _case("train", lambda w: train_main(w.fresh + ["--resume_from_checkpoint", str(w.run / "moslora.safetensors")]),
+          "is a file, not a checkpoint"),
+    _case("train", lambda w: train_main(w.fresh + ["--resume_from_checkpoint", str(w.root / "db-run")]),
+          "is a run folder, not a checkpoint: give"),
+    _case("train", lambda w: train_main(w.fresh + ["--max_train_steps", "2", "--resume_from_checkpoint",
+                                                   str(w.root / "db-run" / "checkpoint-5")]),
+          "is at step 5, past --max_train_steps 2"),
+    _case("train", lambda w: train_main(w.fresh + ["--resume_from_checkpoint",
+                                                   str(w.root / "gate-run" / "checkpoint-2")]),
+          "holds MoLE gates (python -m moslora_diffusion.mole train), not DreamBooth adapters"),
     _case("train", lambda w: train_main(w.train + ["--learning_rate", "inf"]),
           "--learning_rate must be a finite number > 0, got inf"),
     _case("train", lambda w: train_main(w.train + ["--learning_rate", "nan"]), "--learning_rate must be a finite"),

@@ -155,3 +155,45 @@ def test_failure_while_writing_a_folder_leaves_nothing(tiny_sd15_dir, run_dir, t
 
 def test_single_file_out_must_be_safetensors(tiny_sd15_dir, run_dir, tmp_path, capsys):
     _fails_with(capsys, "ending in .safetensors", tiny_sd15_dir, run_dir, "merged-single-file", tmp_path / "m.ckpt")
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target, inside", [("merged-diffusers", None), ("lora-kohya", "moslora.safetensors")])
+def test_an_output_that_would_overwrite_its_input_adapter_is_refused(tiny_sd15_dir, tmp_path, capsys, target,
+                                                                     inside):
+    """--out naming the adapter's own run folder (a folder export replaces it whole) or the adapter file itself,
+    even with --overwrite: refused before the model loads, the run folder unchanged (the user's notes too)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _adapter(tiny_sd15_dir, run / "moslora.safetensors")
+    (run / "notes.txt").write_text("mine")
+    before = _tree(run)
+    out = run / inside if inside else run
+    _fails_with(capsys, f"would overwrite the input {run}", tiny_sd15_dir, run, target, out, "--overwrite")
+    assert _tree(run) == before
+
+
+def test_overwrite_replaces_only_an_earlier_merged_export(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    _fails_with(capsys, "not a merged export of ours", tiny_sd15_dir, run_dir, "merged-diffusers", folder,
+                "--overwrite")
+    assert _tree(folder) == {"notes.txt": b"mine"}
+
+
+def test_the_same_adapter_twice_and_a_mole_file_as_adapter_are_refused(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--base", str(tiny_sd15_dir), "--adapter", str(run_dir), "--adapter", f"{run_dir}:0.5", "--to",
+              "lora-kohya", "--out", str(tmp_path / "x.safetensors")])
+    assert "is given twice" in capsys.readouterr().err
+    import torch
+    from safetensors.torch import save_file
+
+    mole = tmp_path / "mole.safetensors"
+    save_file({"gate.unet.x.bias": torch.zeros(2)}, mole, {"mole": "{}"})
+    _fails_with(capsys, "is a MoLE file", tiny_sd15_dir, mole, "lora-kohya", tmp_path / "y.safetensors")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -76,3 +76,12 @@ def test_tiny_command_writes_a_loadable_pipeline(tmp_path):
     again = subprocess.run([sys.executable, "-m", "moslora_diffusion.tiny", "--family", "sd15", "--out", str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_an_adapter_given_as_the_base_model_is_named_as_such(tiny_sd15_dir, tmp_path):
+    """A user who passes their trained adapter where the base model goes is told so, from the tensor names."""
+    from conftest import make_adapter
+
+    adapter = make_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors")
+    with pytest.raises(UnsupportedModelError, match="is an adapter .* not a base model"):
+        family_of_single_file(adapter)

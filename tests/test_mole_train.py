@@ -200,10 +200,34 @@ def test_bad_gate_training_inputs_are_one_line_before_the_model_loads(setup, tin
                                                                                *map(str, photos.values()))],
         "--balance_weight must be >= 0": base + ["--balance_weight", "-1"],
         "--learning_rate must be a finite number": base + ["--learning_rate", "inf"],
+        "--max_train_steps must be": base + ["--max_train_steps", "99999999999999999999"],
+        "--output_dir is empty": replaced("--output_dir", ""),
+        "holds DreamBooth adapters (train_dreambooth.py), not MoLE gates": base + [
+            "--resume_from_checkpoint", str(_dreambooth_checkpoint(tmp_path))],
     }
     for expected, argv in cases.items():
         assert expected in _one_line_error(argv, capsys)
         assert not out.exists()
+    # A gate run in an expert's own training folder: --overwrite_output_dir would delete what that folder's run
+    # wrote (its manifest lists the adapter), so the run is refused and the expert's files stay.
+    from moslora_diffusion.training.manifest import write_manifest
+
+    run = tmp_path / "dog-run"
+    shutil.copytree(experts["dog"], run)
+    write_manifest(run, {"moslora.safetensors"})
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    argv = replaced("--experts", str(run), str(experts["cat"]))
+    argv = [a if a != str(out) else str(run) for a in argv] + ["--overwrite_output_dir"]
+    assert "would overwrite the input" in _one_line_error(argv, capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def _dreambooth_checkpoint(root: Path) -> Path:
+    from moslora_diffusion.training.checkpoints import save_checkpoint
+
+    state = {"family": "sd1", "adapter": {"rank": 4}, "targets": {"unet": ["x"]}}
+    return save_checkpoint(root / "dreambooth-run", 2, state, {"adapter": {"unet.x.A": torch.ones(2)}},
+                           {"optimizer": {"state": {}}})
 
 
 def test_resuming_gates_of_other_experts_is_refused(setup, trained, tmp_path, capsys):
@@ -240,3 +264,23 @@ def test_generate_and_export_commands_use_the_trained_gates(setup, trained, tmp_
     assert "no expert bird" in _one_line_error(["generate", *common, "--prompt", "x", "--mask", "bird", "--out",
                                                 str(tmp_path / "none")], capsys)
     assert not (tmp_path / "none").exists()
+
+
+def test_mole_outputs_never_overwrite_the_mole_file_they_read(setup, trained, tmp_path, capsys):
+    """export --out naming the MoLE's own folder (merged-diffusers replaces it whole) or its mole.safetensors,
+    even with --overwrite, and generate --out naming a file: refused before the model loads, nothing changed."""
+    model, _, _, _ = setup
+    folder = tmp_path / "gates"
+    shutil.copytree(trained.output_dir, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    common = ["--base", str(model), "--mole", str(folder)]
+    for target, out in (("merged-diffusers", folder), ("lora-kohya", folder / "mole.safetensors")):
+        err = _one_line_error(["export", *common, "--to", target, "--out", str(out), "--overwrite"], capsys)
+        assert "would overwrite the input" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    err = _one_line_error(["generate", *common, "--prompt", "x", "--out", str(notes)], capsys)
+    assert "is a file" in err and notes.read_text() == "mine"
+    assert "--seeds" in _one_line_error(["export", *common, "--to", "lora-kohya", "--out",
+                                         str(tmp_path / "s.safetensors"), "--seeds", "-5"], capsys)

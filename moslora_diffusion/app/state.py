@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..files.atomic import check_output_folder
 from ..generation.fusion import FusedAdapters
 from ..generation.text_to_image import (
     GeneratedImage,
@@ -55,19 +56,6 @@ def display_name(source: str | Path) -> str:
 def _markdown(text: str) -> str:
     """User text shown as itself in Markdown (a `*` or `_` in a prompt is no emphasis)."""
     return "".join(f"\\{c}" if c in "\\`*_[]<>#|" else c for c in text)
-
-
-def check_output_folder(path: str | Path, flag: str) -> Path:
-    """Refuses, before anything is loaded, an output folder that names a file (or lies under one)."""
-    path = Path(path).expanduser()
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                where = "is a file" if existing == path else f"is under {existing}, which is a file"
-                raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder the images go to "
-                                         "(created if missing): choose another name")
-            break
-    return path
 
 
 @dataclass

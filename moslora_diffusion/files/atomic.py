@@ -232,3 +232,26 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_byt
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """Refuses, before anything is loaded, an output folder that names a file (or lies under one)."""
+    path = Path(path).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"is under {existing}, which is a file"
+                raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder the images go to "
+                                         "(created if missing): choose another name")
+            break
+    return path
+
+
+def check_not_an_input(out: str | Path, inputs, flag: str) -> None:
+    """ValueError when writing `out` would replace one of `inputs` (files or folders a command reads): `out` is
+    the input, or a folder holding it (a folder export replaces its target whole). Nothing is touched."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise ValueError(f"{flag} {out} would overwrite the input {given}; write the output somewhere else")

@@ -21,7 +21,7 @@ import torch
 
 from .._version import __version__
 from ..checks import SCALE, as_number, check_number
-from ..files.atomic import write_folder_atomically
+from ..files.atomic import check_not_an_input, write_folder_atomically
 from ..files.safetensors_io import check_finite, save_tensors
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
@@ -101,6 +101,10 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
     exists = written.is_file() or (written.is_dir() and any(written.iterdir()))
     if exists and not overwrite:
         raise FileExistsError(f"{written} already exists; pass --overwrite to replace it")
+    if exists and target == "merged-diffusers" and not (written / f"{MERGE_RECORD}.json").is_file():
+        # --overwrite replaces the folder whole: only a merged export of ours, never a folder of other files
+        raise ExportError(f"--out {out} holds files that are not a merged export of ours; --overwrite replaces "
+                          "only an earlier export: choose a new folder")
     _writable_folder(written.parent)
     return written
 
@@ -201,6 +205,7 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     if not adapters:
         raise ExportError("give at least one --adapter")
     _check_scales(adapters)
+    check_inputs(adapters, out)
     out = Path(out).expanduser()
     check_output(target, out, overwrite)
     base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
@@ -220,6 +225,18 @@ def write_merged(pipe, record: dict, target: str, out: Path, dtype: str, overwri
     raise ExportError(f"{target} is not a merged target")
 
 
+def check_inputs(adapters: Adapters, out: str | Path) -> None:
+    """Every adapter exists, none is given twice, and `out` would overwrite none of them (ExportError)."""
+    files = [resolve_adapter_path(path) for path, _ in adapters]
+    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    if twice:
+        raise ExportError(f"--adapter {twice[0]} is given twice; give each adapter once, with the scale you want")
+    try:
+        check_not_an_input(out, [p for p, _ in adapters] + files, "--out")
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+
+
 def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",
            overwrite: bool = False, config: str | Path | None = None) -> Path:
     """Loads `base` (hub id, diffusers folder or single .safetensors; `config`: a diffusers folder with
@@ -227,8 +244,7 @@ def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, d
     as `target` to `out`. Cheap checks (adapters exist, output writable) run before the model loads."""
     _check_choices(target, dtype)
     _check_scales(adapters)
-    for path, _ in adapters:
-        resolve_adapter_path(path)
+    check_inputs(adapters, out)
     check_output(target, Path(out).expanduser(), overwrite)
     pipe = load_pipeline(base, torch_dtype=DTYPES[dtype], config=config)
     return export_pipeline(pipe, adapters, target, out, dtype, overwrite, base=str(base))

@@ -28,6 +28,9 @@ def family_of_single_file(path: str | Path) -> Family:
     for marker, name in _SINGLE_FILE_MARKERS:
         if marker in keys:
             return get_family(name)
+    if any("lora" in k or "moslora_" in k or k.startswith(("gate.", "expert.")) for k in keys):
+        raise UnsupportedModelError(f"{path} is an adapter (a LoRA, MoSLoRA or MoLE file), not a base model: give "
+                                    "the base model it was trained on, and the adapter with its own flag")
     raise UnsupportedModelError(
         f"unsupported model family: {path} is not an SD 1.x, SD 2.x or SDXL checkpoint (SD3, Flux and others "
         "are not supported)")

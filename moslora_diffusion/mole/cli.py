@@ -16,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checks import MAX_SEED, Range, check_number
 from ..console import OneLineErrorParser, add_debug_flag, run_command
+from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES, TARGETS, check_output
 from ..generation.flags import add_request_flags
 from ..generation.text_to_image import GenerationRequest, save_png, validate_request
@@ -28,6 +30,7 @@ from .gate_config import parse_gate_args
 from .report import save_gate_heatmap
 
 COMMANDS = ("train", "generate", "export")
+SEED = Range(0, MAX_SEED, integer=True)
 
 
 def _scale(text: str) -> tuple[str, float]:
@@ -110,6 +113,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                                   scheduler=args.sampler) for p in args.prompt for s in args.seeds]
     for request in requests:  # every number checked before the model loads
         validate_request(request)
+    check_output_folder(args.out, "--out")
     pipe, mole, path = _load(args)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     written = []
@@ -125,6 +129,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 def run_export(args: argparse.Namespace) -> Path:
     from .static_export import average_gates, export_static
 
+    check_not_an_input(args.out, [args.mole, _mole_file(args.mole)], "--out")
+    for seed in args.seeds:
+        check_number("--seeds", seed, SEED)
+    if any(not p.strip() for p in args.prompt):
+        raise MoLEError("--prompt: an empty prompt; give the prompt text, or leave --prompt out")
     check_output(args.target, args.out.expanduser(), args.overwrite)
     pipe, mole, _ = _load(args)
     prompts = list(dict.fromkeys([e.trigger_prompt for e in mole.experts if e.trigger_prompt] + args.prompt))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..data import scan_photos
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, check_not_an_input
 from ..files.safetensors_io import read_keys, read_metadata
 from ..formats.lora_files import family_hint, file_format, trigger_prompt
 from ..training.checkpoints import CheckpointError, CheckpointInfo
@@ -81,6 +81,8 @@ def expert_sources(config: GateTrainConfig) -> list[ExpertSource]:
             raise ConfigError(f"expert {given}: its trigger prompt is not recorded; pass --expert_prompts (one prompt "
                          "per expert, in --experts order)")
         sources.append(ExpertSource(path, folder, prompt))
+    # a run in an expert's folder (--overwrite_output_dir would clear it) must not touch the expert's files
+    check_not_an_input(config.output_dir, list(config.experts) + [s.path for s in sources], "--output_dir")
     return sources
 
 
@@ -133,6 +135,9 @@ class GateTrainable:
 
 def check_same_experts(info: CheckpointInfo, hashes: list[str]) -> None:
     """CheckpointError unless the checkpoint's gates were trained for experts with these file hashes, in order."""
+    if "experts" not in info.state:
+        raise CheckpointError(f"checkpoint {info.path} holds DreamBooth adapters (train_dreambooth.py), not MoLE "
+                              "gates: resume it with train_dreambooth.py")
     if info.state.get("experts") != hashes:
         raise CheckpointError(f"checkpoint {info.path} holds gates for other experts (by file hash) than this run; "
                               "resume with the same --experts, in the same order")

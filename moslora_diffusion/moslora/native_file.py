@@ -75,6 +75,13 @@ def read_adapter(path: str | Path) -> AdapterFile:
     tensors, metadata = load_tensors(path)
     if not tensors:
         raise AdapterError(f"{path} holds no tensors")
+    if "mole" in metadata:  # mole/file.py's metadata key
+        raise AdapterError(f"{path} is a MoLE file (gates and experts), not one adapter: use python -m "
+                           "moslora_diffusion.mole generate / export with --mole")
+    plain_peft = any(".lora_A." in k for k in tensors) and not any(".lora_AB." in k for k in tensors)
+    if plain_peft or any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):  # (lora_AB: the authors' MoSLoRA)
+        raise AdapterError(f"{path} is a standard LoRA file (kohya or diffusers), not a native moslora.safetensors: "
+                           "load it with pipe.load_lora_weights, or compose it with python -m moslora_diffusion.mole")
     weights: dict = {}
     for key, tensor in tensors.items():
         component, module, part = _split_key(key)

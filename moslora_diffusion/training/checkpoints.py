@@ -48,8 +48,16 @@ def adapter_tensors(found: dict) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
     """The state of a complete checkpoint; CheckpointError naming what is wrong otherwise."""
     path = Path(path).expanduser()
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a checkpoint: give a checkpoint-N folder of a run, or 'latest' "
+                              "(the newest checkpoint in --output_dir)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not (path / STATE_FILE).exists() and not path.name.endswith(".tmp"):
+        found = list_checkpoints(path) if any(path.glob("checkpoint-*")) else []
+        if found:  # a run folder given for one of its checkpoints
+            raise CheckpointError(f"{path} is a run folder, not a checkpoint: give {found[-1].path} (its newest), or "
+                                  "'latest' with --output_dir set to it")
     if path.name.endswith(".tmp"):
         raise CheckpointError(f"{path} is a checkpoint that was never finished (the run stopped while writing it)")
     state_file = path / STATE_FILE
@@ -90,8 +98,16 @@ def find_resume_checkpoint(spec: str | None, output_dir: str | Path) -> Checkpoi
     return read_checkpoint(spec)
 
 
+def check_adapter_checkpoint(info: CheckpointInfo) -> None:
+    """CheckpointError for a checkpoint of MoLE gates given to the DreamBooth trainer (readable before loading)."""
+    if "experts" in info.state:
+        raise CheckpointError(f"checkpoint {info.path} holds MoLE gates (python -m moslora_diffusion.mole train), "
+                              "not DreamBooth adapters: resume it with that command")
+
+
 def check_compatible(info: CheckpointInfo, family: str, adapter: dict, targets: dict[str, list[str]]) -> None:
     """Refuses a checkpoint made for another model family, adapter shape or set of adapted layers."""
+    check_adapter_checkpoint(info)
     state = info.state
     if state.get("family") != family:
         raise CheckpointError(f"checkpoint {info.path} was trained on a {state.get('family')} model, but this run "

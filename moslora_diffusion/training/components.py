@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import set_seed
 
 from ..models.families import Family, ModelInfo, detect_model
-from ..models.loading import check_pipeline_folder, empty_components, load_pipeline
+from ..models.loading import check_pipeline_folder, empty_components, family_of_single_file, load_pipeline
 from ..moslora import step_weights
 from ..moslora.inject import adapter_parameters, narrowest_layer
 from ..moslora.pipeline import attach_to_pipeline, model_components, pipeline_adapters, targets_by_component
@@ -65,8 +65,12 @@ def check_rank_fits(components: dict[str, torch.nn.Module], config: TrainConfig)
 def check_base_before_loading(config: TrainConfig) -> None:
     """For a local diffusers folder, what its small files tell before any weight is read: every component is
     there with .safetensors weights (models/loading.py), and --rank fits the layers (built on the meta device).
-    A hub id or single file is checked the same way once loaded (attach_adapters)."""
+    A single file: that it is an SD checkpoint (not an adapter), from its tensor names. A hub id or single file
+    is checked for the rank once loaded (attach_adapters)."""
     folder = Path(config.pretrained_model_name_or_path).expanduser()
+    if folder.is_file():  # a single file: its tensor names say whether it is a base model at all
+        family_of_single_file(folder)
+        return
     if not folder.is_dir():
         return
     family = check_pipeline_folder(folder).family

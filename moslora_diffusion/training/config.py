@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from ..checks import MAX_SEED, Range, number_problems
 from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..moslora.layer import KINDS, MIXER_INITS
-from .flags import ConfigError, check_choices, check_types, parse_flags
+from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
 
@@ -150,6 +150,7 @@ class TrainConfig:
     def __post_init__(self):
         check_types(self)
         self.check_required()
+        check_not_empty(self)
         self.check_ranges()
         check_choices(self)
         resolve_targets(self.target_modules, UNET_TARGET_PRESETS)  # raises on an empty list
@@ -190,6 +191,8 @@ def _check_required(c: TrainConfig) -> None:
             raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated there)")
 
 
+# Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
+MAX_STEPS = 10_000_000
 _GT0, _GE0, _UNIT = Range(0, open_lower=True), Range(0), Range(0, 1, open_upper=True)
 _GT0_OR_NONE = replace(_GT0, optional=True)
 # Every number a run takes, with where it may lie (finite always: `--learning_rate inf` never trains).
@@ -198,7 +201,8 @@ NUMBER_RANGES = {
     "resolution": replace(_GT0_OR_NONE, multiple_of=8),  # the VAE downsamples by 8
     "dataloader_num_workers": _GE0, "num_class_images": _GT0, "prior_loss_weight": _GE0, "sample_batch_size": _GT0,
     "class_inference_steps": _GT0, "rank": _GT0, "lora_alpha": _GT0_OR_NONE, "text_encoder_lr": _GT0_OR_NONE,
-    "learning_rate": _GT0, "lr_warmup_steps": _GE0, "max_train_steps": _GT0_OR_NONE, "num_train_epochs": _GT0,
+    "learning_rate": _GT0, "lr_warmup_steps": _GE0, "max_train_steps": replace(_GT0_OR_NONE, upper=MAX_STEPS),
+    "num_train_epochs": replace(_GT0, upper=MAX_STEPS),
     "train_batch_size": _GT0, "gradient_accumulation_steps": _GT0, "max_grad_norm": _GE0, "adam_beta1": _UNIT,
     "adam_beta2": _UNIT, "adam_weight_decay": _GE0, "adam_epsilon": _GT0, "snr_gamma": _GT0_OR_NONE,
     "noise_offset": _GE0, "min_timestep": _GE0, "max_timestep": _GT0_OR_NONE, "seed": Range(0, MAX_SEED),

@@ -55,6 +55,17 @@ def check_types(config) -> None:
             raise ConfigError(f"--{name} must be {base.__name__}, got {value!r}")
 
 
+def check_not_empty(config) -> None:
+    """ConfigError for an empty text (or list item): never a setting, and an empty path would silently mean
+    the current folder. Run after the required settings are checked (they have their own messages)."""
+    for name, (base, _) in field_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if (base is str and not value.strip()) or (base is tuple and not all(str(v).strip() for v in value)):
+            raise ConfigError(f"--{name} is empty; give a value, or leave the flag out")
+
+
 def check_choices(config) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")

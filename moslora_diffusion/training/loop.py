@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data import PhotoScan, scan_photos
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
-from .checkpoints import CheckpointInfo
+from .checkpoints import CheckpointInfo, check_adapter_checkpoint
 from .components import (
     BaseModel,
     attach_adapters,
@@ -90,6 +90,8 @@ def train(config: TrainConfig) -> TrainResult:
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
     resume = find_resume(config, accelerator.num_processes)  # other optimizer / batch settings: refused here
+    if resume is not None:
+        check_adapter_checkpoint(resume)
     base = load_base(config, accelerator.device)
     trained = attach_adapters(base, config)
     check_room(config, sum(p.numel() for params in trained.values() for p in params), len(photos.records),

@@ -77,5 +77,8 @@ def find_resume(config: TrainConfig, num_processes: int) -> CheckpointInfo | Non
     """The checkpoint to resume from (None: start at step 0), its restored settings checked."""
     info = find_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if info is not None:
+        if config.max_train_steps is not None and info.step > config.max_train_steps:
+            raise CheckpointError(f"checkpoint {info.path} is at step {info.step}, past --max_train_steps "
+                                  f"{config.max_train_steps}: pass a larger --max_train_steps to train on from it")
         check_resume_settings(info, config, num_processes)
     return info
