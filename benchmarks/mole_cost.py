@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 from pathlib import Path
 
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"25-step estimate adds the VAE decode ({summary['vae_decode_s']:.2f} s, the same for all). Training at "
              f"{args.train_resolution} px. Medians of {args.repeats} interleaved rounds; ratios are medians of the "
              "per-round ratios (benchmarks/common.py). Targets: MoLE dynamic <= 1.15x the base generation, static "
-             "export = base speed.\n\n    python -m benchmarks.mole_cost " + " ".join(argv or []))
+             "export = base speed.\n\n    python -m benchmarks.mole_cost "
+             + " ".join(sys.argv[1:] if argv is None else argv))
     write_results(args.name, rows + [{"kind": "summary", **summary}], table(rows), notes, args.out_dir)
     return rows
 
