@@ -6,15 +6,15 @@
 # each concept alone and for a subject on the zigzag (with the gate heat maps), the composition exported as one
 # kohya LoRA for A1111 / ComfyUI, and the toy checker's count of which concept each image shows.
 # Outputs: outputs/demo-mole/ (experts, gates, samples, the static LoRA). STEPS=... changes the experts'
-# length (default 300 each: about 2 minutes per expert on 2 CPU threads), GATE_STEPS the gates' (default 150).
+# length (default 600 each: about 3 minutes per expert on one CPU thread), GATE_STEPS the gates' (default 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the toy model is small: one thread is fastest
 BASE=assets/toy-base
 OUT="${OUT:-outputs/demo-mole}"
-STEPS="${STEPS:-300}"
+STEPS="${STEPS:-600}"
 GATE_STEPS="${GATE_STEPS:-150}"
 # The demo's DreamBooth recipe (scripts/demo.sh, benchmarks/quality.py DEFAULTS) for every expert.
 RECIPE=(--resolution 64 --adapter moslora --rank 16 --target_modules all --train_text_encoder --learning_rate 3e-3
