@@ -75,11 +75,11 @@ def expert_sources(config: GateTrainConfig) -> list[ExpertSource]:
         folder = config.expert_data_dirs[i] if config.expert_data_dirs else photo_dir(path, metadata)
         prompt = config.expert_prompts[i] if config.expert_prompts else trigger_prompt(metadata)
         if not folder:
-            raise ConfigError(f"expert {given}: its photo folder is not recorded; pass --expert_data_dirs (one folder "
-                         "per expert, in --experts order)")
+            raise ConfigError(f"expert {given}: its photo folder is not recorded; pass --expert_data_dirs (one "
+                              "folder per expert, in --experts order)")
         if not prompt:
-            raise ConfigError(f"expert {given}: its trigger prompt is not recorded; pass --expert_prompts (one prompt "
-                         "per expert, in --experts order)")
+            raise ConfigError(f"expert {given}: its trigger prompt is not recorded; pass --expert_prompts (one "
+                              "prompt per expert, in --experts order)")
         sources.append(ExpertSource(path, folder, prompt))
     # a run in an expert's folder (--overwrite_output_dir would clear it) must not touch the expert's files
     check_not_an_input(config.output_dir, list(config.experts) + [s.path for s in sources], "--output_dir")
