@@ -119,3 +119,18 @@ def test_mole_benchmark_short_run_scores_every_method_and_seed(micro_base, tmp_p
     assert Image.open(result["grid"]).size[1] > 64 * len(mole_toy.METHODS)
     table = (tmp_path / "mole_toy.md").read_text()
     assert all(name in table for name, _, _ in mole_toy.METRICS)
+
+
+def test_keep_best_benchmark_short_run_compares_best_and_last(micro_base, tmp_path):
+    """The --keep_best record end to end on the micro toy model (the figures: benchmarks/results/keep_best.md)."""
+    from benchmarks import keep_best
+
+    result = keep_best.main(["--base", str(micro_base), "--seeds", "1", "--steps", "4", "--validation-steps", "2",
+                             "--validation-images", "2", "--prompts", "2", "--eval-seeds", "1", "--gen-steps", "2",
+                             "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path)])
+    (run,) = result["runs"]
+    assert [v["step"] for v in run["validation"]] == [2, 4]  # scored at every validation step
+    assert set(run["heldout"]) == {"best", "last"}
+    assert {row["metric"] for row in result["summary"]} == {"toy_subject", "toy_prompt"}
+    assert (tmp_path / "work" / "run-seed0" / "moslora_best.safetensors").is_file()
+    assert "best - last" in (tmp_path / "keep_best.md").read_text()
