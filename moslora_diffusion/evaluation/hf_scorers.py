@@ -5,7 +5,8 @@ Features as in the DreamBooth paper (Ruiz et al., CVPR 2023, section 4.1):
   is the CLS token of the last layer (`last_hidden_state[:, 0]`, after the final layer norm), 384 values for
   ViT-S/16. The pooling head is not used.
 - CLIP: `CLIPModel` (default `openai/clip-vit-base-patch32`: the paper does not name its CLIP model; ViT-B/32
-  is the common choice of later work that reproduces its numbers); image features are
+  is the model of Textual Inversion's CLIP evaluator (Gal et al., 2022), the baseline DreamBooth compares with,
+  and the common choice of later work that reproduces its numbers); image features are
   `get_image_features` (the projected pooled vision output, 512 values for ViT-B/32), text features
   `get_text_features` (the projected end-of-text token). Each model's own processor resizes, crops and
   normalises the images (`AutoImageProcessor` / `AutoProcessor` from the same id or folder).
