@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, write_results
 from benchmarks.quality import DEFAULTS
-from benchmarks.quality_metrics import instance_prompts
+from benchmarks.quality_split import instance_prompts
 from moslora_diffusion.evaluation.stats import mean_ci, paired_test
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,14 +1,16 @@
-"""DreamBooth quality on the toy world: MoSLoRA (kaiming / orthogonal mixer) vs LoRA at equal rank and steps.
+"""DreamBooth quality on the toy world: recipes (the baseline, plain LoRA, one ablation per feature) on a fair split.
 
-Every variant is trained with our trainer (in-process) on the toy subject (assets/toy-subject, a yellow-and-black
-striped star) with prior preservation, once per seed, with the same rank, alpha, targets, steps, learning rate and
-class images (generated once from the base model and shared by every run). Each trained adapter then draws, with
-generation seeds that are the same for every run and for the base model:
+Every recipe (benchmarks/quality_recipes.py: a name + TrainConfig overrides on the shared settings) is trained with
+our trainer (in-process) on the toy subject (assets/toy-subject, a yellow-and-black striped star) with prior
+preservation, once per seed; the shared settings (rank, alpha, targets, steps, learning rate, class images generated
+once from the base model) are the same for every recipe. Each trained adapter then draws, per split (validation:
+used to choose recipes and settings; test: reported, never used to choose; disjoint scenes, quality_split.py), with
+the split's generation seed for every run and for the base model:
 
-- instance prompts that put the subject in scenes none of its photos shows: a new (position, background) pair
-  ("a photo of sks star on the left, on a gray background"), or only a background or a position;
+- instance prompts that put the subject in the split's scenes, none of which its photos show: a new (position,
+  background) pair ("a photo of sks star on the left, on a gray background"), or only a background or a position;
 - the bare instance prompt ("a photo of sks star", what the photos are captioned with);
-- class prompts: the plain one ("a photo of a star") and the same with the instance prompts' scenes.
+- class prompts: the plain one ("a photo of a star") and the same with the split's scenes.
 
 The toy world's ground truth scores every image from its pixels (moslora_diffusion.toy.checker / subject):
 
@@ -19,10 +21,12 @@ The toy world's ground truth scores every image from its pixels (moslora_diffusi
   images that show the subject (leakage);
 - diversity of the plain class prompt's images: mean pairwise pixel distance, distinct (colour, background).
 
-Per variant: mean over seeds with a 95% t confidence interval; each MoSLoRA variant vs LoRA: a paired t-test
-over seeds (same seed = same data order, noise and adapter A init), significant when p < 0.05.
+Per split and recipe: mean over seeds with a 95% t confidence interval; each recipe vs --reference (baseline): a
+paired t-test over seeds (same seed = same data order, noise and adapter A init), significant when p < 0.05; the
+issue's targets on the test split (quality_targets.py).
 
-    python -m benchmarks.quality --threads 1          # 3 variants x 5 seeds on assets/toy-base (about an hour)
+    python -m benchmarks.quality --threads 1          # 8 recipes x 5 seeds on assets/toy-base (hours: split seeds)
+    python -m benchmarks.quality --variants baseline min_snr --recipe snr3 snr_gamma=3 --seeds 2
     python -m benchmarks.quality --seeds 2 --steps 20 --n-images 4 --out-dir /tmp/q   # smoke run
 """
 
@@ -38,12 +42,24 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR
-from benchmarks.quality_metrics import GEN_SEED, class_metrics, class_prompts, instance_metrics, instance_prompts
+from benchmarks.quality_metrics import class_metrics, instance_metrics
+from benchmarks.quality_photos import instance_folder
+from benchmarks.quality_recipes import (
+    BASELINE,
+    BUILTIN,
+    CAPTIONS,
+    DEFAULT_VARIANTS,
+    Recipe,
+    RecipeError,
+    build_recipes,
+    check_fields,
+    custom_names,
+)
 from benchmarks.quality_report import grid_images, merge_parts, report, save_grid
+from benchmarks.quality_split import SPLIT_GEN_SEEDS, SPLITS, class_prompts, instance_prompts
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"moslora_kaiming": ("moslora", "kaiming"), "moslora_orthogonal": ("moslora", "orthogonal"),
-            "lora": ("lora", "identity")}
+GRID_SPLIT = "test"  # the grid shows what the report reports
 
 # The DreamBooth settings of the benchmark (and of scripts/demo.sh): found on the toy base model, see the notes.
 DEFAULTS = dict(rank=16, steps=600, learning_rate=3e-3, batch=4, prior_loss_weight=1.0, num_class_images=24,
@@ -73,76 +89,35 @@ def prepare_class_images(pipe, folder: Path, n: int, steps: int, guidance: float
     return folder
 
 
-def photo_scene(name: str) -> tuple[str, str] | None:
-    """(position, background) of a subject photo named `NN_<position>_<background>.png` (as subject.write_photos
-    names them), else None."""
-    from moslora_diffusion.toy.world import BACKGROUND_COLOURS, POSITIONS
+def shared_settings(args, class_dir: Path) -> dict:
+    """The TrainConfig settings every recipe starts from (the benchmark's flags); photos and seed come per run."""
+    from moslora_diffusion.toy.subject import CLASS_PROMPT, INSTANCE_PROMPT
 
-    parts = Path(name).stem.split("_")
-    if len(parts) != 3 or parts[1] not in POSITIONS or parts[2] not in BACKGROUND_COLOURS:
-        return None
-    return parts[1], parts[2]
-
-
-def scene_captions(position: str, background: str, mode: str) -> list[str]:
-    """The training captions of one photo: "scene" its full scene; "mixed" also the scene with only the
-    background, only the position, and none of it (the photo is repeated once per caption)."""
-    from moslora_diffusion.toy.subject import INSTANCE_PROMPT
-    from moslora_diffusion.toy.world import POSITIONS
-
-    where, on = f" {POSITIONS[position][1]}", f", on a {background} background"
-    full = [INSTANCE_PROMPT + where + on]
-    return full if mode == "scene" else full + [INSTANCE_PROMPT + on, INSTANCE_PROMPT + where, INSTANCE_PROMPT]
+    return dict(
+        pretrained_model_name_or_path=str(args.base), instance_prompt=INSTANCE_PROMPT,
+        with_prior_preservation=args.prior_loss_weight > 0, class_prompt=CLASS_PROMPT, class_data_dir=str(class_dir),
+        num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight, resolution=64,
+        adapter="moslora", mixer_init="kaiming", target_modules=args.target_modules, rank=args.rank,
+        lora_alpha=float(args.alpha or args.rank), learning_rate=args.learning_rate,
+        lr_warmup_steps=min(20, args.steps // 5), lr_scheduler="constant_with_warmup", train_batch_size=args.batch,
+        max_train_steps=args.steps, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
+        report_to="none", checkpointing_steps=10**9, logging_steps=25, overwrite_output_dir=True)
 
 
-def instance_folder(src: Path, dst: Path, captions: str) -> Path:
-    """The subject photos for training, copied to `dst` with caption sidecars (see `scene_captions`; the scene of
-    each photo is read from its file name), or bare (`captions="prompt"`: every photo gets the instance prompt)."""
-    import shutil
+def recipe_config(recipe: Recipe, shared: dict, photos: Path, seed: int, output_dir: Path):
+    """The TrainConfig of one run: the shared settings, the recipe's overrides, this run's photos, seed and folder."""
+    from moslora_diffusion.training import TrainConfig
 
-    from moslora_diffusion.data.images import list_image_files
-
-    photos = list_image_files(src)
-    if not photos:
-        raise SystemExit(f"--instance-dir {src}: no images")
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for photo in photos:
-        if captions == "prompt":
-            shutil.copyfile(photo, dst / photo.name)
-            continue
-        scene = photo_scene(photo.name)
-        if scene is None:
-            raise SystemExit(f"--captions {captions}: cannot read a scene from {photo.name} (expected "
-                             "NN_<position>_<background>.png, as subject.write_photos names them)")
-        for k, text in enumerate(scene_captions(*scene, captions)):
-            copy = dst / f"{photo.stem}-{k}{photo.suffix}"
-            shutil.copyfile(photo, copy)
-            copy.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
-    return dst
+    return TrainConfig(**{**recipe.settings(shared), "instance_data_dir": str(photos), "seed": seed,
+                          "output_dir": str(output_dir)})
 
 
-def train_variant(args, variant: str, seed: int, photos: Path, class_dir: Path, output_dir: Path) -> float:
+def train_run(config) -> float:
     """Trains one adapter in-process; returns the wall time in seconds."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from moslora_diffusion.toy.subject import CLASS_PROMPT, INSTANCE_PROMPT
-    from moslora_diffusion.training import TrainConfig, train
+    from moslora_diffusion.training import train
 
-    kind, mixer_init = VARIANTS[variant]
-    config = TrainConfig(
-        pretrained_model_name_or_path=str(args.base), instance_data_dir=str(photos),
-        instance_prompt=INSTANCE_PROMPT, with_prior_preservation=args.prior_loss_weight > 0, class_prompt=CLASS_PROMPT,
-        class_data_dir=str(class_dir), num_class_images=args.num_class_images,
-        prior_loss_weight=args.prior_loss_weight, resolution=64, adapter=kind, mixer_init=mixer_init,
-        target_modules=args.target_modules,
-        rank=args.rank, lora_alpha=float(args.alpha or args.rank), learning_rate=args.learning_rate,
-        lr_warmup_steps=min(20, args.steps // 5), lr_scheduler="constant_with_warmup",
-        train_batch_size=args.batch, max_train_steps=args.steps, train_text_encoder=args.train_text_encoder,
-        text_encoder_lr=args.text_encoder_lr,
-        seed=seed, output_dir=str(output_dir), overwrite_output_dir=True, report_to="none",
-        checkpointing_steps=10**9, logging_steps=25)
     started = time.perf_counter()
     for reset in (lambda: AcceleratorState._reset_state(True), GradientState._reset_state):
         reset()  # accelerate keeps process-wide singletons; every run here is independent
@@ -154,31 +129,80 @@ def train_variant(args, variant: str, seed: int, photos: Path, class_dir: Path, 
     return time.perf_counter() - started
 
 
-def draw(pipe, prompts: list[str], args) -> list:
+def draw(pipe, prompts: list[str], args, split: str) -> list:
     from moslora_diffusion.toy.evaluate import generate
 
-    return generate(pipe, prompts, seed=GEN_SEED, steps=args.gen_steps, guidance=args.guidance)
+    return generate(pipe, prompts, seed=SPLIT_GEN_SEEDS[split], steps=args.gen_steps, guidance=args.guidance)
 
 
-def evaluate_adapter(pipe, adapter_file: Path | None, args, base_class_images) -> tuple[dict, list, list]:
-    """Metrics of the pipeline with the adapter attached (None: the base model, compared with itself); the
-    adapter is detached afterwards. Returns (metrics, instance images, class images)."""
-    import moslora_diffusion as md
+def evaluate_split(pipe, split: str, args, base_class_images) -> tuple[dict, list, list]:
+    """Metrics of one split's prompts (n bare instance prompts, n with the split's scenes, n plain and n scene class
+    prompts; None base images: the base model, compared with itself). Returns (metrics, instance images, class
+    images)."""
     from moslora_diffusion.toy.subject import INSTANCE_PROMPT, THRESHOLD, subject_score
 
-    if adapter_file is not None:
-        md.load_adapter(pipe, adapter_file)
-    try:
-        prompts = instance_prompts(args.n_images)
-        inst = draw(pipe, [p.prompt for p in prompts], args)
-        plain = draw(pipe, [INSTANCE_PROMPT] * args.n_images, args)
-        cls = draw(pipe, class_prompts(args.n_images), args)
-    finally:
-        md.detach_from_pipeline(pipe)
+    n = args.n_images
+    prompts = instance_prompts(n, split)
+    inst = draw(pipe, [p.prompt for p in prompts], args, split)
+    plain = draw(pipe, [INSTANCE_PROMPT] * n, args, split)
+    cls = draw(pipe, class_prompts(n, split), args, split)
     metrics = {**instance_metrics(inst, prompts),
                "subject_rate_plain": float(np.mean([subject_score(im) >= THRESHOLD for im in plain])),
                **class_metrics(cls, base_class_images or cls)}
     return metrics, plain + inst, cls
+
+
+def evaluate_adapter(pipe, adapter_file: Path | None, args, base_class_images: dict | None):
+    """Metrics per split of the pipeline with the adapter attached (None: the base model), detached afterwards.
+    Returns ({split: metrics}, {split: (instance images, class images)})."""
+    import moslora_diffusion as md
+
+    if adapter_file is not None:
+        md.load_adapter(pipe, adapter_file)
+    metrics, images = {}, {}
+    try:
+        for split in SPLITS:
+            base = base_class_images[split][1] if base_class_images else None
+            metrics[split], *images[split] = evaluate_split(pipe, split, args, base)
+    finally:
+        md.detach_from_pipeline(pipe)
+    return metrics, images
+
+
+def add_recipe_flags(parser) -> None:
+    parser.add_argument("--variants", nargs="+", default=None, metavar="RECIPE",
+                        help=f"recipes to train (default: {' '.join(DEFAULT_VARIANTS)} and every --recipe); built-in: "
+                        + ", ".join(f"{r.name} ({r.about})" for r in BUILTIN.values()))
+    parser.add_argument("--recipe", nargs="+", action="append", default=None, metavar="NAME [KEY=VALUE",
+                        help="define a recipe: NAME = baseline + these TrainConfig overrides (a built-in NAME: that "
+                        "recipe + these), e.g. --recipe snr3 snr_gamma=3; key captions= sets the captions mode; "
+                        "repeatable")
+    parser.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="TrainConfig overrides on top of every recipe of the run, e.g. --set noise_offset=0.05")
+    parser.add_argument("--reference", default=BASELINE, help="the recipe every other one is compared with "
+                        "(paired differences per seed)")
+
+
+def resolve_recipes(parser, args) -> None:
+    """args.recipes ({name: Recipe}) and args.variants, checked against TrainConfig before anything is trained."""
+    from moslora_diffusion.training.config import TrainConfig
+    from moslora_diffusion.training.flags import field_types
+
+    types = field_types(TrainConfig)
+    try:
+        recipes = build_recipes(args.recipe, args.set, types)
+        args.variants = args.variants or [*DEFAULT_VARIANTS, *custom_names(args.recipe)]
+        unknown = [v for v in args.variants if v not in recipes]
+        if unknown:
+            raise RecipeError(f"--variants {unknown[0]}: no such recipe (built-in: {', '.join(BUILTIN)}; or define it "
+                              "with --recipe)")
+        for name in args.variants:
+            check_fields(recipes[name], set(types))
+    except RecipeError as err:
+        parser.error(str(err))
+    if args.reference not in args.variants:
+        parser.error(f"--reference {args.reference}: not among --variants ({', '.join(args.variants)})")
+    args.recipes = {name: recipes[name] for name in args.variants}
 
 
 def parse_args(argv=None):
@@ -186,18 +210,18 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--base", type=Path, default=REPO / "assets" / "toy-base", help="toy base model folder")
     parser.add_argument("--instance-dir", type=Path, default=REPO / "assets" / "toy-subject")
-    parser.add_argument("--captions", choices=["mixed", "scene", "prompt"], default=DEFAULTS["captions"],
+    parser.add_argument("--captions", choices=CAPTIONS, default=DEFAULTS["captions"],
                         help="scene: each photo captioned with its scene ('a photo of sks star on the left, on a green "
                         "background', caption sidecars); mixed: each photo 4 times, captioned with its scene, only its "
                         "background, only its position, and the bare instance prompt; prompt: every photo captioned "
-                        "with the bare instance prompt")
+                        "with the bare instance prompt (a recipe may set its own: captions=...)")
     parser.add_argument("--seeds", type=int, default=5, help="training seeds per variant (seed-start .. +N-1)")
     parser.add_argument("--seed-start", type=int, default=0, help="first training seed (to split seeds over "
                         "processes, then --merge their results)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="train nothing: one report from results files of the same settings with disjoint "
                         "seeds (written to --out-dir/--name)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    add_recipe_flags(parser)
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps of every run")
     parser.add_argument("--rank", type=int, default=DEFAULTS["rank"])
     parser.add_argument("--target-modules", default=DEFAULTS["target_modules"],
@@ -212,7 +236,8 @@ def parse_args(argv=None):
                         default=DEFAULTS["train_text_encoder"])
     parser.add_argument("--text-encoder-lr", type=float, default=DEFAULTS["text_encoder_lr"],
                         help="learning rate of the text-encoder adapters (default: --learning-rate)")
-    parser.add_argument("--n-images", type=int, default=24, help="instance images and class images per run")
+    parser.add_argument("--n-images", type=int, default=16, help="images per prompt kind and split: per run 2 splits "
+                        "x (bare instance, scene instance, plain class, scene class) x N")
     parser.add_argument("--gen-steps", type=int, default=25, help="denoising steps per evaluation image")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -228,33 +253,49 @@ def parse_args(argv=None):
         parser.error(f"--base {args.base}: not a diffusers folder (train the toy base model first)")
     if args.seeds < 1 or args.n_images < 2:
         parser.error("--seeds must be >= 1 and --n-images >= 2")
+    resolve_recipes(parser, args)
     return args
 
 
-def run(args, work: Path) -> dict:
-    from moslora_diffusion.toy.subject import INSTANCE_PROMPT
+def photos_for(args, recipe: Recipe, work: Path) -> Path:
+    """The run folder of the photos in the recipe's captions mode (with masks for a masked-loss recipe), made once."""
+    captions = recipe.captions or args.captions
+    masks = bool(recipe.overrides.get("masked_loss"))
+    folder = work / f"photos-{captions}{'-masked' if masks else ''}"
+    return folder if folder.is_dir() else instance_folder(args.instance_dir, folder, captions, masks)
 
+
+def run(args, work: Path) -> dict:
     pipe = load_pipe(args.base)
-    photos = instance_folder(args.instance_dir, work / "photos", args.captions)
     class_dir = prepare_class_images(pipe, work / "class-images", args.num_class_images, args.gen_steps,
                                      args.guidance)
-    base_metrics, base_inst, base_cls = evaluate_adapter(pipe, None, args, None)
-    grid_rows = [("base model", grid_images(base_inst, base_cls, args.n_images))]
+    shared = shared_settings(args, class_dir)
+    photos = {name: photos_for(args, recipe, work) for name, recipe in args.recipes.items()}
+    for name, recipe in args.recipes.items():  # every recipe's settings checked before the first run trains
+        recipe_config(recipe, shared, photos[name], args.seed_start, work / name)
+    base_metrics, base_images = evaluate_adapter(pipe, None, args, None)
+    grid_rows = [("base model", grid_images(*base_images[GRID_SPLIT], args.n_images))]
     runs = []
     for seed in range(args.seed_start, args.seed_start + args.seeds):
-        for variant in args.variants:
-            out = work / f"{variant}-seed{seed}"
-            seconds = train_variant(args, variant, seed, photos, class_dir, out)
-            metrics, inst, cls = evaluate_adapter(pipe, out / "moslora.safetensors", args, base_cls)
-            runs.append({"variant": variant, "seed": seed, "train_seconds": round(seconds, 1), **metrics})
+        for name, recipe in args.recipes.items():
+            out = work / f"{name}-seed{seed}"
+            seconds = train_run(recipe_config(recipe, shared, photos[name], seed, out))
+            metrics, images = evaluate_adapter(pipe, out / "moslora.safetensors", args, base_images)
+            runs.append({"variant": name, "seed": seed, "train_seconds": round(seconds, 1), **metrics})
             print(json.dumps(runs[-1]), flush=True)
-            if seed == 0:
-                grid_rows.append((variant, grid_images(inst, cls, args.n_images)))
-    prompts = grid_images([INSTANCE_PROMPT] * args.n_images + [p.prompt for p in instance_prompts(args.n_images)],
-                          class_prompts(args.n_images), args.n_images)
-    grid = save_grid(args.grid or args.out_dir / f"{args.name}_grid.png", grid_rows,
-                     [p.replace("a photo of ", "") for p in prompts])
-    return {"runs": runs, "base_metrics": base_metrics, "grid": str(grid)}
+            if seed == args.seed_start:
+                grid_rows.append((name, grid_images(*images[GRID_SPLIT], args.n_images)))
+    grid = save_grid(args.grid or args.out_dir / f"{args.name}_grid.png", grid_rows, grid_columns(args.n_images))
+    recipes = {name: recipe.describe(shared) for name, recipe in args.recipes.items()}
+    return {"runs": runs, "base_metrics": base_metrics, "grid": str(grid), "recipes": recipes}
+
+
+def grid_columns(n: int) -> list[str]:
+    from moslora_diffusion.toy.subject import INSTANCE_PROMPT
+
+    prompts = grid_images([INSTANCE_PROMPT] * n + [p.prompt for p in instance_prompts(n, GRID_SPLIT)],
+                          class_prompts(n, GRID_SPLIT), n)
+    return [p.replace("a photo of ", "") for p in prompts]
 
 
 def main(argv=None) -> dict:
@@ -272,12 +313,13 @@ def main(argv=None) -> dict:
     settings = {"base": str(args.base), "instance_dir": str(args.instance_dir), "captions": args.captions,
                 "seeds": args.seeds, "seed_start": args.seed_start,
                 "seed_list": list(range(args.seed_start, args.seed_start + args.seeds)), "variants": args.variants,
-                "steps": args.steps, "rank": args.rank, "alpha": args.alpha or args.rank,
-                "target_modules": args.target_modules, "learning_rate": args.learning_rate, "batch": args.batch,
-                "prior_loss_weight": args.prior_loss_weight, "num_class_images": args.num_class_images,
-                "train_text_encoder": args.train_text_encoder, "text_encoder_lr": args.text_encoder_lr,
-                "n_images": args.n_images, "gen_steps": args.gen_steps, "guidance": args.guidance,
-                "generation_seed": GEN_SEED, "torch_threads": torch.get_num_threads(),
+                "recipes": result.pop("recipes"), "reference": args.reference, "steps": args.steps, "rank": args.rank,
+                "alpha": args.alpha or args.rank, "target_modules": args.target_modules,
+                "learning_rate": args.learning_rate, "batch": args.batch, "prior_loss_weight": args.prior_loss_weight,
+                "num_class_images": args.num_class_images, "train_text_encoder": args.train_text_encoder,
+                "text_encoder_lr": args.text_encoder_lr, "n_images": args.n_images, "gen_steps": args.gen_steps,
+                "guidance": args.guidance, "generation_seeds": SPLIT_GEN_SEEDS,
+                "torch_threads": torch.get_num_threads(),
                 "total_seconds": round(time.perf_counter() - started, 1)}
     return report(settings, result, args.out_dir, args.name)
 

@@ -1,56 +1,14 @@
-"""The quality benchmark's evaluation protocol on the toy world: the prompts every adapter draws and the metrics
-its images are scored with (the toy world's checker and subject score; every metric is a share or a mean of 0..1).
-The benchmark itself (training, drawing, the command) is benchmarks/quality.py; the report quality_report.py.
+"""The quality benchmark's metrics on the toy world: what every adapter's images are scored with (the toy world's
+checker and subject score; every metric is a share or a mean of 0..1). The prompts and their validation / test
+split: quality_split.py; the benchmark itself (training, drawing, the command): quality.py; the report:
+quality_report.py.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-
 import numpy as np
 
-GEN_SEED = 1234  # generation seed of every evaluation image (the same for every run and the base model)
-
-
-@dataclass(frozen=True)
-class InstancePrompt:
-    prompt: str
-    position: str | None  # None: the prompt names no position (not scored)
-    background: str | None  # None: the prompt names no background (not scored)
-
-
-# --- prompts and metrics ---------------------------------------------------------------------------------
-
-
-def instance_prompts(n: int) -> list[InstancePrompt]:
-    """`n` prompts that put the subject in scenes none of its photos shows, in the world's caption grammar.
-
-    Two of every three name a (position, background) pair that no photo has ("a photo of sks star on the left,
-    on a gray background"); the third names only a background or only a position ("a photo of sks star, on a
-    green background", "a photo of sks star at the top"). Backgrounds are those the subject stands out on.
-    """
-    from moslora_diffusion.toy.subject import INSTANCE_PROMPT, PHOTOS, SUBJECT_BACKGROUNDS
-    from moslora_diffusion.toy.world import POSITIONS
-
-    seen = {(photo[0], photo[2]) for photo in PHOTOS}
-    pairs = [(pos, bg) for bg, pos in itertools.product(SUBJECT_BACKGROUNDS, POSITIONS) if (pos, bg) not in seen]
-    pairs = pairs[::2] + pairs[1::2]  # a short list still varies both
-    partial = [x for pair in itertools.zip_longest([(None, bg) for bg in SUBJECT_BACKGROUNDS],
-                                                   [(pos, None) for pos in POSITIONS]) for x in pair if x]
-    chosen, full_i, partial_i = [], 0, 0
-    for i in range(n):
-        if i % 3 == 2:
-            chosen.append(partial[partial_i % len(partial)])
-            partial_i += 1
-        else:
-            chosen.append(pairs[full_i % len(pairs)])
-            full_i += 1
-    prompts = []
-    for pos, bg in chosen:
-        text = INSTANCE_PROMPT + (f" {POSITIONS[pos][1]}" if pos else "") + (f", on a {bg} background" if bg else "")
-        prompts.append(InstancePrompt(text, pos, bg))
-    return prompts
+from benchmarks.quality_split import InstancePrompt
 
 
 def _pixels(images) -> np.ndarray:
@@ -83,18 +41,9 @@ def instance_metrics(images, prompts: list[InstancePrompt]) -> dict:
             "prompt_fidelity": float(np.mean(both))}
 
 
-def class_prompts(n: int) -> list[str]:
-    """The class prompt as is, `n` times, then `n` class prompts with the scenes of the instance prompts ("a photo
-    of a star on the left, on a gray background"): a subject that leaks into the class shows in either."""
-    from moslora_diffusion.toy.subject import CLASS_PROMPT, INSTANCE_PROMPT
-
-    scenes = [p.prompt.replace(INSTANCE_PROMPT, CLASS_PROMPT) for p in instance_prompts(n)]
-    return [CLASS_PROMPT] * n + scenes
-
-
 def class_metrics(images, base_images) -> dict:
     """Prior preservation against the base model's same-prompt, same-seed images (all class prompts) and
-    diversity (the plain class prompt's images: the first half, see `class_prompts`)."""
+    diversity (the plain class prompt's images: the first half, see quality_split.class_prompts)."""
     from moslora_diffusion.toy.checker import check
     from moslora_diffusion.toy.subject import is_subject
 

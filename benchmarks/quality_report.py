@@ -1,5 +1,6 @@
-"""The quality benchmark's report: means with 95% CIs per variant, paired tests against the LoRA baseline, the
-image grid, the notes, and merging the results of seeds run in parallel processes (benchmarks/quality.py).
+"""The quality benchmark's report: per split (validation, test), means with 95% CIs per recipe and paired tests
+against the reference recipe; the targets on test (quality_targets.py); the image grid,
+the notes, and merging the results of seeds run in parallel processes (benchmarks/quality.py).
 """
 
 from __future__ import annotations
@@ -10,34 +11,35 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_results
-from benchmarks.quality_metrics import GEN_SEED, METRICS
+from benchmarks.quality_metrics import METRICS
+from benchmarks.quality_split import SPLIT_GEN_SEEDS, SPLITS, instance_prompts
+from benchmarks.quality_targets import choice_table, chosen_on_validation, targets_table
 from moslora_diffusion.evaluation.stats import mean_ci, paired_test
 
-BASELINE = "lora"
 BOUNDS = (0.0, 1.0)  # every metric is a share or a mean of 0..1 values: CIs are clipped to this range
 
 
-def aggregate(runs: list[dict], variants: list[str]) -> dict:
+def aggregate(runs: list[dict], variants: list[str], split: str) -> dict:
+    """{variant: {metric: mean_ci over seeds}} of one split."""
     summary = {}
     for variant in variants:
         mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
-        summary[variant] = {m: mean_ci([r[m] for r in mine], bounds=BOUNDS) for m, _, _ in METRICS}
+        summary[variant] = {m: mean_ci([r[split][m] for r in mine], bounds=BOUNDS) for m, _, _ in METRICS}
     return summary
 
 
-def compare(runs: list[dict], variants: list[str]) -> dict:
-    """Each MoSLoRA variant vs the LoRA baseline, paired by seed."""
+def compare(runs: list[dict], variants: list[str], reference: str, split: str) -> dict:
+    """Each variant vs the reference on one split, paired by seed (same data order, noise and A init)."""
+    ref = {r["seed"]: r for r in runs if r["variant"] == reference}
     out = {}
-    if BASELINE not in variants:
-        return out
-    base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
     for variant in variants:
-        if variant == BASELINE:
+        if variant == reference:
             continue
         mine = {r["seed"]: r for r in runs if r["variant"] == variant}
-        seeds = sorted(set(mine) & set(base))
-        out[f"{variant}_vs_{BASELINE}"] = {m: paired_test([mine[s][m] for s in seeds], [base[s][m] for s in seeds])
-                                           for m, _, _ in METRICS}
+        seeds = sorted(set(mine) & set(ref))
+        out[f"{variant}_vs_{reference}"] = {
+            m: paired_test([mine[s][split][m] for s in seeds], [ref[s][split][m] for s in seeds])
+            for m, _, _ in METRICS}
     return out
 
 
@@ -45,25 +47,42 @@ def _fmt(stats: dict) -> str:
     return f"{stats['mean']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
 
 
-def tables(summary: dict, comparisons: dict, base_metrics: dict) -> str:
+def summary_table(summary: dict, base_metrics: dict) -> str:
     variants = list(summary)
     lines = ["| metric | better | base model | " + " | ".join(variants) + " |",
              "|---|---|---:|" + "---:|" * len(variants)]
     for m, _, better in METRICS:
         lines.append(f"| {m} | {better} | {base_metrics[m]:.3f} | "
                      + " | ".join(_fmt(summary[v][m]) for v in variants) + " |")
-    if comparisons:
-        lines += ["", "Paired differences (variant - lora, same seed), 95% CI, paired t-test:", "",
-                  "| metric | " + " | ".join(comparisons) + " |", "|---|" + "---|" * len(comparisons)]
-        for m, _, _ in METRICS:
-            cells = []
-            for comp in comparisons.values():
-                c = comp[m]
-                p = "n/a" if c["p"] is None else f"{c['p']:.3f}"
-                sig = "**significant**" if c["significant"] else "not significant"
-                cells.append(f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p={p}, {sig}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def comparison_table(comparisons: dict, reference: str) -> str:
+    lines = [f"Paired differences (variant - {reference}, same seed), 95% CI, paired t-test:", "",
+             "| metric | " + " | ".join(comparisons) + " |", "|---|" + "---|" * len(comparisons)]
+    for m, _, _ in METRICS:
+        cells = []
+        for comp in comparisons.values():
+            c = comp[m]
+            p = "n/a" if c["p"] is None else f"{c['p']:.3f}"
+            sig = "**significant**" if c["significant"] else "not significant"
+            cells.append(f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p={p}, {sig}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tables(summary: dict, comparisons: dict, base_metrics: dict, reference: str) -> str:
+    """Test first (what is reported), then validation (what chooses), then the targets and the choices."""
+    parts = []
+    for split, title in (("test", "Test split (reported; never used to choose)"),
+                         ("validation", "Validation split (used to choose recipes and settings)")):
+        parts += [f"## {title}", "", summary_table(summary[split], base_metrics[split])]
+        if comparisons[split]:
+            parts += ["", comparison_table(comparisons[split], reference)]
+        parts.append("")
+    n_seeds = summary["test"][next(iter(summary["test"]))]["subject_rate"]["n"]
+    parts += ["## Targets and choices", "", targets_table(summary["test"], n_seeds), "", choice_table(summary)]
+    return "\n".join(parts)
 
 
 def verdict(comparisons: dict) -> str:
@@ -107,54 +126,73 @@ def save_grid(path: Path, rows: list[tuple[str, list]], columns: list[str], scal
     return path
 
 
+def _recipes_note(settings: dict) -> str:
+    rows = [f"- `{name}`: " + (", ".join(f"{k}={v}" for k, v in over.items()) or "the shared settings")
+            for name, over in settings["recipes"].items()]
+    return "Recipes (TrainConfig overrides on the shared settings):\n\n" + "\n".join(rows)
+
+
+def _split_note(n: int) -> str:
+    from moslora_diffusion.toy.subject import INSTANCE_PROMPT
+    val, test = (instance_prompts(n, split) for split in SPLITS)
+
+    def show(prompts) -> str:
+        return "; ".join(sorted({p.prompt.replace(INSTANCE_PROMPT, "").strip(" ,") for p in prompts}))
+
+    return (f"Fair split (quality_split.py): validation scenes [{show(val)}]; test scenes [{show(test)}]. No scene is "
+            "in both (a checkerboard over the (position, background) grid); validation chooses, test is reported. "
+            f"Generation seeds: {SPLIT_GEN_SEEDS}.")
+
+
 def describe(settings: dict, result: dict, comparisons: dict) -> str:
-    """The notes above the table: what was trained and measured, how to read it, the verdict."""
+    """The notes above the tables: what was trained and measured, how to read it, the verdict (on test)."""
     st = settings
     encoder = (f"text encoder adapters trained (lr {st['text_encoder_lr'] or st['learning_rate']})"
                if st["train_text_encoder"] else "text encoder frozen")
     captions = {"scene": "each photo captioned with its scene (caption sidecars)",
                 "mixed": "each photo 4 times, captioned with its scene, its background, its position and nothing",
                 "prompt": "every photo captioned with the instance prompt"}[st["captions"]]
-    seeds = st["seed_list"]
+    seeds, n = st["seed_list"], st["n_images"]
     mean_train = np.mean([r["train_seconds"] for r in result["runs"]])
-    n = st["n_images"]
     return (
-        f"DreamBooth on the toy subject (`{Path(st['instance_dir']).name}`, {captions}) with prior preservation. "
-        f"Every variant: rank {st['rank']}, alpha {st['alpha']}, UNet targets `{st['target_modules']}`, "
-        f"{encoder}, {st['steps']} steps, learning rate {st['learning_rate']}, batch {st['batch']} "
-        f"(+{st['batch']} class images), prior loss weight {st['prior_loss_weight']}, the same "
+        f"DreamBooth on the toy subject (`{Path(st['instance_dir']).name}`, {captions} unless a recipe says "
+        f"otherwise) with prior preservation. Shared settings: rank {st['rank']}, alpha {st['alpha']}, UNet targets "
+        f"`{st['target_modules']}`, {encoder}, {st['steps']} steps, learning rate {st['learning_rate']}, batch "
+        f"{st['batch']} (+{st['batch']} class images), prior loss weight {st['prior_loss_weight']}, the same "
         f"{st['num_class_images']} class images (generated once from the base model); {len(seeds)} training seeds "
-        f"({', '.join(map(str, seeds))}) per variant.\n\n"
-        f"Evaluation per run: {n} instance prompts placing the subject in scenes its photos never show "
-        f"(2 in 3 name a new (position, background) pair, the rest only a background or only a position), "
-        f"{n} bare instance prompts, {n} plain class prompts and {n} class prompts with the instance prompts' "
-        f"scenes; {st['gen_steps']} denoising steps with the base model's scheduler, guidance {st['guidance']}, "
-        f"generation seed {GEN_SEED} for every run and for the base model. Every image is scored from its pixels "
-        "with the toy world's checker and subject score.\n\n"
+        f"({', '.join(map(str, seeds))}) per recipe.\n\n{_recipes_note(st)}\n\n{_split_note(n)}\n\n"
+        f"Evaluation per run and split: {n} instance prompts placing the subject in the split's scenes (2 in 3 a new "
+        f"(position, background) pair, the rest only a background or only a position), {n} bare instance prompts, "
+        f"{n} plain class prompts and {n} class prompts with the split's scenes; {st['gen_steps']} denoising steps, "
+        f"guidance {st['guidance']}, the split's generation seed for every run and for the base model. Every image "
+        "is scored from its pixels with the toy world's checker and subject score.\n\n"
         "Cells: mean over seeds [95% t confidence interval, clipped to 0..1]; the base-model column is one "
-        "evaluation of the untrained model (its prior metrics compare it with itself). Differences: each MoSLoRA "
-        "variant minus LoRA on the same seed (same data order, noise and A initialisation), paired t-test, "
+        "evaluation of the untrained model (its prior metrics compare it with itself). Differences: each recipe "
+        f"minus `{st['reference']}` on the same seed (same data order, noise and A initialisation), paired t-test, "
         "two-sided, significant when p < 0.05 (no correction for the number of metrics).\n\n"
         + "\n".join(f"- `{m}` ({better} is better): {what}" for m, what, better in METRICS)
         + f"\n\nBase model: `{st['base']}`. Mean training run {mean_train:.0f} s, whole benchmark "
         f"{st['total_seconds']:.0f} s wall (torch threads {st['torch_threads']}{st.get('parts_note', '')}).\n\n"
-        f"Verdict: {verdict(comparisons) or 'no LoRA baseline in this run'}.\n\n"
-        f"Grid: `{Path(result['grid']).name}` (rows: the base model, then each variant trained with seed 0; "
-        "columns: 2 bare instance prompts, 4 instance prompts with scenes, 2 plain class prompts, 2 class prompts with "
-        "scenes; same seeds in every row).")
+        f"Verdict on test: {verdict(comparisons['test']) or 'one recipe only, nothing compared'}.\n\n"
+        f"Grid: `{Path(result['grid']).name}` (test split; rows: the base model, then each recipe trained with the "
+        "first seed; columns: 2 bare instance prompts, 4 instance prompts with scenes, 2 plain class prompts, 2 class "
+        "prompts with scenes; same seeds in every row).")
 
 
 def report(settings: dict, result: dict, out_dir: Path, name: str) -> dict:
-    """Summary, paired comparisons and the results files of finished runs."""
-    variants = settings["variants"]
-    summary = aggregate(result["runs"], variants)
-    comparisons = compare(result["runs"], variants)
+    """Summary and paired comparisons per split, targets, and the results files of finished runs."""
+    variants, reference = settings["variants"], settings["reference"]
+    summary = {split: aggregate(result["runs"], variants, split) for split in SPLITS}
+    comparisons = {split: compare(result["runs"], variants, reference, split) for split in SPLITS}
     notes = describe(settings, result, comparisons)
     rows = [{"kind": "settings", **settings}, {"kind": "base_model", **result["base_metrics"]}]
     rows += [{"kind": "run", **r} for r in result["runs"]]
-    rows += [{"kind": "summary", "variant": v, **{m: s for m, s in stats.items()}} for v, stats in summary.items()]
-    rows += [{"kind": "comparison", "comparison": c, **tests} for c, tests in comparisons.items()]
-    write_results(name, rows, tables(summary, comparisons, result["base_metrics"]), notes, out_dir)
+    rows += [{"kind": "summary", "split": split, "variant": v, **stats}
+             for split in SPLITS for v, stats in summary[split].items()]
+    rows += [{"kind": "comparison", "split": split, "comparison": c, **tests}
+             for split in SPLITS for c, tests in comparisons[split].items()]
+    rows.append({"kind": "chosen_on_validation", **chosen_on_validation(summary)})
+    write_results(name, rows, tables(summary, comparisons, result["base_metrics"], reference), notes, out_dir)
     return {"settings": settings, "summary": summary, "comparisons": comparisons, **result}
 
 
