@@ -197,21 +197,32 @@ def report(settings: dict, result: dict, out_dir: Path, name: str) -> dict:
 
 
 def merge_parts(paths: list[Path], out_dir: Path, name: str, grid: Path | None) -> dict:
-    """One report from results files of the same settings with disjoint seeds (runs in parallel processes)."""
+    """One report from results files of the same settings (runs in parallel processes, or recipes added later).
+
+    Parts may split the seeds of one recipe list, or run different recipes (then every recipe must have been run
+    with the same seeds): each (recipe, seed) must come from exactly one part.
+    """
     parts = [json.loads(Path(p).read_text())["rows"] for p in paths]
     settings = [next(r for r in rows if r["kind"] == "settings") for rows in parts]
-    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note"}
+    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note", "variants", "recipes"}
     for other, path in zip(settings[1:], paths[1:], strict=True):
         differing = sorted(k for k in other if k not in ignored and other[k] != settings[0].get(k))
         if differing:
             raise SystemExit(f"--merge: {path} was run with other settings: {', '.join(differing)}")
+    recipes = {}
+    for s in settings:
+        for variant, recipe in s["recipes"].items():
+            if recipes.setdefault(variant, recipe) != recipe:
+                raise SystemExit(f"--merge: recipe {variant!r} has other settings in another part")
+    variants = list(dict.fromkeys(v for s in settings for v in s["variants"]))
     runs = [{k: v for k, v in r.items() if k != "kind"} for rows in parts for r in rows if r["kind"] == "run"]
     seeds = sorted({r["seed"] for r in runs})
-    if len(seeds) * len(settings[0]["variants"]) != len(runs):
-        raise SystemExit("--merge: the parts share seeds, or a part is incomplete")
-    merged = {**settings[0], "seeds": len(seeds), "seed_list": seeds, "seed_start": seeds[0],
-              "total_seconds": max(s["total_seconds"] for s in settings),
-              "parts_note": f"; {len(paths)} processes side by side, wall time of the longest"}
+    pairs = {(r["variant"], r["seed"]) for r in runs}
+    if len(pairs) != len(runs) or len(pairs) != len(seeds) * len(variants):
+        raise SystemExit("--merge: the parts share (recipe, seed) runs, or a recipe lacks some seeds")
+    merged = {**settings[0], "variants": variants, "recipes": recipes, "seeds": len(seeds), "seed_list": seeds,
+              "seed_start": seeds[0], "total_seconds": sum(s["total_seconds"] for s in settings),
+              "parts_note": f"; the sum of {len(paths)} parts' wall times, the parts ran two at a time"}
     base = {k: v for k, v in next(r for r in parts[0] if r["kind"] == "base_model").items() if k != "kind"}
     grid = grid or out_dir / f"{name}_grid.png"
     return report(merged, {"runs": runs, "base_metrics": base, "grid": str(grid)}, out_dir, name)

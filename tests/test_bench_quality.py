@@ -77,18 +77,24 @@ def test_quality_benchmark_short_run_reports_both_splits(tmp_path):
 
 
 def test_merge_refuses_parts_that_do_not_belong_together(tmp_path):
-    def part(name: str, seed: int, steps: int) -> Path:
-        rows = [{"kind": "settings", "variants": ["lora"], "reference": "lora", "steps": steps, "seeds": 1,
-                 "seed_list": [seed], "total_seconds": 1.0},
-                {"kind": "base_model"}, {"kind": "run", "variant": "lora", "seed": seed}]
+    def part(name: str, seed: int, steps: int, variant: str = "lora", lr: float = 1e-3) -> Path:
+        rows = [{"kind": "settings", "variants": [variant], "recipes": {variant: {"learning_rate": lr}},
+                 "reference": "lora", "steps": steps, "seeds": 1, "seed_list": [seed], "total_seconds": 1.0},
+                {"kind": "base_model"}, {"kind": "run", "variant": variant, "seed": seed}]
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"machine": {}, "rows": rows}))
         return path
 
     with pytest.raises(SystemExit, match="other settings: steps"):
         quality.main(["--merge", str(part("a", 0, 10)), str(part("b", 1, 20)), "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="share seeds"):
+    with pytest.raises(SystemExit, match="share"):
         quality.main(["--merge", str(part("c", 0, 10)), str(part("d", 0, 10)), "--out-dir", str(tmp_path)])
+    # recipes added in a later part must have been run with the same seeds as the others
+    with pytest.raises(SystemExit, match="lacks some seeds"):
+        quality.main(["--merge", str(part("e", 0, 10)), str(part("f", 1, 10, "baseline")), "--out-dir",
+                      str(tmp_path)])
+    with pytest.raises(SystemExit, match="recipe 'lora' has other settings"):
+        quality.main(["--merge", str(part("g", 0, 10)), str(part("h", 1, 10, lr=2e-3)), "--out-dir", str(tmp_path)])
     assert not (tmp_path / "quality.json").exists()
 
 
