@@ -172,7 +172,7 @@ def evaluate_adapter(pipe, adapter_file: Path | None, args, base_class_images: d
 def add_recipe_flags(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=None, metavar="RECIPE",
                         help=f"recipes to train (default: {' '.join(DEFAULT_VARIANTS)} and every --recipe); built-in: "
-                        + ", ".join(f"{r.name} ({r.about})" for r in BUILTIN.values()))
+                        + ", ".join(f"{r.name} ({r.about})".replace("%", "%%") for r in BUILTIN.values()))
     parser.add_argument("--recipe", nargs="+", action="append", default=None, metavar="NAME [KEY=VALUE",
                         help="define a recipe: NAME = baseline + these TrainConfig overrides (a built-in NAME: that "
                         "recipe + these), e.g. --recipe snr3 snr_gamma=3; key captions= sets the captions mode; "

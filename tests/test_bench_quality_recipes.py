@@ -114,3 +114,12 @@ def test_masked_loss_on_photos_without_masks_fails_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="mine.png has no mine_mask.png beside it"):
         quality_photos.instance_folder(src, tmp_path / "out", "prompt", masks=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_builtin_recipe(capsys):
+    # a recipe's description with a '%' once broke argparse's help formatting
+    with pytest.raises(SystemExit) as exit_info:
+        quality.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in quality_recipes.BUILTIN)
