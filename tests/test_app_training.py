@@ -36,7 +36,7 @@ FAKE_TRAINER = textwrap.dedent("""
     for flag in ("--pretrained_model_name_or_path", "--instance_data_dir", "--instance_prompt", "--output_dir",
                  "--max_train_steps", "--rank", "--learning_rate", "--validation_prompt", "--validation_steps",
                  "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir", "--logging_steps",
-                 "--validation_metrics"):
+                 "--validation_metrics", "--validation_loss_photos"):
         p.add_argument(flag)
     p.add_argument("--with_prior_preservation", action="store_true")
     args = p.parse_args()
@@ -57,6 +57,8 @@ FAKE_TRAINER = textwrap.dedent("""
                 f.write(json.dumps({"step": step, "total": total, "loss": 1.0 / step}) + "\\n")
             f.write(json.dumps({"step": total, "scores": {"toy_subject": 0.5, "toy_prompt": 0.25},
                                 "validation_images": [f"validation/step-{total:06d}-0.png"]}) + "\\n")
+            if args.validation_loss_photos:
+                f.write(json.dumps({"step": total, "val_loss": 0.125}) + "\\n")
     shutil.copy(os.environ["FAKE_ADAPTER"], os.path.join(out, "moslora.safetensors"))
     sys.exit(int(os.environ.get("FAKE_RC", "0")))
 """)
@@ -102,19 +104,23 @@ def test_the_validation_settings_reach_the_trainers_config(tmp_path):
     """The app's command line, parsed by the trainer itself: the prompt and metric the Train tab sent are the
     TrainConfig's (an empty validation prompt means the instance prompt; "none" adds no flag)."""
     settings = TrainingSettings(tmp_path / "photos", "a photo of sks star", "", 40, 4, 64, 10,
-                                validation_prompt=" a sks star on the beach ", validation_metrics="toy")
+                                validation_prompt=" a sks star on the beach ", validation_metrics="toy",
+                                validation_loss_photos=2)
     settings.check()
     config = parse_args(build_command("assets/toy-base", settings, tmp_path / "run")[2:])
-    assert (config.validation_prompt, config.validation_metrics, config.validation_steps) == (
-        "a sks star on the beach", "toy", 10)
+    assert (config.validation_prompt, config.validation_metrics, config.validation_steps,
+            config.validation_loss_photos) == ("a sks star on the beach", "toy", 10, 2)
     plain = TrainingSettings(tmp_path / "photos", "a photo of sks star", steps=40, validation_steps=10)
     config = parse_args(build_command("assets/toy-base", plain, tmp_path / "run")[2:])
-    assert (config.validation_prompt, config.validation_metrics) == ("a photo of sks star", "none")
+    assert (config.validation_prompt, config.validation_metrics, config.validation_loss_photos) == (
+        "a photo of sks star", "none", 0)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"validation_metrics": "fid"}, "validation scores must be one of"),
     ({"validation_metrics": "toy", "validation_steps": 0}, "set 'validation every N steps' above 0"),
+    ({"validation_loss_photos": -1}, "held-out photos must be between 0 and 100"),
+    ({"validation_loss_photos": 2, "validation_steps": 0}, "held-out loss is scored at every validation"),
 ])
 def test_bad_validation_settings_are_refused(tmp_path, overrides, message):
     settings = TrainingSettings(tmp_path, "a photo of sks dog", **overrides)
@@ -184,12 +190,13 @@ def test_training_from_a_given_folder_finishes_and_loads_the_adapter(state):
 
 def test_a_scored_run_reports_its_scores_to_the_train_tab(state):
     job = state.start_training("a photo of sks dog", steps=3, rank=4, resolution=64, folder="photos/dog",
-                               validation_steps=3, validation_prompt="a sks dog", validation_metrics="toy")
+                               validation_steps=3, validation_prompt="a sks dog", validation_metrics="toy",
+                               validation_loss_photos=1)
     assert job.cmd[job.cmd.index("--validation_metrics") + 1] == "toy"
     _wait(job)
     progress = job.progress()
     assert progress.state == "finished" and progress.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
-    assert progress.scores == [(3, {"toy_subject": 0.5, "toy_prompt": 0.25})]
+    assert progress.scores == [(3, {"toy_subject": 0.5, "toy_prompt": 0.25})] and progress.held_out == [(3, 0.125)]
     assert scores_chart_image(progress.scores).tobytes() != scores_chart_image([]).tobytes()
     state.register_finished_training()
 

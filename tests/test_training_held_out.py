@@ -76,3 +76,15 @@ def test_bad_held_out_counts_are_refused_before_anything_is_written(tiny_sd15_di
     with pytest.raises(ConfigError, match=message):
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "run", validation_loss_photos=count))
     assert not (tmp_path / "run").exists()
+
+
+def test_held_out_loss_on_sdxl_with_trained_text_encoders_and_ema(tiny_sdxl_dir, tmp_path):
+    """SDXL's size conditioning and text encoders that train (prompts embedded at every score, not cached)."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_sdxl_dir, make_photos(tmp_path / "photos", count=3, size=(32, 32)), out,
+                         max_train_steps=2, validation_steps=1, validation_loss_photos=1, train_text_encoder=True,
+                         use_ema=True, ema_decay=0.5)
+    run_training(config)
+    records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    held = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [step for step, _ in held] == [1, 2] and all(math.isfinite(v) and v > 0 for _, v in held)

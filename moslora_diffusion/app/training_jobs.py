@@ -44,6 +44,7 @@ SETTINGS_RANGES = {
     "resolution": Range(64, 2048, integer=True, multiple_of=8, optional=True),
     "validation_steps": Range(0, MAX_TRAIN_STEPS, integer=True, label="validation every N steps"),
     "learning_rate": Range(0, 1, open_lower=True, label="learning rate"),
+    "validation_loss_photos": Range(0, 100, integer=True, label="held-out photos"),
 }
 
 
@@ -59,6 +60,7 @@ class TrainingSettings:
     learning_rate: float = 1e-4
     validation_prompt: str = ""  # empty: the instance prompt
     validation_metrics: str = "none"  # scores of every validation (--validation_metrics): none, toy, dreambench
+    validation_loss_photos: int = 0  # photos set aside for the held-out validation loss (0: none)
 
     def check(self) -> None:
         """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate)."""
@@ -71,6 +73,8 @@ class TrainingSettings:
                             f"{self.validation_metrics!r}")
         elif self.validation_metrics != "none" and not problems and not int(self.validation_steps):
             problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
+        if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
+            problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
         if problems:
             raise TrainingError("; ".join(problems))
         for name, value in numbers.items():
@@ -97,6 +101,8 @@ def build_command(base: str, settings: TrainingSettings, output_dir: Path, confi
                 "--num_validation_images", "2"]
         if settings.validation_metrics != "none":
             cmd += ["--validation_metrics", settings.validation_metrics]
+        if settings.validation_loss_photos:
+            cmd += ["--validation_loss_photos", str(int(settings.validation_loss_photos))]
     if config:
         cmd += ["--single_file_config", str(config)]
     return cmd

@@ -158,6 +158,8 @@ def _train_tab(state: AppState, res: int) -> dict:
         c["metrics"] = gr.Radio(list(VALIDATION_METRICS), value="none", elem_id="train-validation-metrics",
                                 label="Score every validation (toy: the toy base only; dreambench: DINO, CLIP-I, "
                                       "CLIP-T, needs those models)")
+        c["held_out"] = gr.Number(label="Photos held out for a validation loss (0: off)", value=0, precision=0,
+                                  elem_id="train-held-out-photos")
     with gr.Row():
         c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -172,10 +174,12 @@ def _train_tab(state: AppState, res: int) -> dict:
 
 
 def _train_handlers(state: AppState, c: dict, gen: dict, status):
-    def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every, val_prompt, metrics):
+    def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every, val_prompt, metrics,
+              held_out):
         try:
             job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads,
-                                       validation_prompt=val_prompt, validation_metrics=metrics)
+                                       validation_prompt=val_prompt, validation_metrics=metrics,
+                                       validation_loss_photos=held_out)
         except USER_ERRORS as err:
             return _refuse(err), gr.Timer(active=False)
         notes = "".join(f"\n\n⚠️ {note}" for note in job.notes)
@@ -205,7 +209,7 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
         return "Cancelled."
 
     inputs = [c["folder"], c["upload"], c["instance"], c["class"], c["steps"], c["rank"], c["resolution"],
-              c["val_every"], c["val_prompt"], c["metrics"]]
+              c["val_every"], c["val_prompt"], c["metrics"], c["held_out"]]
     c["start"].click(start, inputs=inputs, outputs=[c["status"], c["timer"]], api_name="train",
                      concurrency_id="training")
     c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["scores"], c["validation"], c["timer"]] + gen["slots"]
