@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
-from training_helpers import make_photos, run_training, tiny_config
+from training_helpers import make_photos, run_training, start_cli, tiny_config
 
 from moslora_diffusion.data import scan_photos
 from moslora_diffusion.training import loop
@@ -88,3 +89,26 @@ def test_held_out_loss_on_sdxl_with_trained_text_encoders_and_ema(tiny_sdxl_dir,
     records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     held = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     assert [step for step, _ in held] == [1, 2] and all(math.isfinite(v) and v > 0 for _, v in held)
+
+
+def test_two_processes_score_the_held_out_loss_like_one(tiny_sdxl_dir, tmp_path):
+    """torchrun + gloo, 2 CPU processes with batch 1 against 1 process with batch 2 (the same global batches):
+    every process scores the held-out rows through its DDP-wrapped UNet and text encoders (collective forwards,
+    no hang), and the logged val_loss matches the single process's within float32 rounding of the weights."""
+    photos = make_photos(tmp_path / "photos", count=4, size=(32, 32))
+    settings = dict(max_train_steps=2, learning_rate=1e-3, validation_steps=1, validation_loss_photos=1,
+                    train_text_encoder=True)
+    run_training(tiny_config(tiny_sdxl_dir, photos, tmp_path / "one", train_batch_size=2, **settings))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = start_cli(tiny_config(tiny_sdxl_dir, photos, tmp_path / "two", train_batch_size=1, **settings),
+                     launcher=launcher, ACCELERATE_USE_CPU="true")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+
+    def held_out(out):
+        lines = (out / "progress.jsonl").read_text().splitlines()
+        return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+    one, two = held_out(tmp_path / "one"), held_out(tmp_path / "two")
+    assert [s for s, _ in two] == [s for s, _ in one] == [1, 2]  # logged once, by the main process
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-4)
