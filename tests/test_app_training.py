@@ -14,7 +14,7 @@ import pytest
 from conftest import make_adapter
 from PIL import Image
 
-from moslora_diffusion.app.charts import loss_curve_image, smooth
+from moslora_diffusion.app.charts import loss_curve_image, scores_chart_image, smooth
 from moslora_diffusion.app.paths import AllowedRoots
 from moslora_diffusion.app.state import AppState, load_base_pipeline
 from moslora_diffusion.app.training_jobs import (
@@ -24,16 +24,19 @@ from moslora_diffusion.app.training_jobs import (
     TrainingSettings,
     build_command,
     parse_log,
+    read_progress_file,
 )
 from moslora_diffusion.app.uploads import UploadError
+from moslora_diffusion.training.config import parse_args
 
 FAKE_TRAINER = textwrap.dedent("""
-    import argparse, os, shutil, subprocess, sys, time
+    import argparse, json, os, shutil, subprocess, sys, time
     from PIL import Image
     p = argparse.ArgumentParser()
     for flag in ("--pretrained_model_name_or_path", "--instance_data_dir", "--instance_prompt", "--output_dir",
                  "--max_train_steps", "--rank", "--learning_rate", "--validation_prompt", "--validation_steps",
-                 "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir", "--logging_steps"):
+                 "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir", "--logging_steps",
+                 "--validation_metrics", "--validation_loss_photos"):
         p.add_argument(flag)
     p.add_argument("--with_prior_preservation", action="store_true")
     args = p.parse_args()
@@ -48,6 +51,14 @@ FAKE_TRAINER = textwrap.dedent("""
                          f"loss={1.0 / step:.4f}]")
         sys.stderr.flush()
     Image.new("RGB", (8, 8)).save(os.path.join(out, "validation", f"step-{total:06d}-0.png"))
+    if args.validation_metrics:  # the real trainer's progress.jsonl records: losses, then a scored validation
+        with open(os.path.join(out, "progress.jsonl"), "w") as f:
+            for step in range(1, total + 1):
+                f.write(json.dumps({"step": step, "total": total, "loss": 1.0 / step}) + "\\n")
+            f.write(json.dumps({"step": total, "scores": {"toy_subject": 0.5, "toy_prompt": 0.25},
+                                "validation_images": [f"validation/step-{total:06d}-0.png"]}) + "\\n")
+            if args.validation_loss_photos:
+                f.write(json.dumps({"step": total, "val_loss": 0.125}) + "\\n")
     shutil.copy(os.environ["FAKE_ADAPTER"], os.path.join(out, "moslora.safetensors"))
     sys.exit(int(os.environ.get("FAKE_RC", "0")))
 """)
@@ -89,6 +100,34 @@ def test_command_uses_the_trainers_flags(tmp_path):
     assert cmd[cmd.index("--validation_steps") + 1] == "25" and cmd[cmd.index("--single_file_config") + 1] == "cfg"
 
 
+def test_the_validation_settings_reach_the_trainers_config(tmp_path):
+    """The app's command line, parsed by the trainer itself: the prompt and metric the Train tab sent are the
+    TrainConfig's (an empty validation prompt means the instance prompt; "none" adds no flag)."""
+    settings = TrainingSettings(tmp_path / "photos", "a photo of sks star", "", 40, 4, 64, 10,
+                                validation_prompt=" a sks star on the beach ", validation_metrics="toy",
+                                validation_loss_photos=2)
+    settings.check()
+    config = parse_args(build_command("assets/toy-base", settings, tmp_path / "run")[2:])
+    assert (config.validation_prompt, config.validation_metrics, config.validation_steps,
+            config.validation_loss_photos) == ("a sks star on the beach", "toy", 10, 2)
+    plain = TrainingSettings(tmp_path / "photos", "a photo of sks star", steps=40, validation_steps=10)
+    config = parse_args(build_command("assets/toy-base", plain, tmp_path / "run")[2:])
+    assert (config.validation_prompt, config.validation_metrics, config.validation_loss_photos) == (
+        "a photo of sks star", "none", 0)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"validation_metrics": "fid"}, "validation scores must be one of"),
+    ({"validation_metrics": "toy", "validation_steps": 0}, "set 'validation every N steps' above 0"),
+    ({"validation_loss_photos": -1}, "held-out photos must be between 0 and 100"),
+    ({"validation_loss_photos": 2, "validation_steps": 0}, "held-out loss is scored at every validation"),
+])
+def test_bad_validation_settings_are_refused(tmp_path, overrides, message):
+    settings = TrainingSettings(tmp_path, "a photo of sks dog", **overrides)
+    with pytest.raises(TrainingError, match=message):
+        settings.check()
+
+
 def test_tqdm_output_is_parsed():
     log = ("Loading weights: 100%|##| 36/36 [00:00<00:00, 1.0it/s]\n"
            "generating class images:  50%|#  | 5/10 [00:01<00:01]\r"
@@ -106,16 +145,60 @@ def test_loss_curve_is_an_image():
         assert image.size == (520, 220)
 
 
+def test_scores_chart_draws_each_metric_and_a_placeholder_without_scores():
+    placeholder = scores_chart_image([])
+    assert placeholder.size == (520, 220)
+    assert scores_chart_image([(5, {})]).tobytes() == placeholder.tobytes()  # a record with no metric
+    low = scores_chart_image([(10, {"dino": 0.2, "clip_t": 0.25}), (20, {"dino": 0.4, "clip_t": 0.26})])
+    high = scores_chart_image([(10, {"dino": 0.2, "clip_t": 0.25}), (20, {"dino": 0.6, "clip_t": 0.26})])
+    assert low.size == (520, 220) and low.tobytes() != placeholder.tobytes()
+    assert low.tobytes() != high.tobytes()  # another score, another picture
+    assert scores_chart_image([(10, {"dino": 0.3})]).tobytes() != placeholder.tobytes()  # a single validation
+
+
+def test_held_out_loss_is_drawn_on_the_loss_curve():
+    losses = [(i, 1 / i) for i in range(1, 30)]
+    plain = loss_curve_image(losses)
+    with_held_out = loss_curve_image(losses, [(10, 0.3), (20, 0.2)])
+    assert with_held_out.tobytes() != plain.tobytes()
+    assert with_held_out.tobytes() != loss_curve_image(losses, [(10, 0.3), (20, 0.25)]).tobytes()
+    assert loss_curve_image([], [(10, 0.3)]).tobytes() != loss_curve_image([]).tobytes()  # held-out loss alone
+
+
+def test_progress_file_gives_losses_scores_and_held_out_loss(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"step": 1, "total": 4, "loss": 0.5}\n{"step": 2, "total": 4, "loss": 0.25}\n'
+                    '{"step": 2, "scores": {"dino": 0.5}, "val_loss": 0.125, "validation_images": ["v/a.png"]}\n'
+                    '{"step": 3, "total": 4, "lo')  # a line being written
+    read = read_progress_file(path)
+    assert (read.step, read.total, read.losses) == (2, 4, [(1, 0.5), (2, 0.25)])
+    assert read.scores == [(2, {"dino": 0.5})] and read.held_out == [(2, 0.125)]
+    assert read.validation_images == [tmp_path / "v" / "a.png"]
+
+
 def test_training_from_a_given_folder_finishes_and_loads_the_adapter(state):
     job = state.start_training("a photo of sks dog", steps=5, rank=4, resolution=64, folder="photos/dog")
     _wait(job)
     progress = job.progress()
-    assert progress.state == "finished" and (progress.step, progress.total) == (5, 5)
+    assert progress.state == "finished" and (progress.step, progress.total) == (5, 5), progress.message
     assert progress.losses[-1] == (5, 0.2) and len(progress.validation_images) == 1
     name = state.register_finished_training()
     assert name == job.output_dir.name and name in state.fusion.names() and state.fusion.scales[name] == 1.0
     assert state.register_finished_training() is None  # loaded once only
     assert name in state.available_adapters()  # the app's own training folder is an allowed root
+
+
+def test_a_scored_run_reports_its_scores_to_the_train_tab(state):
+    job = state.start_training("a photo of sks dog", steps=3, rank=4, resolution=64, folder="photos/dog",
+                               validation_steps=3, validation_prompt="a sks dog", validation_metrics="toy",
+                               validation_loss_photos=1)
+    assert job.cmd[job.cmd.index("--validation_metrics") + 1] == "toy"
+    _wait(job)
+    progress = job.progress()
+    assert progress.state == "finished" and progress.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert progress.scores == [(3, {"toy_subject": 0.5, "toy_prompt": 0.25})] and progress.held_out == [(3, 0.125)]
+    assert scores_chart_image(progress.scores).tobytes() != scores_chart_image([]).tobytes()
+    state.register_finished_training()
 
 
 def test_uploaded_photos_are_checked_then_staged(state, tmp_path):

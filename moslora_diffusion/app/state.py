@@ -170,10 +170,16 @@ class AppState:
     # training
     def start_training(self, instance_prompt: str, class_prompt: str = "", steps: int = 400, rank: int = 4,
                        resolution: int | None = None, validation_steps: int = 100, folder: str | None = None,
-                       uploads: list | None = None) -> TrainingJob:
-        """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app."""
+                       uploads: list | None = None, validation_prompt: str = "",
+                       validation_metrics: str = "none", validation_loss_photos: int = 0) -> TrainingJob:
+        """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app.
+        validation_metrics: none, toy (the toy base only) or dreambench, scored on every validation's images;
+        validation_loss_photos: photos set aside for the held-out loss (the trainer refuses leaving fewer than 2)."""
         settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", steps, rank,
-                                    resolution or None, validation_steps or 0)
+                                    resolution or None, validation_steps or 0,
+                                    validation_prompt=validation_prompt or "",
+                                    validation_metrics=validation_metrics or "none",
+                                    validation_loss_photos=validation_loss_photos or 0)
         settings.check()  # every number finite and in range, before any upload is copied
         resolution = settings.resolution or self.default_size
         if uploads:

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..checks import Range, number_problems
+from ..training.config import VALIDATION_METRICS
 from .paths import ADAPTER_FILE_NAME
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder `moslora_diffusion` is imported from
@@ -43,6 +44,7 @@ SETTINGS_RANGES = {
     "resolution": Range(64, 2048, integer=True, multiple_of=8, optional=True),
     "validation_steps": Range(0, MAX_TRAIN_STEPS, integer=True, label="validation every N steps"),
     "learning_rate": Range(0, 1, open_lower=True, label="learning rate"),
+    "validation_loss_photos": Range(0, 100, integer=True, label="held-out photos"),
 }
 
 
@@ -56,6 +58,9 @@ class TrainingSettings:
     resolution: int | None = None  # None: the model family's
     validation_steps: int = 100  # 0: no validation images
     learning_rate: float = 1e-4
+    validation_prompt: str = ""  # empty: the instance prompt
+    validation_metrics: str = "none"  # scores of every validation (--validation_metrics): none, toy, dreambench
+    validation_loss_photos: int = 0  # photos set aside for the held-out validation loss (0: none)
 
     def check(self) -> None:
         """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate)."""
@@ -63,6 +68,13 @@ class TrainingSettings:
             "enter an instance prompt with a trigger word, e.g. 'a photo of sks dog'"]
         numbers = {name: getattr(self, name) for name in SETTINGS_RANGES}
         problems += number_problems(numbers, SETTINGS_RANGES)
+        if self.validation_metrics not in VALIDATION_METRICS:
+            problems.append(f"validation scores must be one of {list(VALIDATION_METRICS)}, got "
+                            f"{self.validation_metrics!r}")
+        elif self.validation_metrics != "none" and not problems and not int(self.validation_steps):
+            problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
+        if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
+            problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
         if problems:
             raise TrainingError("; ".join(problems))
         for name, value in numbers.items():
@@ -84,8 +96,13 @@ def build_command(base: str, settings: TrainingSettings, output_dir: Path, confi
     if settings.resolution:
         cmd += ["--resolution", str(int(settings.resolution))]
     if settings.validation_steps:
-        cmd += ["--validation_prompt", settings.instance_prompt.strip(), "--validation_steps",
-                str(int(settings.validation_steps)), "--num_validation_images", "2"]
+        prompt = settings.validation_prompt.strip() or settings.instance_prompt.strip()
+        cmd += ["--validation_prompt", prompt, "--validation_steps", str(int(settings.validation_steps)),
+                "--num_validation_images", "2"]
+        if settings.validation_metrics != "none":
+            cmd += ["--validation_metrics", settings.validation_metrics]
+        if settings.validation_loss_photos:
+            cmd += ["--validation_loss_photos", str(int(settings.validation_loss_photos))]
     if config:
         cmd += ["--single_file_config", str(config)]
     return cmd
@@ -99,6 +116,8 @@ class JobProgress:
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
     message: str = ""
+    scores: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # --validation_metrics, per step
+    held_out: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out validation loss)
 
 
 def parse_log(text: str) -> tuple[int, int, list[tuple[int, float]], str]:
@@ -120,20 +139,28 @@ def parse_log(text: str) -> tuple[int, int, list[tuple[int, float]], str]:
     return step, total, sorted(losses.items()), last
 
 
-def read_progress_file(path: Path) -> tuple[int, int, list[tuple[int, float]], list[Path]]:
-    """The same from progress.jsonl lines {"step", "total", "loss", "validation_images"?}."""
-    step = total = 0
-    losses, images = {}, []
+def read_progress_file(path: Path) -> JobProgress:
+    """Progress (state "running") from progress.jsonl lines {"step", "total", "loss"} and the validation records
+    {"step", "validation_images"?, "scores"?: {metric: value}, "val_loss"?}."""
+    progress = JobProgress("running")
+    losses, scores, held_out = {}, {}, {}
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line being written right now
-        step, total = int(record.get("step", step)), int(record.get("total", total))
+        step = int(record.get("step", progress.step))
+        progress.step, progress.total = step, int(record.get("total", progress.total))
         if record.get("loss") is not None:
             losses[step] = float(record["loss"])
-        images += [path.parent / p for p in record.get("validation_images", [])]
-    return step, total, sorted(losses.items()), images
+        if isinstance(record.get("scores"), dict):
+            scores[step] = {name: float(value) for name, value in record["scores"].items()}
+        if record.get("val_loss") is not None:
+            held_out[step] = float(record["val_loss"])
+        progress.validation_images += [path.parent / p for p in record.get("validation_images", [])]
+    progress.losses, progress.scores, progress.held_out = (sorted(losses.items()), sorted(scores.items()),
+                                                           sorted(held_out.items()))
+    return progress
 
 
 class TrainingJob:
@@ -192,16 +219,18 @@ class TrainingJob:
         log = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
         step, total, losses, last = parse_log(log)
         images = sorted((self.output_dir / VALIDATION_DIR).glob("*.png"))
+        scores, held_out = [], []
         if (self.output_dir / PROGRESS_FILE).exists():
-            step, total, losses, listed = read_progress_file(self.output_dir / PROGRESS_FILE)
-            images = listed or images
+            read = read_progress_file(self.output_dir / PROGRESS_FILE)
+            step, total, losses, scores, held_out = read.step, read.total, read.losses, read.scores, read.held_out
+            images = read.validation_images or images
         state = self.state()
         message = {"running": last, "cancelled": "cancelled"}.get(state, "")
         if state == "failed":
             message = f"trainer exited with code {self.process.returncode}: " + "\n".join(log.splitlines()[-8:])
         elif state == "finished":
             message = f"finished: {self.result_path}"
-        return JobProgress(state, step, total, losses, images, message)
+        return JobProgress(state, step, total, losses, images, message, scores, held_out)
 
     def state(self) -> str:
         if self.running:

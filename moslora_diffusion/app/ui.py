@@ -22,7 +22,8 @@ from ..generation.text_to_image import (
     SCHEDULERS,
     GenerationRequest,
 )
-from .charts import loss_curve_image
+from ..training.config import VALIDATION_METRICS
+from .charts import loss_curve_image, scores_chart_image
 from .compose_ui import compose_tab
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
 from .state import AppState
@@ -152,11 +153,20 @@ def _train_tab(state: AppState, res: int) -> dict:
         c["val_every"] = gr.Number(label="Validation images every N steps (0: off)", value=100, precision=0,
                                    elem_id="train-validation-steps")
     with gr.Row():
+        c["val_prompt"] = gr.Textbox(label="Validation prompt (empty: the instance prompt)",
+                                     elem_id="train-validation-prompt")
+        c["metrics"] = gr.Radio(list(VALIDATION_METRICS), value="none", elem_id="train-validation-metrics",
+                                label="Score every validation (toy: the toy base only; dreambench: DINO, CLIP-I, "
+                                      "CLIP-T, needs those models)")
+        c["held_out"] = gr.Number(label="Photos held out for a validation loss (0: off)", value=0, precision=0,
+                                  elem_id="train-held-out-photos")
+    with gr.Row():
         c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
     c["status"] = gr.Markdown(elem_id="train-status")
     with gr.Row():
         c["loss"] = gr.Image(label="Loss", type="pil", elem_id="train-loss", height=240)
+        c["scores"] = gr.Image(label="Validation scores", type="pil", elem_id="train-scores", height=240)
         c["validation"] = gr.Gallery(label="Latest validation images", columns=2, elem_id="train-validation",
                                      height=240)
     c["timer"] = gr.Timer(1.0, active=False)
@@ -164,9 +174,12 @@ def _train_tab(state: AppState, res: int) -> dict:
 
 
 def _train_handlers(state: AppState, c: dict, gen: dict, status):
-    def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every):
+    def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every, val_prompt, metrics,
+              held_out):
         try:
-            job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads)
+            job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads,
+                                       validation_prompt=val_prompt, validation_metrics=metrics,
+                                       validation_loss_photos=held_out)
         except USER_ERRORS as err:
             return _refuse(err), gr.Timer(active=False)
         notes = "".join(f"\n\n⚠️ {note}" for note in job.notes)
@@ -175,7 +188,7 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
     def poll():
         job = state.training.job
         if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), *[gr.skip()] * (MAX_SLOTS + 1)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), *[gr.skip()] * (MAX_SLOTS + 1)
         p = job.progress()
         text = f"**{p.state}** · step {p.step}/{p.total or '?'}" + (f" · {p.message}" if p.message else "")
         new = None
@@ -188,18 +201,19 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
             text += f"\n\nAdapter **{new}** loaded: its slider is on the Generate tab."
         images = [str(path) for path in p.validation_images[-4:]]
         slots = slot_updates(state, new=new) if new else [gr.skip()] * MAX_SLOTS
-        return (text, loss_curve_image(p.losses), images, gr.Timer(active=p.state == "running"), *slots,
-                state.status_text())
+        return (text, loss_curve_image(p.losses, p.held_out), scores_chart_image(p.scores), images,
+                gr.Timer(active=p.state == "running"), *slots, state.status_text())
 
     def cancel():
         state.training.cancel()
         return "Cancelled."
 
     inputs = [c["folder"], c["upload"], c["instance"], c["class"], c["steps"], c["rank"], c["resolution"],
-              c["val_every"]]
+              c["val_every"], c["val_prompt"], c["metrics"], c["held_out"]]
     c["start"].click(start, inputs=inputs, outputs=[c["status"], c["timer"]], api_name="train",
                      concurrency_id="training")
-    c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["validation"], c["timer"]] + gen["slots"] + [status],
+    c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["scores"], c["validation"], c["timer"]] + gen["slots"]
+                    + [status],
                     concurrency_id="training", show_progress="hidden", api_visibility="private")
     c["cancel"].click(cancel, outputs=c["status"], api_name="cancel_training", concurrency_id="training")
 

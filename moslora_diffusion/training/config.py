@@ -136,6 +136,9 @@ class TrainConfig:
                             group="validation")
     keep_best: bool = _flag(False, "keep the adapter of the best-scoring validation as moslora_best.safetensors",
                             group="validation")
+    validation_loss_photos: int = _flag(
+        0, "set N instance photos aside (never trained on) and score the diffusion loss on them at fixed noise and "
+        "timesteps every --validation_steps steps: val_loss in progress.jsonl and the trackers", group="validation")
     # checkpoints and outputs
     checkpointing_steps: int = _flag(500, "save a resumable checkpoint every N steps", group="output")
     checkpoints_total_limit: int | None = _flag(None, "keep only the newest N checkpoints", group="output")
@@ -206,7 +209,8 @@ NUMBER_RANGES = {
     "train_batch_size": _GT0, "gradient_accumulation_steps": _GT0, "max_grad_norm": _GE0, "adam_beta1": _UNIT,
     "adam_beta2": _UNIT, "adam_weight_decay": _GE0, "adam_epsilon": _GT0, "snr_gamma": _GT0_OR_NONE,
     "noise_offset": _GE0, "min_timestep": _GE0, "max_timestep": _GT0_OR_NONE, "seed": Range(0, MAX_SEED),
-    "ema_decay": _UNIT, "num_validation_images": _GT0, "validation_steps": _GT0, "validation_inference_steps": _GT0,
+    "ema_decay": _UNIT, "num_validation_images": _GT0, "validation_steps": _GT0,
+    "validation_loss_photos": _GE0, "validation_inference_steps": _GT0,
     "checkpointing_steps": _GT0, "checkpoints_total_limit": _GT0_OR_NONE, "logging_steps": _GT0,
 }
 

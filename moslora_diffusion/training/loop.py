@@ -33,6 +33,7 @@ from .components import (
     store_in_fp8,
 )
 from .config import TrainConfig
+from .held_out import HeldOutLoss, log_held_out_loss, split_held_out
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
 from .output_location import check_room
@@ -86,6 +87,7 @@ def train(config: TrainConfig) -> TrainResult:
     check_report_to(config.report_to)
     check_output_dir(config)
     photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
+    photos, held_out = split_held_out(photos, config.validation_loss_photos)
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
@@ -108,6 +110,10 @@ def train(config: TrainConfig) -> TrainResult:
         set_pipeline_scale(base.pipe, 1.0)
     run, batches = prepare_run(config, accelerator, base, trainable, [photos], class_images, resolution,
                                "moslora-dreambooth")
+    if held_out:
+        run.held_out = HeldOutLoss(run, held_out)
+        if accelerator.is_main_process:
+            print(f"Held out for the validation loss: {', '.join(r.path.name for r in held_out)}")
     if config.fp8_base:  # after DDP's set-up, which broadcasts every weight: float8 is not a dtype it can send
         store_in_fp8(base.unet)
     if config.torch_compile:  # the module DDP wraps, compiled in place: compiled steps, DDP's hooks as before
@@ -197,10 +203,8 @@ def train_loop(run: Run) -> list[float]:
                 if checkpoint:
                     save(run, step)
                     saved = step
-                if config.validation_prompt and step % config.validation_steps == 0 and step < plan.max_train_steps:
-                    if acc.is_main_process:
-                        run_validation(run.base.pipe, config, plan.resolution, step, acc, run.ema)
-                    acc.wait_for_everyone()
+                if step % config.validation_steps == 0 and step < plan.max_train_steps:
+                    validate(run, step)
         except StopRequested:
             how = (f"the unfinished step {step} was discarded" if done < step else
                    "its optimizer update was finished first" if ctrl_c.update_finished_first else "")
@@ -208,6 +212,17 @@ def train_loop(run: Run) -> list[float]:
         finally:
             progress.close()  # before any message: the bar's last line must not follow it
     return losses
+
+
+def validate(run: Run, step: int) -> None:
+    """The held-out loss (every process: its modules may be DDP's) and the validation images (main process)."""
+    config, acc = run.config, run.accelerator
+    if run.held_out is not None:
+        log_held_out_loss(run, step)
+    if config.validation_prompt:
+        if acc.is_main_process:
+            run_validation(run.base.pipe, config, run.plan.resolution, step, acc, run.ema)
+        acc.wait_for_everyone()
 
 
 def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str):
@@ -321,6 +336,8 @@ def finish(run: Run, losses: list[float], started: float, loop_seconds: float) -
     result = TrainResult(Path(config.output_dir), plan.max_train_steps, run.start_step, losses,
                          loop_seconds=loop_seconds, vae_encoded=run.posteriors.encoded,
                          vae_reused=run.posteriors.reused)
+    if run.held_out is not None:  # the saved (EMA) weights, on every process
+        log_held_out_loss(run, plan.max_train_steps)
     if acc.is_main_process:
         images = []
         if config.validation_prompt:

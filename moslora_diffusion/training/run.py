@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .posteriors import PosteriorMemo
 from .resume import resume_settings
 from .trainable import Trainable
 
+if TYPE_CHECKING:
+    from .held_out import HeldOutLoss
+
 
 @dataclass
 class Run:
@@ -49,6 +53,7 @@ class Run:
     ema: AdapterEMA | None = None
     start_step: int = 0
     batches: Iterator[dict] | None = None  # set by start_batches
+    held_out: HeldOutLoss | None = None  # --validation_loss_photos
 
 
     @property
