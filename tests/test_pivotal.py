@@ -171,3 +171,106 @@ def test_training_learns_the_vectors_and_resumes_bit_for_bit(tiny_sd15_dir, tmp_
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "c", max_train_steps=4,
                                  resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"),
                                  **{**ti, "token_abstraction": "dog"}))
+
+
+def pivotal_adapter(model_dir, path, text_targets=None, seed: int = 0):
+    """A saved adapter with non-zero B and trained-looking (perturbed) vectors for WORD."""
+    pipe = load_pipe(model_dir)
+    torch.manual_seed(seed)
+    attach_to_pipeline(pipe, AdapterConfig(rank=4, alpha=8), text_targets=text_targets)
+    randomize_adapters(pipe, seed)
+    attach_token_vectors(pipe, WORD)
+    perturb_vectors(pipe, seed)
+    return save_adapter(pipe, path, {"instance_prompt": PROMPT})
+
+
+@torch.no_grad()
+def prompt_embeds(pipe, prompt: str = PROMPT) -> torch.Tensor:
+    """What the pipeline conditions the UNet on (diffusers' encode_prompt: textual-inversion tokens expanded)."""
+    return pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+
+
+def test_sd1_embedding_file_has_the_a1111_key_and_loads_in_diffusers(tiny_sd15_dir, tmp_path):
+    """The lora-kohya export writes sks.safetensors beside the LoRA: emb_params (one vector per token of the word),
+    and diffusers' load_textual_inversion on the base model gives our row replacement's prompt embedding."""
+    from moslora_diffusion.formats.export_targets import export_pipeline
+
+    adapter = pivotal_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors")  # UNet-only LoRA
+    export_pipeline(load_pipe(tiny_sd15_dir), [(adapter, 1.0)], "lora-kohya", tmp_path / "out" / "subject.safetensors")
+    tensors, metadata = load_tensors(tmp_path / "out" / f"{WORD}.safetensors")
+    ours = load_pipe(tiny_sd15_dir)
+    load_adapter(ours, adapter)
+    assert set(tensors) == {"emb_params"} and metadata["token_abstraction"] == WORD
+    assert tensors["emb_params"].shape == (len(word_token_ids(ours.tokenizer, WORD)), 32)
+
+    theirs = load_pipe(tiny_sd15_dir)
+    theirs.load_textual_inversion(str(tmp_path / "out" / f"{WORD}.safetensors"), token=WORD)
+    base = prompt_embeds(load_pipe(tiny_sd15_dir))
+    expected = prompt_embeds(ours)
+    assert (expected - base).abs().max() > 1e-2  # the vectors change the prompt: the comparison is not trivial
+    torch.testing.assert_close(prompt_embeds(theirs), expected, atol=1e-5, rtol=0)
+
+
+def test_sdxl_embedding_file_has_clip_l_and_clip_g(tiny_sdxl_dir, tmp_path):
+    """lora-diffusers export of an SDXL adapter: sks.safetensors with clip_l / clip_g, each loaded into its
+    encoder with diffusers' load_textual_inversion, gives our prompt embeddings and pooled embedding (<= 1e-5)."""
+    from moslora_diffusion.formats.export_targets import export_pipeline
+
+    adapter = pivotal_adapter(tiny_sdxl_dir, tmp_path / "run" / "moslora.safetensors")
+    export_pipeline(load_pipe(tiny_sdxl_dir), [(adapter, 1.0)], "lora-diffusers", tmp_path / "out")
+    tensors, _ = load_tensors(tmp_path / "out" / f"{WORD}.safetensors")
+    ours = load_pipe(tiny_sdxl_dir)
+    load_adapter(ours, adapter)
+    assert set(tensors) == {"clip_l", "clip_g"}
+    n = len(word_token_ids(ours.tokenizer, WORD))
+    assert tensors["clip_l"].shape == (n, ours.text_encoder.config.hidden_size)
+    assert tensors["clip_g"].shape == (n, ours.text_encoder_2.config.hidden_size)
+
+    theirs = load_pipe(tiny_sdxl_dir)
+    theirs.load_textual_inversion(tensors["clip_l"], token=WORD, text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(tensors["clip_g"], token=WORD, text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    with torch.no_grad():
+        expected = ours.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+        got = theirs.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)  # (1, 77, 768+1280 scaled down)
+    torch.testing.assert_close(got[2], expected[2], atol=1e-5, rtol=0)  # pooled
+
+
+def test_merged_single_file_bakes_the_vectors_into_the_token_rows(tiny_sd15_dir, tmp_path):
+    """merged-single-file (fp32): the token-embedding rows of the word equal the vectors, and the baked pipeline
+    encodes like the loaded adapter + vectors (text-encoder LoRA too, <= 1e-5)."""
+    from moslora_diffusion.formats.export_targets import export_pipeline
+
+    adapter = pivotal_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors", text_targets="attn")
+    merged = load_pipe(tiny_sd15_dir)
+    export_pipeline(merged, [(adapter, 1.0)], "merged-single-file", tmp_path / "merged.safetensors", dtype="fp32")
+    assert not pipeline_token_vectors(merged)  # baked, not attached
+    ours = load_pipe(tiny_sd15_dir)
+    load_adapter(ours, adapter)
+    torch.testing.assert_close(encoder_outputs(merged)["text_encoder"], encoder_outputs(ours)["text_encoder"],
+                               atol=1e-5, rtol=0)
+    rows = load_tensors(tmp_path / "merged.safetensors")[0][
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    module = pipeline_token_vectors(ours)["text_encoder"]
+    assert torch.equal(rows[module.token_ids], module.vectors.detach())
+
+
+def test_training_writes_the_embedding_file(tiny_sd15_dir, tmp_path):
+    photos = make_photos(tmp_path / "photos", count=1)
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "run", max_train_steps=1, train_text_encoder_ti=True,
+                             token_abstraction=WORD))
+    native = load_tensors(tmp_path / "run" / "moslora.safetensors")[0][f"embeddings.text_encoder.{WORD}"]
+    embedding = load_tensors(tmp_path / "run" / f"{WORD}.safetensors")[0]["emb_params"]
+    ids = list(dict.fromkeys(word_token_ids(load_pipe(tiny_sd15_dir).tokenizer, WORD)))
+    positions = [ids.index(i) for i in word_token_ids(load_pipe(tiny_sd15_dir).tokenizer, WORD)]
+    assert torch.equal(embedding, native[positions])
+
+
+def test_mole_refuses_a_pivotal_tuned_expert(tiny_sd15_dir, tmp_path):
+    from moslora_diffusion.mole.experts import MoLEError, read_expert
+
+    adapter = pivotal_adapter(tiny_sd15_dir, tmp_path / "moslora.safetensors")
+    with pytest.raises(MoLEError, match="pivotal tuning"):
+        read_expert(adapter, load_pipe(tiny_sd15_dir), "dog")

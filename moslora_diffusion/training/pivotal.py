@@ -17,6 +17,9 @@ from .checkpoints import CheckpointError, CheckpointInfo
 from .flags import ConfigError
 
 CHECKPOINT_STEM = "embeddings"  # checkpoint-N/embeddings.safetensors: {text encoder: (n, D)}
+# The embedding file is <word>.safetensors beside the run's other files (formats/embedding_files.py): these words
+# would name one of those.
+RESERVED_WORDS = ("moslora", "moslora_best", "pytorch_lora_weights", "lora_kohya")
 
 
 def check_pivotal_flags(config) -> None:
@@ -32,6 +35,9 @@ def check_pivotal_flags(config) -> None:
                           "whose embedding is learned (e.g. --token_abstraction sks)")
     if word != word.strip() or len(word.split()) != 1:
         raise ConfigError(f"--token_abstraction {word!r} must be one word without spaces, e.g. sks")
+    if word.lower() in RESERVED_WORDS or not re.fullmatch(r"[^/\\:*?\"<>|]+", word) or word.strip(".") == "":
+        raise ConfigError(f"--token_abstraction {word!r} cannot name the embedding file <word>.safetensors written "
+                          "beside the LoRAs: use another trigger word, e.g. sks")
     if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", config.instance_prompt or ""):
         raise ConfigError(f"--token_abstraction {word!r} does not appear in --instance_prompt "
                           f"{config.instance_prompt!r}: use the trigger word of the prompt")
