@@ -274,3 +274,28 @@ def test_mole_refuses_a_pivotal_tuned_expert(tiny_sd15_dir, tmp_path):
     adapter = pivotal_adapter(tiny_sd15_dir, tmp_path / "moslora.safetensors")
     with pytest.raises(MoLEError, match="pivotal tuning"):
         read_expert(adapter, load_pipe(tiny_sd15_dir), "dog")
+
+
+def test_app_and_generate_fusion_apply_and_remove_the_vectors(tiny_sd15_dir, tmp_path):
+    """FusedAdapters (what the app and the generate command load through): the word's vectors apply with the
+    adapter (same text-encoder output as load_adapter, <= 1e-6), unloading restores the base bit for bit, and a
+    second pivotal-tuned adapter is refused in one line while the first is loaded."""
+    from moslora_diffusion.generation.fusion import FusedAdapters
+
+    first = pivotal_adapter(tiny_sd15_dir, tmp_path / "a" / "moslora.safetensors", text_targets="attn")
+    second = pivotal_adapter(tiny_sd15_dir, tmp_path / "b" / "moslora.safetensors", seed=1)
+    base = encoder_outputs(load_pipe(tiny_sd15_dir))["text_encoder"]
+    ours = load_pipe(tiny_sd15_dir)
+    load_adapter(ours, first)
+    pipe = load_pipe(tiny_sd15_dir)
+    fusion = FusedAdapters(pipe)
+    fusion.add("a", first, 1.0)
+    torch.testing.assert_close(encoder_outputs(pipe)["text_encoder"], encoder_outputs(ours)["text_encoder"],
+                               atol=1e-6, rtol=0)
+    with pytest.raises(AdapterError, match="already brings its trigger word's vectors") as err:
+        fusion.add("b", second, 1.0)
+    assert "\n" not in str(err.value) and fusion.names() == ["a"]
+    fusion.remove("a")
+    assert torch.equal(encoder_outputs(pipe)["text_encoder"], base)
+    fusion.add("b", second, 0.5)  # the slot is free again
+    assert pipeline_token_vectors(pipe)
