@@ -257,15 +257,22 @@ def test_merged_single_file_bakes_the_vectors_into_the_token_rows(tiny_sd15_dir,
     assert torch.equal(rows[module.token_ids], module.vectors.detach())
 
 
-def test_training_writes_the_embedding_file(tiny_sd15_dir, tmp_path):
+def test_sdxl_training_learns_both_encoders_vectors_and_writes_clip_l_clip_g(tiny_sdxl_dir, tmp_path):
+    """2 SDXL steps: both encoders' vectors moved from the base rows (the first encoder is read at its
+    penultimate layer, still downstream of the embedding), and sks.safetensors holds them per token."""
     photos = make_photos(tmp_path / "photos", count=1)
-    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "run", max_train_steps=1, train_text_encoder_ti=True,
-                             token_abstraction=WORD))
-    native = load_tensors(tmp_path / "run" / "moslora.safetensors")[0][f"embeddings.text_encoder.{WORD}"]
-    embedding = load_tensors(tmp_path / "run" / f"{WORD}.safetensors")[0]["emb_params"]
-    ids = list(dict.fromkeys(word_token_ids(load_pipe(tiny_sd15_dir).tokenizer, WORD)))
-    positions = [ids.index(i) for i in word_token_ids(load_pipe(tiny_sd15_dir).tokenizer, WORD)]
-    assert torch.equal(embedding, native[positions])
+    run_training(tiny_config(tiny_sdxl_dir, photos, tmp_path / "run", max_train_steps=2, train_text_encoder_ti=True,
+                             token_abstraction=WORD, embedding_lr=5e-2))
+    native = load_tensors(tmp_path / "run" / "moslora.safetensors")[0]
+    embedding = load_tensors(tmp_path / "run" / f"{WORD}.safetensors")[0]
+    base = load_pipe(tiny_sdxl_dir)
+    for name, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        tok = getattr(base, name.replace("text_encoder", "tokenizer"))
+        ids = list(dict.fromkeys(word_token_ids(tok, WORD)))
+        vectors = native[f"embeddings.{name}.{WORD}"]
+        rows = getattr(base, name).get_input_embeddings().weight[ids]
+        assert ((vectors - rows).abs().amax(dim=1) > 1e-3).all(), name
+        assert torch.equal(embedding[key], vectors[[ids.index(i) for i in word_token_ids(tok, WORD)]])
 
 
 def test_mole_refuses_a_pivotal_tuned_expert(tiny_sd15_dir, tmp_path):
