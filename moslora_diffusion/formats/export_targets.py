@@ -27,6 +27,7 @@ from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.native_file import AdapterFile, load_adapter
 from ..moslora.pipeline import detach_from_pipeline
+from .embedding_files import embedding_file_name, embedding_file_tensors, write_embedding
 from .lora import DIFFUSERS_WEIGHT_NAME, combine, fold_pipeline, save_diffusers_lora, save_kohya_lora
 from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
 from .single_file import single_file_state_dict
@@ -150,19 +151,39 @@ def modelspec(record: dict, pipe, title: str) -> dict[str, str]:
             MERGE_RECORD: json.dumps(record)}
 
 
-def _export_lora(pipe, adapters: Adapters, target: str, out: Path, dtype: str, base: str) -> Path:
-    """Folds each adapter at its scale (exact: the mixer goes into up); several are concatenated."""
-    folds, loaded = [], []
+def _export_lora(pipe, adapters: Adapters, target: str, out: Path, dtype: str, base: str, overwrite: bool) -> Path:
+    """Folds each adapter at its scale (exact: the mixer goes into up); several are concatenated. A pivotal-tuned
+    adapter's trigger-word vectors are written beside it as `<word>.safetensors` (formats/embedding_files.py)."""
+    folds, loaded, embeddings = [], [], {}
     for path, scale in adapters:
         loaded.append(load_adapter(pipe, resolve_adapter_path(path), scale))
         folds.append(fold_pipeline(pipe))
+        if embedding_file_name(pipe):  # pivotal tuning: the word's vectors go beside the LoRA
+            embeddings[embedding_file_name(pipe)] = embedding_file_tensors(pipe)
         detach_from_pipeline(pipe)
+    folder = out if target == "lora-diffusers" else out.parent
+    check_embedding_outputs(embeddings, folder, out, overwrite)
     folded = folds[0] if len(folds) == 1 else combine(folds)
     info = merge_record(base, adapters, loaded, dtype, target) | {"title": out.stem}
     if target == "lora-diffusers":
-        return save_diffusers_lora(folded, out, info, DTYPES[dtype]).parent
-    family = detect_model(pipe).family
-    return save_kohya_lora(folded, out, family, dict(pipe.unet.config), info, DTYPES[dtype])
+        written = save_diffusers_lora(folded, out, info, DTYPES[dtype]).parent
+    else:
+        family = detect_model(pipe).family
+        written = save_kohya_lora(folded, out, family, dict(pipe.unet.config), info, DTYPES[dtype])
+    for name, tensors in embeddings.items():
+        write_embedding(folder, name, tensors)
+    return written
+
+
+def check_embedding_outputs(embeddings: dict, folder: Path, out: Path, overwrite: bool) -> None:
+    """The embedding files (<word>.safetensors) of pivotal-tuned adapters may be written, before any file is."""
+    for name in embeddings:
+        if folder / name == out:
+            raise ExportError(f"--out {out} has the name of the trigger word's embedding file written beside it: "
+                              "choose another --out name")
+        if (folder / name).exists() and not overwrite:
+            raise FileExistsError(f"{folder / name} (the trigger word's embedding) already exists; pass --overwrite "
+                                  "to replace it")
 
 
 def _components(pipe) -> dict[str, torch.nn.Module]:
@@ -210,7 +231,7 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     check_output(target, out, overwrite)
     base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
     if target.startswith("lora-"):
-        return _export_lora(pipe, adapters, target, out, dtype, base)
+        return _export_lora(pipe, adapters, target, out, dtype, base, overwrite)
     loaded = bake_adapters(pipe, adapters)
     return write_merged(pipe, merge_record(base, adapters, loaded, dtype, target), target, out, dtype, overwrite)
 

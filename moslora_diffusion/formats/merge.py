@@ -15,6 +15,7 @@ from ..moslora import inject
 from ..moslora.inject import AdapterError
 from ..moslora.native_file import AdapterFile, load_adapter
 from ..moslora.pipeline import model_components
+from ..moslora.token_vectors import bake_token_vectors
 
 ADAPTER_FILE_NAME = "moslora.safetensors"  # inside a training output folder
 
@@ -50,4 +51,5 @@ def bake_adapters(pipe, adapters: Sequence[tuple[str | Path, float]]) -> list[Ad
         loaded.append(load_adapter(pipe, path, scale))
         for module in model_components(pipe).values():
             inject.bake(module)
+        bake_token_vectors(pipe)  # pivotal tuning: the trigger word's rows become its learned vectors
     return loaded

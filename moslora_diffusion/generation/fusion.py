@@ -23,6 +23,7 @@ from ..moslora.folded import FoldedAdapter, LayerKey, fold_adapter_file, validat
 from ..moslora.inject import AdapterError
 from ..moslora.native_file import read_adapter, validate_against
 from ..moslora.pipeline import model_components, model_module_name
+from ..moslora.token_vectors import check_token_vectors, detach_token_vectors, load_token_vectors
 
 
 class FusedAdapters:
@@ -39,6 +40,7 @@ class FusedAdapters:
         self.adapters: dict[str, FoldedAdapter] = {}  # insertion order = slider order
         self.scales: dict[str, float] = {}
         self._originals: dict[LayerKey, torch.Tensor] = {}
+        self.vectors_of: str | None = None  # the adapter whose trigger-word vectors (pivotal tuning) are attached
         self._lock = threading.RLock()
 
     def locked(self):
@@ -63,7 +65,16 @@ class FusedAdapters:
             raise AdapterError(f"{path}: adapter was trained for {stored}, but the model is {self.family.name} "
                                f"({self.family.label}); use a base model of the same family")
         validate_against(adapter, self.components, path)
-        return self.add_folded(fold_adapter_file(adapter, name, Path(path)), scale)
+        if adapter.embeddings:  # one word's vectors at a time: they replace its token rows, whatever the slider
+            if self.vectors_of is not None:
+                raise AdapterError(f"{path}: learned vectors for {adapter.token_abstraction!r}, but {self.vectors_of!r}"
+                                   " already brings its trigger word's vectors; unload it first")
+            check_token_vectors(self.pipe, adapter.token_abstraction, adapter.embeddings, str(path))
+        folded = self.add_folded(fold_adapter_file(adapter, name, Path(path)), scale)
+        if adapter.embeddings:
+            load_token_vectors(self.pipe, adapter.token_abstraction, adapter.embeddings)
+            self.vectors_of = name
+        return folded
 
     def add_folded(self, folded: FoldedAdapter, scale: float = 0.0) -> FoldedAdapter:
         """Registers an adapter already folded to plain LoRA factors (a standard LoRA file, a static MoLE fold)
@@ -95,6 +106,9 @@ class FusedAdapters:
             for key in folded.layers:
                 if key not in still_used:
                     self._originals.pop(key)
+            if self.vectors_of == name:
+                detach_token_vectors(self.pipe)
+                self.vectors_of = None
 
     def set_scales(self, scales: dict[str, float]) -> int:
         """Applies new scales; only layers of adapters whose scale changed are rewritten. Returns that count."""

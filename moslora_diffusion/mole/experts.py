@@ -123,6 +123,10 @@ def read_expert(path: Path, pipe, name: str, scale: float = 1.0) -> Expert:
     """One expert file (already resolved) read and folded; not yet checked against the pipeline."""
     with as_mole_error():
         folded, kind = read_lora_file(path, pipe, name)
+    if folded.info.get("token_abstraction"):  # its LoRA alone would give a subject without its trigger word
+        raise MoLEError(f"{path} was trained with pivotal tuning (learned vectors for "
+                        f"{folded.info['token_abstraction']!r}), which MoLE experts do not support: train that "
+                        "expert without --train_text_encoder_ti")
     baked = FoldedAdapter(name, path, {key: lora.baked() for key, lora in folded.layers.items()}, folded.info)
     return Expert(baked, _display_name(path), kind, file_sha256(path), folded.info.get("family"),
                   folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale)

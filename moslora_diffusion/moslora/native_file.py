@@ -1,6 +1,8 @@
 """The native adapter file: A, M and B of every adapted module plus the run's metadata.
 
 Keys are `<component>.<module path>.moslora_{A,M,B}` (component: unet, text_encoder, text_encoder_2).
+Pivotal tuning adds `embeddings.<text encoder>.<word>`: the trigger word's vectors (n distinct tokens, D), with
+the word in the metadata as `token_abstraction` (moslora/token_vectors.py).
 They deliberately do not look like a diffusers LoRA, so no LoRA loader can silently drop the mixer:
 standard LoRA readers get the folded exports instead. The authors' release names the mixer `lora_AB`
 in PEFT-style keys (`...lora_A.weight`, `...lora_AB.weight`, `...lora_B.weight`); we read those too.
@@ -20,12 +22,14 @@ from ..files.safetensors_io import load_tensors, save_tensors
 from ..models.families import detect_family
 from .inject import AdapterConfig, AdapterError, attach
 from .pipeline import adaptable_module, model_components, model_module_name, pipeline_adapters
+from .token_vectors import check_token_vectors, load_token_vectors, pipeline_token_vectors, token_vector_tensors
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moslora"
 _PARTS = {"moslora_A": "A", "moslora_M": "M", "moslora_B": "B",  # native
           "lora_A.weight": "A", "lora_AB.weight": "M", "lora_B.weight": "B"}  # the authors' PEFT style
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+EMBEDDINGS_PREFIX = "embeddings."  # pivotal tuning: embeddings.<text encoder>.<word>
 
 
 @dataclass
@@ -35,6 +39,12 @@ class AdapterFile:
     weights: dict[str, dict[str, dict[str, torch.Tensor]]]  # component -> module -> {"A","M","B"}
     config: AdapterConfig
     info: dict = field(default_factory=dict)  # family, base_model, targets, instance_prompt, ...
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # text encoder -> the word's vectors (n, D)
+
+    @property
+    def token_abstraction(self) -> str | None:
+        """The trigger word whose vectors the file holds (pivotal tuning), else None."""
+        return self.info.get("token_abstraction") if self.embeddings else None
 
 
 def save_adapter(pipe, path: str | Path, info: dict | None = None) -> Path:
@@ -52,7 +62,11 @@ def save_adapter(pipe, path: str | Path, info: dict | None = None) -> Path:
         for module, layer in layers.items():
             for part in "AMB":
                 tensors[f"{component}.{module}.moslora_{part}"] = getattr(layer, f"lora_{part}").detach().float()
-    meta = {"format_version": FORMAT_VERSION, "family": detect_family(pipe).name, **(info or {}),
+    words = {m.word for m in pipeline_token_vectors(pipe).values()}
+    embedding_info = {"token_abstraction": next(iter(words))} if words else {}
+    for component, vectors in token_vector_tensors(pipe).items():
+        tensors[f"{EMBEDDINGS_PREFIX}{component}.{embedding_info['token_abstraction']}"] = vectors
+    meta = {"format_version": FORMAT_VERSION, "family": detect_family(pipe).name, **(info or {}), **embedding_info,
             "config": config.to_dict(),
             "targets": {c: sorted(layers) for c, layers in found.items()}}
     return save_tensors(tensors, path, {METADATA_KEY: json.dumps(meta), "format": "pt"})
@@ -83,6 +97,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise AdapterError(f"{path} is a standard LoRA file (kohya or diffusers), not a native moslora.safetensors: "
                            "load it with pipe.load_lora_weights, or compose it with python -m moslora_diffusion.mole")
     weights: dict = {}
+    embeddings = {key[len(EMBEDDINGS_PREFIX):].split(".", 1)[0]: tensors.pop(key).float()
+                  for key in [k for k in tensors if k.startswith(EMBEDDINGS_PREFIX)]}
     for key, tensor in tensors.items():
         component, module, part = _split_key(key)
         weights.setdefault(component, {}).setdefault(module, {})[part] = tensor.float()
@@ -100,7 +116,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
     else:
         warnings.warn(f"{path} has no moslora metadata; assuming alpha = rank = {rank}", stacklevel=2)
         config = AdapterConfig(rank=rank)
-    return AdapterFile(weights, config, info)
+    if embeddings and not info.get("token_abstraction"):
+        raise AdapterError(f"{path} holds trigger-word vectors but not the word (metadata token_abstraction)")
+    return AdapterFile(weights, config, info, embeddings)
 
 
 def validate_against(adapter: AdapterFile, components: dict, path) -> None:
@@ -122,7 +140,9 @@ def validate_against(adapter: AdapterFile, components: dict, path) -> None:
 def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
     """Attaches the adapters stored in `path` to `pipe` and loads their weights.
 
-    Every check (scale, format, family, modules, shapes) runs before the pipeline is touched.
+    Every check (scale, format, family, modules, shapes) runs before the pipeline is touched. A file with
+    trigger-word vectors (pivotal tuning) also replaces the word's token rows in the text encoder(s), whatever
+    the scale; detach_from_pipeline restores them.
     """
     scale = check_number("adapter scale", scale, SCALE, AdapterError)
     adapter = read_adapter(path)
@@ -135,6 +155,8 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
                            f"({family.label}); use a base model of the same family")
     components = model_components(pipe, family)
     validate_against(adapter, components, path)
+    if adapter.embeddings:
+        check_token_vectors(pipe, adapter.token_abstraction, adapter.embeddings, str(path))
     for component, modules in adapter.weights.items():
         model = components[component]
         names = {module_name: model_module_name(model, module_name) for module_name in modules}
@@ -145,4 +167,6 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> AdapterFile:
                 for part, tensor in parts.items():
                     getattr(layer, f"lora_{part}").copy_(tensor)
                 layer.set_scale(scale)
+    if adapter.embeddings:  # the word's vectors are no delta: they apply whole, at any adapter scale
+        load_token_vectors(pipe, adapter.token_abstraction, adapter.embeddings)
     return adapter

@@ -10,6 +10,7 @@ from ..models.families import Family, detect_family
 from . import inject
 from .inject import TEXT_TARGET_PRESETS, UNET_TARGET_PRESETS, AdapterConfig, AdapterError, resolve_targets
 from .layer import MoSLoRALinear, is_adaptable
+from .token_vectors import detach_token_vectors
 
 
 def model_components(pipe, family: Family | None = None) -> dict[str, nn.Module]:
@@ -94,8 +95,10 @@ def unmerge_pipeline(pipe) -> None:
 
 
 def detach_from_pipeline(pipe) -> None:
+    """Takes every adapter off, and the trigger word's vectors (pivotal tuning): the base model exactly."""
     for module in model_components(pipe).values():
         inject.detach(module)
+    detach_token_vectors(pipe)
 
 
 def adaptable_module(components: dict[str, nn.Module], component: str, module_name: str, label: str) -> nn.Module:

@@ -15,6 +15,7 @@ from ..moslora.inject import adapter_parameters, narrowest_layer
 from ..moslora.pipeline import attach_to_pipeline, model_components, pipeline_adapters, targets_by_component
 from .conditioning import tokenizer_names, vae_dtype
 from .config import ConfigError, TrainConfig
+from .pivotal import attach_trigger_vectors
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8_STORAGE = torch.float8_e4m3fn
@@ -122,7 +123,10 @@ def attach_adapters(base: BaseModel, config: TrainConfig) -> dict[str, list[torc
             else:
                 # Non-reentrant, as diffusers' UNet: required by the per-forward adapter weights (step_weights.py).
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return {name: adapter_parameters(getattr(base.pipe, name)) for name in pipeline_adapters(base.pipe)}
+    found = {name: adapter_parameters(getattr(base.pipe, name)) for name in pipeline_adapters(base.pipe)}
+    if config.train_text_encoder_ti:  # pivotal tuning: the trigger word's vectors, under "embeddings"
+        found["embeddings"] = attach_trigger_vectors(base.pipe, config)
+    return found
 
 
 def store_in_fp8(model: torch.nn.Module) -> int:

@@ -18,6 +18,7 @@ from ..moslora.layer import KINDS, MIXER_INITS
 from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
+from .pivotal import check_pivotal_flags
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
@@ -86,6 +87,12 @@ class TrainConfig:
     train_text_encoder: bool = _flag(False, "also adapt the text encoder(s) (both on SDXL)", group="adapter")
     text_encoder_lr: float | None = _flag(None, "learning rate of the text encoder adapters (default: "
                                           "--learning_rate)", group="adapter")
+    train_text_encoder_ti: bool = _flag(False, "pivotal tuning: also learn new vectors for --token_abstraction's "
+                                        "token(s) in the text encoder(s) (textual inversion + LoRA)", group="adapter")
+    token_abstraction: str | None = _flag(None, "the trigger word whose embedding --train_text_encoder_ti learns, "
+                                          "e.g. sks (must appear in --instance_prompt)", group="adapter")
+    embedding_lr: float | None = _flag(None, "learning rate of the trigger word's vectors (default: --learning_rate)",
+                                       group="adapter")
     # optimisation
     learning_rate: float = _flag(1e-4, "learning rate of the UNet adapters")
     lr_scheduler: str = _flag("constant", "learning-rate schedule", LR_SCHEDULERS)
@@ -192,6 +199,7 @@ def _check_required(c: TrainConfig) -> None:
             raise ConfigError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
         if not c.class_data_dir:
             raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated there)")
+    check_pivotal_flags(c)
 
 
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
@@ -204,6 +212,7 @@ NUMBER_RANGES = {
     "resolution": replace(_GT0_OR_NONE, multiple_of=8),  # the VAE downsamples by 8
     "dataloader_num_workers": _GE0, "num_class_images": _GT0, "prior_loss_weight": _GE0, "sample_batch_size": _GT0,
     "class_inference_steps": _GT0, "rank": _GT0, "lora_alpha": _GT0_OR_NONE, "text_encoder_lr": _GT0_OR_NONE,
+    "embedding_lr": _GT0_OR_NONE,
     "learning_rate": _GT0, "lr_warmup_steps": _GE0, "max_train_steps": replace(_GT0_OR_NONE, upper=MAX_STEPS),
     "num_train_epochs": replace(_GT0, upper=MAX_STEPS),
     "train_batch_size": _GT0, "gradient_accumulation_steps": _GT0, "max_grad_norm": _GE0, "adam_beta1": _UNIT,

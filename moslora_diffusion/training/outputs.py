@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..files.atomic import atomic_write
+from ..formats.embedding_files import embedding_file_name, save_embedding_file
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ..moslora.native_file import save_adapter
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
@@ -208,6 +209,9 @@ def write_final_files(pipe, config: TrainConfig, plan: dict, result: dict,
     written = {"moslora": save_adapter(pipe, folder / ADAPTER_FILE, info)}
     exports = export_pipeline_loras(pipe, folder, folder / KOHYA_FILE, {"title": folder.name, **info})
     written.update(exports)
+    if embedding_file_name(pipe):  # pivotal tuning: <word>.safetensors, the A1111 / ComfyUI / diffusers embedding
+        record_written(folder, embedding_file_name(pipe))
+        written["embedding"] = save_embedding_file(pipe, folder)
     written["config"] = write_config(config, plan, result)
     card = model_card(config, plan, result, [p.relative_to(folder).as_posix() for p in validation_images])
     written["card"] = atomic_write(folder / CARD_FILE, lambda p: p.write_text(card, encoding="utf-8"))

@@ -19,7 +19,7 @@ from .checkpoints import CheckpointError, CheckpointInfo, find_resume_checkpoint
 from .config import TrainConfig
 from .outputs import read_record
 
-RESTORED_SETTINGS = ("learning_rate", "text_encoder_lr", "optimizer", "adam_beta1", "adam_beta2",
+RESTORED_SETTINGS = ("learning_rate", "text_encoder_lr", "embedding_lr", "optimizer", "adam_beta1", "adam_beta2",
                      "adam_weight_decay", "adam_epsilon", "gradient_accumulation_steps")
 GLOBAL_BATCH = "global_batch"  # train_batch_size x processes: images per micro-step
 
@@ -33,6 +33,8 @@ def resume_settings(config: TrainConfig | dict, num_processes: int | None) -> di
     # The text encoders' rate only exists with --train_text_encoder, and defaults to --learning_rate.
     text_lr = values["text_encoder_lr"] or values["learning_rate"]
     settings["text_encoder_lr"] = text_lr if values["train_text_encoder"] else None
+    settings["embedding_lr"] = (values.get("embedding_lr") or values["learning_rate"]
+                                ) if values.get("train_text_encoder_ti") else None
     settings[GLOBAL_BATCH] = values["train_batch_size"] * num_processes if num_processes else None
     return settings
 

@@ -96,7 +96,7 @@ def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStrea
     config = run.config
     stream.start = run.start_step * config.gradient_accumulation_steps
     with_prior = config.with_prior_preservation
-    if not config.train_text_encoder:
+    if not (config.train_text_encoder or config.train_text_encoder_ti):  # frozen text encoders: encode once
         run.conditioning.precompute([r.caption for r in dataset.records] + ([config.class_prompt] if with_prior
                                                                              else []))
         if not config.validation_prompt:  # the cached embeddings are all training needs

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from ..moslora.pipeline import pipeline_adapters
+from . import pivotal
 from .checkpoints import CheckpointInfo, adapter_tensors, check_compatible
 from .components import BaseModel, adapter_targets
 from .config import TrainConfig
@@ -44,28 +45,33 @@ class Trainable(Protocol):
 
 
 class AdapterTrainable:
-    """DreamBooth: the MoSLoRA adapters on the UNet (and on the text encoders with --train_text_encoder)."""
+    """DreamBooth: the MoSLoRA adapters on the UNet (and on the text encoders with --train_text_encoder), and the
+    trigger word's vectors with --train_text_encoder_ti (training/pivotal.py)."""
 
     def __init__(self, base: BaseModel, config: TrainConfig, trained: dict[str, list[torch.nn.Parameter]]):
         self.base, self.config = base, config
         self.unet_params = trained["unet"]
         self.text_params = [p for name in base.family.text_encoders for p in trained.get(name, [])]
-        self.params = self.unet_params + self.text_params
-        self.prepared_components = ["unet"] + [n for n in base.family.text_encoders if n in trained]
-        self.caches_prompts = not config.train_text_encoder
+        self.embedding_params = trained.get("embeddings", [])
+        self.params = self.unet_params + self.text_params + self.embedding_params
+        self.prepared_components = ["unet"] + [n for n in base.family.text_encoders
+                                               if n in trained or self.embedding_params]
+        self.caches_prompts = not (config.train_text_encoder or self.embedding_params)
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
-        return param_groups(config, self.unet_params, self.text_params)
+        return param_groups(config, self.unet_params, self.text_params) + pivotal.embedding_group(
+            config, self.embedding_params)
 
     def identity(self) -> dict:
         return {"family": self.base.family.name, "adapter": self.config.adapter_config.to_dict(),
-                "targets": adapter_targets(self.base)}
+                "targets": adapter_targets(self.base), **pivotal.identity(self.config)}
 
     def check_checkpoint(self, info: CheckpointInfo) -> None:
         check_compatible(info, self.base.family.name, self.config.adapter_config.to_dict(), adapter_targets(self.base))
+        pivotal.check_same_word(info, self.config)
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"adapter": adapter_tensors(pipeline_adapters(self.base.pipe))}
+        return {"adapter": adapter_tensors(pipeline_adapters(self.base.pipe)), **pivotal.tensors(self.base.pipe)}
 
     def load(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         layers = pipeline_adapters(self.base.pipe)
@@ -74,6 +80,7 @@ class AdapterTrainable:
                 component, rest = key.split(".", 1)
                 module, part = rest.rsplit(".", 1)
                 getattr(layers[component][module], f"lora_{part}").copy_(value)
+        pivotal.load(self.base.pipe, tensors)
 
     def extra_loss(self) -> None:
         return None
