@@ -163,3 +163,12 @@ def test_run_writes_no_class_images_and_resumes_bit_for_bit(tiny_sd15_dir, tmp_p
     a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().max() > 0 for k in a if k.endswith("moslora_B"))
+
+
+def test_gate_trainer_refuses_the_base_model_source():
+    from moslora_diffusion.mole.gate_config import GateTrainConfig
+    from moslora_diffusion.training.flags import ConfigError
+
+    with pytest.raises(ConfigError, match="--prior_source base_model is for DreamBooth runs"):
+        GateTrainConfig(pretrained_model_name_or_path="m", experts=("a", "b"), with_prior_preservation=True,
+                        class_prompt="a photo of a dog", class_data_dir="c", prior_source="base_model")
