@@ -87,6 +87,8 @@ def test_preservation_prompt_swaps_the_instance_prompt_for_the_class_prompt():
 def test_output_preservation_at_scale_0_is_exactly_the_base_prediction(tiny_dirs, tmp_path, model,
                                                                        train_text_encoder):
     run = _set_up_run(tiny_dirs[model], tmp_path, train_text_encoder)
+    if not train_text_encoder:  # encoded before the steps, as the captions are: the encoders may leave the GPU
+        assert {CLASS_PROMPT, f"{CLASS_PROMPT} on the grass"} <= set(run.conditioning._embedded)
     seen = _record_class_rows(run)
     micro_step_loss(run, next(run.batches), 0)
     (batch, noisy, timesteps), (rows, rows_noisy, rows_target, rows_timesteps) = seen["given"], seen["returned"]
