@@ -51,6 +51,8 @@ def test_unusable_photo_folder_fails_before_loading_anything(tiny_sd15_dir, tmp_
     ({"instance_prompt": "  "}, "--instance_prompt is required"),
     ({"with_prior_preservation": True, "class_data_dir": "c"}, "needs --class_prompt"),
     ({"with_prior_preservation": True, "class_prompt": "a dog"}, "needs --class_data_dir"),
+    ({"with_prior_preservation": True, "prior_source": "base_model"}, "needs --class_prompt"),
+    ({"with_prior_preservation": True, "prior_source": "images", "class_prompt": "a dog"}, "--prior_source must be"),
     ({"rank": 0}, "--rank must be > 0"),
     ({"resolution": 33}, "multiple of 8"),
     ({"optimizer": "sgd"}, "--optimizer must be one of"),

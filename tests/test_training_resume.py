@@ -93,17 +93,19 @@ def test_latest_only_picks_complete_checkpoints_and_the_limit_prunes_old_ones(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-8", "checkpoint-9"]
 
 
-def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny_sdxl_dir, tmp_path):
+@pytest.mark.parametrize("prior_source", ["class_images", "base_model"])
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny_sdxl_dir, tmp_path, prior_source):
     """2 CPU processes (torchrun + gloo) with batch 1 against 1 process with batch 2, on SDXL with both text
-    encoders trained, prior preservation and Min-SNR. Same images, noise and timesteps per global step, so
-    the results differ only by float32 rounding (the all-reduce adds gradients in another order), which
-    Adam's normalised steps carry into the weights: every weight agrees within 2e-5 (2% of one Adam step at
-    lr 1e-3), and B (initialised to 0, so it is the learned part) within 0.1% in norm."""
+    encoders trained, prior preservation (class images, or the base model's predictions) and Min-SNR. Same
+    images, noise and timesteps per global step, so the results differ only by float32 rounding (the
+    all-reduce adds gradients in another order), which Adam's normalised steps carry into the weights: every
+    weight agrees within 2e-5 (2% of one Adam step at lr 1e-3), and B (initialised to 0, so it is the learned
+    part) within 0.1% in norm."""
     photos = make_photos(tmp_path / "photos", count=4)
     class_dir = make_photos(tmp_path / "class", count=2, seed=10)  # supplied, so nothing is generated
     settings = dict(max_train_steps=3, learning_rate=1e-3, snr_gamma=5.0, train_text_encoder=True,
                     with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=str(class_dir),
-                    num_class_images=2)
+                    num_class_images=2, prior_source=prior_source)
     single = run_training(tiny_config(tiny_sdxl_dir, photos, tmp_path / "one", train_batch_size=2, **settings))
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

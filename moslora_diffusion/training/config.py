@@ -26,6 +26,7 @@ DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")  # wandb: through accelerate's tracker, when installed
 VALIDATION_METRICS = ("none", "dreambench", "toy")
+PRIOR_SOURCES = ("class_images", "base_model")  # base_model: training/output_preservation.py
 # diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
 # piecewise_constant, which needs step rules that no flag gives.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -72,6 +73,9 @@ class TrainConfig:
     class_data_dir: str | None = _flag(None, "folder of class images; missing ones are generated",
                                        group="prior preservation")
     class_prompt: str | None = _flag(None, "prompt of the class, e.g. 'a photo of a dog'", group="prior preservation")
+    prior_source: str = _flag("class_images", "targets of the prior loss: class images, or base_model: the base "
+                              "model's own prediction for the class prompt on the same noisy latents (no class "
+                              "images)", PRIOR_SOURCES, "prior preservation")
     num_class_images: int = _flag(100, "class images to use (generated with the base model if fewer exist)",
                                   group="prior preservation")
     prior_loss_weight: float = _flag(1.0, "weight of the prior-preservation loss", group="prior preservation")
@@ -197,8 +201,9 @@ def _check_required(c: TrainConfig) -> None:
     if c.with_prior_preservation:
         if not (c.class_prompt or "").strip():
             raise ConfigError("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
-        if not c.class_data_dir:
-            raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated there)")
+        if not c.class_data_dir and c.prior_source == "class_images":
+            raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated "
+                              "there), or --prior_source base_model (no class images)")
     check_pivotal_flags(c)
 
 

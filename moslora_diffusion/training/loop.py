@@ -37,6 +37,7 @@ from .held_out import HeldOutLoss, log_held_out_loss, split_held_out
 from .objective import diffusion_loss, draw, sample_latents, step_generator
 from .optim import check_optimizer_available
 from .output_location import check_room
+from .output_preservation import uses_class_images
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
 from .plan import build_dataset, data_report, make_plan, prepare_class_images, training_resolution
 from .resume import find_resume
@@ -104,7 +105,7 @@ def train(config: TrainConfig) -> TrainResult:
     resolution = training_resolution(config, base)
 
     class_images = None
-    if config.with_prior_preservation:
+    if uses_class_images(config):
         set_pipeline_scale(base.pipe, 0.0)  # adapters off: class images come from the base model exactly
         class_images = prepare_class_images(config, base, resolution, accelerator)
         set_pipeline_scale(base.pipe, 1.0)
@@ -317,6 +318,8 @@ def micro_step_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
         target = run.noise_scheduler.get_velocity(latents, draws.noise, draws.timesteps)
     else:
         target = draws.noise
+    if run.preservation is not None:  # --prior_source base_model: class rows on these noisy latents
+        batch, noisy, target, draws.timesteps = run.preservation.add_class_rows(batch, noisy, target, draws.timesteps)
     conditioning = run.conditioning.unet_kwargs(batch, base.weight_dtype)
     pred = run.models["unet"](noisy.to(base.weight_dtype), draws.timesteps, **conditioning, return_dict=False)[0]
     loss = diffusion_loss(pred, target, draws.timesteps, batch["num_instance"],

@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest
 from .output_location import OutputDirError, check_room, check_writable
+from .output_preservation import PRIOR_SOURCE_NAMES, uses_class_images
 from .validation_scores import BEST_FILE
 
 ADAPTER_FILE = "moslora.safetensors"
@@ -49,7 +50,7 @@ def _is_run_name(name: str, logging_dir: str) -> bool:
 
 def _is_class_dir(path: Path, config: TrainConfig) -> bool:
     """Class images kept inside the output folder belong to the run as well (and are kept on overwrite)."""
-    return bool(config.with_prior_preservation and config.class_data_dir
+    return bool(uses_class_images(config) and config.class_data_dir
                 and Path(config.class_data_dir).resolve() == path.resolve())
 
 
@@ -229,8 +230,9 @@ def _settings(config: TrainConfig, plan: dict, result: dict) -> dict:
         "text encoder trained": config.train_text_encoder, "steps": result["steps"],
         "learning rate": config.learning_rate, "lr schedule": config.lr_scheduler,
         "batch (per step, all devices)": plan["effective_batch"], "resolution": plan["resolution"],
-        "prior preservation": (f"yes ({config.class_prompt!r}, weight {config.prior_loss_weight})"
-                               if config.with_prior_preservation else "no"),
+        "prior preservation": (f"yes ({config.class_prompt!r}, weight {config.prior_loss_weight}, "
+                               f"{PRIOR_SOURCE_NAMES[config.prior_source]})" if config.with_prior_preservation
+                               else "no"),
         "Min-SNR gamma": config.snr_gamma, "mixed precision": config.mixed_precision,
         "EMA": f"yes ({config.ema_decay})" if config.use_ema else "no", "seed": config.seed,
     }

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
 from .components import BaseModel
 from .config import ConfigError, TrainConfig
+from .output_preservation import preserves_base_output
 
 
 @dataclass(frozen=True)
@@ -88,4 +89,8 @@ def data_report(config: TrainConfig, scans: list[PhotoScan], class_images: list[
     lines = [line for scan in scans for line in scan.report(resolution)]
     if class_images is not None:
         lines.append(f"Class images: {len(class_images)} used from {config.class_data_dir}")
+    if preserves_base_output(config):
+        ignored = f"; --class_data_dir {config.class_data_dir} ignored" if config.class_data_dir else ""
+        lines.append(f"Prior preservation: the base model's own predictions for {config.class_prompt!r} on the same "
+                     f"noisy latents as the photos (no class images{ignored})")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from .ema import AdapterEMA
 from .manifest import record_written
 from .objective import RowLayout
 from .optim import make_lr_scheduler, make_optimizer
+from .output_preservation import OutputPreservation, preserves_base_output, uses_class_images
 from .plan import RunPlan
 from .posterior_store import PosteriorStore, default_cache_dir
 from .posteriors import PosteriorMemo
@@ -54,6 +55,7 @@ class Run:
     start_step: int = 0
     batches: Iterator[dict] | None = None  # set by start_batches
     held_out: HeldOutLoss | None = None  # --validation_loss_photos
+    preservation: OutputPreservation | None = None  # --prior_source base_model
 
 
     @property
@@ -76,10 +78,11 @@ def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, 
     conditioning = PromptConditioning(base.family, base.tokenizers, encoders, accelerator.device,
                                       cache=trainable.caches_prompts)
     layout = RowLayout(config.train_batch_size, accelerator.num_processes, accelerator.process_index,
-                       2 if config.with_prior_preservation else 1)
+                       2 if uses_class_images(config) else 1)
     ema = AdapterEMA(trainable.params, config.ema_decay) if config.use_ema else None
+    preservation = OutputPreservation(config, base, conditioning) if preserves_base_output(config) else None
     return Run(config, plan, accelerator, base, models, trainable, optimizer, lr_scheduler, noise_scheduler,
-               conditioning, layout, posterior_memo(config, base, accelerator), ema)
+               conditioning, layout, posterior_memo(config, base, accelerator), ema, preservation=preservation)
 
 
 def posterior_memo(config: TrainConfig, base: BaseModel, accelerator) -> PosteriorMemo:
@@ -95,10 +98,11 @@ def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStrea
     """Batches from the run's start step on; with --cache_latents, encodes every item first."""
     config = run.config
     stream.start = run.start_step * config.gradient_accumulation_steps
-    with_prior = config.with_prior_preservation
+    with_prior = uses_class_images(config)
     if not (config.train_text_encoder or config.train_text_encoder_ti):  # frozen text encoders: encode once
-        run.conditioning.precompute([r.caption for r in dataset.records] + ([config.class_prompt] if with_prior
-                                                                             else []))
+        captions = [r.caption for r in dataset.records]
+        run.conditioning.precompute(captions + ([config.class_prompt] if with_prior else [])
+                                    + (run.preservation.prompts(captions) if run.preservation else []))
         if not config.validation_prompt:  # the cached embeddings are all training needs
             for encoder in run.base.text_encoders:
                 encoder.to("cpu")
