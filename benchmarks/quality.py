@@ -100,9 +100,9 @@ def instance_folder(src: Path, dst: Path, captions: str) -> Path:
     each photo is read from its file name), or bare (`captions="prompt"`: every photo gets the instance prompt)."""
     import shutil
 
-    from moslora_diffusion.data.images import list_image_files
+    from moslora_diffusion.data import find_photos
 
-    photos = list_image_files(src)
+    photos = [p.path for p in find_photos(src).photos]  # not the `<name>_mask.png` files beside them
     if not photos:
         raise SystemExit(f"--instance-dir {src}: no images")
     if dst.exists():
@@ -110,17 +110,28 @@ def instance_folder(src: Path, dst: Path, captions: str) -> Path:
     dst.mkdir(parents=True)
     for photo in photos:
         if captions == "prompt":
-            shutil.copyfile(photo, dst / photo.name)
+            _copy_with_mask(photo, dst / photo.name)
             continue
         scene = photo_scene(photo.name)
         if scene is None:
             raise SystemExit(f"--captions {captions}: cannot read a scene from {photo.name} (expected "
                              "NN_<position>_<background>.png, as subject.write_photos names them)")
         for k, text in enumerate(scene_captions(*scene, captions)):
-            copy = dst / f"{photo.stem}-{k}{photo.suffix}"
-            shutil.copyfile(photo, copy)
+            copy = _copy_with_mask(photo, dst / f"{photo.stem}-{k}{photo.suffix}")
             copy.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
     return dst
+
+
+def _copy_with_mask(photo: Path, copy: Path) -> Path:
+    """Copies `photo` to `copy`, and its mask file, if any, beside it as `<copy stem>_mask.*` (for --masked_loss)."""
+    import shutil
+
+    from moslora_diffusion.data import mask_file
+
+    shutil.copyfile(photo, copy)
+    if (mask := mask_file(photo)) is not None:
+        shutil.copyfile(mask, copy.with_name(f"{copy.stem}_mask{mask.suffix}"))
+    return copy
 
 
 def train_variant(args, variant: str, seed: int, photos: Path, class_dir: Path, output_dir: Path) -> float:

@@ -57,7 +57,7 @@ def test_a_jfif_and_a_gif_are_used_and_counted_masks_and_notes_reported(mixed_fo
     assert [r.path.name for r in scan.records] == ["a.jfif", "b.gif", "c.png", "halloween_mask.jpg"]
     assert {r.path.name: r.caption for r in scan.records}["c.png"] == "a photo of sks dog on a chair"
     assert {s.path.name: s.reason for s in scan.skipped} == {
-        "c_mask.png": "a mask for c, not a photo (masks are not used for training yet)",
+        "c_mask.png": "a mask for c, not a photo (used with --masked_loss)",
         "notes.md": "not an image Pillow can read"}
     report = "\n".join(scan.report(resolution=64))
     assert report.startswith(f"Photos: 4 used from {mixed_folder}, 2 files skipped")

@@ -65,7 +65,7 @@ def find_photos(folder: str | Path) -> FolderPhotos:
     for path in files:
         if path.stem.endswith(MASK_SUFFIX) and path.stem[: -len(MASK_SUFFIX)] in stems:
             found.skipped.append(Skipped(path, f"a mask for {path.stem[: -len(MASK_SUFFIX)]}, not a photo "
-                                               "(masks are not used for training yet)"))
+                                               "(used with --masked_loss)"))
             continue
         try:
             found.photos.append(inspect_photo(path))

@@ -69,7 +69,8 @@ def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, 
     models = {"unet": base.unet, **dict(zip(names, prepared, strict=True))}
     encoders = [models.get(name, getattr(base.pipe, name)) for name in base.family.text_encoders]
     conditioning = PromptConditioning(base.family, base.tokenizers, encoders, accelerator.device,
-                                      cache=trainable.caches_prompts)
+                                      # shuffled captions: a new prompt at most steps, not worth keeping
+                                      cache=trainable.caches_prompts and not config.shuffle_caption)
     layout = RowLayout(config.train_batch_size, accelerator.num_processes, accelerator.process_index,
                        2 if config.with_prior_preservation else 1)
     ema = AdapterEMA(trainable.params, config.ema_decay) if config.use_ema else None
@@ -91,9 +92,10 @@ def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStrea
     config = run.config
     stream.start = run.start_step * config.gradient_accumulation_steps
     with_prior = config.with_prior_preservation
-    if not config.train_text_encoder:
+    if run.conditioning.cache:
         run.conditioning.precompute([r.caption for r in dataset.records] + ([config.class_prompt] if with_prior
-                                                                             else []))
+                                                                             else [])
+                                    + ([""] if config.caption_dropout_rate else []))
         if not config.validation_prompt:  # the cached embeddings are all training needs
             for encoder in run.base.text_encoders:
                 encoder.to("cpu")
