@@ -103,12 +103,13 @@ class LatentCache:
             groups = 2 if self.with_prior else 1
             # Each cached item holds its instance row then its class row: regroup to [instances..., classes...].
             order = [(item, g) for g in range(groups) for item in rows]
-            keys_ = ("original_sizes", "crop_top_lefts", "target_sizes") + (("masks",) if "masks" in rows[0][2] else ())
+            stacked = [k for k in ("original_sizes", "crop_top_lefts", "target_sizes", "masks") if k in rows[0][2]]
             yield {
                 "latent_mean": torch.cat([item[0][g:g + 1] for item, g in order]),
                 "latent_std": torch.cat([item[1][g:g + 1] for item, g in order]),
+                # the instance captions of this epoch (dropout and shuffle are not frozen at epoch 0 as the crops are)
                 "prompts": [self.dataset.instance_caption(index, epoch) for epoch, index in keys]
                            + [item[2]["prompts"][1] for item in rows if groups == 2],
-                **{key: torch.cat([item[2][key][g:g + 1] for item, g in order]) for key in keys_},
+                **{key: torch.cat([item[2][key][g:g + 1] for item, g in order]) for key in stacked},
                 "num_instance": len(rows),
             }
