@@ -138,13 +138,13 @@ def prepare_images(instance_source: Path, work: Path, resolution: int, num_class
     import numpy as np
     from PIL import Image
 
-    from moslora_diffusion.data import list_image_files
+    from moslora_diffusion.data import find_photos
     from moslora_diffusion.toy.world import render, sample_scene
 
     instance_dir, class_dir = work / "instance", work / "class"
     instance_dir.mkdir(parents=True)
     class_dir.mkdir(parents=True)
-    sources = list_image_files(instance_source)
+    sources = [p.path for p in find_photos(instance_source).photos]  # not the masks beside them
     if not sources:
         raise SystemExit(f"--instance-dir {instance_source}: no images")
     for i, path in enumerate(sources):

@@ -56,12 +56,12 @@ def test_a_jfif_and_a_gif_are_used_and_counted_masks_and_notes_reported(mixed_fo
     scan = scan_photos(mixed_folder, "a photo of sks dog")
     assert [r.path.name for r in scan.records] == ["a.jfif", "b.gif", "c.png", "halloween_mask.jpg"]
     assert {r.path.name: r.caption for r in scan.records}["c.png"] == "a photo of sks dog on a chair"
-    assert {s.path.name: s.reason for s in scan.skipped} == {
-        "c_mask.png": "a mask for c, not a photo (masks are not used for training yet)",
-        "notes.md": "not an image Pillow can read"}
+    assert {s.path.name: s.reason for s in scan.skipped} == {"notes.md": "not an image Pillow can read"}
+    assert [p.name for p in scan.masks] == ["c_mask.png"]
     report = "\n".join(scan.report(resolution=64))
-    assert report.startswith(f"Photos: 4 used from {mixed_folder}, 2 files skipped")
-    assert "skipped c_mask.png: a mask" in report and "skipped notes.md: not an image" in report
+    assert report.startswith(f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files, read with "
+                             "--masked_loss), 1 files skipped")
+    assert "skipped notes.md: not an image" in report and "skipped c_mask" not in report
     assert "note b.gif: 3 frames (an animation or pages): only the first is used" in report
     assert load_rgb(mixed_folder / "b.gif").getpixel((5, 5)) == GREEN  # the first frame
     assert load_rgb(mixed_folder / "a.jfif").getpixel((5, 5)) == pytest.approx(RED, abs=3)
@@ -164,7 +164,8 @@ def test_the_run_prints_the_photos_and_class_images_it_uses(tiny_sd15_dir, mixed
     with pytest.warns(UserWarning, match="readme.md: not an image"):
         result = run_training(config)
     out = capsys.readouterr().out
-    assert f"Photos: 4 used from {mixed_folder}, 2 files skipped" in out
-    assert "skipped c_mask.png: a mask for c" in out and "skipped notes.md: not an image Pillow can read" in out
+    assert f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files, read with --masked_loss), 1 files " \
+           "skipped" in out
+    assert "c_mask.png" not in out and "skipped notes.md: not an image Pillow can read" in out
     assert f"Class images: 2 used from {classes}" in out
     assert result.steps == 1 and sorted(p.name for p in classes.iterdir()) == ["dog1.jfif", "dog2.gif", "readme.md"]

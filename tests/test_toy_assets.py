@@ -54,7 +54,7 @@ def test_toy_base_generates_64px(toy_pipe):
 def test_subject_assets_show_the_subject():
     from PIL import Image
 
-    photos = sorted((ASSETS / "toy-subject").glob("*.png"))
+    photos = sorted(p for p in (ASSETS / "toy-subject").glob("*.png") if not p.stem.endswith("_mask"))
     assert len(photos) == len(PHOTOS)
     for path in photos:
         image = Image.open(path)
@@ -91,9 +91,9 @@ def test_the_new_triggers_are_single_rare_tokens_with_features_of_their_own(toy_
 
 
 def test_concept_assets_are_what_the_code_renders_and_read_as_captioned(tmp_path):
-    """assets/toy-subject-2 and assets/toy-background are `concepts.write_concepts`' output (pixel for pixel),
-    each subject photo shows its subject, each background photo the zigzag behind the object its caption
-    names, and the data loader reads the captions from the `.txt` sidecars."""
+    """assets/toy-subject(-2) and assets/toy-background are `concepts.write_concepts`' output (pixel for pixel,
+    the subjects' masks included), each subject photo shows its subject, each background photo the zigzag behind
+    the object its caption names, and the data loader reads the captions from the `.txt` sidecars."""
     from PIL import Image
 
     from moslora_diffusion.toy.concepts import write_concepts
@@ -101,11 +101,13 @@ def test_concept_assets_are_what_the_code_renders_and_read_as_captioned(tmp_path
     fresh = write_concepts(tmp_path)
     for folder, paths in fresh.items():
         committed = sorted((ASSETS / folder).glob("*.png"))
-        assert [p.name for p in committed] == [p.name for p in paths], folder
+        assert [p.name for p in committed] == sorted(p.name for p in (tmp_path / folder).glob("*.png")), folder
+        assert {p.name for p in paths} <= {p.name for p in committed}
         for path in committed:
             assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / folder / path.name)))
     for subject in SUBJECTS:
-        assert all(subject.shown(Image.open(p)) for p in sorted((ASSETS / subject.folder).glob("*.png")))
+        photos = [ASSETS / subject.folder / name for name in subject.photo_names()]
+        assert all(subject.shown(Image.open(p)) for p in photos)
     records = scan_instance_folder(ASSETS / BACKGROUND.folder, "a fallback prompt the sidecars override")
     assert [r.caption for r in sorted(records, key=lambda r: r.path.name)] == BACKGROUND.captions()
     for record, (cls, colour, *_) in zip(sorted(records, key=lambda r: r.path.name), BACKGROUND.photos, strict=True):

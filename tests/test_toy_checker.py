@@ -66,7 +66,7 @@ def test_concept_folders_are_written_whole_and_never_over_another_folder(tmp_pat
 
     concepts.main(["--out", str(tmp_path)])
     counts = {d.name: (len(list(d.glob("*.png"))), len(list(d.glob("*.txt")))) for d in tmp_path.iterdir()}
-    assert counts == {"toy-subject": (5, 0), "toy-subject-2": (5, 0), "toy-background": (6, 6)}
+    assert counts == {"toy-subject": (10, 0), "toy-subject-2": (10, 0), "toy-background": (6, 6)}  # photos + masks
     stale = tmp_path / "toy-subject-2" / "99_stale.png"
     stale.write_bytes(b"x")
     concepts.write_concepts(tmp_path)

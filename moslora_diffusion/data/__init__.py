@@ -1,6 +1,7 @@
 """Training data: photo folders -> captioned records -> transformed, bucketed batches."""
 
 from .buckets import BucketBatchSampler, assign_bucket, default_bucket_step, make_buckets
+from .captions import CaptionOptions, vary_caption
 from .class_images import class_image_name, ensure_class_images, save_png_atomic
 from .dataset import DreamBoothDataset, collate
 from .images import (
@@ -17,6 +18,7 @@ from .images import (
     open_oriented,
     to_rgb,
 )
+from .masks import check_masks, load_mask, mask_file, mask_source
 from .scan import (
     CAPTION_EXTENSIONS,
     DatasetError,
@@ -38,6 +40,7 @@ __all__ = [
     "PHOTO_FORMATS",
     "WORKING_PIXELS",
     "BucketBatchSampler",
+    "CaptionOptions",
     "CropResult",
     "DatasetError",
     "DreamBoothDataset",
@@ -48,6 +51,7 @@ __all__ = [
     "PhotoScan",
     "Skipped",
     "assign_bucket",
+    "check_masks",
     "class_image_name",
     "collate",
     "crop_and_flip",
@@ -58,8 +62,11 @@ __all__ = [
     "image_size",
     "inspect_photo",
     "list_image_files",
+    "load_mask",
     "load_rgb",
     "make_buckets",
+    "mask_file",
+    "mask_source",
     "open_oriented",
     "parse_repeats_folder",
     "read_caption_sidecar",
@@ -69,4 +76,5 @@ __all__ = [
     "scan_photos",
     "to_rgb",
     "to_tensor",
+    "vary_caption",
 ]

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .buckets import assign_bucket
+from .captions import CaptionOptions, vary_caption
 from .images import image_size, load_rgb
+from .masks import load_mask, mask_to_tensor
 from .scan import DatasetError, ImageRecord, scan_instance_folder
 from .transforms import crop_and_flip, to_tensor
 
@@ -53,6 +55,9 @@ class DreamBoothDataset(Dataset):
     With `buckets` (a list of (h, w) from `make_buckets`), each instance photo is resized to
     cover its aspect-ratio bucket and cropped to it; its class partner is cropped to the same
     bucket so the two stack in one batch. Use `bucket_ids` with `BucketBatchSampler`.
+
+    masked_loss: each instance item also holds "mask" (1, H, W) in [0, 1] (data/masks.py), cropped and
+    flipped exactly as its photo. captions: dropout / shuffle of instance captions (data/captions.py).
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         buckets: Sequence[tuple[int, int]] | None = None,
         seed: int = 0,
+        masked_loss: bool = False,
+        captions: CaptionOptions | None = None,
     ) -> None:
         if not records:
             raise DatasetError("no instance images to train on")
@@ -75,6 +82,8 @@ class DreamBoothDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.masked_loss = masked_loss
+        self.captions = captions or CaptionOptions()
         self.epoch = 0
         self.class_records = None
         if class_records is not None:
@@ -120,11 +129,25 @@ class DreamBoothDataset(Dataset):
             return (self.resolution, self.resolution)
         return self.buckets[self._record_buckets[record_index]]
 
-    def _example(self, record: ImageRecord, target: tuple[int, int], rng_key: str) -> dict:
+    def instance_caption(self, index: int, epoch: int) -> str:
+        """The caption of instance item `index` in `epoch` (dropped or shuffled per `captions`)."""
+        caption = self.records[self._record_index(index)].caption
+        return vary_caption(caption, self.captions, self.seed, epoch, index)
+
+    def _example(self, record: ImageRecord, target: tuple[int, int], rng_key: str, masked: bool = False) -> dict:
         # A string seed is hashed with SHA-512: stable across processes and PYTHONHASHSEED.
         rng = random.Random(f"{self.seed}:{self.epoch}:{rng_key}")
-        result = crop_and_flip(load_rgb(record.path), target, rng, self.center_crop, self.random_flip)
+        mask_rng = random.Random()
+        mask_rng.setstate(rng.getstate())  # the mask gets the very crop and flip its photo gets
+        photo = load_rgb(record.path)
+        result = crop_and_flip(photo, target, rng, self.center_crop, self.random_flip)
+        extra = {}
+        if masked:
+            mask = crop_and_flip(load_mask(record.path, photo.size), target, mask_rng, self.center_crop,
+                                 self.random_flip)
+            extra["mask"] = mask_to_tensor(mask.image)
         return {
+            **extra,
             "pixel_values": to_tensor(result.image),
             "prompt": record.caption,
             "original_size": result.original_size,
@@ -137,7 +160,8 @@ class DreamBoothDataset(Dataset):
             raise IndexError(f"index {index} out of range for dataset of length {len(self)}")
         record_index = self._record_index(index)
         target = self._target_size(record_index)
-        example = self._example(self.records[record_index], target, f"instance:{index}")
+        example = self._example(self.records[record_index], target, f"instance:{index}", self.masked_loss)
+        example["prompt"] = self.instance_caption(index, self.epoch)
         if self.class_records is not None:
             class_record = self.class_records[index % len(self.class_records)]
             class_example = self._example(class_record, target, f"class:{index}")
@@ -151,7 +175,8 @@ def collate(examples: Sequence[dict], with_prior_preservation: bool = False) -> 
     With prior preservation the batch is [instance rows..., class rows...] (diffusers' order,
     so the loss can be split with `chunk(2)`); `num_instance` says how many leading rows are
     instance examples, so Min-SNR weighting can be applied to that half only.
-    Sizes come back as LongTensors (B, 2) in (h, w) / (top, left) order.
+    Sizes come back as LongTensors (B, 2) in (h, w) / (top, left) order. Items with a "mask" give "masks"
+    (B, 1, H, W); class rows are unmasked (ones).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -168,4 +193,7 @@ def collate(examples: Sequence[dict], with_prior_preservation: bool = False) -> 
     for key in _SIZE_KEYS:
         values = [list(ex[f"{p}{key}"]) for ex, p in rows]
         batch[f"{key}s"] = torch.tensor(values, dtype=torch.long)
+    if "mask" in examples[0]:
+        ones = torch.ones_like(examples[0]["mask"])
+        batch["masks"] = torch.stack([ex["mask"] if p == "" else ones for ex, p in rows])
     return batch

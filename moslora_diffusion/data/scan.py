@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import PHOTO_FORMATS, ImageError, PhotoInfo, inspect_photo
@@ -45,17 +45,20 @@ class Skipped:
 
 @dataclass
 class FolderPhotos:
-    """What one folder holds: the photos (checked by content) and the other files with why they are not used."""
+    """What one folder holds: the photos (checked by content), their masks, and the other files with why they are
+    not used."""
 
     photos: list[PhotoInfo]
     skipped: list[Skipped]
+    masks: list[Path] = field(default_factory=list)  # `<photo>_mask.*` files: read with --masked_loss (masks.py)
 
 
 def find_photos(folder: str | Path) -> FolderPhotos:
     """Every photo directly inside `folder`, decided by content (data/images.py, also the app's upload check).
 
-    Not photos, and not reported: hidden files (macOS `._x.jpg`, `.DS_Store`) and caption sidecars. Reported as
-    skipped: masks (`<photo>_mask.*` beside `<photo>.*`) and every file that is no usable photo, with the reason.
+    Not photos, and not reported: hidden files (macOS `._x.jpg`, `.DS_Store`) and caption sidecars. Listed
+    apart: masks (`<photo>_mask.*` beside `<photo>.*`). Reported as skipped: every file that is no usable photo,
+    with the reason.
     """
     folder = Path(folder)
     files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
@@ -64,8 +67,7 @@ def find_photos(folder: str | Path) -> FolderPhotos:
     found = FolderPhotos([], [])
     for path in files:
         if path.stem.endswith(MASK_SUFFIX) and path.stem[: -len(MASK_SUFFIX)] in stems:
-            found.skipped.append(Skipped(path, f"a mask for {path.stem[: -len(MASK_SUFFIX)]}, not a photo "
-                                               "(masks are not used for training yet)"))
+            found.masks.append(path)
             continue
         try:
             found.photos.append(inspect_photo(path))
@@ -82,13 +84,15 @@ class PhotoScan:
     records: list[ImageRecord]
     photos: dict[Path, PhotoInfo]
     skipped: list[Skipped]
+    masks: list[Path] = field(default_factory=list)
 
     def report(self, resolution: int | None = None) -> list[str]:
         """Lines for the run's log: how many photos are used, what was skipped and why, notes per photo."""
         used = len(self.records)
         items = sum(r.repeats for r in self.records)
         head = f"Photos: {used} used from {self.folder}" + (f" ({items} with repeats)" if items != used else "")
-        lines = [head + (f", {len(self.skipped)} files skipped" if self.skipped else "")]
+        masks = f", {len(self.masks)} masks (<name>_mask files, read with --masked_loss)" if self.masks else ""
+        lines = [head + masks + (f", {len(self.skipped)} files skipped" if self.skipped else "")]
         lines += [f"  skipped {_relative(s.path, self.folder)}: {s.reason}" for s in self.skipped]
         for record in self.records:
             lines += [f"  note {_relative(record.path, self.folder)}: {note}"
@@ -171,6 +175,7 @@ def scan_photos(folder: str | Path, instance_prompt: str | None, warn: bool = Fa
     for photo_folder, repeats, folder_prompt in _photo_folders(folder):
         found = find_photos(photo_folder)
         scan.skipped += found.skipped
+        scan.masks += found.masks
         for skipped in found.skipped if warn else ():
             warnings.warn(f"skipping {skipped.path}: {skipped.reason}", stacklevel=2)
         for photo in found.photos:

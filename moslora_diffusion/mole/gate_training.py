@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import scan_photos
+from ..data import check_masks, scan_photos
 from ..files.atomic import atomic_write, check_not_an_input
 from ..files.safetensors_io import read_keys, read_metadata
 from ..formats.lora_files import family_hint, file_format, trigger_prompt
@@ -155,6 +155,8 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     check_output_dir(config)
     sources = expert_sources(config)
     scans = [scan_photos(s.photo_dir, s.prompt) for s in sources]  # every file decided by content
+    if config.masked_loss:
+        check_masks([r for scan in scans for r in scan.records])
     accelerator = make_accelerator(config)
     resume = find_resume(config, accelerator.num_processes)
     if resume is not None:  # the experts by their files' hashes, before the model loads

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..files.atomic import write_folder_atomically
 from .patterns import OBJECT_PATTERNS, PATTERN_THRESHOLD, read_patterns
-from .world import COLOURS, POSITIONS, Fill, Scene, inside_frame, render
+from .world import COLOURS, POSITIONS, Fill, Scene, inside_frame, render, render_mask
 
 # (position, box side in px, background, dx, dy): varied framing, as a user's photos would be.
 Photo = tuple[str, int, str, int, int]
@@ -79,6 +79,10 @@ class Subject:
         """The subject photos as 64 x 64 PIL images (deterministic)."""
         return [render(self.scene(*photo)) for photo in self.photos]
 
+    def mask_images(self) -> list:
+        """The subject's pixels of each photo (64 x 64 "L", 255 = subject), for --masked_loss."""
+        return [render_mask(self.scene(*photo)) for photo in self.photos]
+
     def score(self, image) -> float:
         """0..1: how much the image's object shows both pattern colours (the subject ~0.5-1, a plain object ~0)."""
         return read_patterns(image).object_scores[self.pattern]
@@ -90,11 +94,16 @@ class Subject:
         return [f"{i:02d}_{photo[0]}_{photo[2]}.png" for i, photo in enumerate(self.photos)]
 
     def write_photos(self, out: Path) -> list[Path]:
-        """Renders the photos into `out` (replaced whole, atomically); returns their paths.
+        """Renders the photos and their masks (`<stem>_mask.png`, data/masks.py) into `out` (replaced whole,
+        atomically); returns the photos' paths.
 
         Raises FileExistsError when `out` holds anything but photos and captions (it is not a photo folder)."""
-        images = dict(zip(self.photo_names(), self.photo_images(), strict=True))
-        return write_photo_folder(Path(out), {name: (image, None) for name, image in images.items()})
+        names = self.photo_names()
+        images = dict(zip(names, self.photo_images(), strict=True))
+        masks = zip(names, self.mask_images(), strict=True)
+        images |= {name.replace(".png", "_mask.png"): mask for name, mask in masks}
+        written = write_photo_folder(Path(out), {name: (image, None) for name, image in images.items()})
+        return written[:len(names)]
 
 
 def write_photo_folder(out: Path, photos: dict[str, tuple]) -> list[Path]:

@@ -287,5 +287,12 @@ def render(scene: Scene) -> Image.Image:
     return img.reduce(s)
 
 
+def render_mask(scene: Scene) -> Image.Image:
+    """The object's pixels of `render(scene)` as a 64x64 "L" mask (255 = object), antialiased the same way: the
+    subject mask of a toy photo for --masked_loss."""
+    s = SUPERSAMPLE
+    return shape_mask(scene.cls, scene.box, (RESOLUTION, RESOLUTION), scale=s).reduce(s)
+
+
 def with_fill(scene: Scene, fill: Fill | None) -> Scene:
     return replace(scene, fill=fill)

@@ -81,11 +81,13 @@ def pixel_batches(dataset: DreamBoothDataset, stream: GlobalBatchStream, with_pr
 class LatentCache:
     """VAE posteriors (mean, std) of every dataset item, computed before the steps (epoch 0's crop and flip).
 
-    `encode` is the run's PosteriorMemo, so an image shared by several items is encoded once."""
+    `encode` is the run's PosteriorMemo, so an image shared by several items is encoded once. Masks
+    (--masked_loss) are kept with their latents, cropped alike; instance captions are drawn per (epoch, item),
+    so caption dropout and shuffling vary as without the cache."""
 
     def __init__(self, dataset: DreamBoothDataset, with_prior: bool, encode):
         """encode(pixel_values (rows, 3, H, W)) -> (mean, std), each (rows, C, h, w)."""
-        self.with_prior = with_prior
+        self.with_prior, self.dataset = with_prior, dataset
         self.items = []
         dataset.set_epoch(0)
         for index in range(len(dataset)):
@@ -101,11 +103,13 @@ class LatentCache:
             groups = 2 if self.with_prior else 1
             # Each cached item holds its instance row then its class row: regroup to [instances..., classes...].
             order = [(item, g) for g in range(groups) for item in rows]
+            stacked = [k for k in ("original_sizes", "crop_top_lefts", "target_sizes", "masks") if k in rows[0][2]]
             yield {
                 "latent_mean": torch.cat([item[0][g:g + 1] for item, g in order]),
                 "latent_std": torch.cat([item[1][g:g + 1] for item, g in order]),
-                "prompts": [item[2]["prompts"][g] for item, g in order],
-                **{key: torch.cat([item[2][key][g:g + 1] for item, g in order])
-                   for key in ("original_sizes", "crop_top_lefts", "target_sizes")},
+                # the instance captions of this epoch (dropout and shuffle are not frozen at epoch 0 as the crops are)
+                "prompts": [self.dataset.instance_caption(index, epoch) for epoch, index in keys]
+                           + [item[2]["prompts"][1] for item in rows if groups == 2],
+                **{key: torch.cat([item[2][key][g:g + 1] for item, g in order]) for key in stacked},
                 "num_instance": len(rows),
             }

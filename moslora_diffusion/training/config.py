@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from ..checks import MAX_SEED, Range, number_problems
+from ..data.captions import CaptionOptions
 from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ..moslora.layer import KINDS, MIXER_INITS
 from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
@@ -68,6 +69,12 @@ class TrainConfig:
     random_flip: bool = _flag(False, "flip images horizontally at random", group="data")
     enable_bucket: bool = _flag(False, "aspect-ratio buckets instead of square crops", group="data")
     dataloader_num_workers: int = _flag(0, "data loading worker processes", group="data")
+    masked_loss: bool = _flag(False, "train only on the subject: a <name>_mask.png beside each photo (white = subject) "
+                              "or the photo's alpha channel weights the loss", group="data")
+    caption_dropout_rate: float = _flag(0.0, "probability that an instance caption is replaced by '' (0..1)",
+                                        group="data")
+    shuffle_caption: bool = _flag(False, "shuffle the comma-separated parts of instance captions", group="data")
+    keep_tokens: int = _flag(0, "with --shuffle_caption: the first N parts stay in place", group="data")
     # prior preservation
     with_prior_preservation: bool = _flag(False, "add the class prior-preservation loss", group="prior preservation")
     class_data_dir: str | None = _flag(None, "folder of class images; missing ones are generated",
@@ -180,6 +187,10 @@ class TrainConfig:
         return AdapterConfig(kind=self.adapter, rank=self.rank, alpha=self.lora_alpha, mixer_init=self.mixer_init)
 
     @property
+    def caption_options(self) -> CaptionOptions:
+        return CaptionOptions(self.caption_dropout_rate, self.shuffle_caption, self.keep_tokens)
+
+    @property
     def unet_targets(self) -> tuple[str, ...]:
         return resolve_targets(self.target_modules, UNET_TARGET_PRESETS)
 
@@ -226,6 +237,7 @@ NUMBER_RANGES = {
     "ema_decay": _UNIT, "num_validation_images": _GT0, "validation_steps": _GT0,
     "validation_loss_photos": _GE0, "validation_inference_steps": _GT0,
     "checkpointing_steps": _GT0, "checkpoints_total_limit": _GT0_OR_NONE, "logging_steps": _GT0,
+    "caption_dropout_rate": Range(0, 1), "keep_tokens": replace(_GE0, integer=True),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import PhotoScan, scan_photos
+from ..data import PhotoScan, check_masks, scan_photos
 from ..moslora.pipeline import set_pipeline_scale
 from .batches import GlobalBatchStream
 from .checkpoints import CheckpointInfo, check_adapter_checkpoint
@@ -89,6 +89,8 @@ def train(config: TrainConfig) -> TrainResult:
     check_output_dir(config)
     photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     photos, held_out = split_held_out(photos, config.validation_loss_photos)
+    if config.masked_loss:
+        check_masks(photos.records)
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)
@@ -324,7 +326,7 @@ def micro_step_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     pred = run.models["unet"](noisy.to(base.weight_dtype), draws.timesteps, **conditioning, return_dict=False)[0]
     loss = diffusion_loss(pred, target, draws.timesteps, batch["num_instance"],
                           run.noise_scheduler.alphas_cumprod, run.plan.prediction_type, config.snr_gamma,
-                          config.prior_loss_weight)
+                          config.prior_loss_weight, batch.get("masks"))
     extra = run.trainable.extra_loss()  # MoLE: the gate-balancing loss of this forward's gates
     return loss if extra is None else loss + extra
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .masking import masked_row_mse
+
 
 def step_generator(seed: int, micro_step: int, device: torch.device) -> torch.Generator:
     # SeedSequence mixes (seed, step) into a well-spread 63-bit seed; the same on every rank.
@@ -96,12 +98,16 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, num_instance: int,
                    alphas_cumprod: torch.Tensor, prediction_type: str, snr_gamma: float | None,
-                   prior_loss_weight: float) -> torch.Tensor:
+                   prior_loss_weight: float, masks: torch.Tensor | None = None) -> torch.Tensor:
     """Mean instance loss (Min-SNR weighted) + prior_loss_weight * mean class loss.
 
     Min-SNR weights are computed for the instance rows only: the class rows have their own term.
+    masks: (B, 1, H, W) pixel masks for --masked_loss (masking.py), or None.
     """
-    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if masks is not None:
+        per_row = masked_row_mse(pred, target, masks)
+    else:
+        per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
     instance, prior = per_row[:num_instance], per_row[num_instance:]
     if snr_gamma is not None:
         instance = instance * min_snr_weights(timesteps[:num_instance], alphas_cumprod, snr_gamma, prediction_type)

@@ -80,7 +80,8 @@ def build_dataset(config: TrainConfig, records: list[ImageRecord], class_images:
     return DreamBoothDataset(
         records, resolution, center_crop=config.center_crop, random_flip=config.random_flip,
         class_records=class_images, class_prompt=config.class_prompt if class_images else None,
-        buckets=make_buckets(resolution) if config.enable_bucket else None, seed=config.seed)
+        buckets=make_buckets(resolution) if config.enable_bucket else None, seed=config.seed,
+        masked_loss=config.masked_loss, captions=config.caption_options)
 
 
 def data_report(config: TrainConfig, scans: list[PhotoScan], class_images: list[Path] | None, resolution: int) -> str:

@@ -76,7 +76,8 @@ def setup_run(config: TrainConfig, plan: RunPlan, accelerator, base: BaseModel, 
     models = {"unet": base.unet, **dict(zip(names, prepared, strict=True))}
     encoders = [models.get(name, getattr(base.pipe, name)) for name in base.family.text_encoders]
     conditioning = PromptConditioning(base.family, base.tokenizers, encoders, accelerator.device,
-                                      cache=trainable.caches_prompts)
+                                      # shuffled captions: a new prompt at most steps, not worth keeping
+                                      cache=trainable.caches_prompts and not config.shuffle_caption)
     layout = RowLayout(config.train_batch_size, accelerator.num_processes, accelerator.process_index,
                        2 if uses_class_images(config) else 1)
     ema = AdapterEMA(trainable.params, config.ema_decay) if config.use_ema else None
@@ -99,8 +100,8 @@ def start_batches(run: Run, dataset: DreamBoothDataset, stream: GlobalBatchStrea
     config = run.config
     stream.start = run.start_step * config.gradient_accumulation_steps
     with_prior = uses_class_images(config)
-    if not (config.train_text_encoder or config.train_text_encoder_ti):  # frozen text encoders: encode once
-        captions = [r.caption for r in dataset.records]
+    if run.conditioning.cache:  # frozen text encoders, fixed captions: each prompt is encoded once
+        captions = [r.caption for r in dataset.records] + ([""] if config.caption_dropout_rate else [])
         run.conditioning.precompute(captions + ([config.class_prompt] if with_prior else [])
                                     + (run.preservation.prompts(captions) if run.preservation else []))
         if not config.validation_prompt:  # the cached embeddings are all training needs
