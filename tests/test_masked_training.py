@@ -71,3 +71,21 @@ def test_a_photo_without_a_mask_stops_the_run_before_the_model_loads(tiny_sd15_d
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --masked_loss: no mask for photo_1.png: put a <name>_mask.png beside each")
     assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
+
+
+def test_every_subject_quality_feature_at_once_trains_and_resumes_bit_for_bit(tiny_sd15_dir, tmp_path):
+    """Masked loss, varied captions, prior preservation from the base model and pivotal tuning in one run: the
+    class rows the preservation adds get all-ones masks (one mask per row), and a resumed run ends where the
+    whole run does, the learned trigger vectors included."""
+    photos = _masked_photos(tmp_path / "photos")
+    settings = dict(random_flip=True, checkpointing_steps=2, learning_rate=1e-3, train_batch_size=2,
+                    with_prior_preservation=True, prior_source="base_model", class_prompt="a photo of a dog",
+                    train_text_encoder=True, train_text_encoder_ti=True, token_abstraction="sks", **VARIED)
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "whole", max_train_steps=4, **settings))
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "split", max_train_steps=2, **settings))
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "split", max_train_steps=4,
+                             resume_from_checkpoint="latest", **settings))
+    whole = adapter_weights(tmp_path / "whole")
+    assert any(k.startswith("embeddings.") for k in whole)
+    assert _equal(whole, adapter_weights(tmp_path / "split"))
+    assert not (tmp_path / "photos" / "class_images").exists()

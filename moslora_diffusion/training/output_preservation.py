@@ -102,5 +102,7 @@ class OutputPreservation:
         base_target = self.base_prediction(class_batch, noisy, timesteps)
         doubled = {key: torch.cat([batch[key], batch[key]]) for key in SIZE_KEYS if key in batch}
         rows = {**batch, **doubled, "prompts": batch["prompts"] + class_batch["prompts"]}
+        if "masks" in batch:  # --masked_loss: the class rows preserve the whole image, as class images would
+            rows["masks"] = torch.cat([batch["masks"], torch.ones_like(batch["masks"])])
         return (rows, torch.cat([noisy, noisy]), torch.cat([target, base_target.to(target.dtype)]),
                 torch.cat([timesteps, timesteps]))
