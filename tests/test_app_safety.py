@@ -105,7 +105,7 @@ def test_staging_is_all_or_nothing_with_our_own_names(tmp_path):
     with pytest.raises(UploadError, match="notes.png"):
         stage_uploads(good + [tmp_path / "notes.png"], dest)
     assert not dest.exists()
-    written = stage_uploads(good, dest)
+    written = stage_uploads(good, dest).photos
     assert [(name, info.path.name) for name, info in written] == [
         ("a.png", "photo_000.png"), ("b.jpeg", "photo_001.jpg"), ("c.jfif", "photo_002.jpg")]
     assert all(info.path.read_bytes() == src.read_bytes() for src, (_, info) in zip(good, written, strict=True))

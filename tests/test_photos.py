@@ -69,7 +69,7 @@ def test_a_jfif_and_a_gif_are_used_and_counted_masks_and_notes_reported(mixed_fo
 
 def test_the_app_accepts_the_same_files_by_the_same_rule(mixed_folder, tmp_path):
     files = [mixed_folder / name for name in ("a.jfif", "b.gif", "c.png")]
-    staged = stage_uploads(files, tmp_path / "staged")
+    staged = stage_uploads(files, tmp_path / "staged").photos
     assert [(name, info.path.name, info.format) for name, info in staged] == [
         ("a.jfif", "photo_000.jpg", "JPEG"), ("b.gif", "photo_001.gif", "GIF"), ("c.png", "photo_002.png", "PNG")]
     assert photo_notes(staged, None) == ["b.gif: 3 frames (an animation or pages): only the first is used"]
@@ -110,7 +110,7 @@ def test_a_200_megapixel_jpeg_is_downscaled_with_a_note_when_training(huge_jpeg,
 def test_the_app_downscales_the_same_photo_with_the_same_note(huge_jpeg, tmp_path):
     info = check_image(huge_jpeg)
     assert (info.stored_size, info.size, info.downscaled) == ((15000, 14000), (7500, 7000), True)
-    staged = stage_uploads([huge_jpeg], tmp_path / "staged")
+    staged = stage_uploads([huge_jpeg], tmp_path / "staged").photos
     assert staged[0][1].path.read_bytes() == huge_jpeg.read_bytes()  # the original is kept; loading downscales
     notes = photo_notes(staged, 512)
     assert notes == ["big.jpg: 15000x14000 (210 MP) is downscaled on load to 7500x7000 (over 64 MP); a smaller "

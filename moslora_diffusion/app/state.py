@@ -6,6 +6,7 @@ The UI calls only these methods, so every feature also works (and is tested) wit
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..moslora.inject import AdapterError
 from .compose import Compositions
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
-from .uploads import UploadError, check_photo_folder, photo_folders, photo_notes, stage_uploads
+from .uploads import UploadError, check_photo_folder, check_photo_masks, photo_folders, photo_notes, stage_uploads
 
 log = logging.getLogger("moslora_diffusion.app")
 GATE_RUNS = "mole"  # outputs/mole/<run>/mole.safetensors: gates trained from the app
@@ -171,33 +172,51 @@ class AppState:
     def start_training(self, instance_prompt: str, class_prompt: str = "", steps: int = 400, rank: int = 4,
                        resolution: int | None = None, validation_steps: int = 100, folder: str | None = None,
                        uploads: list | None = None, validation_prompt: str = "",
-                       validation_metrics: str = "none", validation_loss_photos: int = 0) -> TrainingJob:
+                       validation_metrics: str = "none", validation_loss_photos: int = 0,
+                       prior_source: str = "class_images", pivotal: bool = False, trigger_word: str = "",
+                       masked_loss: bool = False) -> TrainingJob:
         """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app.
         validation_metrics: none, toy (the toy base only) or dreambench, scored on every validation's images;
-        validation_loss_photos: photos set aside for the held-out loss (the trainer refuses leaving fewer than 2)."""
+        validation_loss_photos: photos set aside for the held-out loss (the trainer refuses leaving fewer than 2);
+        prior_source (with a class prompt): class_images or base_model; pivotal: pivotal tuning of trigger_word
+        (empty: guessed from the prompts); masked_loss: every photo needs its mask, checked before the job starts."""
         settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", steps, rank,
                                     resolution or None, validation_steps or 0,
                                     validation_prompt=validation_prompt or "",
                                     validation_metrics=validation_metrics or "none",
-                                    validation_loss_photos=validation_loss_photos or 0)
-        settings.check()  # every number finite and in range, before any upload is copied
-        resolution = settings.resolution or self.default_size
-        if uploads:
-            staged = stage_uploads(uploads, new_run_dir(self.outputs / "uploads", instance_prompt))
-            settings.instance_dir = staged[0][1].path.parent
-            notes = photo_notes(staged, resolution)
-        elif folder:
-            folders = photo_folders(self.photo_roots)
-            if folder not in folders:
-                raise UploadError(f"unknown photo folder {folder!r}")
-            settings.instance_dir, found = check_photo_folder(folders[folder], self.photo_roots)
-            notes = [f"{s.path.name}: skipped, {s.reason}" for s in found.skipped]
-            notes += photo_notes([(p.path.name, p) for p in found.photos], resolution)
-        else:
-            raise UploadError("choose a photo folder or upload photos of the subject")
+                                    validation_loss_photos=validation_loss_photos or 0,
+                                    prior_source=prior_source or "class_images", pivotal=bool(pivotal),
+                                    trigger_word=trigger_word or "", masked_loss=bool(masked_loss))
+        settings.check()  # every number finite and in range, the trigger word in the prompt, before any copy
+        settings.instance_dir, notes = self._training_photos(settings, folder, uploads)
         job = self.training.start(self.base, settings, self.config)
         job.notes = notes
         return job
+
+    def _training_photos(self, settings: TrainingSettings, folder: str | None, uploads: list | None
+                         ) -> tuple[Path, list[str]]:
+        """(the photo folder the trainer reads, notes for the user); with the masked loss every photo's mask is
+        checked here, and uploads staged for a refused run are removed again (our own folder)."""
+        resolution = settings.resolution or self.default_size
+        if uploads:
+            staged = stage_uploads(uploads, new_run_dir(self.outputs / "uploads", settings.instance_prompt))
+            if settings.masked_loss:
+                try:
+                    check_photo_masks(staged.folder, settings.instance_prompt, staged.uploaded_names())
+                except UploadError:
+                    shutil.rmtree(staged.folder)
+                    raise
+            return staged.folder, photo_notes(staged.photos, resolution)
+        if not folder:
+            raise UploadError("choose a photo folder or upload photos of the subject")
+        folders = photo_folders(self.photo_roots)
+        if folder not in folders:
+            raise UploadError(f"unknown photo folder {folder!r}")
+        instance_dir, found = check_photo_folder(folders[folder], self.photo_roots)
+        if settings.masked_loss:
+            check_photo_masks(instance_dir, settings.instance_prompt)
+        notes = [f"{s.path.name}: skipped, {s.reason}" for s in found.skipped]
+        return instance_dir, notes + photo_notes([(p.path.name, p) for p in found.photos], resolution)
 
     def register_finished_training(self) -> str | None:
         """Loads the adapter of a just-finished training run (once); returns its name."""

@@ -18,10 +18,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..checks import Range, number_problems
-from ..training.config import VALIDATION_METRICS
+from ..training.config import PRIOR_SOURCES, VALIDATION_METRICS
+from ..training.flags import ConfigError
+from ..training.pivotal import check_pivotal_flags
 from .paths import ADAPTER_FILE_NAME
+from .trigger_words import guess_trigger_word
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder `moslora_diffusion` is imported from
 TRAINER = PACKAGE_PARENT / "train_dreambooth.py"
@@ -52,7 +56,7 @@ SETTINGS_RANGES = {
 class TrainingSettings:
     instance_dir: Path
     instance_prompt: str
-    class_prompt: str = ""  # given: prior preservation with generated class images
+    class_prompt: str = ""  # given: prior preservation (how: prior_source)
     steps: int = 400
     rank: int = 4
     resolution: int | None = None  # None: the model family's
@@ -61,9 +65,16 @@ class TrainingSettings:
     validation_prompt: str = ""  # empty: the instance prompt
     validation_metrics: str = "none"  # scores of every validation (--validation_metrics): none, toy, dreambench
     validation_loss_photos: int = 0  # photos set aside for the held-out validation loss (0: none)
+    # With a class prompt: "class_images" (generated into <run>-class-images) or "base_model" (the base model's own
+    # prediction is the prior target, no class images: --prior_source base_model). Unused without a class prompt.
+    prior_source: str = "class_images"
+    pivotal: bool = False  # pivotal tuning: also learn the trigger word's embedding (--train_text_encoder_ti)
+    trigger_word: str = ""  # pivotal tuning's word (--token_abstraction); empty: guessed (trigger_words.py)
+    masked_loss: bool = False  # weight the loss by each photo's <name>_mask.png or alpha channel (--masked_loss)
 
     def check(self) -> None:
-        """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate)."""
+        """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate) and
+        trigger_word is the word pivotal tuning will train."""
         problems = [] if self.instance_prompt.strip() else [
             "enter an instance prompt with a trigger word, e.g. 'a photo of sks dog'"]
         numbers = {name: getattr(self, name) for name in SETTINGS_RANGES}
@@ -75,15 +86,34 @@ class TrainingSettings:
             problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
         if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
             problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
+        if self.prior_source not in PRIOR_SOURCES:
+            problems.append(f"prior preservation source must be one of {list(PRIOR_SOURCES)}, got "
+                            f"{self.prior_source!r}")
+        if self.pivotal and self.instance_prompt.strip():
+            problems += self._trigger_word_problems()
         if problems:
             raise TrainingError("; ".join(problems))
         for name, value in numbers.items():
             setattr(self, name, SETTINGS_RANGES[name].clean(value))
 
+    def _trigger_word_problems(self) -> list[str]:
+        """Resolves trigger_word (typed, else guessed) and checks it with the trainer's own check."""
+        self.trigger_word = self.trigger_word.strip() or guess_trigger_word(self.instance_prompt, self.class_prompt)
+        if not self.trigger_word:
+            return ["pivotal tuning needs the trigger word: type the rare word of the instance prompt, e.g. sks"]
+        flags = SimpleNamespace(train_text_encoder_ti=True, token_abstraction=self.trigger_word, embedding_lr=None,
+                                instance_prompt=self.instance_prompt.strip())
+        try:
+            check_pivotal_flags(flags)
+        except ConfigError as err:
+            return [str(err)]
+        return []
+
 
 def build_command(base: str, settings: TrainingSettings, output_dir: Path, config: str | None = None,
                   trainer: Path = TRAINER) -> list[str]:
-    """The trainer's command line; the same flags a user would type (diffusers' names)."""
+    """The trainer's command line; the same flags a user would type (diffusers' names). `settings` checked first
+    (check() resolves the pivotal-tuning trigger word)."""
     cmd = [sys.executable, str(trainer), "--pretrained_model_name_or_path", str(base),
            "--instance_data_dir", str(settings.instance_dir), "--instance_prompt", settings.instance_prompt.strip(),
            "--max_train_steps", str(int(settings.steps)), "--rank", str(int(settings.rank)),
@@ -91,8 +121,15 @@ def build_command(base: str, settings: TrainingSettings, output_dir: Path, confi
            # ~200 loss points for the curve; each costs the trainer one device sync, so not every step
            "--logging_steps", str(max(1, int(settings.steps) // 200))]
     if settings.class_prompt.strip():
-        cmd += ["--with_prior_preservation", "--class_prompt", settings.class_prompt.strip(),
-                "--class_data_dir", str(output_dir.parent / f"{output_dir.name}-class-images")]
+        cmd += ["--with_prior_preservation", "--class_prompt", settings.class_prompt.strip()]
+        if settings.prior_source == "base_model":
+            cmd += ["--prior_source", "base_model"]
+        else:
+            cmd += ["--class_data_dir", str(output_dir.parent / f"{output_dir.name}-class-images")]
+    if settings.pivotal:
+        cmd += ["--train_text_encoder_ti", "--token_abstraction", settings.trigger_word.strip()]
+    if settings.masked_loss:
+        cmd.append("--masked_loss")
     if settings.resolution:
         cmd += ["--resolution", str(int(settings.resolution))]
     if settings.validation_steps:

@@ -27,9 +27,14 @@ from .charts import loss_curve_image, scores_chart_image
 from .compose_ui import compose_tab
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
 from .state import AppState
+from .trigger_words import guess_trigger_word
 from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, slider_scales, slot_updates
 from .ui_common import refuse as _refuse
 from .uploads import photo_folders
+
+# The Train tab's prior-preservation choices -> --prior_source (training/output_preservation.py).
+PRIOR_SOURCE_LABELS = {"generate class images": "class_images",
+                       "base model's own prediction (no class images)": "base_model"}
 
 
 def prompt_box(state: AppState) -> dict:
@@ -141,11 +146,13 @@ def _train_tab(state: AppState, res: int) -> dict:
     with gr.Row():
         c["folder"] = gr.Dropdown(folders, value=None, label="Photos from a folder given to the app",
                                   elem_id="photo-folder")
-        c["upload"] = gr.File(file_count="multiple", file_types=["image"], label="…or upload photos",
-                              elem_id="photo-upload")
+        c["upload"] = gr.File(file_count="multiple", file_types=["image"], elem_id="photo-upload",
+                              label="…or upload photos (masks: <name>_mask.png)")
     with gr.Row():
         c["instance"] = gr.Textbox(label="Instance prompt", value="a photo of sks dog", elem_id="instance-prompt")
         c["class"] = gr.Textbox(label="Class prompt (prior preservation; empty: off)", elem_id="class-prompt")
+        c["prior_source"] = gr.Radio(list(PRIOR_SOURCE_LABELS), value=next(iter(PRIOR_SOURCE_LABELS)),
+                                     label="Prior preservation from", elem_id="train-prior-source", visible=False)
     with gr.Row():
         c["steps"] = gr.Number(label="Steps", value=400, precision=0, elem_id="train-steps")
         c["rank"] = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")
@@ -160,6 +167,14 @@ def _train_tab(state: AppState, res: int) -> dict:
                                       "CLIP-T, needs those models)")
         c["held_out"] = gr.Number(label="Photos held out for a validation loss (0: off)", value=0, precision=0,
                                   elem_id="train-held-out-photos")
+    with gr.Accordion("Advanced", open=False), gr.Row():
+        c["pivotal"] = gr.Checkbox(label="Pivotal tuning: also learn the trigger word's embedding",
+                                   elem_id="train-pivotal")
+        c["trigger"] = gr.Textbox(label="Trigger word (pivotal tuning)", elem_id="train-trigger-word",
+                                  placeholder=trigger_placeholder("a photo of sks dog", ""))
+        c["masked"] = gr.Checkbox(label="Masked loss: train on the subject only (upload <name>_mask.png with each "
+                                        "photo, white = subject, or photos with transparency)",
+                                  elem_id="train-masked-loss")
     with gr.Row():
         c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -173,13 +188,32 @@ def _train_tab(state: AppState, res: int) -> dict:
     return c
 
 
+def trigger_placeholder(instance_prompt: str, class_prompt: str) -> str:
+    """What an empty trigger-word box means for these prompts."""
+    guess = guess_trigger_word(instance_prompt, class_prompt)
+    return f"empty: {guess}" if guess else "required: the rare word of the instance prompt, e.g. sks"
+
+
+def _prompt_handlers(c: dict) -> None:
+    """The prior-source choice shows with a class prompt; the trigger-word box says what it defaults to."""
+    def prompts_changed(instance, class_prompt):
+        return (gr.update(visible=bool((class_prompt or "").strip())),
+                gr.update(placeholder=trigger_placeholder(instance or "", class_prompt or "")))
+
+    for box in (c["instance"], c["class"]):
+        box.change(prompts_changed, inputs=[c["instance"], c["class"]], outputs=[c["prior_source"], c["trigger"]],
+                   api_visibility="private", queue=False, show_progress="hidden")
+
+
 def _train_handlers(state: AppState, c: dict, gen: dict, status):
     def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every, val_prompt, metrics,
-              held_out):
+              held_out, prior_source, pivotal, trigger, masked):
         try:
             job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads,
                                        validation_prompt=val_prompt, validation_metrics=metrics,
-                                       validation_loss_photos=held_out)
+                                       validation_loss_photos=held_out,
+                                       prior_source=PRIOR_SOURCE_LABELS.get(prior_source, prior_source),
+                                       pivotal=pivotal, trigger_word=trigger, masked_loss=masked)
         except USER_ERRORS as err:
             return _refuse(err), gr.Timer(active=False)
         notes = "".join(f"\n\n⚠️ {note}" for note in job.notes)
@@ -209,13 +243,15 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
         return "Cancelled."
 
     inputs = [c["folder"], c["upload"], c["instance"], c["class"], c["steps"], c["rank"], c["resolution"],
-              c["val_every"], c["val_prompt"], c["metrics"], c["held_out"]]
+              c["val_every"], c["val_prompt"], c["metrics"], c["held_out"], c["prior_source"], c["pivotal"],
+              c["trigger"], c["masked"]]
     c["start"].click(start, inputs=inputs, outputs=[c["status"], c["timer"]], api_name="train",
                      concurrency_id="training")
     c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["scores"], c["validation"], c["timer"]] + gen["slots"]
                     + [status],
                     concurrency_id="training", show_progress="hidden", api_visibility="private")
     c["cancel"].click(cancel, outputs=c["status"], api_name="cancel_training", concurrency_id="training")
+    _prompt_handlers(c)
 
 
 def build_ui(state: AppState) -> gr.Blocks:
