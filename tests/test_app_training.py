@@ -36,9 +36,10 @@ FAKE_TRAINER = textwrap.dedent("""
     for flag in ("--pretrained_model_name_or_path", "--instance_data_dir", "--instance_prompt", "--output_dir",
                  "--max_train_steps", "--rank", "--learning_rate", "--validation_prompt", "--validation_steps",
                  "--num_validation_images", "--resolution", "--class_prompt", "--class_data_dir", "--logging_steps",
-                 "--validation_metrics", "--validation_loss_photos"):
+                 "--validation_metrics", "--validation_loss_photos", "--prior_source", "--token_abstraction"):
         p.add_argument(flag)
-    p.add_argument("--with_prior_preservation", action="store_true")
+    for flag in ("--with_prior_preservation", "--train_text_encoder_ti", "--masked_loss"):
+        p.add_argument(flag, action="store_true")
     args = p.parse_args()
     if os.environ.get("FAKE_HANG"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])

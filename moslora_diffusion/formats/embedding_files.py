@@ -33,10 +33,15 @@ def embedding_file_tensors(pipe) -> dict[str, torch.Tensor]:
     return {SDXL_KEYS[name]: tensor for name, tensor in vectors.items()}
 
 
+def embedding_file_for(word: str) -> str:
+    """`<word>.safetensors`: A1111 and ComfyUI name an embedding by its file name."""
+    return f"{word}.safetensors"
+
+
 def embedding_file_name(pipe) -> str | None:
     """`<word>.safetensors` of the attached trigger word, None without one."""
     words = {module.word for module in pipeline_token_vectors(pipe).values()}
-    return f"{next(iter(words))}.safetensors" if words else None
+    return embedding_file_for(next(iter(words))) if words else None
 
 
 def write_embedding(folder: str | Path, name: str, tensors: dict[str, torch.Tensor], overwrite: bool = True) -> Path:

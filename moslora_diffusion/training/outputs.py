@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..files.atomic import atomic_write
-from ..formats.embedding_files import embedding_file_name, save_embedding_file
+from ..formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ..moslora.native_file import save_adapter
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
@@ -21,6 +21,7 @@ from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_se
 from .manifest import owns, read_manifest, record_written, write_manifest
 from .output_location import OutputDirError, check_room, check_writable
 from .output_preservation import PRIOR_SOURCE_NAMES, uses_class_images
+from .pivotal import word_pattern
 from .validation_scores import BEST_FILE
 
 ADAPTER_FILE = "moslora.safetensors"
@@ -235,7 +236,57 @@ def _settings(config: TrainConfig, plan: dict, result: dict) -> dict:
                                else "no"),
         "Min-SNR gamma": config.snr_gamma, "mixed precision": config.mixed_precision,
         "EMA": f"yes ({config.ema_decay})" if config.use_ema else "no", "seed": config.seed,
+        **_subject_settings(config),
     }
+
+
+def _subject_settings(config: TrainConfig) -> dict:
+    """The rows of the subject-quality options, when the run used them."""
+    rows = {}
+    if config.train_text_encoder_ti:
+        rows["pivotal tuning"] = (f"yes (trigger word `{config.token_abstraction}`, embedding learning rate "
+                                  f"{config.embedding_lr or config.learning_rate})")
+    if config.masked_loss:
+        rows["masked loss"] = "yes (each photo's `<name>_mask.png` or alpha channel weights the loss)"
+    options = config.caption_options
+    if options.varies:
+        shuffled = f"shuffled (first {options.keep_tokens} parts kept in place)" if options.shuffle else "not shuffled"
+        rows["captions"] = f"dropout {options.dropout_rate}, {shuffled}"
+    return rows
+
+
+def _embedding_usage(config: TrainConfig, family: str) -> tuple[str, str]:
+    """(the Files line, the usage section) of the trigger word's embedding file; ("", "") without pivotal tuning."""
+    if not config.train_text_encoder_ti:
+        return "", ""
+    word, out = config.token_abstraction, config.output_dir
+    name = embedding_file_for(word)
+    comfy_prompt = word_pattern(word).sub(f"embedding:{word}", config.instance_prompt)
+    if family == "sdxl":  # one file, one tensor per text encoder: diffusers loads each into its own
+        load = (f'from safetensors.torch import load_file\nstate = load_file("{out}/{name}")\n'
+                f'pipe.load_textual_inversion(state["clip_l"], token="{word}", text_encoder=pipe.text_encoder, '
+                f'tokenizer=pipe.tokenizer)\npipe.load_textual_inversion(state["clip_g"], token="{word}", '
+                f'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)')
+    else:
+        load = f'pipe.load_textual_inversion("{out}/{name}", token="{word}")'
+    files = (f"- `{name}`: the trigger word's learned embedding (pivotal tuning); load it with the LoRA, "
+             "which was trained with it.\n")
+    usage = f"""
+## The trigger word's embedding (pivotal tuning)
+
+`{word}` was learned as an embedding along with the adapter. Load `{name}` with the LoRA:
+
+- AUTOMATIC1111: copy `{name}` into `embeddings/` (with `{KOHYA_FILE}` in `models/Lora/`); the word `{word}` in
+  the prompt calls it.
+- ComfyUI: copy `{name}` into `models/embeddings/` and write `embedding:{word}` in the prompt:
+  `{comfy_prompt}`.
+- diffusers, after `pipe.load_lora_weights(...)`:
+
+```python
+{load}
+```
+"""
+    return files, usage
 
 
 def model_card(config: TrainConfig, plan: dict, result: dict, images: list[str]) -> str:
@@ -244,6 +295,7 @@ def model_card(config: TrainConfig, plan: dict, result: dict, images: list[str])
     base, prompt = config.pretrained_model_name_or_path, config.instance_prompt
     rows = "\n".join(f"| {k} | {v} |" for k, v in _settings(config, plan, result).items())
     gallery = "\n".join(f"![validation image]({path})" for path in images) or "(no validation prompt was given)"
+    embedding_file, embedding_usage = _embedding_usage(config, plan["family"])
     best = result.get("best")
     if best:
         scores = ", ".join(f"{name} {value:.3f}" for name, value in best["scores"].items())
@@ -278,7 +330,7 @@ The full configuration is in `{CONFIG_FILE}`.
 - `{ADAPTER_FILE}`: the native MoSLoRA adapter (A, mixer M, B), for moslora-diffusion.
 - `{DIFFUSERS_WEIGHT_NAME}`: the same adapter folded exactly into a plain LoRA (B M A = (B M) A), diffusers format.
 - `{KOHYA_FILE}`: the folded LoRA in kohya format, for AUTOMATIC1111 and ComfyUI.
-
+{embedding_file}
 ## Use it
 
 diffusers:
@@ -302,4 +354,4 @@ load_adapter(pipe, "{config.output_dir}/{ADAPTER_FILE}", scale=1.0)
 AUTOMATIC1111: copy `{KOHYA_FILE}` into `models/Lora/` and add `<lora:lora_kohya:1>` to the prompt.
 
 ComfyUI: copy `{KOHYA_FILE}` into `models/loras/` and load it with a *LoraLoader* node.
-"""
+{embedding_usage}"""

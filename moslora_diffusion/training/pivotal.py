@@ -22,6 +22,11 @@ CHECKPOINT_STEM = "embeddings"  # checkpoint-N/embeddings.safetensors: {text enc
 RESERVED_WORDS = ("moslora", "moslora_best", "pytorch_lora_weights", "lora_kohya")
 
 
+def word_pattern(word: str) -> re.Pattern:
+    """`word` as a whole word of a prompt ("sks" in "a photo of sks, dog", not in "sksx")."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
 def check_pivotal_flags(config) -> None:
     """ConfigError (one line, before anything loads) for pivotal-tuning flags that cannot work together."""
     word = config.token_abstraction
@@ -38,7 +43,7 @@ def check_pivotal_flags(config) -> None:
     if word.lower() in RESERVED_WORDS or not re.fullmatch(r"[^/\\:*?\"<>|]+", word) or word.strip(".") == "":
         raise ConfigError(f"--token_abstraction {word!r} cannot name the embedding file <word>.safetensors written "
                           "beside the LoRAs: use another trigger word, e.g. sks")
-    if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", config.instance_prompt or ""):
+    if not word_pattern(word).search(config.instance_prompt or ""):
         raise ConfigError(f"--token_abstraction {word!r} does not appear in --instance_prompt "
                           f"{config.instance_prompt!r}: use the trigger word of the prompt")
 
