@@ -11,6 +11,7 @@ from training_helpers import make_photos, run_training, tiny_config
 
 from moslora_diffusion.app.training_jobs import TrainingError, TrainingSettings, build_command
 from moslora_diffusion.app.trigger_words import guess_trigger_word
+from moslora_diffusion.app.ui import trigger_placeholder
 from moslora_diffusion.app.uploads import UploadError, stage_uploads
 from moslora_diffusion.data import scan_photos
 from moslora_diffusion.files.safetensors_io import load_tensors
@@ -55,6 +56,8 @@ def test_each_new_control_reaches_the_trainers_config(tmp_path):
 ])
 def test_the_trigger_word_is_guessed_only_when_obvious(instance, class_prompt, word):
     assert guess_trigger_word(instance, class_prompt) == word
+    placeholder = trigger_placeholder(instance, class_prompt)  # what the Train tab's empty box says
+    assert placeholder == (f"empty: {word}" if word else "required: the rare word of the instance prompt, e.g. sks")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
