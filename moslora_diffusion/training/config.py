@@ -174,6 +174,7 @@ class TrainConfig:
         check_not_empty(self)
         self.check_ranges()
         check_choices(self)
+        check_pivotal_flags(self)  # after the ranges: `--embedding_lr nan` is reported as not finite
         resolve_targets(self.target_modules, UNET_TARGET_PRESETS)  # raises on an empty list
 
     def check_required(self) -> None:
@@ -215,7 +216,6 @@ def _check_required(c: TrainConfig) -> None:
         if not c.class_data_dir and c.prior_source == "class_images":
             raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated "
                               "there), or --prior_source base_model (no class images)")
-    check_pivotal_flags(c)
 
 
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
