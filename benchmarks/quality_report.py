@@ -204,7 +204,7 @@ def merge_parts(paths: list[Path], out_dir: Path, name: str, grid: Path | None) 
     """
     parts = [json.loads(Path(p).read_text())["rows"] for p in paths]
     settings = [next(r for r in rows if r["kind"] == "settings") for rows in parts]
-    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note", "variants", "recipes"}
+    ignored = {"seeds", "seed_list", "seed_start", "total_seconds", "parts_note", "variants", "recipes", "reference"}
     for other, path in zip(settings[1:], paths[1:], strict=True):
         differing = sorted(k for k in other if k not in ignored and other[k] != settings[0].get(k))
         if differing:
