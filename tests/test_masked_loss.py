@@ -161,3 +161,26 @@ def test_the_run_identity_notices_a_changed_mask(tmp_path):
     before = folder_fingerprint(str(folder))
     Image.new("L", (80, 64), 255).save(folder / "subject_mask.png")
     assert folder_fingerprint(str(folder)) != before
+
+
+def test_an_all_black_mask_or_fully_transparent_photo_is_refused_naming_it(tmp_path):
+    folder = _photo_with_mask(tmp_path / "photos")
+    Image.new("L", (80, 64), 0).save(folder / "subject_mask.png")  # inverted or empty: would train nothing
+    with pytest.raises(DatasetError, match=r"^--masked_loss: the mask subject_mask.png marks no subject"):
+        check_masks(scan_photos(folder, "sks").records)
+    (folder / "subject_mask.png").unlink()
+    Image.new("RGBA", (80, 64), (255, 0, 0, 0)).save(folder / "subject.png")
+    with pytest.raises(DatasetError, match=r"the alpha channel of subject.png marks no subject"):
+        check_masks(scan_photos(folder, "sks").records)
+    mask = Image.new("L", (80, 64), 0)
+    mask.putpixel((5, 5), 1)  # one faint pixel of subject is still a subject
+    mask.save(folder / "subject_mask.png")
+    check_masks(scan_photos(folder, "sks").records)
+
+
+def test_a_mask_whose_photo_is_missing_is_named_as_such_not_as_a_photo_without_mask(tmp_path):
+    folder = _photo_with_mask(tmp_path / "photos")
+    Image.new("L", (80, 64), 255).save(folder / "other_mask.png")  # other.png was renamed or not copied
+    with pytest.raises(DatasetError, match=r"^--masked_loss: other_mask.png looks like a mask but its photo other\.\* "
+                                           r"is missing"):
+        check_masks(scan_photos(folder, "sks").records)

@@ -66,14 +66,33 @@ def check_masks(records: Sequence[ImageRecord]) -> None:
     for record in records:
         source = mask_source(record.path)
         if source is None:
+            _check_orphan(record.path)
             missing.append(record.path.name)
-        elif isinstance(source, Path):
-            _checked_mask_file(source, record.size or inspect_photo(record.path).size)
+        else:
+            size = record.size or inspect_photo(record.path).size
+            _check_not_empty(source if isinstance(source, Path) else record.path, load_mask(record.path, size))
     if missing:
         names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DatasetError(f"--masked_loss: no mask for {names}: put a <name>_mask.png beside each photo (white = "
                            "subject, black = background; all white to count a photo whole) or give the photo an "
                            "alpha channel, or train without --masked_loss")
+
+
+def _check_orphan(photo: Path) -> None:
+    """A `<stem>_mask` file counted as a photo because its own photo is missing (renamed, or not copied)."""
+    if photo.stem.endswith(MASK_SUFFIX):
+        raise DatasetError(f"--masked_loss: {photo.name} looks like a mask but its photo "
+                           f"{photo.stem[: -len(MASK_SUFFIX)]}.* is missing: add the photo beside it, or move the "
+                           "mask out of the folder")
+
+
+def _check_not_empty(source: Path, mask: Image.Image) -> None:
+    """An all-black mask (or a fully transparent photo) marks no subject: its photo would train nothing, silently
+    (masked_row_mse scores a row without subject 0)."""
+    if mask.getextrema()[1] == 0:
+        what = f"mask {source.name}" if source.stem.endswith(MASK_SUFFIX) else f"alpha channel of {source.name}"
+        raise DatasetError(f"--masked_loss: the {what} marks no subject (all black / transparent), so its photo "
+                           "would train nothing: paint the subject white (an inverted mask?), or remove the photo")
 
 
 def _checked_mask_file(path: Path, photo_size: tuple[int, int]) -> Image.Image:
