@@ -87,3 +87,16 @@ def test_caption_settings_are_range_checked(tmp_path):
         tiny_config(tmp_path, tmp_path, tmp_path / "o", caption_dropout_rate=1.5)
     with pytest.raises(ConfigError, match="--keep_tokens"):
         tiny_config(tmp_path, tmp_path, tmp_path / "o", keep_tokens=-1)
+
+
+def test_flags_that_act_only_with_another_are_refused_alone(tmp_path):
+    """--keep_tokens without --shuffle_caption and --prior_source base_model without --with_prior_preservation used to
+    train silently without what was asked."""
+    with pytest.raises(ConfigError, match=r"^--keep_tokens .*: add --shuffle_caption, or drop it$"):
+        tiny_config(tmp_path, tmp_path, tmp_path / "o", keep_tokens=2)
+    with pytest.raises(ConfigError, match=r"^--prior_source base_model applies to prior preservation only: add "
+                                          r"--with_prior_preservation"):
+        tiny_config(tmp_path, tmp_path, tmp_path / "o", prior_source="base_model", class_prompt="a photo of a dog")
+    tiny_config(tmp_path, tmp_path, tmp_path / "o", keep_tokens=2, shuffle_caption=True)
+    tiny_config(tmp_path, tmp_path, tmp_path / "o", prior_source="base_model", with_prior_preservation=True,
+                class_prompt="a photo of a dog")

@@ -174,6 +174,7 @@ class TrainConfig:
         check_not_empty(self)
         self.check_ranges()
         check_choices(self)
+        _check_flag_pairs(self)
         check_pivotal_flags(self)  # after the ranges: `--embedding_lr nan` is reported as not finite
         resolve_targets(self.target_modules, UNET_TARGET_PRESETS)  # raises on an empty list
 
@@ -216,6 +217,16 @@ def _check_required(c: TrainConfig) -> None:
         if not c.class_data_dir and c.prior_source == "class_images":
             raise ConfigError("--with_prior_preservation needs --class_data_dir (missing images are generated "
                               "there), or --prior_source base_model (no class images)")
+
+
+def _check_flag_pairs(c: TrainConfig) -> None:
+    """Flags that act only with another one: training silently without what the user asked for costs a whole run."""
+    if not c.with_prior_preservation and c.prior_source != "class_images":
+        raise ConfigError(f"--prior_source {c.prior_source} applies to prior preservation only: add "
+                          "--with_prior_preservation (and --class_prompt), or drop it")
+    if c.keep_tokens and not c.shuffle_caption:
+        raise ConfigError("--keep_tokens keeps caption parts in place when --shuffle_caption shuffles the others: add "
+                          "--shuffle_caption, or drop it")
 
 
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
