@@ -306,3 +306,32 @@ def test_app_and_generate_fusion_apply_and_remove_the_vectors(tiny_sd15_dir, tmp
     assert torch.equal(encoder_outputs(pipe)["text_encoder"], base)
     fusion.add("b", second, 0.5)  # the slot is free again
     assert pipeline_token_vectors(pipe)
+
+
+@pytest.mark.parametrize("change", ["width", "tokens", "nan"])
+def test_vectors_that_do_not_fit_the_base_or_are_not_finite_are_refused_before_touching_it(
+        tiny_sd15_dir, tmp_path, change):
+    """An embedding of another width, token count or a diverged run (NaN: black images) is one line naming the file;
+    the pipeline keeps no adapter and no vectors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moslora_diffusion import pipeline_adapters
+
+    path = pivotal_adapter(tiny_sd15_dir, tmp_path / "good.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = f"embeddings.text_encoder.{WORD}"
+    n, width = tensors[key].shape
+    tensors[key], message = {
+        "width": (torch.randn(n, width + 3), rf"are \({n}, {width + 3}\), but this model's tokenizer and encoder "
+                                             rf"need \({n}, {width}\): made for another base model"),
+        "tokens": (torch.randn(n + 2, width), rf"are \({n + 2}, {width}\), but .* need \({n}, {width}\)"),
+        "nan": (torch.full((n, width), float("nan")), "hold NaN or inf"),
+    }[change]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    pipe = load_pipe(tiny_sd15_dir)
+    with pytest.raises(AdapterError, match=rf"^{bad}: the vectors of '{WORD}' for text_encoder {message}"):
+        load_adapter(pipe, bad)
+    assert not pipeline_adapters(pipe) and not pipeline_token_vectors(pipe)

@@ -97,7 +97,7 @@ def attach_token_vectors(pipe, word: str) -> dict[str, TokenVectors]:
 
 
 def check_token_vectors(pipe, word: str, vectors: dict[str, torch.Tensor], label: str) -> None:
-    """AdapterError naming `label` unless `vectors` ({encoder: (n, D)}) fit this pipeline's encoders."""
+    """AdapterError naming `label` unless `vectors` ({encoder: (n, D)}) fit this pipeline's encoders and are finite."""
     if pipeline_token_vectors(pipe):
         raise AdapterError(f"{label}: this pipeline already has trigger-word vectors attached; detach them first")
     for name, tensor in vectors.items():
@@ -109,6 +109,9 @@ def check_token_vectors(pipe, word: str, vectors: dict[str, torch.Tensor], label
         if tuple(tensor.shape) != (n, width):
             raise AdapterError(f"{label}: the vectors of {word!r} for {name} are {tuple(tensor.shape)}, but this "
                                f"model's tokenizer and encoder need ({n}, {width}): made for another base model")
+        if not torch.isfinite(tensor).all():  # as check_finite for the LoRA weights: NaN rows give black images
+            raise AdapterError(f"{label}: the vectors of {word!r} for {name} hold NaN or inf (a diverged training "
+                               "run?)")
 
 
 def load_token_vectors(pipe, word: str, vectors: dict[str, torch.Tensor]) -> dict[str, TokenVectors]:
