@@ -203,6 +203,20 @@ def resolve_recipes(parser, args) -> None:
     if args.reference not in args.variants:
         parser.error(f"--reference {args.reference}: not among --variants ({', '.join(args.variants)})")
     args.recipes = {name: recipes[name] for name in args.variants}
+    check_configs(parser, args)
+
+
+def check_configs(parser, args) -> None:
+    """Every recipe's TrainConfig is built once at parse time: a value the trainer refuses (caption_dropout_rate=1.5,
+    a trigger word not in the prompt) is one line before the base model loads, not a traceback after other runs."""
+    from moslora_diffusion.training.flags import ConfigError
+
+    shared = shared_settings(args, args.work_dir or Path("class-images"))  # no path is read here
+    for name, recipe in args.recipes.items():
+        try:
+            recipe_config(recipe, shared, args.instance_dir, args.seed_start, Path(name))
+        except ConfigError as err:
+            parser.error(f"recipe {name}: {err}")
 
 
 def parse_args(argv=None):
@@ -271,8 +285,6 @@ def run(args, work: Path) -> dict:
                                      args.guidance)
     shared = shared_settings(args, class_dir)
     photos = {name: photos_for(args, recipe, work) for name, recipe in args.recipes.items()}
-    for name, recipe in args.recipes.items():  # every recipe's settings checked before the first run trains
-        recipe_config(recipe, shared, photos[name], args.seed_start, work / name)
     base_metrics, base_images = evaluate_adapter(pipe, None, args, None)
     grid_rows = [("base model", grid_images(*base_images[GRID_SPLIT], args.n_images))]
     runs = []

@@ -16,6 +16,7 @@ a field that a newer trainer adds.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,7 @@ def build_recipes(definitions: list[list[str]] | None, set_pairs: list[str] | No
     """The built-in recipes, plus (or replacing) those of `--recipe NAME key=value ...`, each with `--set` on top."""
     recipes = dict(BUILTIN)
     for name, *pairs in definitions or []:
+        check_name(name)
         overrides, captions = parse_overrides(pairs, types)
         start = recipes.get(name, BUILTIN[BASELINE])
         recipes[name] = Recipe(name, {**start.overrides, **overrides}, captions or start.captions,
@@ -123,6 +125,14 @@ def build_recipes(definitions: list[list[str]] | None, set_pairs: list[str] | No
         recipes = {name: Recipe(name, {**r.overrides, **on_top}, captions or r.captions, r.about)
                    for name, r in recipes.items()}
     return recipes
+
+
+def check_name(name: str) -> None:
+    """RecipeError unless `name` is a plain folder name: it names the runs' folders (<work-dir>/<name>-seed<N>), so
+    `../x` would write outside --work-dir."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise RecipeError(f"--recipe {name!r}: a recipe name names its run folders; use letters, digits, '_', '-' and "
+                          "'.', e.g. snr3")
 
 
 def check_fields(recipe: Recipe, known: set[str]) -> None:

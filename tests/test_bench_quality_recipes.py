@@ -70,6 +70,16 @@ def test_recipe_overrides_reach_train_config_parsed_to_their_types(tmp_path):
     (["--set", "captions=none"], "captions=none: expected one of"),
     (["--variants", "nope"], "--variants nope: no such recipe"),
     (["--variants", "lora", "min_snr"], "--reference baseline: not among --variants"),
+    # values only TrainConfig refuses: before the base model loads, not a traceback after other recipes trained
+    (["--recipe", "x", "caption_dropout_rate=1.5"], "recipe x: --caption_dropout_rate must be between 0 and 1"),
+    (["--recipe", "x", "train_text_encoder_ti=true", "token_abstraction=zzq"],
+     "recipe x: --token_abstraction 'zzq' does not appear in --instance_prompt"),
+    (["--recipe", "x", "keep_tokens=1"], "recipe x: --keep_tokens keeps caption parts in place"),
+    (["--variants", "baseline", "base_model_prior", "--prior-loss-weight", "0"],
+     "recipe base_model_prior: --prior_source base_model applies to prior preservation only"),
+    # a recipe's name is its run folders' name: ../x would train into the folder above --work-dir
+    (["--recipe", "../x", "rank=2"], "--recipe '../x': a recipe name names its run folders"),
+    (["--recipe", "", "rank=2"], "--recipe '': a recipe name names its run folders"),
 ])
 def test_bad_recipes_are_one_line_errors_before_anything_runs(extra, message, capsys):
     with pytest.raises(SystemExit) as raised:
