@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-from training_helpers import REPO, cli_env, make_photos, reset_accelerate, run_training, tiny_config
+from training_helpers import REPO, cli_env, forbid_model_load, make_photos, reset_accelerate, run_training, tiny_config
 
 from moslora_diffusion import export, generate, pipeline_adapters, tiny
 from moslora_diffusion.app import cli as app_cli
 from moslora_diffusion.console import run_command
 from moslora_diffusion.files.safetensors_io import WeightFileError
-from moslora_diffusion.models import loading
 from moslora_diffusion.models.loading import ModelFolderError, load_pipeline
 from moslora_diffusion.moslora.inject import AdapterError
 from moslora_diffusion.moslora.pipeline import attach_to_pipeline
@@ -151,7 +150,7 @@ def test_the_training_script_ends_a_late_error_in_one_line(tiny_sd15_dir, tmp_pa
 
 
 def test_a_rank_larger_than_a_layer_is_refused_before_the_model_loads(tiny_sd15_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    forbid_model_load(monkeypatch)
     config = tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos"), tmp_path / "out", rank=64)
     with pytest.raises(ConfigError) as err:
         run_training(config)

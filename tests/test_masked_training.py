@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from training_helpers import adapter_weights, make_photos, run_training, tiny_config
+from training_helpers import adapter_weights, forbid_model_load, make_photos, run_training, tiny_config
 
 from moslora_diffusion.data import DatasetError
-from moslora_diffusion.models import loading
 from moslora_diffusion.training import main
 
 VARIED = dict(masked_loss=True, caption_dropout_rate=0.5, shuffle_caption=True, keep_tokens=1)
@@ -60,7 +59,7 @@ def test_cached_latents_carry_the_masks_and_captions_of_the_photo_batches(tiny_s
 def test_a_photo_without_a_mask_stops_the_run_before_the_model_loads(tiny_sd15_dir, tmp_path, monkeypatch, capsys):
     photos = _masked_photos(tmp_path / "photos", count=2)
     (photos / "photo_1_mask.png").unlink()
-    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    forbid_model_load(monkeypatch)
     with pytest.raises(DatasetError, match="no mask for photo_1.png"):
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", masked_loss=True))
     argv = ["--pretrained_model_name_or_path", str(tiny_sd15_dir), "--instance_data_dir", str(photos),

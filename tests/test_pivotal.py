@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_adapters
-from training_helpers import PROMPT, make_photos, run_training, tiny_config
+from training_helpers import PROMPT, forbid_model_load, make_photos, run_training, tiny_config
 
 from moslora_diffusion import AdapterConfig, attach_to_pipeline, detach_from_pipeline, load_adapter, save_adapter
 from moslora_diffusion.files.safetensors_io import load_tensors
@@ -335,3 +335,20 @@ def test_vectors_that_do_not_fit_the_base_or_are_not_finite_are_refused_before_t
     with pytest.raises(AdapterError, match=rf"^{bad}: the vectors of '{WORD}' for text_encoder {message}"):
         load_adapter(pipe, bad)
     assert not pipeline_adapters(pipe) and not pipeline_token_vectors(pipe)
+
+
+def test_captions_without_the_word_stop_the_run_before_the_model_loads(tiny_sd15_dir, tmp_path, monkeypatch):
+    """Sidecar captions take precedence over --instance_prompt: with the word in none of them the vectors got no
+    gradient and the run silently saved the base rows as the learned embedding."""
+    photos = make_photos(tmp_path / "photos", count=2)
+    for i in range(2):
+        (photos / f"photo_{i}.txt").write_text("a photo of a dog\n", encoding="utf-8")
+    forbid_model_load(monkeypatch)
+    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", train_text_encoder_ti=True, token_abstraction=WORD)
+    with pytest.raises(ConfigError, match=rf"^--token_abstraction '{WORD}' is in none of the photos' captions \(e\.g\. "
+                                          r"'a photo of a dog'\), so its vectors would not train"):
+        run_training(config)
+    assert not (tmp_path / "out").exists()  # nothing written
+    (photos / "photo_1.txt").write_text(f"a photo of {WORD} dog, on grass\n", encoding="utf-8")  # one is enough
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):  # past the check: the model loads next
+        run_training(config)

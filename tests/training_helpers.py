@@ -102,3 +102,11 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None
             proc.kill()
             pytest.fail(f"no {path} after {timeout} s")
         time.sleep(0.01)
+
+
+def forbid_model_load(monkeypatch) -> None:
+    """Fail the test if the trainer loads the base model. Patches the name the trainer calls (components.py imports
+    load_pipeline by name, so patching models.loading.load_pipeline would never fire)."""
+    from moslora_diffusion.training import components
+
+    monkeypatch.setattr(components, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))

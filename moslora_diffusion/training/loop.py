@@ -39,6 +39,7 @@ from .optim import check_optimizer_available
 from .output_location import check_room
 from .output_preservation import uses_class_images
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
+from .pivotal import check_word_in_captions
 from .plan import build_dataset, data_report, make_plan, prepare_class_images, training_resolution
 from .resume import find_resume
 from .run import Run, restore, save, setup_run, start_batches
@@ -91,6 +92,7 @@ def train(config: TrainConfig) -> TrainResult:
     photos, held_out = split_held_out(photos, config.validation_loss_photos)
     if config.masked_loss:
         check_masks(photos.records)
+    check_word_in_captions(config, photos.records)
     accelerator = make_accelerator(config)
     _warn_if_sharded(accelerator)
     check_compile_toolchain(config, accelerator.device)

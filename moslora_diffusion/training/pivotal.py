@@ -48,6 +48,18 @@ def check_pivotal_flags(config) -> None:
                           f"{config.instance_prompt!r}: use the trigger word of the prompt")
 
 
+def check_word_in_captions(config, records) -> None:
+    """ConfigError when pivotal tuning's word is in none of the training captions (sidecars and kohya folder names
+    take precedence over --instance_prompt): its vectors would get no gradient and be saved as the base rows."""
+    if not config.train_text_encoder_ti:
+        return
+    pattern = word_pattern(config.token_abstraction)
+    if records and not any(pattern.search(record.caption) for record in records):
+        raise ConfigError(f"--token_abstraction {config.token_abstraction!r} is in none of the photos' captions (e.g. "
+                          f"{records[0].caption!r}), so its vectors would not train: add the word to the captions "
+                          "(.txt / .caption files, folder names)")
+
+
 def attach_trigger_vectors(pipe, config) -> list[torch.nn.Parameter]:
     """The word's vectors in every text encoder (trainable, fp32, equal to its current rows); their parameters."""
     return [module.vectors for module in attach_token_vectors(pipe, config.token_abstraction).values()]
