@@ -283,6 +283,29 @@ def test_mole_refuses_a_pivotal_tuned_expert(tiny_sd15_dir, tmp_path):
         read_expert(adapter, load_pipe(tiny_sd15_dir), "dog")
 
 
+
+def test_mole_refuses_the_folded_lora_exports_of_a_pivotal_run(tiny_sd15_dir, tmp_path):
+    """The kohya / diffusers LoRA of a pivotal-tuned adapter lacks the word's vectors: MoLE took it as a plain expert
+    (a subject without its trigger word). The training run's exports and the export command's record the word."""
+    from moslora_diffusion.formats.export_targets import export_pipeline
+    from moslora_diffusion.mole.experts import MoLEError, read_expert
+
+    photos = make_photos(tmp_path / "photos", count=2)
+    run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "run", train_text_encoder_ti=True,
+                             token_abstraction=WORD))
+    adapter = tmp_path / "run" / "moslora.safetensors"
+    export_pipeline(load_pipe(tiny_sd15_dir), [(adapter, 1.0)], "lora-kohya", tmp_path / "out" / "k.safetensors")
+    export_pipeline(load_pipe(tiny_sd15_dir), [(adapter, 1.0)], "lora-diffusers", tmp_path / "out" / "d")
+    files = [tmp_path / "run" / "lora_kohya.safetensors", tmp_path / "run" / "pytorch_lora_weights.safetensors",
+             tmp_path / "out" / "k.safetensors", tmp_path / "out" / "d" / "pytorch_lora_weights.safetensors"]
+    for file in files:
+        with pytest.raises(MoLEError, match=rf"^{file} was trained with pivotal tuning \(learned vectors for '{WORD}'"):
+            read_expert(file, load_pipe(tiny_sd15_dir), "dog")
+    plain = tmp_path / "plain"  # the same run without pivotal tuning stays a valid expert
+    run_training(tiny_config(tiny_sd15_dir, photos, plain))
+    assert read_expert(plain / "lora_kohya.safetensors", load_pipe(tiny_sd15_dir), "dog").trigger_prompt == PROMPT
+
+
 def test_app_and_generate_fusion_apply_and_remove_the_vectors(tiny_sd15_dir, tmp_path):
     """FusedAdapters (what the app and the generate command load through): the word's vectors apply with the
     adapter (same text-encoder output as load_adapter, <= 1e-6), unloading restores the base bit for bit, and a

@@ -126,6 +126,8 @@ def merge_record(base: str, adapters: Adapters, loaded: Sequence[AdapterFile], d
                  "rank": adapter.config.rank, "alpha": adapter.config.effective_alpha}
         if adapter.info.get("instance_prompt"):
             entry["instance_prompt"] = adapter.info["instance_prompt"]
+        if adapter.token_abstraction:  # the LoRA export lacks the word's vectors (they go to <word>.safetensors)
+            entry["token_abstraction"] = adapter.token_abstraction
         entries.append(entry)
     return {"base": display_name(base), "adapters": entries, "dtype": dtype, "target": target,
             "moslora_diffusion": __version__}

@@ -89,6 +89,20 @@ def trigger_prompt(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def trigger_word(metadata: dict[str, str]) -> str | None:
+    """The pivotal-tuning word a folded LoRA of ours was trained with (a training run's exports record it, an export
+    command's record names it per adapter): the LoRA alone lacks the word's learned vectors (<word>.safetensors)."""
+    try:
+        record = json.loads(metadata.get("moslora_export", "{}"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    entries = [e for e in record.get("adapters") or [] if isinstance(e, dict)]
+    words = [w for w in [record.get("token_abstraction"), *(e.get("token_abstraction") for e in entries)] if w]
+    return str(words[0]) if words else None
+
+
 def _matrix(tensor: torch.Tensor, label: str, key: str) -> torch.Tensor:
     """(r, in) / (out, r) in fp32; a 1x1-conv factor (r, in, 1, 1) loses its unit dims."""
     if tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
@@ -202,7 +216,7 @@ def read_lora_file(path: str | Path, pipe, name: str) -> tuple[FoldedAdapter, st
         adapter = read_adapter(path)
         return fold_adapter_file(adapter, name, path), kind
     hint = family_hint(keys, metadata)
-    info = {"family": hint, "instance_prompt": trigger_prompt(metadata)}
+    info = {"family": hint, "instance_prompt": trigger_prompt(metadata), "token_abstraction": trigger_word(metadata)}
     tensors, _ = load_tensors(path)
     if kind == "diffusers":
         layers = read_diffusers(tensors, metadata, label)

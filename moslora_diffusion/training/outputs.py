@@ -209,7 +209,8 @@ def write_final_files(pipe, config: TrainConfig, plan: dict, result: dict,
             "prediction_type": plan["prediction_type"], "resolution": plan["resolution"],
             "steps": result["steps"], "ema": config.use_ema}
     written = {"moslora": save_adapter(pipe, folder / ADAPTER_FILE, info)}
-    exports = export_pipeline_loras(pipe, folder, folder / KOHYA_FILE, {"title": folder.name, **info})
+    word = {"token_abstraction": config.token_abstraction} if config.train_text_encoder_ti else {}
+    exports = export_pipeline_loras(pipe, folder, folder / KOHYA_FILE, {"title": folder.name, **info, **word})
     written.update(exports)
     if embedding_file_name(pipe):  # pivotal tuning: <word>.safetensors, the A1111 / ComfyUI / diffusers embedding
         record_written(folder, embedding_file_name(pipe))
