@@ -115,7 +115,13 @@ def test_a_missing_or_bad_mask_is_named_before_the_job_starts(state, tmp_path): 
     assert state.training.job is job_before  # no job started
     assert set(os.listdir(uploads_dir)) == staged_before  # the refused runs' staged copies are gone again
 
-    good = _upload(tmp_path / "u5", "cat_mask.png", Image.new("L", (64, 64), 0))
+    black = _upload(tmp_path / "u5", "cat_mask.png", Image.new("L", (64, 64), 0))  # no subject: would train nothing
+    with pytest.raises(UploadError, match=r"^masked loss: the mask cat_mask\.png marks no subject"):
+        state.start_training("a photo of sks dog", steps=1, uploads=[str(f) for f in (dog, mask, cat, black)],
+                             masked_loss=True)
+    subject = Image.new("L", (64, 64), 0)
+    subject.paste(255, (16, 16, 48, 48))
+    good = _upload(tmp_path / "u6", "cat_mask.png", subject)
     job = state.start_training("a photo of sks dog", steps=1, uploads=[str(f) for f in (dog, mask, cat, good)],
                                masked_loss=True, pivotal=True)
     _wait(job)
