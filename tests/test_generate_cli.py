@@ -18,6 +18,8 @@ def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path)
     texts = [Image.open(p).info["parameters"] for p in pngs]
     assert sum("Lora scales: run: 0.5" in t for t in texts) == 4 and sum("Lora scales: run: 0" in t for t in texts) == 8
     assert all("Steps: 2" in t for t in texts) and any("Seed: 4" in t for t in texts)
+    # only images: the app's empty training/ and mole/ job folders were once made in --out too
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
 
 
 def test_adapter_of_another_family_is_a_clear_error(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, capsys):

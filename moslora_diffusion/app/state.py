@@ -79,13 +79,13 @@ class AppState:
         self.default_scheduler = scheduler_label(pipe.scheduler)
         self.outputs = Path(outputs_dir).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
-        (self.outputs / "training").mkdir(exist_ok=True)
+        # outputs/training and outputs/mole are made by the first job that writes there: `generate --out D`, which
+        # builds this state too, must leave nothing in D but its images.
         self.roots = roots or AllowedRoots()
         self.roots.add(self.outputs / "training")  # adapters trained from the app land here
         self.photo_roots = photo_roots or AllowedRoots()
         self.training = TrainingManager(self.outputs / "training")
         # MoLE files: the --mole paths, the adapters' folders, and the gates trained from the app (outputs/mole).
-        (self.outputs / GATE_RUNS).mkdir(exist_ok=True)
         self.mole_roots = mole_roots or AllowedRoots()
         for root in [*self.roots.roots, self.outputs / GATE_RUNS]:
             self.mole_roots.add(root)
