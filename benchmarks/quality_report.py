@@ -13,7 +13,7 @@ import numpy as np
 from benchmarks.common import write_results
 from benchmarks.quality_metrics import METRICS
 from benchmarks.quality_split import SPLIT_GEN_SEEDS, SPLITS, instance_prompts
-from benchmarks.quality_targets import choice_table, chosen_on_validation, targets_table
+from benchmarks.quality_targets import choice_table, chosen_on_validation, chosen_recipe, targets_table
 from moslora_diffusion.evaluation.stats import mean_ci, paired_test
 
 BOUNDS = (0.0, 1.0)  # every metric is a share or a mean of 0..1 values: CIs are clipped to this range
@@ -191,7 +191,7 @@ def report(settings: dict, result: dict, out_dir: Path, name: str) -> dict:
              for split in SPLITS for v, stats in summary[split].items()]
     rows += [{"kind": "comparison", "split": split, "comparison": c, **tests}
              for split in SPLITS for c, tests in comparisons[split].items()]
-    rows.append({"kind": "chosen_on_validation", **chosen_on_validation(summary)})
+    rows.append({"kind": "chosen_on_validation", **chosen_on_validation(summary), "recipe": chosen_recipe(summary)})
     write_results(name, rows, tables(summary, comparisons, result["base_metrics"], reference), notes, out_dir)
     return {"settings": settings, "summary": summary, "comparisons": comparisons, **result}
 

@@ -65,8 +65,9 @@ def test_quality_benchmark_short_run_reports_both_splits(tmp_path):
     comparisons = {(r["split"], r["comparison"]) for r in rows if r["kind"] == "comparison"}
     assert comparisons == {(s, f"{v}_vs_baseline") for s in quality_split.SPLITS for v in ("lora", "min_snr")}
     chosen = next(r for r in rows if r["kind"] == "chosen_on_validation")
-    picks = {k: v for k, v in chosen.items() if k != "kind"}
+    picks = {k: v for k, v in chosen.items() if k not in ("kind", "recipe")}
     assert set(picks) == set(quality_targets.TARGETS) and set(picks.values()) <= set(VARIANTS)
+    assert chosen["recipe"] in VARIANTS
     table = (tmp_path / "quality.md").read_text()
     for heading in ("## Test split", "## Validation split", "Targets on the test split", "Chosen on validation"):
         assert heading in table

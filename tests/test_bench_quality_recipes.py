@@ -133,3 +133,21 @@ def test_help_lists_every_builtin_recipe(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in quality_recipes.BUILTIN)
+
+
+def test_the_chosen_recipe_meets_most_targets_on_validation_then_falls_short_least():
+    from benchmarks import quality_targets
+
+    def recipe(**means):
+        return {m: {"mean": means.get(m, 0.0)} for m in quality_targets.TARGETS}
+
+    bars = quality_targets.TARGETS
+    near = recipe(**{m: 0.99 * bar for m, bar in bars.items()})  # misses every target, narrowly
+    two = recipe(subject_rate=0.9, subject_rate_plain=0.9)  # meets two, far from the rest
+    one = recipe(subject_rate=1.0, prompt_fidelity=0.8, prior_agreement=0.4)
+    summary = {"validation": {"near": near, "one": one, "two": two},
+               "test": {"near": two, "one": two, "two": near}}  # test must not matter
+    assert quality_targets.recipe_score(two)[0] == 2 and quality_targets.recipe_score(near)[0] == 0
+    assert quality_targets.chosen_recipe(summary) == "two"
+    summary["validation"]["two"] = recipe(subject_rate=0.9)  # now one target each: the smaller shortfall wins
+    assert quality_targets.chosen_recipe(summary) == "one"
