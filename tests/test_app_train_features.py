@@ -36,7 +36,8 @@ def test_each_new_control_reaches_the_trainers_config(tmp_path):
     typed = TrainingSettings(tmp_path / "photos", "a photo of zorb dog", "a photo of a dog", 40, pivotal=True,
                              trigger_word=" zorb ")
     config = _config(typed, tmp_path)
-    assert (config.prior_source, config.token_abstraction, config.masked_loss) == ("class_images", "zorb", False)
+    assert (config.resolved_prior_source, config.token_abstraction, config.masked_loss) == ("class_images", "zorb",
+                                                                                          False)
     assert config.class_data_dir == str(tmp_path / "run-class-images")  # generated class images, as before
 
     plain = _config(TrainingSettings(tmp_path / "photos", "a photo of sks dog", "", 40, prior_source="base_model"),

@@ -15,7 +15,12 @@ from moslora_diffusion.moslora.pipeline import pipeline_adapters
 from moslora_diffusion.training.components import attach_adapters, load_base
 from moslora_diffusion.training.conditioning import PromptConditioning, tokenizer_names
 from moslora_diffusion.training.loop import make_accelerator, micro_step_loss, prepare_run
-from moslora_diffusion.training.output_preservation import adapters_off, preservation_prompt
+from moslora_diffusion.training.output_preservation import (
+    adapters_off,
+    preservation_prompt,
+    preserves_base_output,
+    uses_class_images,
+)
 from moslora_diffusion.training.plan import training_resolution
 from moslora_diffusion.training.run import start_batches
 from moslora_diffusion.training.trainable import AdapterTrainable
@@ -174,3 +179,20 @@ def test_gate_trainer_refuses_the_base_model_source():
     with pytest.raises(ConfigError, match="--prior_source base_model is for DreamBooth runs"):
         GateTrainConfig(pretrained_model_name_or_path="m", experts=("a", "b"), with_prior_preservation=True,
                         class_prompt="a photo of a dog", class_data_dir="c", prior_source="base_model")
+
+
+def test_the_default_source_is_class_images_with_a_class_folder_else_the_base_model(tmp_path):
+    """--prior_source auto (the default): a diffusers-style command with --class_data_dir keeps its class images;
+    without one the run preserves the base model's own predictions (what the toy world's validation split chose)
+    instead of stopping for the missing folder."""
+    common = dict(with_prior_preservation=True, class_prompt="a photo of a dog")
+    with_folder = tiny_config(tmp_path, tmp_path, tmp_path / "o", class_data_dir=str(tmp_path / "c"), **common)
+    without = tiny_config(tmp_path, tmp_path, tmp_path / "o", **common)
+    assert with_folder.prior_source == without.prior_source == "auto"
+    assert (with_folder.resolved_prior_source, without.resolved_prior_source) == ("class_images", "base_model")
+    assert uses_class_images(with_folder) and not preserves_base_output(with_folder)
+    assert preserves_base_output(without) and not uses_class_images(without)
+    explicit = tiny_config(tmp_path, tmp_path, tmp_path / "o", class_data_dir=str(tmp_path / "c"),
+                           prior_source="base_model", **common)
+    assert preserves_base_output(explicit)  # an explicit source wins over the folder
+    assert not preserves_base_output(tiny_config(tmp_path, tmp_path, tmp_path / "o"))  # no prior preservation

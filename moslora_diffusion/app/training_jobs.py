@@ -27,6 +27,8 @@ from ..training.pivotal import check_pivotal_flags
 from .paths import ADAPTER_FILE_NAME
 from .trigger_words import guess_trigger_word
 
+# The app always says which source (its radio), so "auto" is not offered.
+APP_PRIOR_SOURCES = tuple(source for source in PRIOR_SOURCES if source != "auto")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder `moslora_diffusion` is imported from
 TRAINER = PACKAGE_PARENT / "train_dreambooth.py"
 PROGRESS_FILE = "progress.jsonl"
@@ -86,8 +88,8 @@ class TrainingSettings:
             problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
         if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
             problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
-        if self.prior_source not in PRIOR_SOURCES:
-            problems.append(f"prior preservation source must be one of {list(PRIOR_SOURCES)}, got "
+        if self.prior_source not in APP_PRIOR_SOURCES:
+            problems.append(f"prior preservation source must be one of {list(APP_PRIOR_SOURCES)}, got "
                             f"{self.prior_source!r}")
         if self.pivotal and self.instance_prompt.strip():
             problems += self._trigger_word_problems()

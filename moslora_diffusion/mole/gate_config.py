@@ -61,7 +61,7 @@ class GateTrainConfig(TrainConfig):
             raise ConfigError("--expert_prompts: an empty prompt; give each expert its trigger prompt")
         if self.with_prior_preservation and not ((self.class_prompt or "").strip() and self.class_data_dir):
             raise ConfigError("--with_prior_preservation needs --class_prompt and --class_data_dir")
-        if self.prior_source != "class_images":
+        if self.prior_source == "base_model":
             raise ConfigError("--prior_source base_model is for DreamBooth runs; the gate trainer's prior "
                               "preservation takes class images (--class_data_dir)")
 

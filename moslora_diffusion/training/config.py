@@ -27,7 +27,7 @@ DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")  # wandb: through accelerate's tracker, when installed
 VALIDATION_METRICS = ("none", "dreambench", "toy")
-PRIOR_SOURCES = ("class_images", "base_model")  # base_model: training/output_preservation.py
+PRIOR_SOURCES = ("auto", "class_images", "base_model")  # base_model: training/output_preservation.py
 # diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
 # piecewise_constant, which needs step rules that no flag gives.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -80,9 +80,11 @@ class TrainConfig:
     class_data_dir: str | None = _flag(None, "folder of class images; missing ones are generated",
                                        group="prior preservation")
     class_prompt: str | None = _flag(None, "prompt of the class, e.g. 'a photo of a dog'", group="prior preservation")
-    prior_source: str = _flag("class_images", "targets of the prior loss: class images, or base_model: the base "
-                              "model's own prediction for the class prompt on the same noisy latents (no class "
-                              "images)", PRIOR_SOURCES, "prior preservation")
+    prior_source: str = _flag("auto", "targets of the prior loss: class_images (--class_data_dir, missing ones "
+                              "generated) or base_model (the base model's own prediction for the class prompt on the "
+                              "same noisy latents, no class images; it measured better on the toy world); auto: "
+                              "class_images when --class_data_dir is given, else base_model", PRIOR_SOURCES,
+                              "prior preservation")
     num_class_images: int = _flag(100, "class images to use (generated with the base model if fewer exist)",
                                   group="prior preservation")
     prior_loss_weight: float = _flag(1.0, "weight of the prior-preservation loss", group="prior preservation")
@@ -193,6 +195,13 @@ class TrainConfig:
         return CaptionOptions(self.caption_dropout_rate, self.shuffle_caption, self.keep_tokens)
 
     @property
+    def resolved_prior_source(self) -> str:
+        """class_images or base_model: what --prior_source auto (the default) stands for in this run."""
+        if self.prior_source != "auto":
+            return self.prior_source
+        return "class_images" if self.class_data_dir else "base_model"
+
+    @property
     def unet_targets(self) -> tuple[str, ...]:
         return resolve_targets(self.target_modules, UNET_TARGET_PRESETS)
 
@@ -221,7 +230,7 @@ def _check_required(c: TrainConfig) -> None:
 
 def _check_flag_pairs(c: TrainConfig) -> None:
     """Flags that act only with another one: training silently without what the user asked for costs a whole run."""
-    if not c.with_prior_preservation and c.prior_source != "class_images":
+    if not c.with_prior_preservation and c.prior_source == "base_model":
         raise ConfigError(f"--prior_source {c.prior_source} applies to prior preservation only: add "
                           "--with_prior_preservation (and --class_prompt), or drop it")
     if c.keep_tokens and not c.shuffle_caption:

@@ -36,12 +36,12 @@ SIZE_KEYS = ("original_sizes", "crop_top_lefts", "target_sizes")
 
 def preserves_base_output(config: TrainConfig) -> bool:
     """--with_prior_preservation --prior_source base_model."""
-    return config.with_prior_preservation and config.prior_source == "base_model"
+    return config.with_prior_preservation and config.resolved_prior_source == "base_model"
 
 
 def uses_class_images(config: TrainConfig) -> bool:
     """--with_prior_preservation with class images: batches carry class rows read from --class_data_dir."""
-    return config.with_prior_preservation and config.prior_source == "class_images"
+    return config.with_prior_preservation and config.resolved_prior_source == "class_images"
 
 
 def preservation_prompt(caption: str, instance_prompt: str, class_prompt: str) -> str:

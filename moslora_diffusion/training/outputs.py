@@ -233,7 +233,7 @@ def _settings(config: TrainConfig, plan: dict, result: dict) -> dict:
         "learning rate": config.learning_rate, "lr schedule": config.lr_scheduler,
         "batch (per step, all devices)": plan["effective_batch"], "resolution": plan["resolution"],
         "prior preservation": (f"yes ({config.class_prompt!r}, weight {config.prior_loss_weight}, "
-                               f"{PRIOR_SOURCE_NAMES[config.prior_source]})" if config.with_prior_preservation
+                               f"{PRIOR_SOURCE_NAMES[config.resolved_prior_source]})" if config.with_prior_preservation
                                else "no"),
         "Min-SNR gamma": config.snr_gamma, "mixed precision": config.mixed_precision,
         "EMA": f"yes ({config.ema_decay})" if config.use_ema else "no", "seed": config.seed,
