@@ -16,7 +16,8 @@ BASE=assets/toy-base
 OUT="${OUT:-outputs/demo-mole}"
 STEPS="${STEPS:-600}"
 GATE_STEPS="${GATE_STEPS:-150}"
-# The demo's DreamBooth recipe (scripts/demo.sh, benchmarks/quality.py DEFAULTS) for every expert.
+# Every expert: the quality benchmark's `baseline` recipe (benchmarks/quality.py DEFAULTS; class images, LoRA on the
+# text encoder), the recipe the MoLE figures in the README were measured with.
 RECIPE=(--resolution 64 --adapter moslora --rank 16 --target_modules all --train_text_encoder --learning_rate 3e-3
         --lr_scheduler constant_with_warmup --lr_warmup_steps 20 --train_batch_size 4 --prior_loss_weight 1.0
         --num_class_images 24 --with_prior_preservation --max_train_steps "$STEPS" --seed 0 --report_to none)
