@@ -196,3 +196,40 @@ def test_the_default_source_is_class_images_with_a_class_folder_else_the_base_mo
                            prior_source="base_model", **common)
     assert preserves_base_output(explicit)  # an explicit source wins over the folder
     assert not preserves_base_output(tiny_config(tmp_path, tmp_path, tmp_path / "o"))  # no prior preservation
+
+
+def test_with_pivotal_tuning_the_target_uses_the_trigger_words_original_rows(tiny_sd15_dir, tmp_path):
+    """A caption may name the trigger word outside the instance prompt ("..., sks style"): its preservation prompt
+    keeps the word, and the target must still be the base model's, not the learned vectors'."""
+    from moslora_diffusion.moslora.token_vectors import pipeline_token_vectors
+
+    photos = make_photos(tmp_path / "photos", count=ROWS)
+    (photos / "photo_1.txt").write_text(f"{PROMPT}, sks style")
+    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", train_batch_size=ROWS, with_prior_preservation=True,
+                         prior_source="base_model", class_prompt=CLASS_PROMPT, train_text_encoder_ti=True,
+                         token_abstraction="sks")
+    accelerator = make_accelerator(config)
+    base = load_base(config, accelerator.device)
+    trainable = AdapterTrainable(base, config, attach_adapters(base, config))
+    scan = scan_photos(config.instance_data_dir, config.instance_prompt)
+    run, batches = prepare_run(config, accelerator, base, trainable, [scan], None, training_resolution(config, base),
+                               "test")
+    start_batches(run, *batches)
+    randomize_adapters(base.pipe)
+    vectors = pipeline_token_vectors(base.pipe)
+    with torch.no_grad():
+        for module in vectors.values():
+            module.vectors.add_(torch.randn_like(module.vectors))  # learned vectors far from the original rows
+    prompt = run.preservation.prompts([f"{PROMPT}, sks style"])[0]
+    assert prompt == f"{CLASS_PROMPT}, sks style"
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn((1, 4, 4, 4), generator=generator)
+    timesteps = torch.tensor([500])
+    target = run.preservation.base_prediction({"prompts": [prompt]}, noisy, timesteps)
+    assert pipeline_token_vectors(base.pipe) == vectors  # the vectors are back after the switch
+    expected = _prediction_without_adapters(tiny_sd15_dir, base.family, [prompt], noisy, timesteps, {})
+    assert torch.equal(target, expected)
+    with torch.no_grad():  # and they do act outside it: the word's adapted encoding differs
+        adapted = run.conditioning.unet_kwargs({"prompts": [prompt]}, torch.float32)["encoder_hidden_states"]
+        original = run.preservation.base_conditioning.unet_kwargs({"prompts": [prompt]}, torch.float32)
+    assert (adapted - original["encoder_hidden_states"]).abs().max() > 1e-3

@@ -13,6 +13,9 @@ substitutes them for the word's token ids. Taking it off puts the untouched orig
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -133,6 +136,19 @@ def detach_token_vectors(pipe) -> None:
     """Puts each encoder's original embedding back (its weights were never changed: exact)."""
     for name, module in pipeline_token_vectors(pipe).items():
         getattr(pipe, name).set_input_embeddings(module.base)
+
+
+@contextmanager
+def token_vectors_off(pipe) -> Iterator[None]:
+    """The original embeddings in place for the with block (the base model's text encoders exactly), the
+    TokenVectors back afterwards, also when the block raises."""
+    attached = pipeline_token_vectors(pipe)
+    try:
+        detach_token_vectors(pipe)
+        yield
+    finally:
+        for name, module in attached.items():
+            getattr(pipe, name).set_input_embeddings(module)
 
 
 def bake_token_vectors(pipe) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from ..moslora.layer import MoSLoRALinear
 from ..moslora.pipeline import pipeline_adapters
+from ..moslora.token_vectors import token_vectors_off
 from .components import BaseModel
 from .conditioning import PromptConditioning
 from .config import TrainConfig
@@ -84,10 +85,11 @@ class OutputPreservation:
 
     @torch.no_grad()
     def base_prediction(self, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The base model's prediction (rows, C, h, w) for batch["prompts"]: every adapter off, no grad, the
-        unwrapped UNet (a no-grad forward needs no DDP hooks)."""
+        """The base model's prediction (rows, C, h, w) for batch["prompts"]: every adapter off and, with pivotal
+        tuning, the trigger word's original embedding rows (a caption may name the word outside the instance
+        prompt), no grad, the unwrapped UNet (a no-grad forward needs no DDP hooks)."""
         dtype = self.base.weight_dtype
-        with adapters_off(self.layers):
+        with adapters_off(self.layers), token_vectors_off(self.base.pipe):
             conditioning = self.base_conditioning.unet_kwargs(batch, dtype)
             return self.base.unet(noisy.to(dtype), timesteps, **conditioning, return_dict=False)[0]
 
