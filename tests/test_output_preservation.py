@@ -36,14 +36,15 @@ def _fresh_accelerate():
     reset_accelerate()
 
 
-def _set_up_run(model_dir, tmp_path, train_text_encoder: bool):
-    """A run ready to step (batch 2: one photo captioned with the bare instance prompt, one with more), then
+def _set_up_run(model_dir, tmp_path, train_text_encoder: bool, caption: str = f"{PROMPT} on the grass", **settings):
+    """A run ready to step (batch 2: one photo captioned with the bare instance prompt, one with `caption`), then
     every adapter given a non-zero B so the adapted and base models differ."""
     photos = make_photos(tmp_path / "photos", count=ROWS)
-    (photos / "photo_1.txt").write_text(f"{PROMPT} on the grass")
+    (photos / "photo_1.txt").write_text(caption)
+    settings = {"prior_loss_weight": 0.5, "snr_gamma": 5.0, **settings}
     config = tiny_config(model_dir, photos, tmp_path / "out", train_batch_size=ROWS, with_prior_preservation=True,
-                         prior_source="base_model", class_prompt=CLASS_PROMPT, prior_loss_weight=0.5,
-                         snr_gamma=5.0, train_text_encoder=train_text_encoder)
+                         prior_source="base_model", class_prompt=CLASS_PROMPT, train_text_encoder=train_text_encoder,
+                         **settings)
     accelerator = make_accelerator(config)
     base = load_base(config, accelerator.device)
     trainable = AdapterTrainable(base, config, attach_adapters(base, config))
@@ -203,19 +204,9 @@ def test_with_pivotal_tuning_the_target_uses_the_trigger_words_original_rows(tin
     keeps the word, and the target must still be the base model's, not the learned vectors'."""
     from moslora_diffusion.moslora.token_vectors import pipeline_token_vectors
 
-    photos = make_photos(tmp_path / "photos", count=ROWS)
-    (photos / "photo_1.txt").write_text(f"{PROMPT}, sks style")
-    config = tiny_config(tiny_sd15_dir, photos, tmp_path / "out", train_batch_size=ROWS, with_prior_preservation=True,
-                         prior_source="base_model", class_prompt=CLASS_PROMPT, train_text_encoder_ti=True,
-                         token_abstraction="sks")
-    accelerator = make_accelerator(config)
-    base = load_base(config, accelerator.device)
-    trainable = AdapterTrainable(base, config, attach_adapters(base, config))
-    scan = scan_photos(config.instance_data_dir, config.instance_prompt)
-    run, batches = prepare_run(config, accelerator, base, trainable, [scan], None, training_resolution(config, base),
-                               "test")
-    start_batches(run, *batches)
-    randomize_adapters(base.pipe)
+    run = _set_up_run(tiny_sd15_dir, tmp_path, False, f"{PROMPT}, sks style", train_text_encoder_ti=True,
+                      token_abstraction="sks")
+    base = run.base
     vectors = pipeline_token_vectors(base.pipe)
     with torch.no_grad():
         for module in vectors.values():
