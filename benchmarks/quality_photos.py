@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-MASK_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.png: the masked-loss convention (as kohya's and OneTrainer's)
+from moslora_diffusion.data import find_photos, mask_file
+from moslora_diffusion.data.scan import MASK_SUFFIX
 
 
 def photo_scene(name: str) -> tuple[str, str] | None:
@@ -32,47 +33,33 @@ def scene_captions(position: str, background: str, mode: str) -> list[str]:
 
 
 def toy_subject_mask(name: str):
-    """The subject's silhouette (PIL "L", 64 x 64, antialiased) in the toy subject photo `name` (subject.photo_names),
-    or None when `name` is not one of those photos."""
-    from PIL import Image
-
+    """The subject's silhouette (PIL "L", 64 x 64) in the toy subject photo `name` (subject.photo_names), as
+    subject.write_photos draws it, or None when `name` is not one of those photos."""
     from moslora_diffusion.toy.subject import SUBJECT
-    from moslora_diffusion.toy.world import RESOLUTION, SUPERSAMPLE, shape_mask
+    from moslora_diffusion.toy.world import render_mask
 
     names = SUBJECT.photo_names()
-    if name not in names:
-        return None
-    scene = SUBJECT.scene(*SUBJECT.photos[names.index(name)])
-    big = shape_mask(SUBJECT.class_noun, scene.box, (RESOLUTION, RESOLUTION), SUPERSAMPLE)
-    return big.resize((RESOLUTION, RESOLUTION), Image.BOX)
-
-
-def mask_source(photo: Path) -> Path | None:
-    found = photo.with_name(photo.stem + MASK_SUFFIX + ".png")
-    return found if found.is_file() else None
+    return render_mask(SUBJECT.scene(*SUBJECT.photos[names.index(name)])) if name in names else None
 
 
 def _copy(photo: Path, copy: Path, masks: bool) -> None:
-    """`photo` to `copy`, and with `masks` its mask to `<copy stem>_mask.png` (the file beside the photo, else the
+    """`photo` to `copy`, and with `masks` its mask to `<copy stem>_mask.*` (the file beside the photo, else the
     toy subject's silhouette)."""
     shutil.copyfile(photo, copy)
     if not masks:
         return
-    target = copy.with_name(copy.stem + MASK_SUFFIX + ".png")
-    source = mask_source(photo)
+    source = mask_file(photo)
     if source is not None:
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, copy.with_name(copy.stem + MASK_SUFFIX + source.suffix))
         return
-    toy_subject_mask(photo.name).save(target)  # instance_folder checked that there is one
+    toy_subject_mask(photo.name).save(copy.with_name(copy.stem + MASK_SUFFIX + ".png"))  # checked: there is one
 
 
 def instance_folder(src: Path, dst: Path, captions: str, masks: bool = False) -> Path:
     """The subject photos for training, copied to `dst` with caption sidecars (see `scene_captions`; the scene of
     each photo is read from its file name), or bare (`captions="prompt"`: every photo gets the instance prompt).
     With `masks`, every copy gets its mask beside it: `<stem>-<k>.png` gets `<stem>-<k>_mask.png`."""
-    from moslora_diffusion.data.images import list_image_files
-
-    photos = [p for p in list_image_files(src) if not p.stem.endswith(MASK_SUFFIX)]
+    photos = [p.path for p in find_photos(src).photos]  # decided by content; `<stem>_mask.*` files are not photos
     if not photos:
         raise SystemExit(f"--instance-dir {src}: no images")
     if captions != "prompt":
@@ -81,7 +68,7 @@ def instance_folder(src: Path, dst: Path, captions: str, masks: bool = False) ->
             raise SystemExit(f"--captions {captions}: cannot read a scene from {unreadable[0]} (expected "
                              "NN_<position>_<background>.png, as subject.write_photos names them)")
     if masks:
-        unmasked = [p.name for p in photos if mask_source(p) is None and toy_subject_mask(p.name) is None]
+        unmasked = [p.name for p in photos if mask_file(p) is None and toy_subject_mask(p.name) is None]
         if unmasked:
             raise SystemExit(f"masked loss: {unmasked[0]} has no {Path(unmasked[0]).stem}{MASK_SUFFIX}.png beside it "
                              "(give every photo a mask, or leave the masked recipe out)")
