@@ -65,6 +65,8 @@ def shell_commands(block: Block) -> list[tuple[int, list[str]]]:
                 current = []
             elif _REDIRECT.match(token):
                 skip_next = True
+                if current and current[-1].isdigit():  # `2> file`: the lexer splits the descriptor off
+                    current.pop()
             else:
                 current.append(token)
     return commands
