@@ -153,6 +153,10 @@ def capture_parser(kind: str, what: str, args: list[str], repo: Path) -> tuple[a
     except SystemExit as stop:
         raise RuntimeError(f"it exited (status {stop.code}) before reaching its argument parser: "
                            f"{stderr.getvalue().strip()[-300:]}") from None
+    except ImportError:
+        raise
+    except Exception as err:  # a command that fails before its parser is a problem of the block, not a crash
+        raise RuntimeError(f"it raised {type(err).__name__} before reaching its argument parser: {err}") from None
     finally:
         argparse.ArgumentParser.parse_args = original
         sys.argv = saved_argv
@@ -160,13 +164,14 @@ def capture_parser(kind: str, what: str, args: list[str], repo: Path) -> tuple[a
 
 
 def parse_problem(parser: argparse.ArgumentParser, args: list[str]) -> str | None:
-    """What the parser says of these arguments, or None when it takes them. `...` lifts `required`."""
-    if "..." in args:
+    """What the parser says of these arguments, or None when it takes them. `...` (and `--help`, which would
+    print and exit) lifts `required`."""
+    if {"...", "--help", "-h"} & set(args):
         for action in parser._actions:
             action.required = False
             if not action.option_strings and action.nargs is None:
                 action.nargs = "?"
-    args = [arg for arg in args if arg != "..."]
+    args = [arg for arg in args if arg not in ("...", "--help", "-h")]  # --help would print and exit
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):

@@ -109,6 +109,16 @@ def test_correct_commands_pass_and_other_commands_are_left_alone():
     assert command_problems(_blocks(GOOD_SHELL, "bash")[0], REPO) == []
 
 
+def test_a_command_that_does_not_exist_or_stops_before_its_parser_is_named():
+    text = ("```bash\npython -m moslora_diffusion.no_such_command --x 1\npython -m moslora_diffusion.mole\n"
+            "python -m moslora_diffusion.mole generate --help\n```\n")
+    problems = command_problems(_blocks(text, "bash")[0], REPO)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("docs/synthetic.md:2:") and "No module named 'moslora_diffusion.no_such_command'" \
+        in problems[0]
+    assert problems[1].startswith("docs/synthetic.md:3:") and "before reaching its argument parser" in problems[1]
+
+
 def test_a_missing_required_flag_is_a_problem_unless_flags_are_left_out():
     missing = _blocks("```bash\npython -m moslora_diffusion.export --adapter a --to lora-kohya --out o\n```\n", "bash")
     assert "required: --base" in command_problems(missing[0], REPO)[0]
