@@ -114,7 +114,7 @@ def test_a_command_that_does_not_exist_or_stops_before_its_parser_is_named():
             "python -m moslora_diffusion.mole generate --help\n```\n")
     problems = command_problems(_blocks(text, "bash")[0], REPO)
     assert len(problems) == 2, problems
-    assert problems[0].startswith("docs/synthetic.md:2:") and "No module named 'moslora_diffusion.no_such_command'" \
+    assert problems[0].startswith("docs/synthetic.md:2:") and "No module named moslora_diffusion.no_such_command" \
         in problems[0]
     assert problems[1].startswith("docs/synthetic.md:3:") and "before reaching its argument parser" in problems[1]
 
