@@ -15,7 +15,7 @@ import shutil
 import types
 from pathlib import Path
 
-import torch
+from conftest import randomize_adapters
 from docs_markdown import Block
 
 STAND_INS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "tiny-sd15",
@@ -101,11 +101,7 @@ def _write_adapter(model: Path, folder: Path, prompt: str, seed: int) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(model)
     md.attach_to_pipeline(pipe, md.AdapterConfig(kind="moslora", rank=4, alpha=4), unet_targets="attn",
                           text_targets="attn")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layers in md.pipeline_adapters(pipe).values():
-            for layer in layers.values():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    randomize_adapters(pipe, seed=seed, std=0.1)
     md.save_adapter(pipe, folder / "moslora.safetensors", info={"instance_prompt": prompt})
 
 
