@@ -5,6 +5,7 @@ file and line. The conventions for writing blocks: docs/reliability.md, "Docs th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,16 @@ def test_shell_block(block):
 def test_links_and_anchors(page):
     problems = link_problems(page, _label(page), REPO, pending=PENDING)
     assert not problems, "\n".join(problems)
+
+
+def test_every_docs_page_the_code_names_exists():
+    """`see docs/app.md` in app.py's docstring (and any other) must lead somewhere."""
+    named = []
+    for source in [*REPO.glob("*.py"), *REPO.glob("moslora_diffusion/**/*.py"), *REPO.glob("scripts/*.sh"),
+                   *REPO.glob("benchmarks/*.py")]:
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            named += [(f"{source.relative_to(REPO)}:{number}", page) for page in re.findall(r"docs/[\w.-]+\.md", line)]
+    assert named, "app.py and train_dreambooth.py name their docs pages: the search found none"
+    missing = [f"{where}: {page} does not exist" for where, page in named
+               if not (REPO / page).is_file() and page not in PENDING]
+    assert not missing, "\n".join(missing)
