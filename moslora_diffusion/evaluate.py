@@ -1,7 +1,7 @@
 """Measure adapters as the DreamBooth paper does: DINO and CLIP-I (subject fidelity), CLIP-T (prompt fidelity).
 
-    python -m moslora_diffusion.evaluate --base runwayml/stable-diffusion-v1-5 --adapter lora=outputs/dog \\
-        --photos photos/dog --prompts_file prompts.txt --seeds 0 1 2 3 --out eval/dog
+    python -m moslora_diffusion.evaluate --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --adapter lora=outputs/dog --photos photos/dog --prompts_file prompts.txt --seeds 0 1 2 3 --out eval/dog
     python -m moslora_diffusion.evaluate --base ... --dreambench dreambooth/dataset --adapter moslora=runs/moslora \\
         --adapter lora=runs/lora --out eval/dreambench            # runs/<method>/<subject>/ per subject
     python -m moslora_diffusion.evaluate --base assets/toy-base --adapter outputs/demo --photos assets/toy-subject \\

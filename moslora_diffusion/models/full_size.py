@@ -22,7 +22,7 @@ _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hi
                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 
 # {family: {"unet": UNet2DConditionModel kwargs, "vae": AutoencoderKL kwargs, text encoder name: CLIPTextConfig
-# kwargs}}, as in the public config.json files of runwayml/stable-diffusion-v1-5,
+# kwargs}}, as in the public config.json files of stable-diffusion-v1-5/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0.
 CONFIGS = {
     "sd1": {"unet": dict(_SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
