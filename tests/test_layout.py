@@ -32,7 +32,9 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    top_level = {id(node) for node in tree.body}
+    # inside a function: imported when called. Everything else (a TYPE_CHECKING block too) is module level.
+    lazy = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for inner in ast.walk(node)}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -48,9 +50,9 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
                                                     ).with_suffix(".py").exists()
                            or (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).is_dir()
                            else target for a in node.names]
-            found += [(t, node.lineno, id(node) in top_level) for t in targets]
+            found += [(t, node.lineno, id(node) not in lazy) for t in targets]
         elif isinstance(node, ast.Import):
-            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names]
+            found += [(a.name, node.lineno, id(node) not in lazy) for a in node.names]
     return [(t, line, top) for t, line, top in found if t.split(".")[0] == "moslora_diffusion"]
 
 

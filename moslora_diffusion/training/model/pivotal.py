@@ -12,9 +12,9 @@ import re
 
 import torch
 
-from ..moslora.token_vectors import attach_token_vectors, pipeline_token_vectors, token_vector_tensors
-from .checkpoints import CheckpointError, CheckpointInfo
-from .flags import ConfigError
+from ...moslora.token_vectors import attach_token_vectors, pipeline_token_vectors, token_vector_tensors
+from ..run_folder.checkpoints import CheckpointError, CheckpointInfo
+from ..settings.flags import ConfigError
 
 CHECKPOINT_STEM = "embeddings"  # checkpoint-N/embeddings.safetensors: {text encoder: (n, D)}
 # The embedding file is <word>.safetensors beside the run's other files (formats/embedding_files.py): these words
