@@ -15,8 +15,8 @@ from ...files.atomic import atomic_write
 from ...formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
 from ...formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ...moslora.native_file import save_adapter
-from ..model.pivotal import word_pattern
 from ..settings.config import PRIOR_SOURCE_NAMES, TrainConfig, uses_class_images
+from ..settings.trigger_word import word_pattern
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest

@@ -16,10 +16,10 @@ from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
-from ..model.pivotal import check_pivotal_flags
 from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
+from .trigger_word import check_pivotal_flags
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).

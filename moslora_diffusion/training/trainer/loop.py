@@ -31,13 +31,13 @@ from ..model.components import (
     store_in_fp8,
 )
 from ..model.optim import check_optimizer_available
-from ..model.pivotal import check_word_in_captions
 from ..model.trainable import AdapterTrainable, Trainable
 from ..run_folder.checkpoints import CheckpointInfo, check_adapter_checkpoint
 from ..run_folder.output_location import check_room
 from ..run_folder.outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
 from ..run_folder.resume import find_resume
 from ..settings.config import TrainConfig, uses_class_images
+from ..settings.trigger_word import check_word_in_captions
 from ..step.batches import GlobalBatchStream
 from ..step.objective import diffusion_loss, draw, sample_latents, step_generator
 from .held_out import HeldOutLoss, log_held_out_loss, split_held_out
