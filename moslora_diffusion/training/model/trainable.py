@@ -1,4 +1,4 @@
-"""What a run trains, behind one interface, so that one loop (loop.py), one checkpoint format and one resume
+"""What a run trains, behind one interface, so that one loop (trainer/loop.py), one checkpoint format and one resume
 path serve both trainers: DreamBooth's MoSLoRA adapters (AdapterTrainable, here) and MoLE's gates
 (mole/gate_training.py: GateTrainable).
 """

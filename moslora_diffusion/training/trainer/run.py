@@ -153,7 +153,7 @@ def resume_schedule(lr_scheduler, optimizer) -> None:
     from the first resumed step on. Unchanged settings give the same rate bit for bit (the same product).
 
     The diffusers schedules are LambdaLR: rate = base rate x lambda(step); the lambdas are this run's, the
-    base rates and step the checkpoint's (equal to this run's, resume.py checks).
+    base rates and step the checkpoint's (equal to this run's, run_folder/resume.py checks).
     """
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if lambdas is None:
