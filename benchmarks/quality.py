@@ -185,8 +185,8 @@ def add_recipe_flags(parser) -> None:
 
 def resolve_recipes(parser, args) -> None:
     """args.recipes ({name: Recipe}) and args.variants, checked against TrainConfig before anything is trained."""
-    from moslora_diffusion.training.config import TrainConfig
-    from moslora_diffusion.training.flags import field_types
+    from moslora_diffusion.training.settings.config import TrainConfig
+    from moslora_diffusion.training.settings.flags import field_types
 
     types = field_types(TrainConfig)
     try:
@@ -209,7 +209,7 @@ def resolve_recipes(parser, args) -> None:
 def check_configs(parser, args) -> None:
     """Every recipe's TrainConfig is built once at parse time: a value the trainer refuses (caption_dropout_rate=1.5,
     a trigger word not in the prompt) is one line before the base model loads, not a traceback after other runs."""
-    from moslora_diffusion.training.flags import ConfigError
+    from moslora_diffusion.training.settings.flags import ConfigError
 
     shared = shared_settings(args, args.work_dir or Path("class-images"))  # no path is read here
     for name, recipe in args.recipes.items():

@@ -31,7 +31,7 @@ from benchmarks.common import (
     time_interleaved,
     write_results,
 )
-from moslora_diffusion.training.config import DYNAMO_BACKENDS
+from moslora_diffusion.training.settings.config import DYNAMO_BACKENDS
 
 VARIANTS = ("peft_lora", "ours_lora", "ours_moslora")
 # Extra variants: ours with the UNet in channels-last memory format (NHWC convolutions; for GPU runs), ours
@@ -75,7 +75,7 @@ def attach_variant(unet, variant: str, rank: int, restorable: bool = True, dynam
             unet.requires_grad_(False)
         return params, detach
     from moslora_diffusion.moslora.inject import AdapterConfig, adapter_parameters, attach, detach
-    from moslora_diffusion.training.components import compile_unet, store_in_fp8
+    from moslora_diffusion.training.model.components import compile_unet, store_in_fp8
 
     kind, _, option = variant.removeprefix("ours_").partition("_")
     channels_last, fp8, compiled = option == "cl", option == "fp8", option == "compiled"

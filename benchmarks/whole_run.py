@@ -8,10 +8,10 @@ Three variants, all timed in one process, rounds interleaved (the order rotates 
   through `unet.add_adapter(LoraConfig(...))`, AdamW, prior-preservation loss on the concatenated class half;
 - ours: `train_dreambooth.py` (moslora_diffusion.training.train) with its default flags (a MoSLoRA
   adapter; frozen text encoders, so every distinct prompt is encoded once; every distinct image, after
-  crop and flip, is VAE-encoded once: training/posteriors.py);
+  crop and flip, is VAE-encoded once: training/step/posteriors.py);
 - ours_cached: the same plus `--cache_latents` (every dataset item encoded before the steps);
 - ours_rerun: ours' default flags again, after an earlier (untimed) run on the same photos and class folder
-  left its VAE posteriors in the on-disk latent cache (training/posterior_store.py): the everyday case of
+  left its VAE posteriors in the on-disk latent cache (training/step/posterior_store.py): the everyday case of
   training once more with another learning rate, rank or step count. `ours` and `ours_cached` each start
   from an empty cache (and pay for writing it), so they are first-run figures.
 
@@ -63,7 +63,7 @@ DESCRIPTIONS = {
 def ours_train(spec: RunSpec, output_dir: Path, cache_latents: bool, latent_cache_dir: Path) -> dict:
     """One whole run of train_dreambooth.py (in process); returns {"wall_s", "cpu_s", "loop_s", "vae_encoded"}."""
     from moslora_diffusion.training import parse_args, train
-    from moslora_diffusion.training.outputs import ADAPTER_FILE
+    from moslora_diffusion.training.run_folder.outputs import ADAPTER_FILE
 
     argv = ["--pretrained_model_name_or_path", spec.model, "--instance_data_dir", spec.instance_dir,
             "--instance_prompt", INSTANCE_PROMPT, "--with_prior_preservation", "--class_data_dir", spec.class_dir,

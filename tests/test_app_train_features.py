@@ -15,8 +15,8 @@ from moslora_diffusion.app.ui import trigger_placeholder
 from moslora_diffusion.app.uploads import UploadError, stage_uploads
 from moslora_diffusion.data import scan_photos
 from moslora_diffusion.files.safetensors_io import load_tensors
-from moslora_diffusion.training.config import parse_args
-from moslora_diffusion.training.outputs import model_card
+from moslora_diffusion.training.run_folder.outputs import model_card
+from moslora_diffusion.training.settings.config import parse_args
 
 
 def _config(settings: TrainingSettings, tmp_path):

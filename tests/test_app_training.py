@@ -27,7 +27,7 @@ from moslora_diffusion.app.training_jobs import (
     read_progress_file,
 )
 from moslora_diffusion.app.uploads import UploadError
-from moslora_diffusion.training.config import parse_args
+from moslora_diffusion.training.settings.config import parse_args
 
 FAKE_TRAINER = textwrap.dedent("""
     import argparse, json, os, shutil, subprocess, sys, time

@@ -17,7 +17,7 @@ from training_helpers import PROMPT, make_photos
 
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
-import moslora_diffusion.training.loop as loop
+import moslora_diffusion.training.trainer.loop as loop
 from moslora_diffusion import (
     AdapterConfig,
     attach_to_pipeline,
@@ -37,7 +37,7 @@ from moslora_diffusion.generation.text_to_image import GenerationRequest
 from moslora_diffusion.models.loading import load_pipeline
 from moslora_diffusion.training import TrainConfig
 from moslora_diffusion.training import main as train_main
-from moslora_diffusion.training.checkpoints import save_checkpoint
+from moslora_diffusion.training.run_folder.checkpoints import save_checkpoint
 
 INF, NAN = float("inf"), float("nan")
 

@@ -13,8 +13,8 @@ from PIL import Image
 from training_helpers import tiny_config
 
 from moslora_diffusion.data import CaptionOptions, DreamBoothDataset, ImageRecord
-from moslora_diffusion.training.batches import GlobalBatchStream, LatentCache, pixel_batches
-from moslora_diffusion.training.config import ConfigError
+from moslora_diffusion.training.settings.config import ConfigError
+from moslora_diffusion.training.step.batches import GlobalBatchStream, LatentCache, pixel_batches
 
 CAPTION = "sks dog, on a beach, sunny, wide shot, film grain"
 

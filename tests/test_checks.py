@@ -10,7 +10,7 @@ import pytest
 from moslora_diffusion.checks import SCALE, SCALE_MAX, SCALE_MIN, Range, number_problems
 from moslora_diffusion.console import OneLineErrorParser
 from moslora_diffusion.training import ConfigError, TrainConfig, parse_args
-from moslora_diffusion.training.config import NUMBER_RANGES
+from moslora_diffusion.training.settings.config import NUMBER_RANGES
 
 REQUIRED = dict(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="a photo of sks dog")
 

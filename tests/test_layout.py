@@ -2,8 +2,10 @@
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
 checks, console, files -> models, data -> moslora -> formats, generation -> toy -> evaluation -> training -> mole
--> app -> the package face and the commands (moslora_diffusion/*.py). The README's "Code layout" section states the
-same table.
+-> app -> the package face and the commands (moslora_diffusion/*.py).
+Inside training/, the rooms, bottom to top (a module may import its own room and any lower room):
+settings -> run_folder -> model -> step -> trainer -> training/__init__ (the face).
+docs/code-layout.md states the same tables. A TYPE_CHECKING import counts as a module-level import.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "da
 # with training/'s loop.
 TOP = 9  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"evaluate", "export", "generate", "tiny"}
+# Subpackages split into rooms, bottom to top; the subpackage's __init__ (its face) sits above every room.
+ROOMS = {"training": {"settings": 0, "run_folder": 1, "model": 2, "step": 3, "trainer": 4}}
 
 
 def _module_name(path: Path) -> str:
@@ -32,7 +36,9 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    top_level = {id(node) for node in tree.body}
+    # inside a function: imported when called. Everything else (a TYPE_CHECKING block too) is module level.
+    lazy = {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for inner in ast.walk(node)}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -48,9 +54,9 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
                                                     ).with_suffix(".py").exists()
                            or (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).is_dir()
                            else target for a in node.names]
-            found += [(t, node.lineno, id(node) in top_level) for t in targets]
+            found += [(t, node.lineno, id(node) not in lazy) for t in targets]
         elif isinstance(node, ast.Import):
-            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names]
+            found += [(a.name, node.lineno, id(node) not in lazy) for a in node.names]
     return [(t, line, top) for t, line, top in found if t.split(".")[0] == "moslora_diffusion"]
 
 
@@ -81,7 +87,11 @@ def test_every_import_points_down():
 
 
 def test_no_import_cycles_between_modules():
-    graph = {_module_name(p): {t for t, _, top in _imports(p) if top} for p in _sources()}
+    _fail_on_a_cycle(_sources())
+
+
+def _fail_on_a_cycle(paths: list[Path]) -> None:
+    graph = {_module_name(p): {t for t, _, top in _imports(p) if top} for p in paths}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
@@ -113,3 +123,65 @@ def test_the_layer_table_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: "from ..app import ui\n")
     assert _imports(fake) == [("moslora_diffusion.app.ui", 1, True)]
     assert _layer("moslora_diffusion.app.ui")[1] > _layer("moslora_diffusion.formats.x")[1]
+
+
+def _room(module: str) -> tuple[str, str, int] | None:
+    """(subpackage, room, rank) of a module of a subpackage with rooms; None for any other module."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] not in ROOMS:
+        return None
+    rooms = ROOMS[parts[1]]
+    if len(parts) == 2:
+        return parts[1], "__init__", len(rooms)
+    assert parts[2] in rooms, f"{module}: not in any room of {parts[1]}/; add its folder to ROOMS (and the docs)"
+    return parts[1], parts[2], rooms[parts[2]]
+
+
+def _upward_room_imports(paths: list[Path]) -> list[str]:
+    upward = []
+    for path in paths:
+        here = _room(_module_name(path))
+        for target, line, _ in _imports(path):
+            there = _room(target)
+            if here and there and here[0] == there[0] and here[1] != there[1] and there[2] >= here[2]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({here[1]}) imports {target} ({there[1]})")
+    return upward
+
+
+def test_every_import_between_rooms_points_down():
+    upward = _upward_room_imports(_sources())
+    assert not upward, "imports that do not point down between rooms:\n" + "\n".join(upward)
+
+
+@pytest.mark.parametrize("package", sorted(ROOMS))
+def test_a_package_with_rooms_holds_its_face_and_its_rooms_only(package):
+    folder = PACKAGE / package
+    assert sorted(p.stem for p in folder.glob("*.py")) == ["__init__"]
+    rooms = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert rooms == sorted(ROOMS[package])
+    for room in rooms:  # each room says in one line what it holds, and hands nothing on
+        tree = ast.parse((folder / room / "__init__.py").read_text(encoding="utf-8"))
+        doc = ast.get_docstring(tree)
+        assert doc and "\n" not in doc.strip() and len(tree.body) == 1, f"{package}/{room}/__init__.py"
+
+
+def test_the_room_table_sees_an_upward_import(monkeypatch):
+    """The check can fail: a settings module importing the trainer's loop is reported; the reverse is not."""
+    fake_low, fake_high = PACKAGE / "training" / "settings" / "x.py", PACKAGE / "training" / "trainer" / "x.py"
+    sources = {fake_low: "from ..trainer.loop import train\n", fake_high: "from ..settings.config import TrainConfig\n"}
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: sources[self])
+    assert _upward_room_imports([fake_high]) == []
+    assert _upward_room_imports([fake_low]) == ["moslora_diffusion/training/settings/x.py:1 (settings) imports "
+                                                "moslora_diffusion.training.trainer.loop (trainer)"]
+
+
+def test_the_cycle_check_sees_a_type_checking_import(monkeypatch):
+    """The check can fail: two modules that import each other, one only for type checking, are a cycle."""
+    a, b = PACKAGE / "training" / "trainer" / "a.py", PACKAGE / "training" / "trainer" / "b.py"
+    sources = {a: "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n",
+               b: "from .a import A\n"}
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: sources[self])
+    assert _imports(a) == [("moslora_diffusion.training.trainer.b", 3, True)]
+    _fail_on_a_cycle([b])  # one side alone is no cycle
+    with pytest.raises(pytest.fail.Exception, match="import cycle: .*trainer.a -> .*trainer.b -> .*trainer.a"):
+        _fail_on_a_cycle([a, b])

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from moslora_diffusion.data import DatasetError, DreamBoothDataset, check_masks, collate, mask_source, scan_photos
-from moslora_diffusion.training.identity import folder_fingerprint
-from moslora_diffusion.training.masking import latent_masks
-from moslora_diffusion.training.objective import diffusion_loss
+from moslora_diffusion.training.run_folder.identity import folder_fingerprint
+from moslora_diffusion.training.step.masking import latent_masks
+from moslora_diffusion.training.step.objective import diffusion_loss
 
 ALPHAS = torch.linspace(0.999, 0.01, 1000)
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -210,7 +210,7 @@ def test_bad_gate_training_inputs_are_one_line_before_the_model_loads(setup, tin
         assert not out.exists()
     # A gate run in an expert's own training folder: --overwrite_output_dir would delete what that folder's run
     # wrote (its manifest lists the adapter), so the run is refused and the expert's files stay.
-    from moslora_diffusion.training.manifest import write_manifest
+    from moslora_diffusion.training.run_folder.manifest import write_manifest
 
     run = tmp_path / "dog-run"
     shutil.copytree(experts["dog"], run)
@@ -223,7 +223,7 @@ def test_bad_gate_training_inputs_are_one_line_before_the_model_loads(setup, tin
 
 
 def _dreambooth_checkpoint(root: Path) -> Path:
-    from moslora_diffusion.training.checkpoints import save_checkpoint
+    from moslora_diffusion.training.run_folder.checkpoints import save_checkpoint
 
     state = {"family": "sd1", "adapter": {"rank": 4}, "targets": {"unet": ["x"]}}
     return save_checkpoint(root / "dreambooth-run", 2, state, {"adapter": {"unet.x.A": torch.ones(2)}},

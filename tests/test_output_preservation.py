@@ -12,18 +12,14 @@ from training_helpers import PROMPT, adapter_weights, make_photos, reset_acceler
 
 from moslora_diffusion.data import scan_photos
 from moslora_diffusion.moslora.pipeline import pipeline_adapters
-from moslora_diffusion.training.components import attach_adapters, load_base
-from moslora_diffusion.training.conditioning import PromptConditioning, tokenizer_names
-from moslora_diffusion.training.loop import make_accelerator, micro_step_loss, prepare_run
-from moslora_diffusion.training.output_preservation import (
-    adapters_off,
-    preservation_prompt,
-    preserves_base_output,
-    uses_class_images,
-)
-from moslora_diffusion.training.plan import training_resolution
-from moslora_diffusion.training.run import start_batches
-from moslora_diffusion.training.trainable import AdapterTrainable
+from moslora_diffusion.training.model.components import attach_adapters, load_base
+from moslora_diffusion.training.model.conditioning import PromptConditioning, tokenizer_names
+from moslora_diffusion.training.model.trainable import AdapterTrainable
+from moslora_diffusion.training.settings.config import preserves_base_output, uses_class_images
+from moslora_diffusion.training.step.output_preservation import adapters_off, preservation_prompt
+from moslora_diffusion.training.trainer.loop import make_accelerator, micro_step_loss, prepare_run
+from moslora_diffusion.training.trainer.plan import training_resolution
+from moslora_diffusion.training.trainer.run import start_batches
 
 CLASS_PROMPT = "a photo of a dog"
 ROWS = 2  # instance rows per micro-batch in these tests
@@ -175,7 +171,7 @@ def test_run_writes_no_class_images_and_resumes_bit_for_bit(tiny_sd15_dir, tmp_p
 
 def test_gate_trainer_refuses_the_base_model_source():
     from moslora_diffusion.mole.gate_config import GateTrainConfig
-    from moslora_diffusion.training.flags import ConfigError
+    from moslora_diffusion.training.settings.flags import ConfigError
 
     with pytest.raises(ConfigError, match="--prior_source base_model is for DreamBooth runs"):
         GateTrainConfig(pretrained_model_name_or_path="m", experts=("a", "b"), with_prior_preservation=True,

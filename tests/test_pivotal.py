@@ -16,8 +16,8 @@ from moslora_diffusion.moslora.token_vectors import (
     pipeline_token_vectors,
     word_token_ids,
 )
-from moslora_diffusion.training.checkpoints import CheckpointError
-from moslora_diffusion.training.config import ConfigError
+from moslora_diffusion.training.run_folder.checkpoints import CheckpointError
+from moslora_diffusion.training.settings.config import ConfigError
 
 WORD = "sks"
 

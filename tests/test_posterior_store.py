@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moslora_diffusion.training.posterior_store import PosteriorStore, prune, vae_fingerprint
-from moslora_diffusion.training.posteriors import PosteriorMemo, encode_posterior
+from moslora_diffusion.training.step.posterior_store import PosteriorStore, prune, vae_fingerprint
+from moslora_diffusion.training.step.posteriors import PosteriorMemo, encode_posterior
 from tests.test_posteriors import tiny_vae
 from tests.training_helpers import make_photos, run_training, tiny_config
 

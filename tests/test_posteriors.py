@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import moslora_diffusion.training.run as run_module
-from moslora_diffusion.training.posteriors import PosteriorMemo, encode_posterior, pixel_key
+import moslora_diffusion.training.trainer.run as run_module
+from moslora_diffusion.training.step.posteriors import PosteriorMemo, encode_posterior, pixel_key
 from tests.training_helpers import make_photos, run_training, tiny_config
 
 

@@ -28,10 +28,10 @@ from training_helpers import (
 )
 
 from moslora_diffusion.training import CheckpointError, OutputDirError
-from moslora_diffusion.training.checkpoints import read_checkpoint, save_checkpoint
-from moslora_diffusion.training.manifest import MANIFEST_FILE, read_manifest
-from moslora_diffusion.training.outputs import prepare_output_dir
-from moslora_diffusion.training.resume import check_resume_settings
+from moslora_diffusion.training.run_folder.checkpoints import read_checkpoint, save_checkpoint
+from moslora_diffusion.training.run_folder.manifest import MANIFEST_FILE, read_manifest
+from moslora_diffusion.training.run_folder.outputs import prepare_output_dir
+from moslora_diffusion.training.run_folder.resume import check_resume_settings
 
 MIB = 2**20
 
@@ -43,7 +43,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the base model was loaded before the bad input was reported")
 
     # Not the no_model_load fixture: checkpoint_a must load the model to train first.
-    monkeypatch.setattr("moslora_diffusion.training.loop.load_base", load_base)
+    monkeypatch.setattr("moslora_diffusion.training.trainer.loop.load_base", load_base)
 
 
 def _error(excinfo) -> str:
@@ -233,7 +233,7 @@ def test_resuming_with_a_setting_the_checkpoint_restores_is_refused(tiny_sd15_di
     settings = dict(learning_rate=1e-3, gradient_accumulation_steps=2, max_train_steps=3, resume_from_checkpoint=str(
         checkpoint)) | changed
     # Not the no_model_load fixture: checkpoint_a must load the model to train first.
-    monkeypatch.setattr("moslora_diffusion.training.loop.load_base",
+    monkeypatch.setattr("moslora_diffusion.training.trainer.loop.load_base",
                         lambda *a, **k: pytest.fail("loaded the model before refusing"))
     with pytest.raises(CheckpointError) as excinfo:
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "b", **settings))

@@ -144,7 +144,7 @@ def test_overfitting_one_image_lowers_the_loss(tiny_sd15_dir, tmp_path):
 @pytest.fixture
 def loaded_bases(monkeypatch) -> list:
     """Every BaseModel train() loads, in order: to inspect the modules a run trained."""
-    import moslora_diffusion.training.loop as loop
+    import moslora_diffusion.training.trainer.loop as loop
 
     bases = []
     real_load_base = loop.load_base
@@ -154,7 +154,7 @@ def loaded_bases(monkeypatch) -> list:
 
 def test_channels_last_unet_learns_the_same(tiny_sd15_dir, tmp_path, loaded_bases):
     """--channels_last (the default on CUDA) changes the memory layout of the UNet's convolutions, not the run."""
-    from moslora_diffusion.training.components import use_channels_last
+    from moslora_diffusion.training.model.components import use_channels_last
 
     bases = loaded_bases
     photos = make_photos(tmp_path / "photos", count=2, size=(32, 32))
@@ -201,7 +201,7 @@ def test_torch_compile_trains_the_same(tiny_sd15_dir, tmp_path, monkeypatch, loa
     learn. aot_eager traces exactly what inductor would compile, without a C++ toolchain's minutes."""
     import torch._dynamo.utils as dynamo_utils
 
-    import moslora_diffusion.training.loop as loop
+    import moslora_diffusion.training.trainer.loop as loop
 
     bases = loaded_bases
     validations = []
@@ -244,9 +244,9 @@ def test_torch_compile_without_a_toolchain_fails_before_loading_anything(tiny_sd
     failure at the first step after the class images."""
     import torch._inductor.cpp_builder as cpp_builder
 
-    import moslora_diffusion.training.loop as loop
+    import moslora_diffusion.training.trainer.loop as loop
     from moslora_diffusion.training import ConfigError
-    from moslora_diffusion.training.components import check_compile_toolchain
+    from moslora_diffusion.training.model.components import check_compile_toolchain
 
     def no_compiler():
         raise RuntimeError("no C++ compiler found in search path")

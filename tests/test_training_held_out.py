@@ -11,9 +11,9 @@ import pytest
 from training_helpers import make_photos, run_training, start_cli, tiny_config
 
 from moslora_diffusion.data import scan_photos
-from moslora_diffusion.training import loop
-from moslora_diffusion.training.config import ConfigError
-from moslora_diffusion.training.held_out import HeldOutLoss, held_out_indices, split_held_out
+from moslora_diffusion.training.settings.config import ConfigError
+from moslora_diffusion.training.trainer import loop
+from moslora_diffusion.training.trainer.held_out import HeldOutLoss, held_out_indices, split_held_out
 
 
 def names(records) -> list[str]:

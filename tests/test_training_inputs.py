@@ -89,7 +89,7 @@ def test_help_lists_every_flag_with_its_help_text():
     """argparse %-formats help texts: a "30%" in one once made `--help` crash with a TypeError."""
     from dataclasses import fields
 
-    from moslora_diffusion.training.config import TrainConfig, build_parser
+    from moslora_diffusion.training.settings.config import TrainConfig, build_parser
 
     text = " ".join(build_parser().format_help().split())  # unwrapped
     for f in fields(TrainConfig):

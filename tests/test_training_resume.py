@@ -21,7 +21,7 @@ from training_helpers import (
     wait_for,
 )
 
-from moslora_diffusion.training.checkpoints import (
+from moslora_diffusion.training.run_folder.checkpoints import (
     CheckpointError,
     find_resume_checkpoint,
     prune_checkpoints,

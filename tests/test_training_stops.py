@@ -21,13 +21,13 @@ from training_helpers import (
     tiny_config,
 )
 
-import moslora_diffusion.training.checkpoints as checkpoints
-import moslora_diffusion.training.loop as loop
+import moslora_diffusion.training.run_folder.checkpoints as checkpoints
+import moslora_diffusion.training.trainer.loop as loop
 from moslora_diffusion.files.safetensors_io import load_tensors
 from moslora_diffusion.training import TrainingDiverged, TrainingInterrupted, main
-from moslora_diffusion.training.checkpoints import find_resume_checkpoint
-from moslora_diffusion.training.manifest import MANIFEST_FILE
-from moslora_diffusion.training.outputs import ADAPTER_FILE, KOHYA_FILE, PROGRESS_FILE
+from moslora_diffusion.training.run_folder.checkpoints import find_resume_checkpoint
+from moslora_diffusion.training.run_folder.manifest import MANIFEST_FILE
+from moslora_diffusion.training.run_folder.outputs import ADAPTER_FILE, KOHYA_FILE, PROGRESS_FILE
 
 # Gradient accumulation, EMA and a linear schedule: every piece of state a checkpoint must carry exactly.
 SETTINGS = dict(max_train_steps=6, checkpointing_steps=2, gradient_accumulation_steps=2, use_ema=True,

@@ -10,12 +10,12 @@ from training_helpers import PROMPT, make_photos, reset_accelerate, tiny_config 
 
 from moslora_diffusion.moslora.inject import adapter_parameters
 from moslora_diffusion.moslora.pipeline import pipeline_adapters
-from moslora_diffusion.training.batches import GlobalBatchStream
-from moslora_diffusion.training.components import attach_adapters, load_base
-from moslora_diffusion.training.conditioning import PromptConditioning
-from moslora_diffusion.training.ema import AdapterEMA
-from moslora_diffusion.training.objective import RowLayout, diffusion_loss, min_snr_weights, step_generator
-from moslora_diffusion.training.validation import run_validation
+from moslora_diffusion.training.model.components import attach_adapters, load_base
+from moslora_diffusion.training.model.conditioning import PromptConditioning
+from moslora_diffusion.training.model.ema import AdapterEMA
+from moslora_diffusion.training.step.batches import GlobalBatchStream
+from moslora_diffusion.training.step.objective import RowLayout, diffusion_loss, min_snr_weights, step_generator
+from moslora_diffusion.training.trainer.validation import run_validation
 
 
 def _trained_looking_base(model_dir, tmp_path, **overrides):

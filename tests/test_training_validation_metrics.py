@@ -11,8 +11,8 @@ import pytest
 from training_helpers import run_training, tiny_config
 
 from moslora_diffusion import read_adapter
-from moslora_diffusion.training.config import ConfigError
-from moslora_diffusion.training.manifest import read_manifest
+from moslora_diffusion.training.run_folder.manifest import read_manifest
+from moslora_diffusion.training.settings.config import ConfigError
 
 TOY = Path(__file__).resolve().parents[1] / "assets"
 PROMPT = "a photo of sks star"
@@ -71,7 +71,7 @@ def test_bad_combinations_are_refused(tmp_path, overrides, message):
 def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
     import importlib.util
 
-    from moslora_diffusion.training import validation_scores
+    from moslora_diffusion.training.trainer import validation_scores
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

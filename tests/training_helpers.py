@@ -107,6 +107,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None
 def forbid_model_load(monkeypatch) -> None:
     """Fail the test if the trainer loads the base model. Patches the name the trainer calls (components.py imports
     load_pipeline by name, so patching models.loading.load_pipeline would never fire)."""
-    from moslora_diffusion.training import components
+    from moslora_diffusion.training.model import components
 
     monkeypatch.setattr(components, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))

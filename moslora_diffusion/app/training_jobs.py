@@ -21,9 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..checks import Range, number_problems
-from ..training.config import PRIOR_SOURCES, VALIDATION_METRICS
-from ..training.flags import ConfigError
-from ..training.pivotal import check_pivotal_flags
+from ..training.settings.config import PRIOR_SOURCES, VALIDATION_METRICS
+from ..training.settings.flags import ConfigError
+from ..training.settings.trigger_word import check_pivotal_flags
 from .paths import ADAPTER_FILE_NAME
 from .trigger_words import guess_trigger_word
 

@@ -22,7 +22,7 @@ from ..generation.text_to_image import (
     SCHEDULERS,
     GenerationRequest,
 )
-from ..training.config import VALIDATION_METRICS
+from ..training.settings.config import VALIDATION_METRICS
 from .charts import loss_curve_image, scores_chart_image
 from .compose_ui import compose_tab
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
@@ -32,7 +32,7 @@ from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, slider_scales, slot_upd
 from .ui_common import refuse as _refuse
 from .uploads import photo_folders
 
-# The Train tab's prior-preservation choices -> --prior_source (training/output_preservation.py).
+# The Train tab's prior-preservation choices -> --prior_source (training/step/output_preservation.py).
 PRIOR_SOURCE_LABELS = {"generate class images": "class_images",
                        "base model's own prediction (no class images)": "base_model"}
 

@@ -23,7 +23,7 @@ from ..formats.export_targets import DTYPES, TARGETS, check_output
 from ..generation.flags import add_request_flags
 from ..generation.text_to_image import GenerationRequest, save_png, validate_request
 from ..models.loading import load_pipeline
-from ..training.command import run_training_command
+from ..training.trainer.command import run_training_command
 from .experts import MoLEError, check_scale
 from .file import FILE_NAME, read_mole
 from .gate_config import parse_gate_args

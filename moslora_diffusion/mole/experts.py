@@ -25,7 +25,7 @@ from ..models.families import detect_family
 from ..moslora.folded import FoldedAdapter, FoldedLoRA, LayerKey, validate_folded
 from ..moslora.inject import AdapterError
 from ..moslora.pipeline import model_components
-from ..training.outputs import read_record
+from ..training.run_folder.outputs import read_record
 
 MIN_EXPERTS, MAX_EXPERTS = 2, 8
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..checks import Range
-from ..training.config import NUMBER_RANGES, TrainConfig, check_number_ranges
-from ..training.flags import ConfigError, build_parser, flag, parse_flags
+from ..training.settings.config import NUMBER_RANGES, TrainConfig, check_number_ranges
+from ..training.settings.flags import ConfigError, build_parser, flag, parse_flags
 from .experts import MAX_EXPERTS, MIN_EXPERTS
 
 PROG = "python -m moslora_diffusion.mole train"

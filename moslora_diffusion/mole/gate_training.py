@@ -27,16 +27,16 @@ from ..data import check_masks, scan_photos
 from ..files.atomic import atomic_write, check_not_an_input
 from ..files.safetensors_io import read_keys, read_metadata
 from ..formats.lora_files import family_hint, file_format, trigger_prompt
-from ..training.checkpoints import CheckpointError, CheckpointInfo
-from ..training.components import load_base
-from ..training.config import ConfigError
-from ..training.loop import TrainResult, make_accelerator, prepare_run, run_loop
-from ..training.manifest import record_written
-from ..training.optim import check_optimizer_available, param_groups
-from ..training.outputs import CARD_FILE, check_output_dir, write_config
-from ..training.plan import prepare_class_images, training_resolution
-from ..training.resume import find_resume
-from ..training.validation import run_validation
+from ..training.model.components import load_base
+from ..training.model.optim import check_optimizer_available, param_groups
+from ..training.run_folder.checkpoints import CheckpointError, CheckpointInfo
+from ..training.run_folder.manifest import record_written
+from ..training.run_folder.outputs import CARD_FILE, check_output_dir, write_config
+from ..training.run_folder.resume import find_resume
+from ..training.settings.config import ConfigError
+from ..training.trainer.loop import TrainResult, make_accelerator, prepare_run, run_loop
+from ..training.trainer.plan import prepare_class_images, training_resolution
+from ..training.trainer.validation import run_validation
 from .experts import MoLEError, as_mole_error, file_sha256, load_experts, photo_dir, resolve_expert_path
 from .file import FILE_NAME, save_mole
 from .gate_config import GateTrainConfig
@@ -87,7 +87,7 @@ def expert_sources(config: GateTrainConfig) -> list[ExpertSource]:
 
 
 class GateTrainable:
-    """The gates of an attached MoLE as what a training run trains (training/trainable.py's interface)."""
+    """The gates of an attached MoLE as what a training run trains (training/model/trainable.py's interface)."""
 
     def __init__(self, mole: MoLE, balance_weight: float):
         self.mole, self.balance_weight = mole, balance_weight

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from ..models.families import Family, ModelInfo, detect_model
-from ..models.loading import check_pipeline_folder, empty_components, family_of_single_file, load_pipeline
-from ..moslora import step_weights
-from ..moslora.inject import adapter_parameters, narrowest_layer
-from ..moslora.pipeline import attach_to_pipeline, model_components, pipeline_adapters, targets_by_component
+from ...models.families import Family, ModelInfo, detect_model
+from ...models.loading import check_pipeline_folder, empty_components, family_of_single_file, load_pipeline
+from ...moslora import step_weights
+from ...moslora.inject import adapter_parameters, narrowest_layer
+from ...moslora.pipeline import attach_to_pipeline, model_components, pipeline_adapters, targets_by_component
+from ..settings.config import ConfigError, TrainConfig
 from .conditioning import tokenizer_names, vae_dtype
-from .config import ConfigError, TrainConfig
 from .pivotal import attach_trigger_vectors
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -19,7 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .checkpoints import list_checkpoints
+from ..run_folder.checkpoints import list_checkpoints
 
 RESUME_HINT = "run the same command again with --resume_from_checkpoint latest (same --output_dir)"
 

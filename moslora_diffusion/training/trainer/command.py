@@ -7,7 +7,7 @@ TrainingDiverged.exit_status), 130 after Ctrl-C, with the line saying how to res
 
 from __future__ import annotations
 
-from ..console import run_command
+from ...console import run_command
 from .stopping import TrainingInterrupted, interrupted_message
 
 

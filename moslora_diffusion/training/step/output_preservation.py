@@ -21,28 +21,15 @@ from contextlib import contextmanager
 
 import torch
 
-from ..moslora.layer import MoSLoRALinear
-from ..moslora.pipeline import pipeline_adapters
-from ..moslora.token_vectors import token_vectors_off
-from .components import BaseModel
-from .conditioning import PromptConditioning
-from .config import TrainConfig
+from ...moslora.layer import MoSLoRALinear
+from ...moslora.pipeline import pipeline_adapters
+from ...moslora.token_vectors import token_vectors_off
+from ..model.components import BaseModel
+from ..model.conditioning import PromptConditioning
+from ..settings.config import TrainConfig
 
-# How the model card and the data report name each --prior_source.
-PRIOR_SOURCE_NAMES = {"class_images": "class images",
-                      "base_model": "the base model's own predictions, no class images"}
 # The SDXL size conditioning of a row (B, 2) each: a class row repeats its instance row's.
 SIZE_KEYS = ("original_sizes", "crop_top_lefts", "target_sizes")
-
-
-def preserves_base_output(config: TrainConfig) -> bool:
-    """--with_prior_preservation --prior_source base_model."""
-    return config.with_prior_preservation and config.resolved_prior_source == "base_model"
-
-
-def uses_class_images(config: TrainConfig) -> bool:
-    """--with_prior_preservation with class images: batches carry class rows read from --class_data_dir."""
-    return config.with_prior_preservation and config.resolved_prior_source == "class_images"
 
 
 def preservation_prompt(caption: str, instance_prompt: str, class_prompt: str) -> str:

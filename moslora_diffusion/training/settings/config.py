@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
-from ..checks import MAX_SEED, Range, number_problems
-from ..data.captions import CaptionOptions
-from ..moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
-from ..moslora.layer import KINDS, MIXER_INITS
+from ...checks import MAX_SEED, Range, number_problems
+from ...data.captions import CaptionOptions
+from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
+from ...moslora.layer import KINDS, MIXER_INITS
 from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
-from .pivotal import check_pivotal_flags
+from .trigger_word import check_pivotal_flags
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
@@ -27,7 +27,7 @@ DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none")  # wandb: through accelerate's tracker, when installed
 VALIDATION_METRICS = ("none", "dreambench", "toy")
-PRIOR_SOURCES = ("auto", "class_images", "base_model")  # base_model: training/output_preservation.py
+PRIOR_SOURCES = ("auto", "class_images", "base_model")  # base_model: training/step/output_preservation.py
 # diffusers.optimization.SchedulerType values (kept here so `--help` needs no diffusers import), except
 # piecewise_constant, which needs step rules that no flag gives.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -290,3 +290,18 @@ def build_parser():
 
 def config_json(config: TrainConfig) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+# How the model card and the data report name each --prior_source.
+PRIOR_SOURCE_NAMES = {"class_images": "class images",
+                      "base_model": "the base model's own predictions, no class images"}
+
+
+def preserves_base_output(config: TrainConfig) -> bool:
+    """--with_prior_preservation --prior_source base_model."""
+    return config.with_prior_preservation and config.resolved_prior_source == "base_model"
+
+
+def uses_class_images(config: TrainConfig) -> bool:
+    """--with_prior_preservation with class images: batches carry class rows read from --class_data_dir."""
+    return config.with_prior_preservation and config.resolved_prior_source == "class_images"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..files.safetensors_io import read_keys, save_tensors
+from ...files.safetensors_io import read_keys, save_tensors
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # the whole cache folder, all VAEs together
 CACHE_DIR_ENV = "MOSLORA_CACHE_DIR"

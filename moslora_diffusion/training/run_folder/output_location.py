@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..files.atomic import FREE_SPACE_MARGIN
-from .config import TrainConfig
+from ...files.atomic import FREE_SPACE_MARGIN
+from ..settings.config import TrainConfig
 
 MIB = 2**20
 # Optimizer state per adapter parameter, in fp32 copies: AdamW's two moments, 8-bit AdamW's two 1-byte

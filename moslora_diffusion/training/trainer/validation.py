@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files.atomic import save_image
-from .manifest import record_written
-from .outputs import VALIDATION_DIR, append_progress
+from ...files.atomic import save_image
+from ..run_folder.manifest import record_written
+from ..run_folder.outputs import VALIDATION_DIR, append_progress
 from .validation_scores import keep_if_best, score_validation
 
 

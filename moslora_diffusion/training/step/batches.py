@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import BucketBatchSampler, DreamBoothDataset, collate
+from ...data import BucketBatchSampler, DreamBoothDataset, collate
 
 
 class GlobalBatchStream:

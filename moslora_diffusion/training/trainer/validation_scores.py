@@ -14,13 +14,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from ..data import load_rgb, scan_photos
-from ..evaluation.metrics import dreambench_metrics, score_images, toy_metrics
-from ..files.safetensors_io import read_metadata
-from ..moslora.native_file import METADATA_KEY, save_adapter
-from .manifest import record_written
-
-BEST_FILE = "moslora_best.safetensors"
+from ...data import load_rgb, scan_photos
+from ...evaluation.metrics import dreambench_metrics, score_images, toy_metrics
+from ...files.safetensors_io import read_metadata
+from ...moslora.native_file import METADATA_KEY, save_adapter
+from ..run_folder.manifest import record_written
+from ..run_folder.outputs import BEST_FILE
 
 
 def check_report_to(report_to: str) -> None:
@@ -45,10 +44,10 @@ def unique_token(instance_prompt: str, class_prompt: str | None) -> str:
 def _metrics(kind: str, dino: str, clip: str, device: str) -> tuple:
     """The scorers, loaded once per run (a run validates many times)."""
     if kind == "toy":
-        from ..evaluation.toy_scorer import ToyScorer
+        from ...evaluation.toy_scorer import ToyScorer
 
         return tuple(toy_metrics(ToyScorer()))
-    from ..evaluation.hf_scorers import ClipScorer, DinoScorer
+    from ...evaluation.hf_scorers import ClipScorer, DinoScorer
 
     return tuple(dreambench_metrics(DinoScorer(dino, device), ClipScorer(clip, device)))
 

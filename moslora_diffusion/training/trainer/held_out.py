@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data import DreamBoothDataset, ImageRecord, PhotoScan, collate
-from .config import ConfigError
-from .objective import sample_latents
-from .outputs import append_progress
+from ...data import DreamBoothDataset, ImageRecord, PhotoScan, collate
+from ..run_folder.outputs import append_progress
+from ..settings.config import ConfigError
+from ..step.objective import sample_latents
 
 if TYPE_CHECKING:
     from .run import Run

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
-from .components import BaseModel
-from .config import ConfigError, TrainConfig
-from .output_preservation import preserves_base_output
+from ...data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
+from ..model.components import BaseModel
+from ..settings.config import ConfigError, TrainConfig, preserves_base_output
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `checkpoint-<step>` holding the adapter weights, the optimizer, scheduler,
 EMA and grad-scaler states and `state.json` (step, family, adapter settings, the optimizer and batch
-settings its state was made with (training/resume.py), the list of files). It is
+settings its state was made with (training/run_folder/resume.py), the list of files). It is
 written as `checkpoint-<step>.tmp`, `state.json` last, then renamed: a folder without the `.tmp` suffix
 whose state.json lists only files that exist is complete. `latest` considers complete ones only.
 Only the adapters are stored, never the frozen base model (a few MB instead of GB).
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..files.atomic import atomic_write
-from ..files.safetensors_io import load_nested, load_tensors, save_nested, save_tensors
+from ...files.atomic import atomic_write
+from ...files.safetensors_io import load_nested, load_tensors, save_nested, save_tensors
 
 FORMAT_VERSION = 2  # 2: optimizer/scheduler states as safetensors (1 used torch.save)
 STATE_SUFFIX = ".state.safetensors"

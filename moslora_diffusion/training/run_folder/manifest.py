@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..files.atomic import atomic_write
+from ...files.atomic import atomic_write
 
 MANIFEST_FILE = ".moslora_run.json"
 FORMAT_VERSION = 1

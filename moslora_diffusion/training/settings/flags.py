@@ -16,7 +16,7 @@ import typing
 from dataclasses import field, fields
 from pathlib import Path
 
-from ..console import OneLineErrorParser, add_debug_flag
+from ...console import OneLineErrorParser, add_debug_flag
 
 
 class ConfigError(ValueError):

@@ -6,35 +6,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..data import DreamBoothDataset
-from .batches import GlobalBatchStream, LatentCache, pixel_batches
-from .checkpoints import (
+from ...data import DreamBoothDataset
+from ..model.components import BaseModel
+from ..model.conditioning import PromptConditioning
+from ..model.ema import AdapterEMA
+from ..model.optim import make_lr_scheduler, make_optimizer
+from ..model.trainable import Trainable
+from ..run_folder.checkpoints import (
     CheckpointError,
     CheckpointInfo,
     load_checkpoint_files,
     prune_checkpoints,
     save_checkpoint,
 )
-from .components import BaseModel
-from .conditioning import PromptConditioning
-from .config import TrainConfig
-from .ema import AdapterEMA
-from .manifest import record_written
-from .objective import RowLayout
-from .optim import make_lr_scheduler, make_optimizer
-from .output_preservation import OutputPreservation, preserves_base_output, uses_class_images
+from ..run_folder.manifest import record_written
+from ..run_folder.resume import resume_settings
+from ..settings.config import TrainConfig, preserves_base_output, uses_class_images
+from ..step.batches import GlobalBatchStream, LatentCache, pixel_batches
+from ..step.objective import RowLayout
+from ..step.output_preservation import OutputPreservation
+from ..step.posterior_store import PosteriorStore, default_cache_dir
+from ..step.posteriors import PosteriorMemo
 from .plan import RunPlan
-from .posterior_store import PosteriorStore, default_cache_dir
-from .posteriors import PosteriorMemo
-from .resume import resume_settings
-from .trainable import Trainable
-
-if TYPE_CHECKING:
-    from .held_out import HeldOutLoss
 
 
 @dataclass
@@ -54,7 +50,8 @@ class Run:
     ema: AdapterEMA | None = None
     start_step: int = 0
     batches: Iterator[dict] | None = None  # set by start_batches
-    held_out: HeldOutLoss | None = None  # --validation_loss_photos
+    # --validation_loss_photos: held_out.py's HeldOutLoss, built from a Run (so this module does not import it)
+    held_out: object | None = None
     preservation: OutputPreservation | None = None  # --prior_source base_model
 
 
@@ -156,7 +153,7 @@ def resume_schedule(lr_scheduler, optimizer) -> None:
     from the first resumed step on. Unchanged settings give the same rate bit for bit (the same product).
 
     The diffusers schedules are LambdaLR: rate = base rate x lambda(step); the lambdas are this run's, the
-    base rates and step the checkpoint's (equal to this run's, resume.py checks).
+    base rates and step the checkpoint's (equal to this run's, run_folder/resume.py checks).
     """
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if lambdas is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.families import SDXL, Family
+from ...models.families import SDXL, Family
 
 
 def vae_dtype(family: Family, weight_dtype: torch.dtype, custom_vae: bool) -> torch.dtype:

@@ -10,25 +10,24 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .._version import __version__
-from ..files.atomic import atomic_write
-from ..formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
-from ..formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
-from ..moslora.native_file import save_adapter
+from ..._version import __version__
+from ...files.atomic import atomic_write
+from ...formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
+from ...formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
+from ...moslora.native_file import save_adapter
+from ..settings.config import PRIOR_SOURCE_NAMES, TrainConfig, uses_class_images
+from ..settings.trigger_word import word_pattern
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
-from .config import TrainConfig
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest
 from .output_location import OutputDirError, check_room, check_writable
-from .output_preservation import PRIOR_SOURCE_NAMES, uses_class_images
-from .pivotal import word_pattern
-from .validation_scores import BEST_FILE
 
 ADAPTER_FILE = "moslora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 CONFIG_FILE = "training_config.json"
 CARD_FILE = "README.md"
 VALIDATION_DIR = "validation"
+BEST_FILE = "moslora_best.safetensors"  # --keep_best: trainer/validation_scores.py
 PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the app's progress view
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
 

@@ -1,4 +1,4 @@
-"""What a run trains, behind one interface, so that one loop (loop.py), one checkpoint format and one resume
+"""What a run trains, behind one interface, so that one loop (trainer/loop.py), one checkpoint format and one resume
 path serve both trainers: DreamBooth's MoSLoRA adapters (AdapterTrainable, here) and MoLE's gates
 (mole/gate_training.py: GateTrainable).
 """
@@ -9,11 +9,11 @@ from typing import Protocol
 
 import torch
 
-from ..moslora.pipeline import pipeline_adapters
+from ...moslora.pipeline import pipeline_adapters
+from ..run_folder.checkpoints import CheckpointInfo, adapter_tensors, check_compatible
+from ..settings.config import TrainConfig
 from . import pivotal
-from .checkpoints import CheckpointInfo, adapter_tensors, check_compatible
 from .components import BaseModel, adapter_targets
-from .config import TrainConfig
 from .optim import param_groups
 
 
@@ -46,7 +46,7 @@ class Trainable(Protocol):
 
 class AdapterTrainable:
     """DreamBooth: the MoSLoRA adapters on the UNet (and on the text encoders with --train_text_encoder), and the
-    trigger word's vectors with --train_text_encoder_ti (training/pivotal.py)."""
+    trigger word's vectors with --train_text_encoder_ti (training/model/pivotal.py)."""
 
     def __init__(self, base: BaseModel, config: TrainConfig, trained: dict[str, list[torch.nn.Parameter]]):
         self.base, self.config = base, config

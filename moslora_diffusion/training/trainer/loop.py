@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import PhotoScan, check_masks, scan_photos
-from ..moslora.pipeline import set_pipeline_scale
-from .batches import GlobalBatchStream
-from .checkpoints import CheckpointInfo, check_adapter_checkpoint
-from .components import (
+from ...data import PhotoScan, check_masks, scan_photos
+from ...moslora.pipeline import set_pipeline_scale
+from ..model.components import (
     BaseModel,
     attach_adapters,
     check_compile_toolchain,
@@ -32,16 +30,18 @@ from .components import (
     load_base,
     store_in_fp8,
 )
-from .config import TrainConfig
+from ..model.optim import check_optimizer_available
+from ..model.trainable import AdapterTrainable, Trainable
+from ..run_folder.checkpoints import CheckpointInfo, check_adapter_checkpoint
+from ..run_folder.output_location import check_room
+from ..run_folder.outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
+from ..run_folder.resume import find_resume
+from ..settings.config import TrainConfig, uses_class_images
+from ..settings.trigger_word import check_word_in_captions
+from ..step.batches import GlobalBatchStream
+from ..step.objective import diffusion_loss, draw, sample_latents, step_generator
 from .held_out import HeldOutLoss, log_held_out_loss, split_held_out
-from .objective import diffusion_loss, draw, sample_latents, step_generator
-from .optim import check_optimizer_available
-from .output_location import check_room
-from .output_preservation import uses_class_images
-from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
-from .pivotal import check_word_in_captions
 from .plan import build_dataset, data_report, make_plan, prepare_class_images, training_resolution
-from .resume import find_resume
 from .run import Run, restore, save, setup_run, start_batches
 from .stopping import (
     CtrlC,
@@ -51,7 +51,6 @@ from .stopping import (
     diverged_message,
     interrupted_message,
 )
-from .trainable import AdapterTrainable, Trainable
 from .validation import run_validation
 from .validation_scores import best_so_far, check_report_to
 

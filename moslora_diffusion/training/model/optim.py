@@ -6,7 +6,7 @@ import importlib.util
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from ..settings.config import ConfigError, TrainConfig
 
 _OPTIONAL = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes"),
              "prodigy": ("prodigyopt", "pip install prodigyopt")}

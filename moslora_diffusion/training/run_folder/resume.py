@@ -15,8 +15,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import fields
 
+from ..settings.config import TrainConfig
 from .checkpoints import CheckpointError, CheckpointInfo, find_resume_checkpoint
-from .config import TrainConfig
 from .outputs import read_record
 
 RESTORED_SETTINGS = ("learning_rate", "text_encoder_lr", "embedding_lr", "optimizer", "adam_beta1", "adam_beta2",

@@ -1,0 +1,1 @@
+"""What a run trains: the frozen base with adapters, its prompt conditioning, trigger vectors, optimizer, EMA."""
