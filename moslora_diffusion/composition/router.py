@@ -108,6 +108,8 @@ class SpatialRouter:
         return self.position_shares(x, is_conv) * self.scales.to(x.device)
 
     def _layer_hook(self, component: str, experts: LayerExperts, module, args, output):
+        if self.branch == 0:
+            return output  # the base branch: no expert
         x = args[0]
         return output + experts.delta(x, output.dtype, self._weights(component, x, experts.is_conv).to(x.device))
 
