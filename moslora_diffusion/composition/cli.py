@@ -48,12 +48,16 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", nargs="+", default=[], metavar="LORA", help="expert LoRA files or training "
                         "folders (ours, diffusers, kohya), instead of a MoLE file's experts")
     parser.add_argument("--region", action="append", type=_pair("x0,y0,x1,y1", "star=0,0,0.5,1"), default=[],
+                        metavar="EXPERT=x0,y0,x1,y1",
                         help="an expert's box as fractions of the width and height (repeat per expert)")
     parser.add_argument("--region_mask", action="append", type=_pair("MASK.png", "star=star.png"), default=[],
+                        metavar="EXPERT=MASK.png",
                         help="an expert's mask: a greyscale PNG of the image's size, white = the region")
     parser.add_argument("--region_prompt", action="append", type=_pair("PROMPT", 'star="a photo of sks star"'),
-                        default=[], help="the prompt an expert's region reads (default: the global prompt)")
+                        default=[], metavar="EXPERT=PROMPT",
+                        help="the prompt an expert's region reads (default: the global prompt)")
     parser.add_argument("--trigger", action="append", type=_pair("WORD", "star=sks"), default=[],
+                        metavar="EXPERT=WORD",
                         help="auto: an expert's trigger word (default: from its training prompt)")
     parser.add_argument("--auto_steps", type=int, default=None, help="auto: the first steps whose cross-attention "
                         "gives the masks (default: steps / 5)")
