@@ -23,7 +23,7 @@ from torch import nn
 
 from ..models.families import detect_family
 from ..moslora.pipeline import model_components, model_module_name, pipeline_adapters
-from .experts import Expert, MoLEError, check_experts, check_scale
+from .experts import MIN_EXPERTS, Expert, MoLEError, check_experts, check_scale
 from .gates import UNGATED, Block, Gate, find_blocks, text_layer_features, unet_block_features
 
 ATTRIBUTE = "_moslora_mole"  # where the attached MoLE is kept on the pipeline
@@ -287,17 +287,19 @@ def attached_mole(pipe) -> MoLE | None:
     return getattr(pipe, ATTRIBUTE, None)
 
 
-def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
+def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None,
+                minimum: int = MIN_EXPERTS) -> MoLE:
     """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
     gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
 
     The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
+    minimum: the fewest experts taken (1 where fixed one-hot gates only route, as in composition/).
     Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
     if attached_mole(pipe) is not None:
         raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
     if pipeline_adapters(pipe):
         raise MoLEError("this pipeline has MoSLoRA adapters attached; detach them before attaching MoLE")
-    check_experts(experts, pipe)
+    check_experts(experts, pipe, minimum)
     components = model_components(pipe)
     if any(getattr(m, "fused_projections", False) for model in components.values() for m in model.modules()):
         # fused q/k/v layers never call to_q / to_k / to_v, so their experts would silently do nothing
