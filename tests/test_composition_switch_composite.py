@@ -27,12 +27,17 @@ from moslora_diffusion.composition.composite import generate_composite
 from moslora_diffusion.composition.one_at_a_time import CompositionError, experts_one_at_a_time
 from moslora_diffusion.composition.switch import check_every, generate_switch
 from moslora_diffusion.formats.lora import export_pipeline_loras
-from moslora_diffusion.generation.text_to_image import GenerationError
+from moslora_diffusion.generation.text_to_image import GenerationError, make_scheduler, run_pipeline
 from moslora_diffusion.mole import MoLEError, attach_mole, attached_mole, detach_mole, load_experts
 
 
 @pytest.fixture(scope="module")
-def experts(tiny_dirs, tmp_path_factory):
+def model_dirs(tiny_dirs, tiny_sd2_dir):
+    return {**tiny_dirs, "sd2": tiny_sd2_dir}
+
+
+@pytest.fixture(scope="module")
+def experts(model_dirs, tmp_path_factory):
     """{family: {"dog": folder, "cat": folder, "cat_kohya": file}}: dog adapts UNet and text attention, cat UNet
     attention + proj_in/out and no text layer; cat_kohya is cat written as a kohya LoRA file."""
     made = {}
@@ -40,8 +45,8 @@ def experts(tiny_dirs, tmp_path_factory):
     def get(family):
         if family not in made:
             root = tmp_path_factory.mktemp(f"experts-{family}")
-            dirs = make_experts(tiny_dirs[family], root, names=("dog", "cat", "style"))
-            pipe = fresh(tiny_dirs[family])
+            dirs = make_experts(model_dirs[family], root, names=("dog", "cat", "style"))
+            pipe = fresh(model_dirs[family])
             load_adapter(pipe, dirs["cat"] / "moslora.safetensors")
             dirs["cat_kohya"] = export_pipeline_loras(pipe, kohya_path=root / "cat_kohya.safetensors")["kohya"]
             made[family] = dirs
@@ -70,6 +75,25 @@ def test_one_expert_switch_and_composite_equal_that_expert_alone(family, name, t
     one = load_experts(pipe, [dirs[name]], minimum=1)
     assert abs(_array(generate_switch(pipe, one, req, every=1)) - reference).max() <= PIXEL_ATOL
     assert abs(_array(generate_composite(pipe, one, req)) - reference).max() <= PIXEL_ATOL
+
+
+def test_sd2_v_prediction_with_a_negative_prompt_and_two_images(model_dirs, experts):
+    """SD 2.x (v-prediction): one expert through either method is that expert alone for every image of a batch;
+    two experts run with a negative prompt and a batch of two."""
+    dirs, req = experts("sd2"), request(num_images=2, negative_prompt="blurry")
+    reference = alone(model_dirs["sd2"], dirs["dog"])
+    reference.scheduler = make_scheduler(req.scheduler, reference.scheduler.config)
+    expected = [np.asarray(i).astype(int) for i in run_pipeline(reference, req, None)]
+    pipe = fresh(model_dirs["sd2"])
+    one = load_experts(pipe, [dirs["dog"]], minimum=1)
+    for method in (lambda: generate_switch(pipe, one, req, every=1), lambda: generate_composite(pipe, one, req)):
+        got = method()
+        assert len(got) == 2
+        for image_, reference_ in zip(got, expected, strict=True):
+            assert abs(np.asarray(image_).astype(int) - reference_).max() <= PIXEL_ATOL
+    assert _differs(expected[0], expected[1], 40)  # two seeds, two different images
+    two = load_experts(pipe, [dirs["dog"], dirs["cat"]])
+    assert len(generate_switch(pipe, two, req, every=1)) == len(generate_composite(pipe, two, req)) == 2
 
 
 def _references(model_dir, dirs, names, req):
