@@ -19,17 +19,14 @@ import torch
 from PIL import Image
 
 from ..generation.text_to_image import GenerationRequest, make_scheduler, run_pipeline, validate_request
-from ..mole.experts import MAX_EXPERTS, Expert, MoLEError
+from ..mole.experts import MAX_EXPERTS, Expert
 from ..mole.model import attach_mole, detach_mole
+from .regions import CompositionError
 
 # (positive, negative) positions in what `encode_prompt` returns: SD 1.x / 2.x (prompt_embeds,
 # negative_prompt_embeds); SDXL adds (pooled_prompt_embeds, negative_pooled_prompt_embeds).
 # The UNet reads the first pair as encoder_hidden_states and SDXL's second as added_cond_kwargs["text_embeds"].
 _HIDDEN_PAIR, _POOLED_PAIR = 0, 2
-
-
-class CompositionError(MoLEError):
-    """Bad composition input; raised (one line) before the pipeline is touched."""
 
 
 def check_experts_given(experts: Sequence[Expert]) -> None:

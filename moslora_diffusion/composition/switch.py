@@ -19,7 +19,8 @@ from PIL import Image
 from ..checks import Range, check_number
 from ..generation.text_to_image import MAX_STEPS, GenerationRequest, validate_request
 from ..mole.experts import Expert
-from .one_at_a_time import CompositionError, check_experts_given, generate_one_at_a_time
+from .one_at_a_time import check_experts_given, generate_one_at_a_time
+from .regions import CompositionError
 
 DEFAULT_EVERY = 5  # the paper's switching interval
 
