@@ -1,15 +1,16 @@
-"""What composing costs per image (issue: composition, "Cost"): LoRA Switch, LoRA Composite and MoLE with 2 experts
-vs the base model, measured in one run on the same pipeline.
+"""What composing costs per image (issue: composition, "Cost"): LoRA Switch, LoRA Composite, MoLE and regional routing
+with 2 experts vs the base model, measured in one run on the same pipeline.
 
 The full-size SD 1.5 architecture with random weights (no download), fp32, CPU. Two experts, each a MoSLoRA adapter
 (rank 16, alpha 16) on the UNet attention and the text encoder's attention with non-zero B. Every method runs as a
-user calls it (the package's generate functions: prompt encoding, S denoising steps with classifier-free guidance,
-MoLE attached and detached by Switch and Composite on every call); the methods take turns (interleaved rounds), and
-ratios are medians of the per-round ratios. The VAE decode is the same work for every method and would hide the
-denoising cost at a few steps, so in the timed runs it is replaced by a blank image of the right size; it is timed
-once on its own and added back in the 25-step estimate: S-step latency x 25 / S + decode (which counts the prompt
-encoding 25 / S times: it is under 1% of a step). Targets: Switch = base; Composite about N x, as measured;
-regional routing (once it exists) <= 1.3x.
+user calls it, through `composition.compose` (prompt encoding, S denoising steps with classifier-free guidance,
+the experts hooked in and taken out again on every call); the base model through the same `run_pipeline`. The
+methods take turns (interleaved rounds), and ratios are medians of the per-round ratios. The VAE decode is the
+same work for every method and would hide the denoising cost at a few steps, so in the timed runs it is replaced
+by a blank image of the right size; it is timed once on its own and added back in the 25-step estimate: S-step
+latency x 25 / S + decode (which counts the prompt encoding 25 / S times: it is under 1% of a step).
+Targets: Switch = base; Composite about N x, as measured; regional routing <= 1.3x (boxes: left and right half;
+`regional_prompts` adds a prompt per region).
 
     /work/wt/heavy --both python -m benchmarks.compose_cost --threads 2      # full size, 512 px, 2 steps
     python -m benchmarks.compose_cost --size tiny --resolution 64 --repeats 1 --name compose_cost_smoke
@@ -27,11 +28,9 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
 from benchmarks.mole_cost import build_pipeline, randomize_gates, write_experts
-from moslora_diffusion.composition.composite import generate_composite
-from moslora_diffusion.composition.switch import generate_switch
+from moslora_diffusion.composition import Region, compose
 from moslora_diffusion.generation.text_to_image import GenerationRequest, make_scheduler, run_pipeline
-from moslora_diffusion.mole import attach_mole, detach_mole, hooked, load_experts
-from moslora_diffusion.mole.inference import generate_mole
+from moslora_diffusion.mole import attach_mole, detach_mole, load_experts
 
 EXPERTS = 2
 ESTIMATE_STEPS = 25
@@ -39,21 +38,25 @@ ESTIMATE_STEPS = 25
 
 def methods(pipe, experts, req: GenerationRequest) -> tuple[dict, dict[str, int]]:
     """{name: a call making one image as a user would} and UNet forwards per denoising step of each."""
-    mole = attach_mole(pipe, experts)  # built once, with learned-looking (random, input-dependent) gates
+    mole = attach_mole(pipe, experts)  # learned-looking (random, input-dependent) gates
     randomize_gates(mole)
-    detach_mole(pipe)
+    gates = detach_mole(pipe).gate_state()
+    names = [e.name for e in experts]
+    boxes = [Region(names[0], box=(0.0, 0.0, 0.5, 1.0)), Region(names[1], box=(0.5, 0.0, 1.0, 1.0))]
+    prompted = [Region(r.expert, box=r.box, prompt=f"a photo of sks{i} thing") for i, r in enumerate(boxes)]
 
     def base():
         pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
         run_pipeline(pipe, req, None)
 
-    def with_mole():
-        with hooked(pipe, mole):
-            generate_mole(pipe, mole, req, "base", "mole")
+    def method(name, **kwargs):
+        return lambda: compose(pipe, experts, name, req, **kwargs)
 
-    fns = {"base": base, "switch": lambda: generate_switch(pipe, experts, req, every=1),
-           "composite": lambda: generate_composite(pipe, experts, req), "mole": with_mole}
-    return fns, {"base": 1, "switch": 1, "composite": len(experts), "mole": 1}
+    fns = {"base": base, "switch": method("switch", every=1), "composite": method("composite"),
+           "mole": method("mole", gates=gates), "regional": method("regional", regions=boxes),
+           "regional_prompts": method("regional", regions=prompted)}
+    forwards = dict.fromkeys(fns, 1) | {"composite": len(experts)}
+    return fns, forwards
 
 
 @contextmanager
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"once, the same for every method, added back in the {ESTIMATE_STEPS}-step estimate). Medians of "
              f"{args.repeats} interleaved rounds after one warm-up round; ratios are medians of per-round ratios "
              "(benchmarks/common.py). Switch: one expert per step (every=1 here; the interval does not change the "
-             "cost). MoLE: learned-looking gates on every block. Regional routing: not measured yet.\n\n"
+             "cost). MoLE: learned-looking gates on every block. Regional: expert 1 on the left half, expert 2 on "
+             "the right half; regional_prompts: each region also reads its own prompt.\n\n"
              "    python -m benchmarks.compose_cost " + " ".join(sys.argv[1:] if argv is None else argv))
     write_results(args.name, rows + [{"method": "vae_decode", "latency_s": vae}], table(rows, args.steps), notes,
                   args.out_dir)
