@@ -11,7 +11,9 @@ mean of those outputs, [mean u_i; mean c_i]; the pipeline then guides it. What t
 u + w (c - u) = (1 - w) u + w c is linear in (u, c), so guiding the means equals the mean of the guided
 predictions (equal up to fp32 rounding) - true for the SD 1.x / 2.x / XL pipelines with guidance_rescale = 0, as
 run_pipeline calls them (a rescaled guidance is not linear, and this equality would not hold). N UNet forwards
-per step: Composite costs about N times the base model.
+per step: Composite costs about N times the base model. (The authors' released code encodes the prompt once
+with every LoRA's text-encoder layers active; here each expert's prediction uses its own encoding, so that each
+term of the mean is exactly that expert's prediction. The two agree for experts without text-encoder layers.)
 """
 
 from __future__ import annotations

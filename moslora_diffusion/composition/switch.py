@@ -8,6 +8,10 @@ One expert is active at a time and the active one rotates every `every` denoisin
 delta). A step runs one UNet forward as the base model does, so Switch costs what one LoRA costs. A step is one
 iteration of the pipeline's denoising loop (what diffusers' callback_on_step_end counts). With one expert, Switch
 is that expert alone.
+
+Where the authors' released code differs from the paper's text, we follow the text: their callback switches after
+step k when k > 0 and k % every == 0 (so their first turn lasts every + 1 steps), and it encodes the prompt once
+with the first LoRA's text-encoder layers for every step.
 """
 
 from __future__ import annotations
