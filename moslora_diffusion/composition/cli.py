@@ -156,7 +156,7 @@ def _infotext_pairs(method: str, experts, regions: list[Region], options: dict, 
     return pairs
 
 
-def _load(args: argparse.Namespace, stored):
+def _load(args: argparse.Namespace, stored, method: str):
     from ..models.loading import load_pipeline
     from ..mole import load_experts
 
@@ -164,7 +164,7 @@ def _load(args: argparse.Namespace, stored):
     pipe.set_progress_bar_config(disable=True)
     scales = dict(args.scale)
     if stored is None:
-        experts = load_experts(pipe, args.experts)
+        experts = load_experts(pipe, args.experts, minimum=2 if method in GATED_METHODS else 1)
     else:
         experts = stored.experts
     return pipe, [replace(e, scale=scales.get(e.name, e.scale)) for e in experts]
@@ -187,7 +187,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     for request in requests:
         validate_request(request)
     check_output_folder(args.out, "--out")
-    pipe, experts = _load(args, stored)
+    pipe, experts = _load(args, stored, method)
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     gates = stored.gates if stored is not None and method in GATED_METHODS else None
     pairs = _infotext_pairs(method, experts, regions, options, args.mole.name if args.mole else None)

@@ -171,7 +171,7 @@ def attach_router(pipe, experts: Sequence[Expert]) -> SpatialRouter:
     the pipeline's weights are never written. MoLEError before anything is touched."""
     if attached_router(pipe) is not None:
         raise RuntimeError("this pipeline already has a spatial router attached")
-    router = SpatialRouter(pipe, experts, check_pipeline(pipe, experts))
+    router = SpatialRouter(pipe, experts, check_pipeline(pipe, experts, minimum=1))  # one subject in one place
     router.install()
     setattr(pipe, ATTRIBUTE, router)
     return router
