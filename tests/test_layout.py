@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
 checks, console, files -> models, data -> moslora -> formats, generation -> toy -> evaluation -> training -> mole
--> app -> the package face and the commands (moslora_diffusion/*.py).
+-> composition -> app -> the package face and the commands (moslora_diffusion/*.py).
 Inside training/, the rooms, bottom to top (a module may import its own room and any lower room):
 settings -> run_folder -> model -> step -> trainer -> training/__init__ (the face).
 docs/code-layout.md states the same tables. A TYPE_CHECKING import counts as a module-level import.
@@ -17,13 +17,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moslora_diffusion"
 LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3,
-          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "app": 8}
+          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "composition": 8, "app": 9}
 # evaluation/ scores with toy/'s checker and is used by training/ (--validation_metrics); mole/ trains its gates
 # with training/'s loop.
-TOP = 9  # __init__ (the public API) and the command modules at the root
+TOP = 10  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"evaluate", "export", "generate", "tiny"}
 # Subpackages split into rooms, bottom to top; the subpackage's __init__ (its face) sits above every room.
 ROOMS = {"training": {"settings": 0, "run_folder": 1, "model": 2, "step": 3, "trainer": 4}}
+# Command modules inside a package (`python -m moslora_diffusion.<package>`) sit at the top like the root commands.
+PACKAGE_COMMANDS = {"moslora_diffusion.mole.__main__"}
 
 
 def _module_name(path: Path) -> str:
@@ -62,7 +64,7 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
 def _layer(module: str) -> tuple[str, int]:
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or module in PACKAGE_COMMANDS:
         return "face", TOP
     head = parts[1]
     if head in LAYERS:

@@ -23,13 +23,14 @@ from torch import nn
 
 from ..models.families import detect_family
 from ..moslora.pipeline import model_components, model_module_name, pipeline_adapters
-from .experts import Expert, MoLEError, check_experts, check_scale
+from .experts import MIN_EXPERTS, Expert, MoLEError, check_experts, check_scale
 from .gates import UNGATED, Block, Gate, find_blocks, text_layer_features, unet_block_features
+from .positions import GRANULARITIES, layer_weights, position_features
 
 ATTRIBUTE = "_moslora_mole"  # where the attached MoLE is kept on the pipeline
 
 
-class _LayerExperts:
+class LayerExperts:
     """The experts of one layer, ranks concatenated: down (R, in), up (out, R), column -> expert (R,)."""
 
     def __init__(self, experts: Sequence[Expert], key, block: str, is_conv: bool):
@@ -47,25 +48,30 @@ class _LayerExperts:
         return self._cast[(dtype, device)]
 
     def delta(self, x: torch.Tensor, dtype: torch.dtype, weights: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., in) or (B, in, H, W); weights (B or 1, N) = g * s, fp32 -> the experts' output."""
+        """x (B, ..., in) or (B, in, H, W); weights = g * s, fp32: (B or 1, N) per sample, or per position
+        (B, L, N) for x (B, L, in), (B, H, W, N) for a convolution's x (B, in, H, W) -> the experts' output.
+        A position whose weights are all 0 gets exactly 0."""
         down, up, columns = self._factors(dtype, x.device)
-        column_weights = weights.to(x.device)[:, columns].to(dtype)  # (B, R)
+        column_weights = weights.to(x.device)[..., columns].to(dtype)  # (B, R) or (B, positions..., R)
         x = x.to(dtype)
         if self.is_conv:
-            h = F.conv2d(x, down[:, :, None, None]) * column_weights[:, :, None, None]
-            return F.conv2d(h, up[:, :, None, None])
+            per = column_weights[:, :, None, None] if column_weights.dim() == 2 else column_weights.permute(0, 3, 1, 2)
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]) * per, up[:, :, None, None])
         h = F.linear(x, down)
-        h = h * column_weights.view(column_weights.shape[0], *([1] * (h.dim() - 2)), -1)
-        return F.linear(h, up)
+        if column_weights.dim() == 2:
+            column_weights = column_weights.view(column_weights.shape[0], *([1] * (h.dim() - 2)), -1)
+        return F.linear(h * column_weights, up)
 
 
 class MoLE(nn.Module):
     """Gates (the only parameters) plus the hooks that apply the experts. Build it with `attach_mole`."""
 
     def __init__(self, experts: Sequence[Expert], blocks: Sequence[tuple[Block, nn.Module]],
-                 layer_blocks: Mapping, components: Mapping[str, nn.Module], family: str):
+                 layer_blocks: Mapping, components: Mapping[str, nn.Module], family: str, granularity: str = "block"):
         super().__init__()
         self.family = family  # "sd1" / "sd2" / "sdxl"
+        self.granularity = granularity  # "block": one gate per UNet block; "position": per position (positions.py)
+        self.grids: dict[str, tuple[int, int]] = {}  # (h, w) of each UNet block's latest forward
         self.experts = list(experts)
         self.blocks = [block for block, _ in blocks]
         self.layer_blocks = dict(layer_blocks)
@@ -84,7 +90,7 @@ class MoLE(nn.Module):
         for key, block in self.layer_blocks.items():
             model = components[key[0]]
             module = model.get_submodule(model_module_name(model, key[1]))
-            self._layers[key] = (module, _LayerExperts(self.experts, key, block, isinstance(module, nn.Conv2d)))
+            self._layers[key] = (module, LayerExperts(self.experts, key, block, isinstance(module, nn.Conv2d)))
         self._block_modules = {block.name: module for block, module in blocks}
 
     @property
@@ -113,10 +119,13 @@ class MoLE(nn.Module):
     def _unet_block_hook(self, block: Block, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if self.fixed is None:
-            self._set_current(block, unet_block_features(hidden, context, block.text_dim))
-        else:
+        if self.fixed is not None:
             self._record(block.name, self.fixed[block.name])
+        elif self.granularity == "position":
+            self.grids[block.name] = (hidden.shape[-2], hidden.shape[-1]) if hidden.dim() == 4 else (hidden.shape[1], 1)
+            self._set_current(block, position_features(hidden, context, block.text_dim))
+        else:
+            self._set_current(block, unet_block_features(hidden, context, block.text_dim))
 
     def _text_layer_hook(self, block: Block, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -129,13 +138,15 @@ class MoLE(nn.Module):
     def _set_current(self, block: Block, features: torch.Tensor) -> None:
         gate = self.gates[self._index[block.name]]
         weights = gate(features.to(gate.weight.device), self.keep)
-        self._current[block.name] = weights
-        self._record(block.name, weights)
+        self._current[block.name] = weights  # (B, N), or (B, L, N) per position
+        self._record(block.name, weights.mean(dim=1) if weights.dim() == 3 else weights)
 
-    def _layer_hook(self, experts: _LayerExperts, module, args, output):
+    def _layer_hook(self, experts: LayerExperts, module, args, output):
         x = args[0]
-        weights = self.block_weights(experts.block, x.shape[0]).to(x.device) * self.scales.to(x.device)
-        return output + experts.delta(x, output.dtype, weights)
+        weights = self.block_weights(experts.block, x.shape[0]).to(x.device)
+        if weights.dim() == 3:  # a per-position gate: as this layer's input lays out the block's positions
+            weights = layer_weights(weights, self.grids[experts.block], x, experts.is_conv)
+        return output + experts.delta(x, output.dtype, weights * self.scales.to(x.device))
 
     # -- gate weights ------------------------------------------------------------------------------------------
     def _uniform(self) -> torch.Tensor:
@@ -287,24 +298,38 @@ def attached_mole(pipe) -> MoLE | None:
     return getattr(pipe, ATTRIBUTE, None)
 
 
-def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
-    """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
-    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
-
-    The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
-    Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
+def check_pipeline(pipe, experts: Sequence[Expert], minimum: int = MIN_EXPERTS) -> dict[str, nn.Module]:
+    """The checks before hooking experts into `pipe` (MoLE or a spatial router): none attached yet, no MoSLoRA
+    adapters, the experts fit (check_experts), unfused q/k/v. Returns the pipeline's components. MoLEError.
+    minimum: the fewest experts taken (1 where fixed one-hot gates only route: composition/ Switch, Composite)."""
     if attached_mole(pipe) is not None:
         raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
     if pipeline_adapters(pipe):
         raise MoLEError("this pipeline has MoSLoRA adapters attached; detach them before attaching MoLE")
-    check_experts(experts, pipe)
+    check_experts(experts, pipe, minimum)
     components = model_components(pipe)
     if any(getattr(m, "fused_projections", False) for model in components.values() for m in model.modules()):
         # fused q/k/v layers never call to_q / to_k / to_v, so their experts would silently do nothing
         raise MoLEError("the pipeline's attention projections are fused; call pipe.unfuse_qkv_projections() first")
+    return components
+
+
+def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None,
+                granularity: str = "block", minimum: int = MIN_EXPERTS) -> MoLE:
+    """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
+    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
+    granularity: "block" (the paper's) or "position" (the UNet gates evaluated per latent position, positions.py;
+    the same gate parameters, so a gate_state fits either).
+
+    The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
+    minimum: the fewest experts taken (see check_pipeline).
+    Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
+    if granularity not in GRANULARITIES:
+        raise MoLEError(f"unknown gate granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    components = check_pipeline(pipe, experts, minimum)
     keys = {key for expert in experts for key in expert.layers}
     blocks, layer_blocks = find_blocks(components, sorted(keys))
-    mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name)
+    mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name, granularity)
     if gates is not None:
         mole.load_gate_state(gates)
     mole.install()
