@@ -2,8 +2,8 @@
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
 checks, console, files -> models, data -> moslora -> formats, generation -> toy -> evaluation -> training -> mole
--> app -> the package face and the commands (moslora_diffusion/*.py). The README's "Code layout" section states the
-same table.
+-> composition -> app -> the package face and the commands (moslora_diffusion/*.py). The README's "Code layout"
+section states the same table.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moslora_diffusion"
 LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3,
-          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "app": 8}
+          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "composition": 8, "app": 9}
 # evaluation/ scores with toy/'s checker and is used by training/ (--validation_metrics); mole/ trains its gates
 # with training/'s loop.
-TOP = 9  # __init__ (the public API) and the command modules at the root
+TOP = 10  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"evaluate", "export", "generate", "tiny"}
+# Command modules inside a package (`python -m moslora_diffusion.<package>`) sit at the top like the root commands.
+PACKAGE_COMMANDS = {"moslora_diffusion.mole.__main__"}
 
 
 def _module_name(path: Path) -> str:
@@ -56,7 +58,7 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
 def _layer(module: str) -> tuple[str, int]:
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or module in PACKAGE_COMMANDS:
         return "face", TOP
     head = parts[1]
     if head in LAYERS:
