@@ -230,11 +230,11 @@ def compose_tab(state: AppState, slots: list, res: int, demo: gr.Blocks, status)
     `status`: the header, which shows each generation's count."""
     gr.Markdown("Compose several subjects: **weighted sum** (the Generate tab's sliders, fused into the weights) or "
                 "**MoLE** (learned gates choose the expert per block; mask an expert or give it an extra scale). "
-                "*Compare* shows base, sum and MoLE for the same seed.")
+                "*Compare* shows base, sum and MoLE for the same seed. The **layout** below places each subject "
+                "(a region per expert) and exports the composition for ComfyUI and A1111.")
     with gr.Row():
         with gr.Column(scale=3):
             c = _controls(state, res)
-            L = layout_panel(state)
             refresh = _mole_files(state, c)
             gates = _gate_training(state, c, res)
             _export(state, c)
@@ -250,6 +250,7 @@ def compose_tab(state: AppState, slots: list, res: int, demo: gr.Blocks, status)
                                                elem_id="layout-masks", height=260)
                 c["heatmap"] = gr.Image(label="Gate weights of the last MoLE prompt (block x expert)", type="pil",
                                         elem_id="compose-heatmap", height=260)
+    L = layout_panel(state)  # full width: one row per expert
     fields = [c[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler")]
     c["go"].click(_generate_handler(state), inputs=[*fields, c["mode"], c["mole"], *c["scales"], *c["masks"], *slots],
                   outputs=[c["gallery"], c["infotext"], c["heatmap"], c["message"], status], api_name="compose",

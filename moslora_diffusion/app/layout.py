@@ -144,7 +144,8 @@ class LayoutRunner:
         regions = regions_of(layout)
         with self.base_weights():
             self.state.pipe.scheduler = make_scheduler(req.scheduler, self.state.scheduler_config)
-            return compose(self.state.pipe, experts, layout.method, req, regions), regions
+            # the sum sliders are no part of a layout (its experts' scales are): compose() sees none
+            return compose(self.state.pipe, experts, layout.method, replace(req, scales={}), regions), regions
 
 
 def keep_mask(outputs, path: str) -> str:
