@@ -1,5 +1,6 @@
 """The spatial methods behind `compose`: `regional` (the user's boxes / masks) and `auto` (masks from the trigger
-words' cross-attention in the first steps), both through the spatial router (router.py)."""
+words' cross-attention in the first steps), both through the spatial router (router.py), and `spatial_mole`
+(per-position gates, spatial_mole.py)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: t
 def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: GenerationRequest,
                      regions: Sequence[Region], gates=None, **options) -> tuple[list[Image.Image], list[dict]]:
     """Images and per-image masks of a checked request (api.compose checked everything)."""
+    if method == "spatial_mole":
+        from .spatial_mole import generate_spatial_mole
+
+        images, shares = generate_spatial_mole(pipe, experts, req, gates)
+        return images, image_masks(shares, experts, req, len(images))
     router = attach_router(pipe, experts)
     try:
         if method == "regional":
@@ -62,7 +68,7 @@ def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: Generati
             shares = auto_shares(pipe, router, experts, req, **options)
             images = routed_images(pipe, router, req, shares, [None] * len(experts))
         else:
-            raise CompositionError(f"method {method!r} is not available in this build")
+            raise CompositionError(f"method {method!r} is not a spatial method")
     finally:
         detach_router(pipe)
     return images, image_masks(shares, experts, req, len(images))
