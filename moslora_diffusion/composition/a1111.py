@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from .regions import Region
 
-NOTE = ("Regional Prompter must run in **latent** calculation mode (Generation mode: Latent): only latent mode "
+NOTE = ("Regional Prompter must run in LATENT calculation mode (Generation mode: Latent): only latent mode "
         "keeps each LoRA in its region. Forge does not support latent mode; use A1111 (or the ComfyUI workflow).")
 
 
