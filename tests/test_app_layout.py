@@ -105,10 +105,11 @@ def test_the_export_zip_holds_the_comfyui_folder(app):
     (Layout("regional", [Slot("dog", "left half"), Slot("bird")]), "no adapter loaded named bird"),
     (Layout("regional", [Slot("dog", "left half"), Slot("dog")]), "an adapter is in two slots"),
 ])
-def test_bad_layouts_are_refused_before_any_image(app, layout, words):
+def test_bad_layouts_are_refused_before_any_image(app, layout, words, monkeypatch):
     count = app.generations
+    monkeypatch.setattr("moslora_diffusion.app.layout_jobs.generate", None)  # compare's first image never starts
     with pytest.raises((CompositionError, ValueError), match=words.replace("(", r"\(")):
-        generate_layout(app, _request(), layout)
+        generate_layout(app, _request(), layout, compare=True)
     assert app.generations == count
 
 

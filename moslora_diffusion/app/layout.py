@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..composition import LAYOUT_METHODS, METHODS, CompositionError, Region
+from ..composition import LAYOUT_METHODS, METHODS, CompositionError, Region, check_layout
 from ..composition.report import mask_picture, read_mask_picture
 from ..files.atomic import save_image
 from ..generation.text_to_image import GenerationRequest, make_scheduler
@@ -135,13 +135,19 @@ class LayoutRunner:
                  if s.where == "mask" and s.mask else s for s in layout.slots]
         return Layout(layout.method, slots)
 
+    def check(self, layout: Layout, req: GenerationRequest) -> tuple[list, list[Region]]:
+        """(experts, regions) of the layout, everything compose() would refuse refused now (one line)."""
+        experts = self.experts(layout)
+        regions = regions_of(layout)
+        check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height))
+        return experts, regions
+
     def run(self, layout: Layout, req: GenerationRequest):
         """compose() of a validated request on the base weights (layout: `kept`): a CompositionResult and the
         regions it used."""
         from ..composition import compose
 
-        experts = self.experts(layout)
-        regions = regions_of(layout)
+        experts, regions = self.check(layout, req)
         with self.base_weights():
             self.state.pipe.scheduler = make_scheduler(req.scheduler, self.state.scheduler_config)
             # the sum sliders are no part of a layout (its experts' scales are): compose() sees none

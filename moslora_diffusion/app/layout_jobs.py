@@ -25,7 +25,7 @@ from ..generation.text_to_image import (
     validate_request,
 )
 from .compose import compose_images, request_from_infotext
-from .layout import Layout, infotext_pairs, layout_from_text, regions_of
+from .layout import Layout, infotext_pairs, layout_from_text
 
 COLOURS = ((230, 60, 60), (60, 120, 230), (60, 190, 90), (230, 170, 40), (170, 70, 200), (40, 190, 200),
            (200, 110, 60), (120, 120, 120))
@@ -62,8 +62,7 @@ def generate_layout(state, req: GenerationRequest, layout: Layout, compare: bool
     start = time.perf_counter()
     req = validate_request(replace(req, num_images=1), state.fusion.names())
     layout = state.layout.kept(layout)
-    regions = regions_of(layout)
-    state.layout.experts(layout)  # every expert checked (and read) before an image runs
+    state.layout.check(layout, req)  # experts read, regions checked, before any image runs
     items = []
     if compare:
         if mole is not None and mole.file:
@@ -86,8 +85,7 @@ def export_layout(state, req: GenerationRequest, layout: Layout) -> Path:
     returns the zip. CompositionError for a layout a workflow cannot express (before anything is written)."""
     req = validate_request(replace(req, num_images=1), state.fusion.names())
     layout = state.layout.kept(layout)
-    regions = regions_of(layout)
-    experts = state.layout.experts(layout)
+    experts, regions = state.layout.check(layout, req)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     name = file_stem("+".join(s.adapter for s in layout.used()))[:60]
     folder = state.outputs / "exports" / f"{stamp}-{name}-comfyui"
