@@ -114,3 +114,21 @@ def test_an_existing_export_is_kept_without_overwrite(tmp_path, experts, capsys)
     (out / "mine.txt").write_text("keep")
     assert _status(_export(tmp_path / "no-such-base", experts, out, "--region", "dog=0,0,0.5,1")) == 2
     assert "already exists" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
+
+
+def test_an_sdxl_composition_exports_kohya_loras_with_both_text_encoders(tiny_sdxl_dir, tmp_path, capsys):
+    dirs = make_experts(tiny_sdxl_dir, tmp_path / "experts", ("dog", "style"))
+    out = tmp_path / "xl"
+    status = main(_export(tiny_sdxl_dir, [str(dirs["dog"]), str(dirs["style"])], out, "--region", "dog=0,0,0.5,1",
+                          "--region", "style=0.5,0,1,1", "--dtype", "fp32"))
+    assert status == 0, capsys.readouterr().err
+    assert workflow_problems(json.loads((out / "workflow_api.json").read_text())) == []
+    assert not (out / "masks" / "xl-background.png").exists()  # the halves cover the image
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_dir)
+    experts = load_experts(pipe, [dirs["dog"], dirs["style"]])
+    assert {"unet", "text_encoder", "text_encoder_2"} <= {c for e in experts for c, _ in e.layers}
+    for expert in experts:
+        folded, kind = read_lora_file(out / "loras" / f"{expert.name}.safetensors", pipe, expert.name)
+        assert kind == "kohya" and set(folded.layers) == set(expert.layers)
+        for key, lora in expert.layers.items():
+            torch.testing.assert_close(folded.layers[key].delta(), lora.delta(), rtol=1e-5, atol=1e-6)
