@@ -78,3 +78,18 @@ def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extr
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--method", "switch", "--every", "1"], ["--method", "composite"],
+                                   ["--method", "sum"]])
+def test_the_whole_image_methods_run_from_the_same_command(tiny_sd15_dir, experts, tmp_path, capsys, extra):
+    out = tmp_path / "out"
+    assert main([*_common(tiny_sd15_dir, out), "--experts", *experts, *extra]) == 0, capsys.readouterr().err
+    (image,) = out.rglob("*.png")  # no mask pictures: these methods act on the whole image
+    assert f"Composition: {extra[1]}" in Image.open(image).text["parameters"]
+
+
+def test_one_expert_in_one_region(tiny_sd15_dir, experts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*_common(tiny_sd15_dir, out), "--experts", experts[0], "--region", "dog=0.25,0.25,0.75,0.75"]) == 0
+    assert len(list(out.rglob("*-mask-dog.png"))) == 1, capsys.readouterr().err

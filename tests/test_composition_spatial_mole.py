@@ -119,3 +119,16 @@ def test_spatial_mole_composition_reports_its_gate_map(setup):
     assert not hasattr(pipe, "_moslora_mole") and len(result.images) == 2
     total = result.masks[0]["dog"] + result.masks[0]["style"]
     assert np.allclose(total, 1.0, atol=1e-5) and result.masks[0]["dog"].std() > 1e-3
+
+
+def test_a_spatial_mole_file_loads_as_spatial(setup, tmp_path):
+    from moslora_diffusion.mole import load_mole, save_mole
+
+    pipe, experts, _ = setup
+    attach_mole(pipe, experts, granularity="position")
+    path = save_mole(detach_mole(pipe), tmp_path / "m.safetensors")
+    mole = load_mole(pipe, path)
+    try:
+        assert mole.granularity == "position"
+    finally:
+        detach_mole(pipe)

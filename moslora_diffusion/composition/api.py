@@ -109,8 +109,8 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
     regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
     "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
     ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto).
-    Raises CompositionError / GenerationError (one line) before the pipeline is touched; afterwards the pipeline
-    computes exactly what it did before (no weights changed, no hooks left).
+    Raises CompositionError / GenerationError (one line) before the pipeline is touched. The pipeline keeps the
+    request's scheduler; otherwise it computes exactly what it did before (no weight changed, no hook left).
     """
     check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
                  gates is not None)

@@ -138,7 +138,8 @@ def auto_shares(pipe, router: SpatialRouter, experts: Sequence[Expert], req: Gen
     tokens = [token_positions(pipe.tokenizer, req.prompt, words[e.name]) for e in experts]
     steps = auto_steps or max(1, req.steps // 5)
     factor = int(pipe.vae_scale_factor)
-    router.set_shares(torch.full((1, len(experts), req.height // factor, req.width // factor), 1.0 / len(experts)))
+    router.set_shares(torch.full((1, len(experts), req.height // factor, req.width // factor), 1.0 / len(experts),
+                                 device=pipe._execution_device))
     probe = AttentionProbe(router, tokens, req.num_images)
     embeddings = encode_branches(pipe, router, req, [None] * len(experts))
     done = [0]

@@ -48,12 +48,16 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", nargs="+", default=[], metavar="LORA", help="expert LoRA files or training "
                         "folders (ours, diffusers, kohya), instead of a MoLE file's experts")
     parser.add_argument("--region", action="append", type=_pair("x0,y0,x1,y1", "star=0,0,0.5,1"), default=[],
+                        metavar="EXPERT=x0,y0,x1,y1",
                         help="an expert's box as fractions of the width and height (repeat per expert)")
     parser.add_argument("--region_mask", action="append", type=_pair("MASK.png", "star=star.png"), default=[],
+                        metavar="EXPERT=MASK.png",
                         help="an expert's mask: a greyscale PNG of the image's size, white = the region")
     parser.add_argument("--region_prompt", action="append", type=_pair("PROMPT", 'star="a photo of sks star"'),
-                        default=[], help="the prompt an expert's region reads (default: the global prompt)")
+                        default=[], metavar="EXPERT=PROMPT",
+                        help="the prompt an expert's region reads (default: the global prompt)")
     parser.add_argument("--trigger", action="append", type=_pair("WORD", "star=sks"), default=[],
+                        metavar="EXPERT=WORD",
                         help="auto: an expert's trigger word (default: from its training prompt)")
     parser.add_argument("--auto_steps", type=int, default=None, help="auto: the first steps whose cross-attention "
                         "gives the masks (default: steps / 5)")
@@ -105,31 +109,38 @@ def _experts_before_loading(args: argparse.Namespace):
     return [e.name for e in stored.experts], {e.name: e.trigger_prompt for e in stored.experts}, stored
 
 
-def _check(args, method: str, regions: list[Region], names: list[str], prompts) -> dict:
+def _image_size(args: argparse.Namespace, regions: list[Region]) -> int | None:
+    """--size, else the size of the first mask (square images: --size is one number), else None (the model's)."""
+    masks = [r.mask for r in regions if r.mask is not None]
+    return args.size or (masks[0].shape[1] if masks else None)
+
+
+def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: dict) -> None:
+    from .auto import auto_triggers, check_auto_options
+
+    check_auto_options(args.steps, **options)
+    given = options.get("triggers") or {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise CompositionError(f"--trigger for expert {unknown[0]!r}, which is not there; the experts are "
+                               f"{', '.join(names)}")
+    for prompt in args.prompt:  # --experts: their training prompts are read with the model; given words now
+        auto_triggers(prompts if prompts is not None else dict.fromkeys(given), prompt, given)
+
+
+def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
+    """Every flag that can be checked before the model loads; returns compose()'s options."""
     options = _options(args)
     if args.mask or args.heatmap:
         raise CompositionError("--mask and --heatmap are for --method mole; compose fewer experts with --experts")
-    size = (args.size, args.size) if args.size else None
-    if size is None and any(r.mask is not None for r in regions):
-        args.size = regions[[r.mask is not None for r in regions].index(True)].mask.shape[1]  # the masks' size
-        size = (args.size, args.size)
-    check_layout(method, names, regions, size, options, has_gates=False)
+    check_layout(method, names, regions, (size, size) if size else None, options, has_gates=False)
     unknown = sorted({n for n, _ in args.scale} - set(names))
     if unknown:
         raise MoLEError(f"no expert {', '.join(unknown)}; the experts are {', '.join(names)}")
     for name, scale in args.scale:
         check_scale(scale, name)
     if method == "auto":
-        from .auto import auto_triggers, check_auto_options
-
-        check_auto_options(args.steps, **options)
-        given = options.get("triggers") or {}
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise CompositionError(f"--trigger for expert {unknown[0]!r}, which is not there; the experts are "
-                                   f"{', '.join(names)}")
-        for prompt in args.prompt:  # --experts: their training prompts are read with the model; given words now
-            auto_triggers(prompts if prompts is not None else dict.fromkeys(given), prompt, given)
+        _check_auto(args, names, prompts, options)
     return options
 
 
@@ -145,7 +156,7 @@ def _infotext_pairs(method: str, experts, regions: list[Region], options: dict, 
     return pairs
 
 
-def _load(args: argparse.Namespace, stored):
+def _load(args: argparse.Namespace, stored, method: str):
     from ..models.loading import load_pipeline
     from ..mole import load_experts
 
@@ -153,7 +164,7 @@ def _load(args: argparse.Namespace, stored):
     pipe.set_progress_bar_config(disable=True)
     scales = dict(args.scale)
     if stored is None:
-        experts = load_experts(pipe, args.experts)
+        experts = load_experts(pipe, args.experts, minimum=2 if method in GATED_METHODS else 1)
     else:
         experts = stored.experts
     return pipe, [replace(e, scale=scales.get(e.name, e.scale)) for e in experts]
@@ -168,20 +179,20 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if method == "mole" and args.mole and not args.experts:
         return mole_cli.run_generate(args)  # MoLE's learned gates: the command as it always was
     names, prompts, stored = _experts_before_loading(args)
-    options = _check(args, method, regions, names, prompts)
+    size = _image_size(args, regions)
+    options = _check(args, method, regions, names, prompts, size)
     requests = [GenerationRequest(prompt=p, negative_prompt=args.negative_prompt, seed=s, steps=args.steps,
-                                  guidance=args.guidance, width=args.size or 512, height=args.size or 512,
+                                  guidance=args.guidance, width=size or 512, height=size or 512,
                                   scheduler=args.sampler) for p in args.prompt for s in args.seeds]
     for request in requests:
         validate_request(request)
     check_output_folder(args.out, "--out")
-    pipe, experts = _load(args, stored)
-    size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe, experts = _load(args, stored, method)
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     gates = stored.gates if stored is not None and method in GATED_METHODS else None
     pairs = _infotext_pairs(method, experts, regions, options, args.mole.name if args.mole else None)
     written = []
-    for request in requests:
-        request.width = request.height = size
+    for request in (replace(r, width=size, height=size) for r in requests):
         result = compose(pipe, experts, method, request, regions, gates, **options)
         for i, image in enumerate(result.images):
             text = format_infotext(request, request.seed + i, {}, Path(str(args.base)).name, pairs)

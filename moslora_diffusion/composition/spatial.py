@@ -36,14 +36,14 @@ def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: Generation
                 ) -> list[dict[str, np.ndarray]]:
     """Per image {expert: (H, W) float32}: the latent-size shares the router used, each latent cell a block of
     pixels (nearest), so the picture shows exactly what was applied."""
-    full = F.interpolate(shares.float(), size=(req.height, req.width), mode="nearest")
+    full = F.interpolate(shares.float().cpu(), size=(req.height, req.width), mode="nearest")
     full = full.expand(images, -1, -1, -1) if full.shape[0] == 1 else full
     return [{e.name: full[b, i].numpy().copy() for i, e in enumerate(experts)} for b in range(images)]
 
 
 def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: torch.Tensor,
                   prompts: Sequence[str | None]) -> list[Image.Image]:
-    router.set_shares(shares)
+    router.set_shares(shares.to(pipe._execution_device))
     embeddings = encode_branches(pipe, router, req, prompts)
     return run_pipeline(pipe, req, None, embeddings)
 
