@@ -17,7 +17,7 @@ from ..console import run_command
 from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES
 from ..generation.text_to_image import GenerationRequest, validate_request
-from .cli import _check, _experts_before_loading, _load, _method, generate_parser, regions_from
+from .cli import _check, _experts_before_loading, _image_size, _load, _method, generate_parser, regions_from
 from .export import WORKFLOW_TARGET, check_export, export_workflow, refuse_unexpressible
 from .regions import CompositionError
 
@@ -55,8 +55,9 @@ def run_export(args: argparse.Namespace) -> Path:
     if len(args.prompt) != 1 or len(args.seeds) != 1:
         raise CompositionError("a workflow holds one image: give one --prompt and one --seeds value")
     names, prompts, stored = _experts_before_loading(args)
-    _check(args, method, regions, names, prompts)
-    size = args.size or 512
+    given_size = _image_size(args, regions)
+    _check(args, method, regions, names, prompts, given_size)
+    size = given_size or 512
     request = validate_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0], args.steps,
                                                  args.guidance, size, size, scheduler=args.sampler))
     check_export(names, request, regions, method, args.dtype)
@@ -64,8 +65,8 @@ def run_export(args: argparse.Namespace) -> Path:
     check_not_an_input(out, [*args.experts, *([args.mole] if args.mole else [])], "--out")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    pipe, experts = _load(args, stored)
-    if not args.size:
+    pipe, experts = _load(args, stored, method)
+    if not given_size:
         request.width = request.height = pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_export(names, request, regions, method, args.dtype)
     return export_workflow(pipe, experts, request, regions, out, checkpoint_name(args.base, args.checkpoint),
