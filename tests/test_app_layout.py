@@ -116,3 +116,21 @@ def test_bad_layouts_are_refused_before_any_image(app, layout, words, monkeypatc
 def test_automatic_regions_export_is_refused_saying_what_to_do(app):
     with pytest.raises(CompositionError, match="cannot express method 'auto'.*--region_mask"):
         export_layout(app, _request(), Layout("auto", [Slot("dog", "automatic"), Slot("cat", "automatic")]))
+
+
+def test_automatic_regions_show_each_experts_found_mask(app):
+    # both test adapters were trained on "a photo of sks dog": the region prompt names each one's trigger word
+    shared = Layout("auto", [Slot("dog", "automatic"), Slot("cat", "automatic")])
+    with pytest.raises(CompositionError, match="contains no trigger word of expert 'dog'"):
+        generate_layout(app, _request(), shared, compare=True)
+    layout = Layout("auto", [Slot("dog", "automatic", prompt="dog"), Slot("cat", "automatic", prompt="zwx")])
+    req = GenerationRequest("a photo of sks dog and zwx cat", "", 4, 4, 5.0, 64, 64, 1, "DDIM")
+    out = generate_layout(app, req, layout)
+    assert "Composition: auto" in out.saved[0].infotext
+    masks = [np.asarray(Image.open(out.saved[0].path.with_name(f"{out.saved[0].path.stem}-mask-{n}.png")))
+             for n in ("dog", "cat")]
+    assert all(m.max() > 0 for m in masks) and [label for _, label in out.overlays] == ["dog (auto)", "cat (auto)"]
+    req, _, pasted = paste_layout(app, out.saved[0].infotext)
+    assert [s.prompt for s in pasted.slots] == ["dog", "zwx"]
+    again = generate_layout(app, req, pasted).saved[0]
+    assert np.array_equal(_pixels(again.path), _pixels(out.saved[0].path))

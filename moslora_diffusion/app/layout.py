@@ -90,6 +90,14 @@ def regions_of(layout: Layout) -> list[Region]:
     return regions
 
 
+def auto_options(layout: Layout) -> dict:
+    """Method auto: an automatic expert's region prompt is its trigger word (default: from its training prompt)."""
+    if layout.method != "auto":
+        return {}
+    triggers = {s.adapter: s.prompt.strip() for s in layout.used() if s.prompt.strip()}
+    return {"triggers": triggers} if triggers else {}
+
+
 class LayoutRunner:
     """The experts of the loaded adapters (read once per set of files), run on the app's pipeline."""
 
@@ -135,23 +143,29 @@ class LayoutRunner:
                  if s.where == "mask" and s.mask else s for s in layout.slots]
         return Layout(layout.method, slots)
 
-    def check(self, layout: Layout, req: GenerationRequest) -> tuple[list, list[Region]]:
-        """(experts, regions) of the layout, everything compose() would refuse refused now (one line)."""
+    def check(self, layout: Layout, req: GenerationRequest) -> tuple[list, list[Region], dict]:
+        """(experts, regions, compose() options) of the layout, everything compose() would refuse refused now."""
         experts = self.experts(layout)
         regions = regions_of(layout)
-        check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height))
-        return experts, regions
+        options = auto_options(layout)
+        check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height), options)
+        if layout.method == "auto":
+            from ..composition.auto import auto_triggers
+
+            auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, options.get("triggers"))
+        return experts, regions, options
 
     def run(self, layout: Layout, req: GenerationRequest):
         """compose() of a validated request on the base weights (layout: `kept`): a CompositionResult and the
         regions it used."""
         from ..composition import compose
 
-        experts, regions = self.check(layout, req)
+        experts, regions, options = self.check(layout, req)
         with self.base_weights():
             self.state.pipe.scheduler = make_scheduler(req.scheduler, self.state.scheduler_config)
             # the sum sliders are no part of a layout (its experts' scales are): compose() sees none
-            return compose(self.state.pipe, experts, layout.method, replace(req, scales={}), regions), regions
+            result = compose(self.state.pipe, experts, layout.method, replace(req, scales={}), regions, **options)
+        return result, regions
 
 
 def keep_mask(outputs, path: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..composition.export import check_export, export_workflow, file_stem
+from ..composition.export import check_export, export_workflow, file_stem, refuse_unexpressible
 from ..composition.report import save_mask_pictures
 from ..files.atomic import atomic_write
 from ..generation.text_to_image import (
@@ -84,8 +84,9 @@ def export_layout(state, req: GenerationRequest, layout: Layout) -> Path:
     """The layout as a ComfyUI / A1111 export (composition/export.py) under outputs/exports/, zipped for download;
     returns the zip. CompositionError for a layout a workflow cannot express (before anything is written)."""
     req = validate_request(replace(req, num_images=1), state.fusion.names())
+    refuse_unexpressible(layout.method)  # first: its line says what to do instead
     layout = state.layout.kept(layout)
-    experts, regions = state.layout.check(layout, req)
+    experts, regions, _ = state.layout.check(layout, req)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     name = file_stem("+".join(s.adapter for s in layout.used()))[:60]
     folder = state.outputs / "exports" / f"{stamp}-{name}-comfyui"

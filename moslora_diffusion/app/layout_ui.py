@@ -37,8 +37,8 @@ def layout_panel(state) -> dict:
                                                elem_id=f"layout-box-{i}"))
                 slots["mask"].append(gr.File(label="Mask PNG", file_types=["image"], type="filepath", scale=2,
                                              elem_id=f"layout-mask-{i}", height=90))
-                slots["prompt"].append(gr.Textbox(label="Region prompt (optional)", elem_id=f"layout-prompt-{i}",
-                                                  scale=3))
+                slots["prompt"].append(gr.Textbox(label="Region prompt (optional; automatic: its trigger word)",
+                                                  elem_id=f"layout-prompt-{i}", scale=3))
                 slots["scale"].append(gr.Number(value=1.0, label="Scale", elem_id=f"layout-scale-{i}", scale=1,
                                                 minimum=-2, maximum=2))
         L["compare"] = gr.Checkbox(label="compare: base | sum | MoLE | layout (one seed; MoLE when a MoLE file is "
