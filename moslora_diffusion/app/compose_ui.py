@@ -11,9 +11,11 @@ from ..generation.text_to_image import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STE
 from ..generation.text_to_image import MoLESettings as Settings
 from ..mole import MAX_EXPERTS
 from .charts import loss_curve_image
-from .compose import MODES, generate_composed, request_from_infotext
+from .compose import MODES, generate_composed
 from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_mole
 from .gate_jobs import GateSettings, expert_defaults, register_finished_gates, start_gate_training
+from .layout_jobs import paste_layout
+from .layout_ui import LAYOUT_SLOTS, SLOT_FIELDS, layout_panel, layout_updates, slot_inputs, wire_layout
 from .state import AppState
 from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, refuse, slider_scales
 
@@ -92,22 +94,26 @@ def _generate_handler(state: AppState):
     return generate
 
 
-def _paste_handler(state: AppState, c: dict):
+def _paste_handler(state: AppState, c: dict, L: dict):
+    """A layout image's text fills the layout (method, slots); any other fills the mode and MoLE or sum widgets."""
     def paste(text):
         try:
-            req, mode = request_from_infotext(state, text or "")
+            req, mode, layout = paste_layout(state, text or "")
         except USER_ERRORS as err:
-            return [gr.skip()] * (11 + 2 * MAX_EXPERTS + MAX_SLOTS) + [refuse(err)]
+            return [gr.skip()] * (12 + 2 * MAX_EXPERTS + MAX_SLOTS + LAYOUT_SLOTS * len(SLOT_FIELDS)) + [refuse(err)]
         fields = [req.prompt, req.negative_prompt, req.seed, req.steps, req.guidance, req.width, req.height,
-                  req.scheduler, MODE_LABELS[mode]]
+                  req.scheduler, MODE_LABELS[mode] if mode in MODE_LABELS else gr.skip()]
         mole = req.mole.file if req.mole else gr.skip()
         experts = (_expert_updates(state, req.mole.file, req.mole.scales, req.mole.masked) if req.mole
                    else [gr.skip()] * (2 * MAX_EXPERTS))
         slots = [gr.update(value=req.scales[n]) if n in req.scales else gr.skip()
                  for n in state.fusion.names()[:MAX_SLOTS]]
         slots += [gr.skip()] * (MAX_SLOTS - len(slots))
-        return [*fields, gr.update(choices=list(state.compose.moles), value=mole), *experts, *slots, gr.skip(),
-                f"Parameters applied ({mode}): press Generate to reproduce the image"]
+        method = layout.method if layout else gr.skip()
+        press = "Generate with the layout" if layout else "Generate"
+        return [*fields, gr.update(choices=list(state.compose.moles), value=mole), *experts, *slots, method,
+                *layout_updates(layout, state.fusion.names()), gr.skip(),
+                f"Parameters applied ({mode}): press {press} to reproduce the image"]
     return paste
 
 
@@ -224,7 +230,8 @@ def compose_tab(state: AppState, slots: list, res: int, demo: gr.Blocks, status)
     `status`: the header, which shows each generation's count."""
     gr.Markdown("Compose several subjects: **weighted sum** (the Generate tab's sliders, fused into the weights) or "
                 "**MoLE** (learned gates choose the expert per block; mask an expert or give it an extra scale). "
-                "*Compare* shows base, sum and MoLE for the same seed.")
+                "*Compare* shows base, sum and MoLE for the same seed. The **layout** below places each subject "
+                "(a region per expert) and exports the composition for ComfyUI and A1111.")
     with gr.Row():
         with gr.Column(scale=3):
             c = _controls(state, res)
@@ -238,19 +245,26 @@ def compose_tab(state: AppState, slots: list, res: int, demo: gr.Blocks, status)
             c["gallery"] = gr.Gallery(label="Images", columns=3, format="png", elem_id="compose-gallery", height=360)
             c["infotext"] = gr.Textbox(label="Parameters (also stored in each PNG)", lines=4,
                                        elem_id="compose-infotext")
-            c["heatmap"] = gr.Image(label="Gate weights of the last MoLE prompt (block x expert)", type="pil",
-                                    elem_id="compose-heatmap")
+            with gr.Row():
+                c["layout_masks"] = gr.Gallery(label="Regions each expert used (its mask over the image)", columns=2,
+                                               elem_id="layout-masks", height=260)
+                c["heatmap"] = gr.Image(label="Gate weights of the last MoLE prompt (block x expert)", type="pil",
+                                        elem_id="compose-heatmap", height=260)
+    L = layout_panel(state)  # full width: one row per expert
     fields = [c[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler")]
     c["go"].click(_generate_handler(state), inputs=[*fields, c["mode"], c["mole"], *c["scales"], *c["masks"], *slots],
                   outputs=[c["gallery"], c["infotext"], c["heatmap"], c["message"], status], api_name="compose",
                   concurrency_id="generate")
     c["mole"].change(lambda name: _expert_updates(state, name), inputs=c["mole"], outputs=[*c["scales"], *c["masks"]],
                      api_visibility="private")
-    c["apply"].click(_paste_handler(state, c), inputs=c["paste"],
-                     outputs=[*fields, c["mode"], c["mole"], *c["scales"], *c["masks"], *slots, c["paste"],
-                              c["message"]], api_visibility="private")
+    c["slots"] = slots
+    wire_layout(state, c, L, lambda mole, values: _settings(state, mole, values), status)
+    c["apply"].click(_paste_handler(state, c, L), inputs=c["paste"],
+                     outputs=[*fields, c["mode"], c["mole"], *c["scales"], *c["masks"], *slots, L["method"],
+                              *slot_inputs(L), c["paste"], c["message"]], api_visibility="private")
     # A page (re)load shows what is loaded now: MoLE files trained or loaded since, adapters for the gates.
     demo.load(lambda: [gr.update(choices=list(state.compose.moles)), refresh(),
-                       gr.update(choices=state.fusion.names())],
-              outputs=[c["mole"], c["available"], gates["experts"]], api_visibility="private")
+                       gr.update(choices=state.fusion.names())]
+              + [gr.update(choices=state.fusion.names())] * LAYOUT_SLOTS,
+              outputs=[c["mole"], c["available"], gates["experts"], *L["slots"]["adapter"]], api_visibility="private")
     return c

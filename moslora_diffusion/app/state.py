@@ -28,6 +28,7 @@ from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
 from .compose import Compositions
+from .layout import LayoutRunner
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
 from .uploads import UploadError, check_photo_folder, check_photo_masks, photo_folders, photo_notes, stage_uploads
@@ -90,6 +91,7 @@ class AppState:
         for root in [*self.roots.roots, self.outputs / GATE_RUNS]:
             self.mole_roots.add(root)
         self.compose = Compositions(pipe, self.fusion, self.mole_roots)
+        self.layout = LayoutRunner(self)  # the Compose tab's regions per expert (layout.py)
         self.generations = 0
         self.last_seconds = 0.0
         self._paths: dict[str, Path] = {}  # loaded adapter name -> file

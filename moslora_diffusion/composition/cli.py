@@ -206,6 +206,12 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """`generate` here; `train` and `export` (and the usage line) from mole/cli.py."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        from .export_cli import main as export_main
+        from .export_cli import wants_workflow
+
+        if wants_workflow(argv[1:]):
+            return export_main(argv[1:])
     if not argv or argv[0] != "generate":
         return mole_cli.main(argv)
     parser = generate_parser()

@@ -1,0 +1,136 @@
+"""The Compose tab's layout without a browser: a regional layout of two loaded adapters generates the image and
+each expert's mask; its PNG text pasted back reproduces it bit for bit (an uploaded mask included); compare gives
+base | sum | MoLE | regional of one seed; the export is a zip of the ComfyUI folder; the fused sliders are restored
+exactly; bad layouts are one line before any image."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from app_helpers import tiny_app_state
+from comfyui_check import workflow_problems
+from mole_helpers import make_experts, same_state
+from mole_helpers import state as weights_of
+from PIL import Image
+from test_app_compose import write_mole
+
+from moslora_diffusion.app.layout import Layout, Slot
+from moslora_diffusion.app.layout_jobs import export_layout, generate_layout, paste_layout
+from moslora_diffusion.composition import CompositionError
+from moslora_diffusion.generation.text_to_image import GenerationRequest, MoLESettings
+
+
+@pytest.fixture(scope="module")
+def app(tiny_sd15_dir, tmp_path_factory):
+    state, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
+    experts = make_experts(tiny_sd15_dir, given, ("dog", "cat"))
+    state.load_adapter(experts["dog"], 1.0)
+    state.load_adapter(experts["cat"], 0.5)
+    write_mole(tiny_sd15_dir, [experts["dog"], experts["cat"]], given / "dog+cat" / "mole.safetensors")
+    state.compose.load_available("dog+cat")
+    return state
+
+
+def _request(seed=5) -> GenerationRequest:
+    # the sum sliders ride along as the UI sends them; a layout ignores them (its experts have their own scales)
+    return GenerationRequest("a photo of sks dog and a cat", "", seed, 2, 5.0, 64, 64, 1, "DDIM",
+                             {"dog": 0.8, "cat": 0.3})
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _mask(tmp_path) -> str:
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[20:60, 32:64] = 200
+    Image.fromarray(mask, "L").save(tmp_path / "upload.png")
+    return str(tmp_path / "upload.png")
+
+
+def test_a_layout_generates_with_masks_and_pasting_its_text_reproduces_it(app, tmp_path):
+    layout = Layout("regional", [Slot("dog", "left half", prompt="a photo of sks dog", scale=1.2),
+                                 Slot("cat", "mask", mask=_mask(tmp_path))])
+    before = weights_of(app.pipe)
+    out = generate_layout(app, _request(), layout)
+    assert same_state(weights_of(app.pipe), before)  # the fused sliders are back exactly
+    (saved,) = out.saved
+    assert "Composition: regional" in saved.infotext and "Layout:" in saved.infotext
+    dog = _pixels(saved.path.with_name(saved.path.stem + "-mask-dog.png")) / 255
+    cat = _pixels(saved.path.with_name(saved.path.stem + "-mask-cat.png")) / 255
+    assert dog[:, :32].min() == 1 and dog[:, 32:].max() == 0
+    assert cat[24:56, 32:].min() > 0.7 and cat[:16].max() == 0  # the uploaded mask, at the latent's resolution
+    assert [label for _, label in out.overlays] == ["dog (regional)", "cat (regional)"]
+
+    req, mode, pasted = paste_layout(app, saved.infotext)
+    assert mode == "layout" and pasted.method == "regional" and req.seed == 5
+    assert [(s.adapter, s.where, s.prompt, s.scale) for s in pasted.slots] == [
+        ("dog", "left half", "a photo of sks dog", 1.2), ("cat", "mask", "", 1.0)]
+    again = generate_layout(app, req, pasted).saved[0]
+    assert np.array_equal(_pixels(again.path), _pixels(saved.path))  # bit for bit, the mask read back too
+    other = generate_layout(app, req, Layout("regional", [Slot("dog", "right half"), Slot("cat", "left half")]))
+    assert not np.array_equal(_pixels(other.saved[0].path), _pixels(saved.path))  # the layout matters
+
+
+def test_compare_gives_base_sum_mole_and_the_layout_of_one_seed(app):
+    layout = Layout("regional", [Slot("dog", "left half"), Slot("cat", "right half")])
+    out = generate_layout(app, _request(seed=9), layout, compare=True, mole=MoLESettings("dog+cat"))
+    assert [s.label for s in out.saved] == ["base", "sum", "mole", "regional"]
+    assert all("Seed: 9," in s.infotext for s in out.saved)
+    alone = generate_layout(app, _request(seed=9), layout).saved[0]
+    assert np.array_equal(_pixels(alone.path), _pixels(out.saved[-1].path))
+
+
+def test_the_export_zip_holds_the_comfyui_folder(app):
+    layout = Layout("regional", [Slot("dog", "left half", prompt="sks dog"), Slot("cat", "right half")])
+    path = export_layout(app, _request(seed=3), layout)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        workflow = json.loads(archive.read(next(n for n in names if n.endswith("workflow_api.json"))))
+        text = archive.read(next(n for n in names if n.endswith("a1111-regional-prompter.txt"))).decode()
+    assert workflow_problems(workflow) == []
+    assert sum(n.endswith(".safetensors") for n in names) == 2 and sum("/masks/" in n for n in names) == 2
+    assert "sks dog <lora:dog:1> BREAK" in text and "Divide ratio: 32,32" in text
+
+
+@pytest.mark.parametrize("layout, words", [
+    (Layout("regional", [Slot("dog", "automatic"), Slot("cat", "automatic")]),
+     "automatic regions come from method auto"),
+    (Layout("sum", [Slot("dog", "left half"), Slot("cat")]), "method 'sum' takes no regions"),
+    (Layout("regional", [Slot("dog", "box", box="0,0,2,1"), Slot("cat")]), "must satisfy 0 <= x0 < x1 <= 1"),
+    (Layout("regional", [Slot("dog", "mask"), Slot("cat")]), "dog: upload a mask"),
+    (Layout("regional", [Slot("dog", "left half"), Slot("bird")]), "no adapter loaded named bird"),
+    (Layout("regional", [Slot("dog", "left half"), Slot("dog")]), "an adapter is in two slots"),
+])
+def test_bad_layouts_are_refused_before_any_image(app, layout, words, monkeypatch):
+    count = app.generations
+    monkeypatch.setattr("moslora_diffusion.app.layout_jobs.generate", None)  # compare's first image never starts
+    with pytest.raises((CompositionError, ValueError), match=words.replace("(", r"\(")):
+        generate_layout(app, _request(), layout, compare=True)
+    assert app.generations == count
+
+
+def test_automatic_regions_export_is_refused_saying_what_to_do(app):
+    with pytest.raises(CompositionError, match="cannot express method 'auto'.*--region_mask"):
+        export_layout(app, _request(), Layout("auto", [Slot("dog", "automatic"), Slot("cat", "automatic")]))
+
+
+def test_automatic_regions_show_each_experts_found_mask(app):
+    # both test adapters were trained on "a photo of sks dog": the region prompt names each one's trigger word
+    shared = Layout("auto", [Slot("dog", "automatic"), Slot("cat", "automatic")])
+    with pytest.raises(CompositionError, match="contains no trigger word of expert 'dog'"):
+        generate_layout(app, _request(), shared, compare=True)
+    layout = Layout("auto", [Slot("dog", "automatic", prompt="dog"), Slot("cat", "automatic", prompt="zwx")])
+    req = GenerationRequest("a photo of sks dog and zwx cat", "", 4, 4, 5.0, 64, 64, 1, "DDIM")
+    out = generate_layout(app, req, layout)
+    assert "Composition: auto" in out.saved[0].infotext
+    masks = [np.asarray(Image.open(out.saved[0].path.with_name(f"{out.saved[0].path.stem}-mask-{n}.png")))
+             for n in ("dog", "cat")]
+    assert all(m.max() > 0 for m in masks) and [label for _, label in out.overlays] == ["dog (auto)", "cat (auto)"]
+    req, _, pasted = paste_layout(app, out.saved[0].infotext)
+    assert [s.prompt for s in pasted.slots] == ["dog", "zwx"]
+    again = generate_layout(app, req, pasted).saved[0]
+    assert np.array_equal(_pixels(again.path), _pixels(out.saved[0].path))
