@@ -116,12 +116,10 @@ def links(path: Path, text: str | None = None) -> list[tuple[int, str]]:
     return found
 
 
-def link_problems(path: Path, label: str, repo: Path, text: str | None = None,
-                  pending: frozenset[str] = frozenset()) -> list[str]:
+def link_problems(path: Path, label: str, repo: Path, text: str | None = None) -> list[str]:
     """One line per dead relative link or anchor: `<label>:<line>: ...`. Web links (any scheme) are not fetched.
 
-    `text` stands in for the file's content (the test of the test feeds synthetic Markdown); `pending`: pages
-    (paths from the repository root) another branch is adding, not yet an error while they do not exist."""
+    `text` stands in for the file's content (the test of the test feeds synthetic Markdown)."""
     problems = []
     own = None
     for number, target in links(path, text):
@@ -131,8 +129,6 @@ def link_problems(path: Path, label: str, repo: Path, text: str | None = None,
         if file_part:
             resolved = (path.parent / file_part.split("?")[0]).resolve()
             if not resolved.exists():
-                if resolved.is_relative_to(repo.resolve()) and str(resolved.relative_to(repo.resolve())) in pending:
-                    continue
                 problems.append(f"{label}:{number}: dead link {target!r}: {file_part} does not exist")
                 continue
             if not resolved.is_relative_to(repo.resolve()):

@@ -15,9 +15,6 @@ from docs_python import STAND_INS, build_fixtures, resolution_problems, run_bloc
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# Pages other branches are writing (issue 27's layout and composition work): a link to one is no error while the
-# page does not exist yet; once merged, each is checked like any page. Delete an entry once its page is merged.
-PENDING = frozenset({"docs/code-layout.md", "docs/composition-in-one-image.md"})
 
 
 def _label(path: Path) -> str:
@@ -67,7 +64,7 @@ def test_shell_block(block):
 
 @pytest.mark.parametrize("page", PAGES, ids=[_label(p) for p in PAGES])
 def test_links_and_anchors(page):
-    problems = link_problems(page, _label(page), REPO, pending=PENDING)
+    problems = link_problems(page, _label(page), REPO)
     assert not problems, "\n".join(problems)
 
 
@@ -80,5 +77,5 @@ def test_every_docs_page_the_code_names_exists():
             named += [(f"{source.relative_to(REPO)}:{number}", page) for page in re.findall(r"docs/[\w.-]+\.md", line)]
     assert named, "app.py and train_dreambooth.py name their docs pages: the search found none"
     missing = [f"{where}: {page} does not exist" for where, page in named
-               if not (REPO / page).is_file() and page not in PENDING]
+               if not (REPO / page).is_file()]
     assert not missing, "\n".join(missing)
