@@ -17,6 +17,7 @@ FOLDER = Path(__file__).resolve().parent
 # The preset the app's Train tab opens on, per model family (models/families.py names); the toy base has its own.
 FAMILY_PRESETS = {"sd1": "sd15-subject", "sd2": "sd15-subject", "sdxl": "sdxl-subject"}
 TOY_PRESET = "toy-subject"
+TOY_RECORD = "toy_pretrain.json"  # what toy/pretrain.py writes into a toy base model's folder
 
 
 def preset_names() -> list[str]:
@@ -43,6 +44,23 @@ def load_preset(name: str, cls: type) -> dict:
     return values
 
 
-def preset_for_model(family: str, toy: bool = False) -> str | None:
-    """The preset that matches a base model: the toy base's own, else its family's (None: no preset)."""
-    return TOY_PRESET if toy else FAMILY_PRESETS.get(family)
+def preset_for_model(base: str | Path, family: str) -> str | None:
+    """The preset that matches a base model (`family`: models/families.py's name): the toy base's own (a folder
+    with the toy pretraining record), else the family's; None when none fits."""
+    return TOY_PRESET if (Path(base) / TOY_RECORD).is_file() else FAMILY_PRESETS.get(family)
+
+
+def preset_settings(name: str | None) -> dict:
+    """What the app's Train tab shows for preset `name` ("" or None: none): steps, rank, resolution (None: the
+    model's), prior preservation and its source, pivotal tuning and its word, masked loss (a preset without a
+    value: the defaults)."""
+    from ..config import TrainConfig  # config.py imports this module
+
+    values = load_preset(name, TrainConfig) if name else {}
+    prior = values.get("prior_source", "auto")
+    return {"steps": values.get("max_train_steps", 400), "rank": values.get("rank", 4),
+            "resolution": values.get("resolution"),
+            "prior_source": "base_model" if prior in ("auto", "base_model") and name else "class_images",
+            "pivotal": bool(values.get("train_text_encoder_ti", False)),
+            "trigger_word": values.get("token_abstraction") or "", "masked_loss": bool(values.get("masked_loss")),
+            "prior": bool(values.get("with_prior_preservation"))}
