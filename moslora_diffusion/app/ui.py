@@ -13,6 +13,7 @@ import random
 import gradio as gr
 
 from ..checks import SCALE_MAX, SCALE_MIN
+from ..formats.ui_files import markdown_table
 from ..generation.text_to_image import (
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -26,7 +27,7 @@ from ..training.config import VALIDATION_METRICS
 from ..training.presets import TOY_PRESET, preset_names, preset_settings
 from .charts import loss_curve_image, scores_chart_image
 from .compose_ui import compose_tab
-from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
+from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_for_download
 from .state import AppState
 from .trigger_words import guess_trigger_word
 from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, slider_scales, slot_updates
@@ -146,10 +147,12 @@ def _export_tab(state: AppState, slots: list):
     def run_export(label, precision, *scales, progress=PROGRESS):
         progress(None, desc="exporting (loads the base model once more)")
         try:
-            path = export_adapters(state, EXPORT_TARGETS[label], slider_scales(state, scales), precision)
+            path, files = export_for_download(state, EXPORT_TARGETS[label], slider_scales(state, scales), precision)
         except USER_ERRORS as err:
             return gr.skip(), _refuse(err)
-        return str(path), f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)"
+        together = " (one zip: a UI needs them together)" if len(files) > 1 else ""
+        return str(path), (f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB){together}\n\n"
+                           + markdown_table(files))
 
     button.click(run_export, inputs=[target, dtype] + slots, outputs=[file, message], api_name="export",
                  concurrency_id="export")
