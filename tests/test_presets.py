@@ -91,6 +91,7 @@ def test_an_optimizer_without_a_learning_rate_takes_its_own_default(capsys):
     # over a preset's AdamW rate too: that rate was for the preset's optimizer
     assert parse_args(["--preset", "sd15-subject", "--optimizer", "prodigy", *REQUIRED]).learning_rate == 1.0
     assert parse_args(["--optimizer", "prodigy", "--learning_rate", "0.5", *REQUIRED]).learning_rate == 0.5
+    assert parse_args(["--optimizer=prodigy", "--learning_rat=0.5", *REQUIRED]).learning_rate == 0.5  # abbreviated
     assert parse_args(["--optimizer", "adamw8bit", *REQUIRED]).learning_rate == 1e-4
     assert parse_args(REQUIRED).learning_rate == 1e-4
     assert TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,

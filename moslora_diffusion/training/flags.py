@@ -164,19 +164,16 @@ def flag_values(argv: list[str] | None, cls: type, prog: str, description: str,
     values.pop("config")
     values.pop("debug")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return values, from_preset, set(from_file) | _named_on_command_line(argv, values)
+    return values, from_preset, set(from_file) | _named_on_command_line(argv, cls, prog, description)
 
 
-def _named_on_command_line(argv: list[str] | None, known: dict) -> set[str]:
-    """The flags `argv` names (`--rank 8`, `--rank=8`, `--no-center_crop`), among the names in `known`."""
-    import sys
-
-    names = set()
-    for token in sys.argv[1:] if argv is None else argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0]
-            names.add(name[3:] if name.startswith("no-") and name[3:] in known else name)
-    return names & set(known)
+def _named_on_command_line(argv: list[str] | None, cls: type, prog: str, description: str) -> set[str]:
+    """The flags `argv` gives, as argparse reads them (`--rank=8`, `--no-center_crop`, an abbreviation): the same
+    parser with every default suppressed, so only what the command line set comes back."""
+    parser = build_parser(cls, prog, description)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"config", "debug"}
 
 
 def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
