@@ -325,7 +325,7 @@ def preset_config(name: str, **settings) -> TrainConfig:
 
 
 def _from_preset_note(message: str, values: dict, from_preset: dict) -> str:
-    """" (--x comes from --preset NAME)" for the preset's flags that an error message names."""
+    """" (--x: set by --preset NAME)" for the preset's flags that an error message names."""
     named = [key for key, value in from_preset.items() if f"--{key}" in message and values.get(key) == value]
     return f" ({', '.join(f'--{k}' for k in named)}: set by --preset {values['preset']})" if named else ""
 
