@@ -98,9 +98,9 @@ def test_mole_images_are_counted_as_mole_not_base(tmp_path):
     assert rows[0]["subject_share"] == 1.0
 
 
-def test_counts_the_images_that_draw_an_object_of_the_prompted_class_at_all(tmp_path):
+def test_counts_the_images_that_draw_an_object_at_all_and_those_read_as_the_prompted_class(tmp_path):
     """The class-prompt loss the demo's table once hid: after training, "a photo of a star" drew an empty
-    background in most images; the bleed and diversity columns cannot see that, this one does."""
+    background in most images; the bleed and diversity columns cannot see that, these do."""
     from PIL import Image
 
     from moslora_diffusion.toy.world import COLOURS
@@ -117,9 +117,11 @@ def test_counts_the_images_that_draw_an_object_of_the_prompted_class_at_all(tmp_
         save(tmp_path, photo, "a photo of sks star", seed, 1.0)
     save(tmp_path, stars[0], "a photo of something", 0, 1.0)  # names no class: no reading
     rows = {(r["prompt"], r["model"]): r for r in subject_check.main([str(tmp_path)])}
-    assert rows[(cls, "base")]["class_drawn_share"] == 1.0
-    assert rows[(cls, "adapted")]["class_drawn_share"] == pytest.approx(0.25)
-    assert rows[("a photo of sks star", "adapted")]["class_drawn_share"] == 1.0
-    assert rows[("a photo of something", "adapted")]["class_drawn_share"] is None
+    assert (rows[(cls, "base")]["object_share"], rows[(cls, "base")]["class_read_share"]) == (1.0, 1.0)
+    adapted = rows[(cls, "adapted")]  # a star, two empty backgrounds, a circle
+    assert (adapted["object_share"], adapted["class_read_share"]) == (0.5, 0.25)
+    assert rows[("a photo of sks star", "adapted")]["class_read_share"] == 1.0
+    assert rows[("a photo of something", "adapted")]["class_read_share"] is None
+    assert rows[("a photo of something", "adapted")]["object_share"] == 1.0
     assert subject_check.prompted_class("a photo of a red star, on a z background") == "star"
     assert subject_check.prompted_class("a photo of v square") == "square"

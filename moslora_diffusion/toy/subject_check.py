@@ -4,9 +4,10 @@ Reads the PNGs that `moslora_diffusion.generate` (or the app) wrote, takes each 
 scales from its `parameters` text, and reads each image's patterns (`patterns.py`): the first subject's
 stripes (`sks star`), the second subject's checkerboard (`v square`), the zigzag background (`z`), and bleed:
 a subject's pattern in an image whose prompt does not name that subject. Every image is also read by the
-checker: whether it draws an object of the class its prompt names at all ("a photo of a star": a star; a model
-that lost its class draws an empty background), and how much the class prompt's images still vary. Prints a
-table and writes `subject_check.json` beside the images.
+checker: whether it draws an object at all (a model that lost its class draws "a photo of a star" as an empty
+background), whether the checker reads that object as the class the prompt names (a strict reading: the toy
+base's own stars are rough, and the checker reads most of them as diamonds or circles), and how much the class
+prompt's images still vary. Prints a table and writes `subject_check.json` beside the images.
 
     python -m moslora_diffusion.toy.subject_check outputs/demo/samples
 """
@@ -88,8 +89,8 @@ def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
                      "subject_2_share": sum(shown[SUBJECT_2.token]) / len(images),
                      "zigzag_share": sum(p.zigzag >= ZIGZAG_THRESHOLD for p in patterns) / len(images),
                      "bleed_share": sum(any(shown[t][i] for t in unnamed) for i in range(len(images))) / len(images),
-                     "class_drawn_share": None if cls is None else
-                     sum(r.cls == cls for r in readings) / len(images),
+                     "object_share": sum(r.cls is not None for r in readings) / len(images),
+                     "class_read_share": None if cls is None else sum(r.cls == cls for r in readings) / len(images),
                      "distinct_colour_background": len({(r.colour, r.background) for r in readings}),
                      "background_as_prompted": None if background is None else
                      sum(r.background == background for r in readings) / len(images)})
@@ -98,13 +99,12 @@ def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     subject_columns = " | ".join(f"{s.token} {s.class_noun} shown" for s in SUBJECTS)
-    print(f"| prompt | model | images | object of the prompted class drawn | {subject_columns} | "
+    print(f"| prompt | model | images | an object drawn at all | {subject_columns} | "
           f"{ZIGZAG_CONCEPT.token} background shown | unnamed subject shown (bleed) | background as prompted | "
           "distinct (colour, background) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         shown = "" if r["background_as_prompted"] is None else f"{r['background_as_prompted']:.0%}"
-        drawn = "" if r["class_drawn_share"] is None else f"{r['class_drawn_share']:.0%}"
-        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {drawn} | {r['subject_share']:.0%} | "
+        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['object_share']:.0%} | {r['subject_share']:.0%} | "
               f"{r['subject_2_share']:.0%} | {r['zigzag_share']:.0%} | {r['bleed_share']:.0%} | {shown} | "
               f"{r['distinct_colour_background']} |")
 
