@@ -160,3 +160,18 @@ def test_class_object_rate_counts_class_images_that_draw_an_object():
     metrics = quality_metrics.class_metrics([star, empty, empty, star], [star] * 4)
     assert metrics["class_object_rate"] == 0.5
     assert quality_metrics.class_metrics([star] * 2, [star] * 2)["class_object_rate"] == 1.0
+
+
+def test_merging_parts_recorded_before_a_metric_existed_says_so(tmp_path):
+    """The recorded results predate class_object_rate: merging them is one line, not a KeyError."""
+    from benchmarks.quality_report import merge_parts
+
+    rows = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())["rows"]
+    shared = [r for r in rows if r["kind"] in ("settings", "base_model")]
+    parts = []
+    for name, seeds in (("a", {0, 1, 2}), ("b", {3, 4})):
+        mine = shared + [r for r in rows if r["kind"] == "run" and r["seed"] in seeds]
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps({"rows": mine}))
+    with pytest.raises(SystemExit, match="a part has no class_object_rate"):
+        merge_parts(parts, tmp_path, "merged", None)
