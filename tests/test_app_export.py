@@ -56,10 +56,20 @@ def test_nothing_to_export_is_refused(state):
         export_adapters(state, "onnx", {"dog": 1.0})
 
 
-def test_a_pivotal_adapter_downloads_as_one_zip_with_its_embedding(tiny_sd15_dir, tmp_path_factory):
+def test_a_pivotal_adapter_downloads_as_one_zip_with_its_embedding(tiny_sd15_dir, tmp_path_factory, monkeypatch):
     """The LoRA alone would not draw the subject: the download is a zip of the LoRA, the trigger word's
-    <word>.safetensors and a README.txt saying where each goes; a second export of it works too."""
+    <word>.safetensors and a README.txt saying where each goes; a second export in the same second works too."""
     import zipfile
+    from datetime import datetime
+
+    from moslora_diffusion.app import exporting
+
+    class Frozen(datetime):  # every export in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(exporting, "datetime", Frozen)
 
     from test_pivotal import WORD, pivotal_adapter
 
@@ -70,6 +80,7 @@ def test_a_pivotal_adapter_downloads_as_one_zip_with_its_embedding(tiny_sd15_dir
     first, files = export_for_download(app, "lora-kohya", {"star": 1.0}, "fp32")
     again, _ = export_for_download(app, "lora-kohya", {"star": 1.0}, "fp32")  # never collides with the first
     assert first.suffix == ".zip" and again != first and again.is_file()
+    assert (first.name, again.name) == ("20260102-030405-star-lora-kohya.zip", "20260102-030405-star-lora-kohya-2.zip")
     lora = files[0].path
     with zipfile.ZipFile(first) as archive:
         assert sorted(archive.namelist()) == sorted([lora.name, f"{WORD}.safetensors", "README.txt"])

@@ -7,6 +7,7 @@ file lands under outputs/exports/ with a new name, written atomically by those w
 
 from __future__ import annotations
 
+import itertools
 import re
 import zipfile
 from datetime import datetime
@@ -41,8 +42,13 @@ def _export_path(state: AppState, names: list[str], target: str) -> Path:
     export its own folder, so the files written beside a LoRA (a trigger word's `<word>.safetensors`) of one
     export never meet another's."""
     slug = "+".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", name) for name in names)
-    stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug[:60]}-{target}"
-    return state.outputs / "exports" / stem / f"{stem}.safetensors"
+    first = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug[:60]}-{target}"
+    exports = state.outputs / "exports"
+    # two exports in the same second get -2, -3...: exports run one at a time (the Export tab's queue)
+    for stem in (first + (f"-{n}" if n > 1 else "") for n in itertools.count(1)):
+        if not (exports / stem).exists() and not (exports / f"{stem}.zip").exists():
+            return exports / stem / f"{stem}.safetensors"
+    raise AssertionError("unreachable: itertools.count never ends")
 
 
 def download(target: str, written: Path, words: list[str]) -> tuple[Path, list[UiFile]]:
