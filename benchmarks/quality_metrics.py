@@ -57,6 +57,7 @@ def class_metrics(images, base_images) -> dict:
             "prior_background": float(np.mean([r.background == b.background for r, b in pairs])),
             "prior_pixel_distance": float(pixel.mean()),
             "prior_subject_leak": float(np.mean([is_subject(im) for im in images])),
+            "class_object_rate": float(np.mean([r.cls is not None for r in readings])),
             "diversity_pixel": mean_pairwise_distance(plain),
             "diversity_distinct": float(len({(r.colour, r.background) for r in plain_readings}) / len(plain))}
 
@@ -77,6 +78,8 @@ METRICS = (
     ("prior_pixel_distance", "mean |pixel difference| (0..1) of class images to the base model's same-prompt, "
      "same-seed image", "lower"),
     ("prior_subject_leak", "class images (plain and with scenes) that show the subject", "lower"),
+    ("class_object_rate", "class images (plain and with scenes) that draw an object at all (a class prompt that "
+     "draws an empty background has lost its class)", "higher"),
     ("diversity_pixel", "mean pairwise |pixel difference| among the plain class prompt's images", "higher"),
     ("diversity_distinct", "distinct (colour, background) readings among the plain class prompt's images / images",
      "higher"),

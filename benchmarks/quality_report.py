@@ -220,6 +220,10 @@ def merge_parts(paths: list[Path], out_dir: Path, name: str, grid: Path | None) 
     pairs = {(r["variant"], r["seed"]) for r in runs}
     if len(pairs) != len(runs) or len(pairs) != len(seeds) * len(variants):
         raise SystemExit("--merge: the parts share (recipe, seed) runs, or a recipe lacks some seeds")
+    missing = sorted({m for r in runs for split in SPLITS for m, _, _ in METRICS if m not in r[split]})
+    if missing:  # a part recorded before a metric existed (e.g. class_object_rate): run it again
+        raise SystemExit(f"--merge: a part has no {', '.join(missing)} (recorded before that metric existed); run it "
+                         "again with this benchmark")
     merged = {**settings[0], "variants": variants, "recipes": recipes, "seeds": len(seeds), "seed_list": seeds,
               "seed_start": seeds[0], "total_seconds": sum(s["total_seconds"] for s in settings),
               "parts_note": f"; the sum of {len(paths)} parts' wall times, the parts ran two at a time"}

@@ -1,6 +1,7 @@
 """moslora-diffusion: DreamBooth with MoSLoRA adapters for SD 1.x, SD 2.x and SDXL."""
 
 from ._version import __version__ as __version__
+from .console import quiet  # noqa: F401  (its log filters, installed on import: before diffusers is imported below)
 from .formats.lora import export_pipeline_loras, fold_pipeline
 from .models.families import SD1, SD2, SDXL, Family, ModelInfo, UnsupportedModelError, detect_family, detect_model
 from .moslora.inject import AdapterConfig, AdapterError, adapters, attach, bake, detach

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import DTYPES, TARGETS, export, parse_adapter_spec
+from .formats.ui_files import adapter_words, describe, export_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def _export(argv: list[str]) -> None:
     adapters = [parse_adapter_spec(spec) for spec in args.adapter]
     written = export(args.base, adapters, args.target, args.out, args.dtype, args.overwrite, args.config)
     print(f"wrote {written} ({args.target}, {args.dtype})")
+    words = adapter_words(adapters) if args.target.startswith("lora-") else []
+    print(describe(export_files(args.target, written, words)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .app.state import check_output_folder, open_app_state
 from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import parse_adapter_spec
@@ -49,9 +51,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     check_output_folder(args.out, "--out")  # before the model loads
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
+    requests = _requests(args, scales, args.size or state.default_size)
+    runs = 2 if args.compare_with_base else 1  # base and adapted
+    bar = tqdm(total=sum(r.steps * runs for r in requests), desc=f"generating {len(requests) * runs} images",
+               unit="step", dynamic_ncols=True)
     written = []
-    for request in _requests(args, scales, args.size or state.default_size):
-        written += [saved.path for saved in state.generate(request)]
+    for request in requests:
+        def advance(done: int, _total: int, start: int = bar.n) -> None:  # done: this request's steps so far
+            bar.update(start + done - bar.n)
+
+        written += [saved.path for saved in state.generate(request, advance)]
+    bar.close()
     return written
 
 

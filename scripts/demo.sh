@@ -5,7 +5,8 @@
 # the subject shows for instance prompts (it should) and class prompts (it should not). Outputs: outputs/demo/
 # (adapter, LoRA exports, model card, samples, samples/subject_check.json).
 #
-# With the toy base model the settings are the recipe the quality benchmark's validation split chose
+# With the toy base model the settings are the preset toy-subject (moslora_diffusion/training/settings/presets/
+# toy-subject.toml), the recipe the quality benchmark's validation split chose
 # (benchmarks/quality.py, recipe bp_ti; results in benchmarks/results/quality.md): rank 16 on every UNet
 # projection (--target_modules all), learning rate 3e-3, batch 4, 600 steps (about 2-3 minutes on one CPU
 # thread), prior preservation against the base model's own prediction for "a photo of a star" (no class images:
@@ -17,13 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# One thread: the toy model gains nothing from a second (about 4 steps/s either way on a quiet 2-core machine) and
+# loses 5x when anything else wants the CPU.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 BASE=assets/toy-base
 OUT="${OUT:-outputs/demo}"
 if [ -f "$BASE/model_index.json" ]; then
   STEPS="${STEPS:-600}"
-  SETTINGS=(--rank 16 --target_modules all --train_text_encoder_ti --token_abstraction sks --learning_rate 3e-3
-            --lr_scheduler constant_with_warmup --lr_warmup_steps 20 --train_batch_size 4 --prior_loss_weight 1.0)
+  SETTINGS=(--preset toy-subject)
   SAMPLER=DDIM
 else  # a checkout without the trained toy model: random tiny model, which exercises every step but draws noise
   BASE=outputs/tiny-sd15

@@ -110,7 +110,8 @@ def test_static_export_carries_mask_and_scales_exactly_and_leaves_the_app_as_it_
     weights = weights_of(state.pipe)
     # cat masked: every block's renormalised gate is 1 for dog, so the fold is exactly 0.8 x dog's delta.
     path = export_mole(state, MoLESettings("dog+cat", {"dog": 0.8}, ["cat"]), "lora-kohya", "fp32")
-    assert path.parent == state.outputs / "exports" and path.name.endswith("-mole+dog-cat-lora-kohya.safetensors")
+    assert path.parent.parent == state.outputs / "exports"
+    assert path.name.endswith("-mole+dog-cat-lora-kohya.safetensors")
     exported, kind = read_lora_file(path, state.pipe, "static")
     dog = state.fusion.adapters["dog"]
     assert kind == "kohya" and set(exported.layers) == set(dog.layers)

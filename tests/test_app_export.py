@@ -22,7 +22,7 @@ def state(tiny_sd15_dir, tmp_path_factory):
 
 def test_kohya_export_holds_each_chosen_adapter_at_its_scale(state):
     path = export_adapters(state, "lora-kohya", {"dog": 0.5, "style": 0.0}, "fp32")
-    assert path.parent == state.outputs / "exports" and path.name.endswith("-dog-lora-kohya.safetensors")
+    assert path.parent.parent == state.outputs / "exports" and path.name.endswith("-dog-lora-kohya.safetensors")
     tensors, _ = load_tensors(path)
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
     down_keys = [k for k in tensors if k.endswith(".lora_down.weight")]
@@ -54,3 +54,39 @@ def test_nothing_to_export_is_refused(state):
         export_adapters(state, "lora-kohya", {"cat": 1.0})
     with pytest.raises(AppExportError, match="unknown export target"):
         export_adapters(state, "onnx", {"dog": 1.0})
+
+
+def test_a_pivotal_adapter_downloads_as_one_zip_with_its_embedding(tiny_sd15_dir, tmp_path_factory, monkeypatch):
+    """The LoRA alone would not draw the subject: the download is a zip of the LoRA, the trigger word's
+    <word>.safetensors and a README.txt saying where each goes; a second export in the same second works too."""
+    import zipfile
+    from datetime import datetime
+
+    from moslora_diffusion.app import exporting
+
+    class Frozen(datetime):  # every export in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(exporting, "datetime", Frozen)
+
+    from test_pivotal import WORD, pivotal_adapter
+
+    from moslora_diffusion.app.exporting import export_for_download
+
+    app, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
+    app.load_adapter(pivotal_adapter(tiny_sd15_dir, given / "star" / "moslora.safetensors"))
+    first, files = export_for_download(app, "lora-kohya", {"star": 1.0}, "fp32")
+    again, _ = export_for_download(app, "lora-kohya", {"star": 1.0}, "fp32")  # never collides with the first
+    assert first.suffix == ".zip" and again != first and again.is_file()
+    assert (first.name, again.name) == ("20260102-030405-star-lora-kohya.zip", "20260102-030405-star-lora-kohya-2.zip")
+    lora = files[0].path
+    with zipfile.ZipFile(first) as archive:
+        assert sorted(archive.namelist()) == sorted([lora.name, f"{WORD}.safetensors", "README.txt"])
+        assert archive.read(lora.name) == lora.read_bytes()
+        readme = archive.read("README.txt").decode()
+    assert f"- {WORD}.safetensors: the trigger word `{WORD}`'s learned embedding" in readme
+    assert "copy into `embeddings/`" in readme and "copy into `models/Lora/`" in readme
+    plain, files = export_for_download(app, "merged-single-file", {"star": 1.0}, "fp16")
+    assert plain.suffix == ".safetensors" and len(files) == 1  # one file: offered as it is

@@ -154,10 +154,13 @@ def test_the_model_card_of_a_pivotal_run_says_how_to_use_the_embedding(tiny_sd15
     assert "| pivotal tuning | yes (trigger word `sks`, embedding learning rate 0.05) |" in card
     assert "| masked loss | yes (each photo's `<name>_mask.png` or alpha channel weights the loss) |" in card
     assert "| captions | dropout 0.25, shuffled (first 1 parts kept in place) |" in card
-    assert "- `sks.safetensors`: the trigger word's learned embedding" in card
+    assert "- `sks.safetensors`: the trigger word `sks`'s learned embedding" in card
     assert set(load_tensors(out / "sks.safetensors")[0]) == {"emb_params"}  # the file the card names exists
-    assert "copy `sks.safetensors` into `embeddings/`" in card
-    assert "write `embedding:sks` in the prompt:\n  `a photo of embedding:sks dog`" in card
+    table = card[card.index("| file | what it is | AUTOMATIC1111 | ComfyUI |"):].split("\n\n")[0].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| `lora_kohya.safetensors`", "| `sks.safetensors`"]
+    assert "copy into `embeddings/`" in table[3] and "write `embedding:sks` in the prompt" in table[3]
+    assert "copy into `models/Lora/`, add `<lora:lora_kohya:1>`" in table[2]
+    assert "copy both files below; the LoRA alone does not draw the subject" in card
     assert f'pipe.load_textual_inversion("{out}/sks.safetensors", token="sks")' in card
 
 
@@ -169,3 +172,33 @@ def test_a_plain_card_has_no_pivotal_masked_or_caption_rows_and_sdxl_loads_both_
     card = model_card(sdxl, {**plan, "family": "sdxl"}, {"steps": 2}, [])
     assert ('pipe.load_textual_inversion(state["clip_g"], token="sks", text_encoder=pipe.text_encoder_2, '
             'tokenizer=pipe.tokenizer_2)') in card and "StableDiffusionXLPipeline" in card
+
+
+def test_the_model_cards_diffusers_snippet_runs_on_this_machine(tiny_sd15_dir, tmp_path, monkeypatch):
+    """The card's diffusers block, run as a user would paste it (here: a CPU, the installed diffusers): no
+    hard-coded CUDA or fp16, no argument that diffusers deprecates (a deprecation warning fails the test); it
+    loads the LoRA and the trigger word's embedding and draws."""
+    import warnings
+
+    out = tmp_path / "run"
+    run_training(tiny_config(tiny_sd15_dir, make_photos(tmp_path / "photos"), out, train_text_encoder_ti=True,
+                             token_abstraction="sks"))
+    card = (out / "README.md").read_text(encoding="utf-8")
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert '.to("cuda")' not in snippet and "torch_dtype" not in snippet
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    real_call = StableDiffusionPipeline.__call__
+
+    def two_steps(self, prompt, **kwargs):  # 2 denoising steps instead of 50: the same code path, faster
+        calls.append(prompt)
+        return real_call(self, prompt, num_inference_steps=2)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", two_steps)
+    scope = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # diffusers' deprecate() warns with FutureWarning
+        exec(compile(snippet, "model card", "exec"), scope)  # noqa: S102 - the card's own text, written above
+    assert calls == ["a photo of sks dog"] and scope["image"].size[0] > 0
+    assert scope["pipe"].device.type == ("cuda" if scope["torch"].cuda.is_available() else "cpu")

@@ -147,3 +147,31 @@ def test_keep_best_benchmark_short_run_compares_best_and_last(micro_base, tmp_pa
     assert {row["metric"] for row in result["summary"]} == {"toy_subject", "toy_prompt"}
     assert (tmp_path / "work" / "run-seed0" / "moslora_best.safetensors").is_file()
     assert "best - last" in (tmp_path / "keep_best.md").read_text()
+
+
+def test_class_object_rate_counts_class_images_that_draw_an_object():
+    """The quality benchmark's measure of the class-prompt loss: an empty background is no object."""
+    from PIL import Image
+
+    from moslora_diffusion.toy.world import COLOURS, Scene, render
+
+    star = render(Scene("star", "red", "large", "center", "blue", "plain"))
+    empty = Image.new("RGB", (64, 64), tuple(COLOURS["blue"]))
+    metrics = quality_metrics.class_metrics([star, empty, empty, star], [star] * 4)
+    assert metrics["class_object_rate"] == 0.5
+    assert quality_metrics.class_metrics([star] * 2, [star] * 2)["class_object_rate"] == 1.0
+
+
+def test_merging_parts_recorded_before_a_metric_existed_says_so(tmp_path):
+    """The recorded results predate class_object_rate: merging them is one line, not a KeyError."""
+    from benchmarks.quality_report import merge_parts
+
+    rows = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())["rows"]
+    shared = [r for r in rows if r["kind"] in ("settings", "base_model")]
+    parts = []
+    for name, seeds in (("a", {0, 1, 2}), ("b", {3, 4})):
+        mine = shared + [r for r in rows if r["kind"] == "run" and r["seed"] in seeds]
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps({"rows": mine}))
+    with pytest.raises(SystemExit, match="a part has no class_object_rate"):
+        merge_parts(parts, tmp_path, "merged", None)

@@ -96,3 +96,32 @@ def test_mole_images_are_counted_as_mole_not_base(tmp_path):
     rows = subject_check.main([str(tmp_path)])
     assert [(r["prompt"], r["model"], r["images"]) for r in rows] == [("a photo of sks star", "mole", 1)]
     assert rows[0]["subject_share"] == 1.0
+
+
+def test_counts_the_images_that_draw_an_object_at_all_and_those_read_as_the_prompted_class(tmp_path):
+    """The class-prompt loss the demo's table once hid: after training, "a photo of a star" drew an empty
+    background in most images; the bleed and diversity columns cannot see that, these do."""
+    from PIL import Image
+
+    from moslora_diffusion.toy.world import COLOURS
+
+    cls = "a photo of a star"
+    stars = [render(Scene("star", colour, "large", "center", "blue", "plain")) for colour in ("red", "green")]
+    empty = Image.new("RGB", (64, 64), tuple(COLOURS["blue"]))  # a background and nothing on it
+    circle = render(Scene("circle", "red", "large", "center", "blue", "plain"))  # an object, of another class
+    for seed, image in enumerate([*stars, stars[0], stars[1]]):
+        save(tmp_path, image, cls, seed, 0.0)
+    for seed, image in enumerate([stars[0], empty, empty, circle]):
+        save(tmp_path, image, cls, seed, 1.0)
+    for seed, photo in enumerate(subject_photos()[:2]):  # the striped subject is a star too
+        save(tmp_path, photo, "a photo of sks star", seed, 1.0)
+    save(tmp_path, stars[0], "a photo of something", 0, 1.0)  # names no class: no reading
+    rows = {(r["prompt"], r["model"]): r for r in subject_check.main([str(tmp_path)])}
+    assert (rows[(cls, "base")]["object_share"], rows[(cls, "base")]["class_read_share"]) == (1.0, 1.0)
+    adapted = rows[(cls, "adapted")]  # a star, two empty backgrounds, a circle
+    assert (adapted["object_share"], adapted["class_read_share"]) == (0.5, 0.25)
+    assert rows[("a photo of sks star", "adapted")]["class_read_share"] == 1.0
+    assert rows[("a photo of something", "adapted")]["class_read_share"] is None
+    assert rows[("a photo of something", "adapted")]["object_share"] == 1.0
+    assert subject_check.prompted_class("a photo of a red star, on a z background") == "star"
+    assert subject_check.prompted_class("a photo of v square") == "square"

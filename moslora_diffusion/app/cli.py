@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(argv: list[str]) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up requests to itself, one line each
     args = build_parser().parse_args(argv)
     from .state import open_app_state
     from .ui import build_ui
@@ -102,6 +103,10 @@ def _serve(argv: list[str]) -> None:
         log.warning("serving beyond this machine without --auth: anyone who can reach it can use it")
     demo = build_ui(state)
     demo.queue(max_size=256, default_concurrency_limit=1)  # one pipeline: requests wait their turn
+    # quiet: Gradio's own lines (among them its hint to set share=True, which --share does) give way to ours
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 allowed_paths=[str(state.outputs)], max_file_size=f"{MAX_UPLOAD_BYTES // 2**20}mb", ssr_mode=False,
-                show_error=False, footer_links=["api"])
+                show_error=False, footer_links=["api"], quiet=True, prevent_thread_lock=True)
+    print(f"Running on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else "")
+          + " (Ctrl-C stops it)", flush=True)
+    demo.block_thread()

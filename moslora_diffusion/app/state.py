@@ -27,6 +27,7 @@ from ..generation.text_to_image import (
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
+from ..training.settings.presets import preset_for_model
 from .compose import Compositions
 from .layout import LayoutRunner
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
@@ -147,6 +148,11 @@ class AppState:
         """Loaded adapter -> its trigger prompt (the instance prompt it was trained with; "" when not recorded)."""
         return {name: str(adapter.info.get("instance_prompt") or "") for name, adapter in self.fusion.adapters.items()}
 
+    @property
+    def matching_preset(self) -> str | None:
+        """The training preset of this base model (the toy base: toy-subject; SDXL: sdxl-subject; ...)."""
+        return preset_for_model(self.base, self.info.family.name)
+
     def suggested_prompt(self) -> str:
         """The first loaded adapter's trigger prompt: what the prompt box starts with."""
         return next((prompt for prompt in self.trigger_prompts().values() if prompt), "")
@@ -176,19 +182,21 @@ class AppState:
                        uploads: list | None = None, validation_prompt: str = "",
                        validation_metrics: str = "none", validation_loss_photos: int = 0,
                        prior_source: str = "class_images", pivotal: bool = False, trigger_word: str = "",
-                       masked_loss: bool = False) -> TrainingJob:
+                       masked_loss: bool = False, preset: str = "") -> TrainingJob:
         """Starts the trainer on uploaded photos (checked, then copied) or a photo folder given to the app.
         validation_metrics: none, toy (the toy base only) or dreambench, scored on every validation's images;
         validation_loss_photos: photos set aside for the held-out loss (the trainer refuses leaving fewer than 2);
         prior_source (with a class prompt): class_images or base_model; pivotal: pivotal tuning of trigger_word
-        (empty: guessed from the prompts); masked_loss: every photo needs its mask, checked before the job starts."""
+        (empty: guessed from the prompts); masked_loss: every photo needs its mask, checked before the job starts;
+        preset: a training preset under these settings ("none" or empty: none)."""
         settings = TrainingSettings(Path("."), instance_prompt or "", class_prompt or "", steps, rank,
                                     resolution or None, validation_steps or 0,
                                     validation_prompt=validation_prompt or "",
                                     validation_metrics=validation_metrics or "none",
                                     validation_loss_photos=validation_loss_photos or 0,
                                     prior_source=prior_source or "class_images", pivotal=bool(pivotal),
-                                    trigger_word=trigger_word or "", masked_loss=bool(masked_loss))
+                                    trigger_word=trigger_word or "", masked_loss=bool(masked_loss),
+                                    preset="" if preset in (None, "none") else preset)
         settings.check()  # every number finite and in range, the trigger word in the prompt, before any copy
         settings.instance_dir, notes = self._training_photos(settings, folder, uploads)
         job = self.training.start(self.base, settings, self.config)

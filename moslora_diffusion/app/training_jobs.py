@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from ..checks import Range, number_problems
 from ..training.settings.config import PRIOR_SOURCES, VALIDATION_METRICS
 from ..training.settings.flags import ConfigError
+from ..training.settings.presets import preset_names
 from ..training.settings.trigger_word import check_pivotal_flags
 from .paths import ADAPTER_FILE_NAME
 from .trigger_words import guess_trigger_word
@@ -49,7 +50,7 @@ SETTINGS_RANGES = {
     "rank": Range(1, MAX_RANK, integer=True),
     "resolution": Range(64, 2048, integer=True, multiple_of=8, optional=True),
     "validation_steps": Range(0, MAX_TRAIN_STEPS, integer=True, label="validation every N steps"),
-    "learning_rate": Range(0, 1, open_lower=True, label="learning rate"),
+    "learning_rate": Range(0, 1, open_lower=True, optional=True, label="learning rate"),
     "validation_loss_photos": Range(0, 100, integer=True, label="held-out photos"),
 }
 
@@ -63,7 +64,7 @@ class TrainingSettings:
     rank: int = 4
     resolution: int | None = None  # None: the model family's
     validation_steps: int = 100  # 0: no validation images
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the preset's, else the trainer's default for its optimizer
     validation_prompt: str = ""  # empty: the instance prompt
     validation_metrics: str = "none"  # scores of every validation (--validation_metrics): none, toy, dreambench
     validation_loss_photos: int = 0  # photos set aside for the held-out validation loss (0: none)
@@ -73,6 +74,7 @@ class TrainingSettings:
     pivotal: bool = False  # pivotal tuning: also learn the trigger word's embedding (--train_text_encoder_ti)
     trigger_word: str = ""  # pivotal tuning's word (--token_abstraction); empty: guessed (trigger_words.py)
     masked_loss: bool = False  # weight the loss by each photo's <name>_mask.png or alpha channel (--masked_loss)
+    preset: str = ""  # a training preset (--preset; training/settings/presets/), under the settings above; empty: none
 
     def check(self) -> None:
         """Raises TrainingError naming every problem; on success the numbers are ints (floats for the rate) and
@@ -93,6 +95,8 @@ class TrainingSettings:
                             f"{self.prior_source!r}")
         if self.pivotal and self.instance_prompt.strip():
             problems += self._trigger_word_problems()
+        if self.preset and self.preset not in preset_names():
+            problems.append(f"unknown preset {self.preset!r}; choose one of {', '.join(preset_names())}")
         if problems:
             raise TrainingError("; ".join(problems))
         for name, value in numbers.items():
@@ -119,9 +123,17 @@ def build_command(base: str, settings: TrainingSettings, output_dir: Path, confi
     cmd = [sys.executable, str(trainer), "--pretrained_model_name_or_path", str(base),
            "--instance_data_dir", str(settings.instance_dir), "--instance_prompt", settings.instance_prompt.strip(),
            "--max_train_steps", str(int(settings.steps)), "--rank", str(int(settings.rank)),
-           "--learning_rate", str(settings.learning_rate), "--output_dir", str(output_dir),
+           "--output_dir", str(output_dir),
            # ~200 loss points for the curve; each costs the trainer one device sync, so not every step
            "--logging_steps", str(max(1, int(settings.steps) // 200))]
+    if settings.learning_rate is not None:
+        cmd += ["--learning_rate", str(settings.learning_rate)]
+    if settings.preset:  # the boxes' values go on top; what they turn off is said explicitly (the preset may turn
+        # it on): an empty class prompt means no prior preservation, as the box says
+        cmd += ["--preset", settings.preset]
+        cmd += [] if settings.class_prompt.strip() else ["--no-with_prior_preservation"]
+        cmd += [] if settings.pivotal else ["--no-train_text_encoder_ti"]
+        cmd += [] if settings.masked_loss else ["--no-masked_loss"]
     if settings.class_prompt.strip():
         cmd += ["--with_prior_preservation", "--class_prompt", settings.class_prompt.strip()]
         if settings.prior_source == "base_model":

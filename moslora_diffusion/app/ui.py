@@ -13,6 +13,7 @@ import random
 import gradio as gr
 
 from ..checks import SCALE_MAX, SCALE_MIN
+from ..formats.ui_files import markdown_table
 from ..generation.text_to_image import (
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -23,9 +24,10 @@ from ..generation.text_to_image import (
     GenerationRequest,
 )
 from ..training.settings.config import VALIDATION_METRICS
+from ..training.settings.presets import TOY_PRESET, preset_names, preset_settings
 from .charts import loss_curve_image, scores_chart_image
 from .compose_ui import compose_tab
-from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_adapters
+from .exporting import EXPORT_DTYPES, EXPORT_TARGETS, export_for_download
 from .state import AppState
 from .trigger_words import guess_trigger_word
 from .ui_common import MAX_SLOTS, PROGRESS, USER_ERRORS, slider_scales, slot_updates
@@ -35,6 +37,22 @@ from .uploads import photo_folders
 # The Train tab's prior-preservation choices -> --prior_source (training/step/output_preservation.py).
 PRIOR_SOURCE_LABELS = {"generate class images": "class_images",
                        "base model's own prediction (no class images)": "base_model"}
+NO_PRESET = "none"
+# Example prompts the Train tab opens with: the toy world's striped star on the toy base, a dog elsewhere.
+EXAMPLE_PROMPTS = {TOY_PRESET: ("a photo of sks star", "a photo of a star")}
+DEFAULT_PROMPTS = ("a photo of sks dog", "a photo of a dog")
+
+
+PRESET_BOXES = ("steps", "rank", "resolution", "prior_source", "pivotal", "trigger", "masked")  # what a preset fills
+
+
+def preset_boxes(name: str | None, res: int) -> dict:
+    """The Train tab's box values for preset `name` (NO_PRESET: the trainer's defaults, no prior preservation)."""
+    values = preset_settings(None if name in (None, NO_PRESET) else name)
+    source = next(label for label, value in PRIOR_SOURCE_LABELS.items() if value == values["prior_source"])
+    return {"steps": values["steps"], "rank": values["rank"], "resolution": values["resolution"] or res,
+            "prior_source": source, "pivotal": values["pivotal"], "trigger": values["trigger_word"],
+            "masked": values["masked_loss"], "prior": values["prior"]}
 
 
 def prompt_box(state: AppState) -> dict:
@@ -129,10 +147,12 @@ def _export_tab(state: AppState, slots: list):
     def run_export(label, precision, *scales, progress=PROGRESS):
         progress(None, desc="exporting (loads the base model once more)")
         try:
-            path = export_adapters(state, EXPORT_TARGETS[label], slider_scales(state, scales), precision)
+            path, files = export_for_download(state, EXPORT_TARGETS[label], slider_scales(state, scales), precision)
         except USER_ERRORS as err:
             return gr.skip(), _refuse(err)
-        return str(path), f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB)"
+        together = " (one zip: a UI needs them together)" if len(files) > 1 else ""
+        return str(path), (f"Wrote `{path.name}` ({path.stat().st_size / 2**20:.1f} MiB){together}\n\n"
+                           + markdown_table(files))
 
     button.click(run_export, inputs=[target, dtype] + slots, outputs=[file, message], api_name="export",
                  concurrency_id="export")
@@ -143,20 +163,28 @@ def _train_tab(state: AppState, res: int) -> dict:
     gr.Markdown("Teach the model a subject from a few photos (DreamBooth, MoSLoRA adapter). The trainer runs "
                 "in the background; when it finishes, its adapter is loaded and gets a slider.")
     folders = list(photo_folders(state.photo_roots))
+    preset = state.matching_preset or NO_PRESET
+    boxes = preset_boxes(preset, res)
+    instance, class_prompt = EXAMPLE_PROMPTS.get(preset, DEFAULT_PROMPTS)
+    c["preset"] = gr.Dropdown([NO_PRESET, *preset_names()], value=preset, elem_id="train-preset",
+                              label="Preset (fills the settings below; what you change there wins)")
     with gr.Row():
         c["folder"] = gr.Dropdown(folders, value=None, label="Photos from a folder given to the app",
                                   elem_id="photo-folder")
         c["upload"] = gr.File(file_count="multiple", file_types=["image"], elem_id="photo-upload",
                               label="…or upload photos (masks: <name>_mask.png)")
     with gr.Row():
-        c["instance"] = gr.Textbox(label="Instance prompt", value="a photo of sks dog", elem_id="instance-prompt")
-        c["class"] = gr.Textbox(label="Class prompt (prior preservation; empty: off)", elem_id="class-prompt")
-        c["prior_source"] = gr.Radio(list(PRIOR_SOURCE_LABELS), value=next(iter(PRIOR_SOURCE_LABELS)),
-                                     label="Prior preservation from", elem_id="train-prior-source", visible=False)
+        c["instance"] = gr.Textbox(label="Instance prompt", value=instance, elem_id="instance-prompt")
+        c["class"] = gr.Textbox(label="Class prompt (prior preservation; empty: off)", elem_id="class-prompt",
+                                value=class_prompt if boxes["prior"] else "")
+        c["prior_source"] = gr.Radio(list(PRIOR_SOURCE_LABELS), value=boxes["prior_source"],
+                                     label="Prior preservation from", elem_id="train-prior-source",
+                                     visible=boxes["prior"])
     with gr.Row():
-        c["steps"] = gr.Number(label="Steps", value=400, precision=0, elem_id="train-steps")
-        c["rank"] = gr.Number(label="Rank", value=4, precision=0, elem_id="train-rank")
-        c["resolution"] = gr.Number(label="Resolution", value=res, precision=0, elem_id="train-resolution")
+        c["steps"] = gr.Number(label="Steps", value=boxes["steps"], precision=0, elem_id="train-steps")
+        c["rank"] = gr.Number(label="Rank", value=boxes["rank"], precision=0, elem_id="train-rank")
+        c["resolution"] = gr.Number(label="Resolution", value=boxes["resolution"], precision=0,
+                                    elem_id="train-resolution")
         c["val_every"] = gr.Number(label="Validation images every N steps (0: off)", value=100, precision=0,
                                    elem_id="train-validation-steps")
     with gr.Row():
@@ -169,12 +197,12 @@ def _train_tab(state: AppState, res: int) -> dict:
                                   elem_id="train-held-out-photos")
     with gr.Accordion("Advanced", open=False), gr.Row():
         c["pivotal"] = gr.Checkbox(label="Pivotal tuning: also learn the trigger word's embedding",
-                                   elem_id="train-pivotal")
+                                   elem_id="train-pivotal", value=boxes["pivotal"])
         c["trigger"] = gr.Textbox(label="Trigger word (pivotal tuning)", elem_id="train-trigger-word",
-                                  placeholder=trigger_placeholder("a photo of sks dog", ""))
+                                  value=boxes["trigger"], placeholder=trigger_placeholder(instance, class_prompt))
         c["masked"] = gr.Checkbox(label="Masked loss: train on the subject only (upload <name>_mask.png with each "
                                         "photo, white = subject, or photos with transparency)",
-                                  elem_id="train-masked-loss")
+                                  elem_id="train-masked-loss", value=boxes["masked"])
     with gr.Row():
         c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -205,15 +233,25 @@ def _prompt_handlers(c: dict) -> None:
                    api_visibility="private", queue=False, show_progress="hidden")
 
 
+def _preset_handler(c: dict, res: int) -> None:
+    """Choosing a preset fills the boxes it sets (res: the model's resolution, for a preset without one)."""
+    def preset_changed(name):
+        boxes = preset_boxes(name, res)
+        return [boxes[key] for key in PRESET_BOXES]
+
+    c["preset"].change(preset_changed, inputs=c["preset"], outputs=[c[key] for key in PRESET_BOXES],
+                       api_visibility="private", queue=False, show_progress="hidden")
+
+
 def _train_handlers(state: AppState, c: dict, gen: dict, status):
     def start(folder, uploads, instance, class_prompt, steps, rank, resolution, val_every, val_prompt, metrics,
-              held_out, prior_source, pivotal, trigger, masked):
+              held_out, prior_source, pivotal, trigger, masked, preset):
         try:
             job = state.start_training(instance, class_prompt, steps, rank, resolution, val_every, folder, uploads,
                                        validation_prompt=val_prompt, validation_metrics=metrics,
                                        validation_loss_photos=held_out,
                                        prior_source=PRIOR_SOURCE_LABELS.get(prior_source, prior_source),
-                                       pivotal=pivotal, trigger_word=trigger, masked_loss=masked)
+                                       pivotal=pivotal, trigger_word=trigger, masked_loss=masked, preset=preset)
         except USER_ERRORS as err:
             return _refuse(err), gr.Timer(active=False)
         notes = "".join(f"\n\n⚠️ {note}" for note in job.notes)
@@ -244,7 +282,7 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
 
     inputs = [c["folder"], c["upload"], c["instance"], c["class"], c["steps"], c["rank"], c["resolution"],
               c["val_every"], c["val_prompt"], c["metrics"], c["held_out"], c["prior_source"], c["pivotal"],
-              c["trigger"], c["masked"]]
+              c["trigger"], c["masked"], c["preset"]]
     c["start"].click(start, inputs=inputs, outputs=[c["status"], c["timer"]], api_name="train",
                      concurrency_id="training")
     c["timer"].tick(poll, outputs=[c["status"], c["loss"], c["scores"], c["validation"], c["timer"]] + gen["slots"]
@@ -252,6 +290,7 @@ def _train_handlers(state: AppState, c: dict, gen: dict, status):
                     concurrency_id="training", show_progress="hidden", api_visibility="private")
     c["cancel"].click(cancel, outputs=c["status"], api_name="cancel_training", concurrency_id="training")
     _prompt_handlers(c)
+    _preset_handler(c, state.default_size)
 
 
 def build_ui(state: AppState) -> gr.Blocks:

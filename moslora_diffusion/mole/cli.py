@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..checks import MAX_SEED, Range, check_number
 from ..console import OneLineErrorParser, add_debug_flag, run_command
 from ..files.atomic import check_not_an_input, check_output_folder
@@ -117,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe, mole, path = _load(args)
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     written = []
-    for n, request in enumerate(requests):
+    for n, request in enumerate(tqdm(requests, desc="generating", unit="image", dynamic_ncols=True)):
         request.width = request.height = size
         images, report = generate_mole(pipe, mole, request, Path(str(args.base)).name, path.name)
         written += [save_png(image, args.out) for image in images]

@@ -28,7 +28,7 @@ class GateTrainConfig(TrainConfig):
     HIDDEN_FLAGS: ClassVar[frozenset[str]] = frozenset({
         "instance_data_dir", "instance_prompt", "adapter", "rank", "lora_alpha", "mixer_init", "target_modules",
         "train_text_encoder", "text_encoder_lr", "fp8_base", "torch_compile", "dynamo_backend",
-        "validation_loss_photos", "train_text_encoder_ti", "token_abstraction", "embedding_lr"})
+        "validation_loss_photos", "train_text_encoder_ti", "token_abstraction", "embedding_lr", "preset"})
 
     experts: tuple | None = flag(
         None, f"the {MIN_EXPERTS} to {MAX_EXPERTS} experts: training output folders, moslora.safetensors, diffusers "

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..formats.export_targets import DTYPES, TARGETS, ExportError, check_output, display_name, write_merged
@@ -52,9 +53,9 @@ def average_gates(pipe, prompts: Sequence[str] | None = None, seeds: Sequence[in
     mole = _attached(pipe)
     prompts = _prompts(mole, prompts)
     mole.reset_report()
-    for prompt in prompts:
-        for seed in seeds:
-            _run(pipe, prompt, seed, steps, resolution)
+    runs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    for prompt, seed in tqdm(runs, desc="averaging the gates", unit="image", dynamic_ncols=True):
+        _run(pipe, prompt, seed, steps, resolution)
     report = mole.gate_report()
     mole.reset_report()
     return report

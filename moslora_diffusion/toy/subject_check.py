@@ -3,9 +3,11 @@
 Reads the PNGs that `moslora_diffusion.generate` (or the app) wrote, takes each image's prompt and adapter
 scales from its `parameters` text, and reads each image's patterns (`patterns.py`): the first subject's
 stripes (`sks star`), the second subject's checkerboard (`v square`), the zigzag background (`z`), and bleed:
-a subject's pattern in an image whose prompt does not name that subject. Class-prompt images are also read
-by the checker, to show that they still vary. Prints a table and writes `subject_check.json` beside the
-images.
+a subject's pattern in an image whose prompt does not name that subject. Every image is also read by the
+checker: whether it draws an object at all (a model that lost its class draws "a photo of a star" as an empty
+background), whether the checker reads that object as the class the prompt names (a strict reading: the toy
+base's own stars are rough, and the checker reads most of them as diamonds or circles), and how much the class
+prompt's images still vary. Prints a table and writes `subject_check.json` beside the images.
 
     python -m moslora_diffusion.toy.subject_check outputs/demo/samples
 """
@@ -27,7 +29,7 @@ from .checker import check
 from .concepts import BACKGROUND as ZIGZAG_CONCEPT
 from .patterns import PATTERN_THRESHOLD, ZIGZAG_THRESHOLD, read_patterns
 from .subject import SUBJECT, SUBJECT_2, SUBJECTS
-from .world import BACKGROUND_COLOURS
+from .world import BACKGROUND_COLOURS, CLASSES
 
 BACKGROUND = re.compile(r"on an? (\w+)(?: \w+)? background")
 
@@ -63,6 +65,12 @@ def named_triggers(prompt: str) -> set[str]:
     return words & ({s.token for s in SUBJECTS} | {ZIGZAG_CONCEPT.token})
 
 
+def prompted_class(prompt: str) -> str | None:
+    """The toy-world class a prompt names ("a photo of sks star" -> star), or None; the last one named wins."""
+    named = [word for word in re.findall(r"\w+", prompt.lower()) if word in CLASSES]
+    return named[-1] if named else None
+
+
 def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
     """One row per (prompt, model): the share of images showing each concept, bleed, and the checker's
     background and diversity readings."""
@@ -74,12 +82,15 @@ def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
         shown = {s.token: [p.object_scores[s.pattern] >= PATTERN_THRESHOLD for p in patterns] for s in SUBJECTS}
         unnamed = [s.token for s in SUBJECTS if s.token not in named]
         background = prompted_background(prompt)
+        cls = prompted_class(prompt)
         rows.append({"prompt": prompt, "model": label, "images": len(images),
                      "instance_prompt": SUBJECT.token in named, "named": sorted(named),
                      "subject_share": sum(shown[SUBJECT.token]) / len(images),
                      "subject_2_share": sum(shown[SUBJECT_2.token]) / len(images),
                      "zigzag_share": sum(p.zigzag >= ZIGZAG_THRESHOLD for p in patterns) / len(images),
                      "bleed_share": sum(any(shown[t][i] for t in unnamed) for i in range(len(images))) / len(images),
+                     "object_share": sum(r.cls is not None for r in readings) / len(images),
+                     "class_read_share": None if cls is None else sum(r.cls == cls for r in readings) / len(images),
                      "distinct_colour_background": len({(r.colour, r.background) for r in readings}),
                      "background_as_prompted": None if background is None else
                      sum(r.background == background for r in readings) / len(images)})
@@ -88,12 +99,12 @@ def summarise(groups: dict[tuple[str, str], list]) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     subject_columns = " | ".join(f"{s.token} {s.class_noun} shown" for s in SUBJECTS)
-    print(f"| prompt | model | images | {subject_columns} | {ZIGZAG_CONCEPT.token} background shown | "
-          "unnamed subject shown (bleed) | background as prompted | distinct (colour, background) |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| prompt | model | images | an object drawn at all | {subject_columns} | "
+          f"{ZIGZAG_CONCEPT.token} background shown | unnamed subject shown (bleed) | background as prompted | "
+          "distinct (colour, background) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         shown = "" if r["background_as_prompted"] is None else f"{r['background_as_prompted']:.0%}"
-        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['subject_share']:.0%} | "
+        print(f"| {r['prompt']} | {r['model']} | {r['images']} | {r['object_share']:.0%} | {r['subject_share']:.0%} | "
               f"{r['subject_2_share']:.0%} | {r['zigzag_share']:.0%} | {r['bleed_share']:.0%} | {shown} | "
               f"{r['distinct_colour_background']} |")
 

@@ -14,9 +14,9 @@ from ..._version import __version__
 from ...files.atomic import atomic_write
 from ...formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
 from ...formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
+from ...formats.ui_files import export_files, markdown_table
 from ...moslora.native_file import save_adapter
 from ..settings.config import PRIOR_SOURCE_NAMES, TrainConfig, uses_class_images
-from ..settings.trigger_word import word_pattern
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest
@@ -256,37 +256,28 @@ def _subject_settings(config: TrainConfig) -> dict:
 
 
 def _embedding_usage(config: TrainConfig, family: str) -> tuple[str, str]:
-    """(the Files line, the usage section) of the trigger word's embedding file; ("", "") without pivotal tuning."""
+    """(the Files line, the diffusers lines) of the trigger word's embedding file; ("", "") without pivotal tuning."""
     if not config.train_text_encoder_ti:
         return "", ""
     word, out = config.token_abstraction, config.output_dir
     name = embedding_file_for(word)
-    comfy_prompt = word_pattern(word).sub(f"embedding:{word}", config.instance_prompt)
     if family == "sdxl":  # one file, one tensor per text encoder: diffusers loads each into its own
-        load = (f'from safetensors.torch import load_file\nstate = load_file("{out}/{name}")\n'
+        load = (f'\nfrom safetensors.torch import load_file\nstate = load_file("{out}/{name}")\n'
                 f'pipe.load_textual_inversion(state["clip_l"], token="{word}", text_encoder=pipe.text_encoder, '
                 f'tokenizer=pipe.tokenizer)\npipe.load_textual_inversion(state["clip_g"], token="{word}", '
                 f'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)')
     else:
-        load = f'pipe.load_textual_inversion("{out}/{name}", token="{word}")'
-    files = (f"- `{name}`: the trigger word's learned embedding (pivotal tuning); load it with the LoRA, "
-             "which was trained with it.\n")
-    usage = f"""
-## The trigger word's embedding (pivotal tuning)
+        load = f'\npipe.load_textual_inversion("{out}/{name}", token="{word}")'
+    files = (f"- `{name}`: the trigger word `{word}`'s learned embedding (pivotal tuning); the LoRA was trained with "
+             "it and does not draw the subject without it.\n")
+    return files, "# the trigger word's learned embedding (pivotal tuning), which the LoRA was trained with" + load
 
-`{word}` was learned as an embedding along with the adapter. Load `{name}` with the LoRA:
 
-- AUTOMATIC1111: copy `{name}` into `embeddings/` (with `{KOHYA_FILE}` in `models/Lora/`); the word `{word}` in
-  the prompt calls it.
-- ComfyUI: copy `{name}` into `models/embeddings/` and write `embedding:{word}` in the prompt:
-  `{comfy_prompt}`.
-- diffusers, after `pipe.load_lora_weights(...)`:
-
-```python
-{load}
-```
-"""
-    return files, usage
+def _ui_table(config: TrainConfig) -> str:
+    """Where the LoRA (and the trigger word's embedding) go in A1111 and ComfyUI (formats/ui_files.py)."""
+    out = Path(config.output_dir)
+    words = [config.token_abstraction] if config.train_text_encoder_ti else []
+    return markdown_table(export_files("lora-kohya", out / KOHYA_FILE, words))
 
 
 def model_card(config: TrainConfig, plan: dict, result: dict, images: list[str]) -> str:
@@ -295,7 +286,7 @@ def model_card(config: TrainConfig, plan: dict, result: dict, images: list[str])
     base, prompt = config.pretrained_model_name_or_path, config.instance_prompt
     rows = "\n".join(f"| {k} | {v} |" for k, v in _settings(config, plan, result).items())
     gallery = "\n".join(f"![validation image]({path})" for path in images) or "(no validation prompt was given)"
-    embedding_file, embedding_usage = _embedding_usage(config, plan["family"])
+    embedding_file, embedding_load = _embedding_usage(config, plan["family"])
     best = result.get("best")
     if best:
         scores = ", ".join(f"{name} {value:.3f}" for name, value in best["scores"].items())
@@ -333,14 +324,21 @@ The full configuration is in `{CONFIG_FILE}`.
 {embedding_file}
 ## Use it
 
-diffusers:
+AUTOMATIC1111 and ComfyUI: copy {"both files" if embedding_file else "the file"} below; \
+{"the LoRA alone does not draw the subject." if embedding_file else "nothing else is needed."}
+
+{_ui_table(config)}
+
+diffusers (on a GPU when there is one, else the CPU):
 
 ```python
 import torch
 from diffusers import {pipeline}
 
-pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{config.output_dir}")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+pipe = {pipeline}.from_pretrained("{base}")
+pipe = pipe.to(device, torch.float16 if device == "cuda" else torch.float32)  # half precision on a GPU only
+pipe.load_lora_weights("{config.output_dir}"){embedding_load and chr(10) + embedding_load}
 image = pipe({json.dumps(prompt)}).images[0]
 ```
 
@@ -350,8 +348,4 @@ moslora-diffusion (keeps the mixer as a separate matrix; the scale can be change
 from moslora_diffusion import load_adapter
 load_adapter(pipe, "{config.output_dir}/{ADAPTER_FILE}", scale=1.0)
 ```
-
-AUTOMATIC1111: copy `{KOHYA_FILE}` into `models/Lora/` and add `<lora:lora_kohya:1>` to the prompt.
-
-ComfyUI: copy `{KOHYA_FILE}` into `models/loras/` and load it with a *LoraLoader* node.
-{embedding_usage}"""
+"""

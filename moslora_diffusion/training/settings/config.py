@@ -16,12 +16,16 @@ from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
-from .flags import ConfigError, check_choices, check_not_empty, check_types, parse_flags
+from .flags import ConfigError, check_choices, check_not_empty, check_types, flag_values
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
+from .presets import load_preset, preset_names, preset_path
 from .trigger_word import check_pivotal_flags
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# The learning rate an optimizer takes when none is given: 1e-4 for AdamW (diffusers' DreamBooth LoRA recipe);
+# Prodigy estimates its own step size and lr is a multiplier on it, 1.0 as its authors recommend.
+OPTIMIZER_LEARNING_RATES = {"adamw": 1e-4, "adamw8bit": 1e-4, "prodigy": 1.0}
 # torch.compile backends worth offering: inductor generates fused kernels; aot_eager only traces (for debugging).
 DYNAMO_BACKENDS = ("inductor", "aot_eager")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -36,7 +40,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # the same output folder (e.g. more steps, another checkpoint interval). output_dir is where the run lives,
 # not what it is: a run folder that was moved or renamed still resumes.
 RUN_CONTROL_FIELDS = frozenset({
-    "output_dir",
+    "output_dir", "preset",
     "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
     "validation_inference_steps", "report_to", "logging_dir", "logging_steps", "dataloader_num_workers",
@@ -50,6 +54,8 @@ DESCRIPTION = "DreamBooth fine-tuning of Stable Diffusion with MoSLoRA adapters.
 
 @dataclass(frozen=True)
 class TrainConfig:
+    preset: str | None = _flag(None, "start from a preset's settings (a TOML file in moslora_diffusion/training/"
+                               "presets/; flags given here and --config win over it)", tuple(preset_names()), "preset")
     # model
     pretrained_model_name_or_path: str | None = _flag(
         None, "hub id, local diffusers folder or single .safetensors checkpoint (required)", group="model")
@@ -107,7 +113,8 @@ class TrainConfig:
     embedding_lr: float | None = _flag(None, "learning rate of the trigger word's vectors (default: --learning_rate)",
                                        group="adapter")
     # optimisation
-    learning_rate: float = _flag(1e-4, "learning rate of the UNet adapters")
+    learning_rate: float | None = _flag(None, "learning rate of the UNet adapters (default: the optimizer's: "
+                                        "1e-4 for adamw and adamw8bit, 1.0 for prodigy)")
     lr_scheduler: str = _flag("constant", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _flag(0, "warm-up steps of the schedule")
     max_train_steps: int | None = _flag(None, "optimizer steps to train (overrides --num_train_epochs)")
@@ -172,6 +179,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
+        if self.learning_rate is None:  # the optimizer's own default (OPTIMIZER_LEARNING_RATES)
+            object.__setattr__(self, "learning_rate", OPTIMIZER_LEARNING_RATES.get(self.optimizer, 1e-4))
         self.check_required()
         check_not_empty(self)
         self.check_ranges()
@@ -280,8 +289,45 @@ def check_number_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Command line (plus an optional --config file) -> a validated TrainConfig."""
-    return parse_flags(argv, TrainConfig, PROG, DESCRIPTION)
+    """Command line (plus an optional --config file and --preset) -> a validated TrainConfig; a ConfigError about a
+    flag the preset set says so. Prints one line for the preset and one for an optimizer's default learning rate."""
+    values, from_preset, given = flag_values(argv, TrainConfig, PROG, DESCRIPTION, load_preset)
+    _drop_orphans(values, from_preset, given)
+    optimizer_default = "optimizer" in given and "learning_rate" not in given
+    if optimizer_default:  # a preset's learning rate is for the preset's optimizer, not the one chosen here
+        values["learning_rate"] = None
+    try:
+        config = TrainConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(str(err) + _from_preset_note(str(err), values, from_preset)) from None
+    if from_preset:
+        print(f"Preset {config.preset}: {preset_path(config.preset)} (flags given on the command line win)")
+    if optimizer_default:
+        print(f"--optimizer {config.optimizer} without --learning_rate: learning rate {config.learning_rate:g}, "
+              "that optimizer's usual value")
+    return config
+
+
+# Settings that act only with another one (on): a preset's value is dropped when the user turns that one off.
+_DEPENDS_ON = {"token_abstraction": "train_text_encoder_ti", "embedding_lr": "train_text_encoder_ti",
+               "prior_source": "with_prior_preservation", "keep_tokens": "shuffle_caption"}
+
+
+def _drop_orphans(values: dict, from_preset: dict, given: set[str]) -> None:
+    for key, parent in _DEPENDS_ON.items():
+        if key in from_preset and key not in given and not values[parent]:
+            values[key] = TrainConfig.__dataclass_fields__[key].default
+
+
+def preset_config(name: str, **settings) -> TrainConfig:
+    """The Python form of `--preset NAME`: the preset's values, then `settings` on top (they win)."""
+    return TrainConfig(**{**load_preset(name, TrainConfig), "preset": name, **settings})
+
+
+def _from_preset_note(message: str, values: dict, from_preset: dict) -> str:
+    """" (--x: set by --preset NAME)" for the preset's flags that an error message names."""
+    named = [key for key, value in from_preset.items() if f"--{key}" in message and values.get(key) == value]
+    return f" ({', '.join(f'--{k}' for k in named)}: set by --preset {values['preset']})" if named else ""
 
 
 def build_parser():

@@ -2,7 +2,8 @@
 
 Every field declared with `flag(default, help, choices, group)` becomes `--<name>` (booleans also get
 `--no-<name>`, so the command line can switch off what a config file switched on). `--config run.yaml`
-(or .toml / .json) may hold any flag; flags given on the command line override the file. The DreamBooth
+(or .toml / .json) may hold any flag; flags given on the command line override the file, and the file overrides
+a preset (`--preset NAME`, a TOML file of flags shipped in training/settings/presets/). The DreamBooth
 trainer (config.py: TrainConfig) and the MoLE gate trainer (a subclass of it) share this machinery, so
 the two commands parse, check and record their settings the same way.
 """
@@ -13,6 +14,7 @@ import argparse
 import difflib
 import functools
 import typing
+from collections.abc import Callable
 from dataclasses import field, fields
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def check_not_empty(config) -> None:
 def check_choices(config) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
+        if choices and getattr(config, f.name) is not None and getattr(config, f.name) not in choices:
             raise ConfigError(f"--{f.name} must be one of {list(choices)}, got {getattr(config, f.name)!r}")
 
 
@@ -109,9 +111,7 @@ def load_config_file(path: str | Path, cls: type) -> dict:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
+            values = _toml().loads(text)
         elif path.suffix.lower() in (".yaml", ".yml", ".json"):
             import yaml
 
@@ -136,16 +136,46 @@ def load_config_file(path: str | Path, cls: type) -> dict:
     return {k: tuple(v) if types[k][0] is tuple and isinstance(v, list) else v for k, v in values.items()}
 
 
-def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
-    """Command line (plus an optional --config file) -> a validated instance of `cls`."""
+def _toml():
+    """tomllib (Python 3.11+), else the tomli package it came from (a dependency on 3.10)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
+def flag_values(argv: list[str] | None, cls: type, prog: str, description: str,
+                load_preset: Callable[[str, type], dict] | None = None) -> tuple[dict, dict, set[str]]:
+    """(every flag's value, the values the preset set, the names the user gave on the command line or in the
+    config file) from the command line, an optional --config file and an optional preset (`--preset NAME`, or
+    `preset = NAME` in the config file, read with `load_preset`).
+    Precedence: command line > config file > preset > the field defaults."""
     pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--preset")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(cls, prog, description)
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config, cls))
+    from_file = load_config_file(known.config, cls) if known.config else {}
+    preset = known.preset or from_file.get("preset")
+    from_preset = load_preset(preset, cls) if preset and load_preset else {}
+    parser.set_defaults(**{**from_preset, **from_file})
     values = vars(parser.parse_args(argv))
     values.pop("config")
     values.pop("debug")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
+    return values, from_preset, set(from_file) | _named_on_command_line(argv, cls, prog, description)
+
+
+def _named_on_command_line(argv: list[str] | None, cls: type, prog: str, description: str) -> set[str]:
+    """The flags `argv` gives, as argparse reads them (`--rank=8`, `--no-center_crop`, an abbreviation): the same
+    parser with every default suppressed, so only what the command line set comes back."""
+    parser = build_parser(cls, prog, description)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"config", "debug"}
+
+
+def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
+    """Command line (plus an optional --config file) -> a validated instance of `cls`."""
+    return cls(**flag_values(argv, cls, prog, description)[0])
