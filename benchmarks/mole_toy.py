@@ -106,18 +106,22 @@ def train_experts(args, work: Path) -> list[Path]:
     return paths
 
 
-def train_gates(args, experts: list[Path], seed: int, work: Path) -> Path:
+def train_gates(args, experts: list[Path], seed: int, work: Path, which: tuple[int, ...] | None = None,
+                label: str = "gates", **extra) -> Path:
+    """MoLE gates for `experts` (the concepts() at indices `which`; None: all) with this seed; `extra`: more
+    GateTrainConfig fields (e.g. the spatial gates' switch). Returns the MoLE file."""
     from moslora_diffusion.mole.gate_config import GateTrainConfig
     from moslora_diffusion.mole.gate_training import train_gates as run
 
-    out = work / f"gates-seed{seed}"
+    chosen = [concepts()[i] for i in (which if which is not None else range(len(experts)))]
+    out = work / f"{label}-seed{seed}"
     config = GateTrainConfig(
         pretrained_model_name_or_path=str(args.base), experts=tuple(map(str, experts)),
-        expert_data_dirs=tuple(str(photos) for _, photos, _, _ in concepts()),
-        expert_prompts=tuple(prompt for _, _, prompt, _ in concepts()), resolution=64,
+        expert_data_dirs=tuple(str(photos) for _, photos, _, _ in chosen),
+        expert_prompts=tuple(prompt for _, _, prompt, _ in chosen), resolution=64,
         train_batch_size=args.gate_batch, max_train_steps=args.gate_steps, learning_rate=args.gate_lr,
         balance_weight=args.balance_weight, seed=seed, output_dir=str(out), overwrite_output_dir=True,
-        report_to="none", checkpointing_steps=10**9, logging_steps=50)
+        report_to="none", checkpointing_steps=10**9, logging_steps=50, **extra)
     _fresh_accelerate()
     try:
         return run(config).files["mole"]
