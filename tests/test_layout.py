@@ -2,8 +2,8 @@
 
 Layers, bottom to top (a module may import its own subpackage and any lower layer, nothing else):
 checks, console, files -> models, data -> moslora -> formats, generation -> toy -> evaluation -> training -> mole
--> app -> the package face and the commands (moslora_diffusion/*.py). The README's "Code layout" section states the
-same table.
+-> composition -> app -> the package face and the commands (moslora_diffusion/*.py). The README's "Code layout"
+section states the same table.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moslora_diffusion"
 LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "data": 1, "moslora": 2, "formats": 3,
-          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "app": 8}
+          "generation": 3, "toy": 4, "evaluation": 5, "training": 6, "mole": 7, "composition": 8, "app": 9}
 # evaluation/ scores with toy/'s checker and is used by training/ (--validation_metrics); mole/ trains its gates
 # with training/'s loop.
-TOP = 9  # __init__ (the public API) and the command modules at the root
+TOP = 10  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"evaluate", "export", "generate", "tiny"}
 
 

@@ -192,7 +192,10 @@ def parse_infotext(text: str, loaded: list[str] | None = None) -> GenerationRequ
                              _named_scales(pairs.get("Lora scales", "")), mole=mole)
 
 
-def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | None) -> list[Image.Image]:
+def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | None,
+                 embeddings: dict | None = None) -> list[Image.Image]:
+    """The request's images, one generator per image (seed, seed + 1, ...). embeddings: the prompt already encoded
+    (`prompt_embeds`, `negative_prompt_embeds`, SDXL's pooled ones, batch 1) instead of the prompt texts."""
     generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
 
     def on_step(_pipe, _step, _timestep, kwargs):
@@ -200,9 +203,10 @@ def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | No
             progress()
         return kwargs
 
-    return pipe(req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
-                guidance_scale=req.guidance, width=req.width, height=req.height, num_images_per_prompt=req.num_images,
-                generator=generators, callback_on_step_end=on_step).images
+    texts = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or None} if embeddings is None else {}
+    return pipe(**texts, **(embeddings or {}), num_inference_steps=req.steps, guidance_scale=req.guidance,
+                width=req.width, height=req.height, num_images_per_prompt=req.num_images, generator=generators,
+                callback_on_step_end=on_step).images
 
 
 def generate(pipe, fusion: FusedAdapters, req: GenerationRequest, model_name: str, scheduler_config=None,

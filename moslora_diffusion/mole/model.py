@@ -29,7 +29,7 @@ from .gates import UNGATED, Block, Gate, find_blocks, text_layer_features, unet_
 ATTRIBUTE = "_moslora_mole"  # where the attached MoLE is kept on the pipeline
 
 
-class _LayerExperts:
+class LayerExperts:
     """The experts of one layer, ranks concatenated: down (R, in), up (out, R), column -> expert (R,)."""
 
     def __init__(self, experts: Sequence[Expert], key, block: str, is_conv: bool):
@@ -47,16 +47,19 @@ class _LayerExperts:
         return self._cast[(dtype, device)]
 
     def delta(self, x: torch.Tensor, dtype: torch.dtype, weights: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., in) or (B, in, H, W); weights (B or 1, N) = g * s, fp32 -> the experts' output."""
+        """x (B, ..., in) or (B, in, H, W); weights = g * s, fp32: (B or 1, N) per sample, or per position
+        (B, L, N) for x (B, L, in), (B, H, W, N) for a convolution's x (B, in, H, W) -> the experts' output.
+        A position whose weights are all 0 gets exactly 0."""
         down, up, columns = self._factors(dtype, x.device)
-        column_weights = weights.to(x.device)[:, columns].to(dtype)  # (B, R)
+        column_weights = weights.to(x.device)[..., columns].to(dtype)  # (B, R) or (B, positions..., R)
         x = x.to(dtype)
         if self.is_conv:
-            h = F.conv2d(x, down[:, :, None, None]) * column_weights[:, :, None, None]
-            return F.conv2d(h, up[:, :, None, None])
+            per = column_weights[:, :, None, None] if column_weights.dim() == 2 else column_weights.permute(0, 3, 1, 2)
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]) * per, up[:, :, None, None])
         h = F.linear(x, down)
-        h = h * column_weights.view(column_weights.shape[0], *([1] * (h.dim() - 2)), -1)
-        return F.linear(h, up)
+        if column_weights.dim() == 2:
+            column_weights = column_weights.view(column_weights.shape[0], *([1] * (h.dim() - 2)), -1)
+        return F.linear(h * column_weights, up)
 
 
 class MoLE(nn.Module):
@@ -84,7 +87,7 @@ class MoLE(nn.Module):
         for key, block in self.layer_blocks.items():
             model = components[key[0]]
             module = model.get_submodule(model_module_name(model, key[1]))
-            self._layers[key] = (module, _LayerExperts(self.experts, key, block, isinstance(module, nn.Conv2d)))
+            self._layers[key] = (module, LayerExperts(self.experts, key, block, isinstance(module, nn.Conv2d)))
         self._block_modules = {block.name: module for block, module in blocks}
 
     @property
@@ -132,7 +135,7 @@ class MoLE(nn.Module):
         self._current[block.name] = weights
         self._record(block.name, weights)
 
-    def _layer_hook(self, experts: _LayerExperts, module, args, output):
+    def _layer_hook(self, experts: LayerExperts, module, args, output):
         x = args[0]
         weights = self.block_weights(experts.block, x.shape[0]).to(x.device) * self.scales.to(x.device)
         return output + experts.delta(x, output.dtype, weights)
@@ -287,12 +290,9 @@ def attached_mole(pipe) -> MoLE | None:
     return getattr(pipe, ATTRIBUTE, None)
 
 
-def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
-    """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
-    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
-
-    The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
-    Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
+def check_pipeline(pipe, experts: Sequence[Expert]) -> dict[str, nn.Module]:
+    """The checks before hooking experts into `pipe` (MoLE or a spatial router): none attached yet, no MoSLoRA
+    adapters, the experts fit (check_experts), unfused q/k/v. Returns the pipeline's components. MoLEError."""
     if attached_mole(pipe) is not None:
         raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
     if pipeline_adapters(pipe):
@@ -302,6 +302,16 @@ def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tenso
     if any(getattr(m, "fused_projections", False) for model in components.values() for m in model.modules()):
         # fused q/k/v layers never call to_q / to_k / to_v, so their experts would silently do nothing
         raise MoLEError("the pipeline's attention projections are fused; call pipe.unfuse_qkv_projections() first")
+    return components
+
+
+def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
+    """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
+    gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
+
+    The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
+    Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
+    components = check_pipeline(pipe, experts)
     keys = {key for expert in experts for key in expert.layers}
     blocks, layer_blocks = find_blocks(components, sorted(keys))
     mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name)

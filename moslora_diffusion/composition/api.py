@@ -1,0 +1,119 @@
+"""`compose`: every way of putting several experts into one image, behind one call.
+
+    from moslora_diffusion.composition import compose, Region
+    experts = mole.load_experts(pipe, ["out/star", "out/square"])
+    result = compose(pipe, experts, "regional", GenerationRequest("sks star and v square", width=64, height=64),
+                     regions=[Region("star", box=(0, 0, 0.5, 1)), Region("square", box=(0.5, 0, 1, 1))])
+    result.images[0]; result.masks[0]["star"]            # (H, W) float in [0, 1]: where the star expert acted
+
+Methods (METHODS): whole-image `sum`, `nla`, `mole` (per-block gates), `switch` (LoRA Switch) and `composite`
+(LoRA Composite, Zhong et al., arXiv 2402.16843); spatial `regional` (user boxes / masks), `auto` (masks from the
+trigger words' cross-attention in the first steps, FreeFuse-like, arXiv 2510.23515) and `spatial_mole` (gates per
+position). Every input is checked by `check_layout` before the pipeline is touched (CompositionError, one line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..generation.text_to_image import GenerationRequest, make_scheduler, validate_request
+from ..mole import Expert
+from .regions import CompositionError, Region, check_regions
+
+METHODS = ("sum", "nla", "mole", "switch", "composite", "regional", "auto", "spatial_mole")
+LAYOUT_METHODS = ("regional",)  # the methods that take user regions
+GATED_METHODS = ("mole", "spatial_mole")  # the methods that take a gate_state
+OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"}}
+
+
+@dataclass
+class CompositionResult:
+    """images: one per seed of the request; masks: per image {expert name: (H, W) float32 in [0, 1]}, the
+    regions each expert acted in (None for the whole-image methods); gate_report: {block: N weights} (mole)."""
+
+    method: str
+    images: list[Image.Image]
+    masks: list[dict[str, np.ndarray]] | None = None
+    gate_report: dict[str, list[float]] | None = None
+    regions: list[Region] = field(default_factory=list)
+
+
+def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] = (), size: tuple[int, int] | None
+                 = None, options: Mapping | None = None, has_gates: bool = False) -> None:
+    """Everything about a composition that can be checked without a model: the method, its options, a layout on
+    a method that takes none, the regions (check_regions; overlaps are allowed: see regions.py for the rule),
+    gates on a method that takes none. `size`: (width, height) of the image. CompositionError, one line."""
+    if method not in METHODS:
+        raise CompositionError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}")
+    unknown = sorted(set(options or {}) - OPTIONS.get(method, set()))
+    if unknown:
+        raise CompositionError(f"method {method!r} takes no option {', '.join(unknown)}"
+                               + (f" (its options: {', '.join(sorted(OPTIONS[method]))})" if method in OPTIONS else ""))
+    if regions and method not in LAYOUT_METHODS:
+        raise CompositionError(f"method {method!r} takes no regions (boxes, masks or region prompts); use "
+                               f"--method regional for a layout, or leave the regions out")
+    if method in LAYOUT_METHODS and not regions:
+        raise CompositionError(f"method {method!r} needs at least one region: a box or mask per expert")
+    if has_gates and method not in GATED_METHODS:
+        raise CompositionError(f"method {method!r} takes no gates; gates are for {' and '.join(GATED_METHODS)}")
+    check_regions(regions, experts, size)
+
+
+def _not_available(method: str, owner: str):
+    raise CompositionError(f"method {method!r} is not available in this build ({owner} is missing)")
+
+
+def _dispatch(pipe, experts: Sequence[Expert], method: str, req: GenerationRequest, regions: Sequence[Region],
+              gates, options: dict) -> CompositionResult:
+    from .baselines import generate_gated, generate_weighted
+
+    if method in ("sum", "nla"):
+        return CompositionResult(method, generate_weighted(pipe, experts, req, normalise=method == "nla"))
+    if method == "mole":
+        images, report = generate_gated(pipe, experts, req, gates)
+        return CompositionResult(method, images, gate_report=report)
+    if method == "switch":
+        try:
+            from .switch import generate_switch
+        except ImportError:
+            _not_available(method, "composition/switch.py")
+        return CompositionResult(method, generate_switch(pipe, experts, req, **options))
+    if method == "composite":
+        try:
+            from .composite import generate_composite
+        except ImportError:
+            _not_available(method, "composition/composite.py")
+        return CompositionResult(method, generate_composite(pipe, experts, req))
+    return _spatial(pipe, experts, method, req, regions, gates, options)
+
+
+def _spatial(pipe, experts, method, req, regions, gates, options) -> CompositionResult:
+    try:
+        from .spatial import generate_spatial
+    except ImportError:
+        _not_available(method, "composition/spatial.py")
+    images, masks = generate_spatial(pipe, experts, method, req, regions, gates, **options)
+    return CompositionResult(method, images, masks, regions=list(regions))
+
+
+def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationRequest, regions: Sequence[Region] = (),
+            gates: Mapping[str, torch.Tensor] | None = None, **options) -> CompositionResult:
+    """Images of `request` (prompt, seed, steps, guidance, size, scheduler, num_images) with `experts` (from
+    mole.load_experts, each with its scale s_i) composed by `method` (METHODS).
+
+    regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
+    "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
+    ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto).
+    Raises CompositionError / GenerationError (one line) before the pipeline is touched; afterwards the pipeline
+    computes exactly what it did before (no weights changed, no hooks left).
+    """
+    check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
+                 gates is not None)
+    req = validate_request(request, [])
+    pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    return _dispatch(pipe, experts, method, req, regions, gates, dict(options))
