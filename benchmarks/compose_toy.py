@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS_DIR, write_results
-from benchmarks.compose_toy_cases import BACKGROUND, SPLITS, SUBJECTS, Case
+from benchmarks.compose_toy_cases import BACKGROUND, SPLITS, Case
 from benchmarks.compose_toy_report import grid_rows, report, seed_metrics
 from benchmarks.mole_toy import train_experts, train_gates
 from benchmarks.quality import DEFAULTS, load_pipe
