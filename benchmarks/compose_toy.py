@@ -80,15 +80,14 @@ def regions_for(case: Case, setting: dict):
 
 
 def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates) -> tuple[list, list | None]:
-    """(images, masks) of one method on one case; auto gets only the experts whose trigger the prompt names."""
+    """(images, masks) of one method on one case; auto gets the trigger words of the concepts the prompt names."""
     from moslora_diffusion.composition import compose
 
     named = {c for c, _ in case.places} | ({BACKGROUND} if case.zigzag else set())
     if method == "regional":
         result = compose(pipe, experts, method, req, regions=regions_for(case, setting))
     elif method == "auto":
-        chosen = [e for e in experts if e.name in named]
-        result = compose(pipe, chosen, method, req, triggers={e.name: e.name for e in chosen})
+        result = compose(pipe, experts, method, req, triggers={e.name: e.name for e in experts if e.name in named})
     elif method in ("mole", "spatial_mole"):
         result = compose(pipe, experts, method, req, gates=gates)
     else:
@@ -99,8 +98,8 @@ def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates
 def draw_case(pipe, experts, case: Case, req, methods, states: dict, settings: dict) -> dict:
     """{row label: (images, masks)} for one case: each method (each setting on validation), base, alone."""
     from moslora_diffusion.composition import compose
-    from moslora_diffusion.composition.regions import CompositionError
     from moslora_diffusion.generation.text_to_image import make_scheduler, run_pipeline, validate_request
+    from moslora_diffusion.mole import MoLEError
 
     drawn = {}
     for method in methods:
@@ -111,12 +110,13 @@ def draw_case(pipe, experts, case: Case, req, methods, states: dict, settings: d
                 continue
             try:
                 drawn[label] = run_method(pipe, experts, method, case, req, setting, gates)
-            except CompositionError as err:  # a method this build lacks: reported as missing, not as zeros
+            except (MoLEError, ImportError) as err:  # a method this build lacks: missing, not zeros
                 print(f"skipped {label}: {err}", flush=True)
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     drawn["base"] = (run_pipeline(pipe, validate_request(req, []), None), None)
     if case.kind == "one":
-        drawn["alone"] = (compose(pipe, experts[:1], "sum", req).images, None)
+        named = [e for e in experts if e.name == case.places[0][0]]
+        drawn["alone"] = (compose(pipe, named, "sum", req).images, None)
     return drawn
 
 

@@ -67,10 +67,9 @@ def _zigzag(place: str) -> Case:
 
 
 def _one(concept: str, place: str) -> Case:
-    other = "v" if concept == "sks" else "sks"
     where = "" if place == "any" else " " + PHRASES[place]
     return Case(f"one_{concept}_{place}", "one", f"a photo of {concept} {SUBJECTS[concept][0]}{where}",
-                (concept, other), ((concept, place),))
+                ("sks", "v"), ((concept, place),))
 
 
 SPLITS: dict[str, tuple[Case, ...]] = {
