@@ -107,3 +107,25 @@ def test_rare_words_reach_the_second_noun_phrase_and_leave_one_object_batches_as
     changed = (out != two).nonzero()
     assert set(changed[:, 1].tolist()) == {ARTICLE_POSITION, int(cols[0])}
     assert 10 <= int((out[:, cols[0]] != two[:, cols[0]]).sum()) <= 30
+
+
+def test_two_object_stage_mixes_pairs_into_the_scenes_and_keeps_one_object_sets_unchanged(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from moslora_diffusion.toy.pairs import Pair
+    from moslora_diffusion.toy.pretrain import PRESETS, pretrain, training_scenes
+    from moslora_diffusion.toy.world import sample_scene
+
+    one = dataclasses.replace(PRESETS["micro"], dataset_size=50)
+    rng = np.random.default_rng(5)
+    assert training_scenes(one, np.random.default_rng(5)) == [sample_scene(rng, split="train") for _ in range(50)]
+    mixed = training_scenes(dataclasses.replace(one, dataset_size=400, two_object_rate=0.5), np.random.default_rng(5))
+    share = np.mean([isinstance(s, Pair) for s in mixed])
+    assert 0.4 <= share <= 0.6
+    assert PRESETS["two-objects"].two_object_rate > 0 and PRESETS["two-objects"].rare_word_rate > 0
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(PRESETS["micro"], dataset_size=8, two_object_rate=0.5, rare_word_rate=0.3)
+    pretrain(tmp_path / "toy", cfg, device="cpu", log=lambda _: None)
+    assert (tmp_path / "toy" / "model_index.json").is_file()
