@@ -80,8 +80,8 @@ PRESETS = {
                                  rare_word_rate=0.3),
     # Continues the shipped model (--init assets/toy-base): half the scenes two-object ones (pairs.py), rare
     # tokens kept (in both noun phrases of a pair), so it draws "a red star on the left and a blue circle on
-    # the right" while one-object captions keep their images. Gives assets/toy-base-2obj (CPU, 2 threads).
-    "two-objects": PretrainConfig(unet_steps=1500, unet_lr=6e-4, warmup_steps=50, dataset_size=8000,
+    # the right" while one-object captions keep their images. Gives assets/toy-base-2obj (CPU, 1 thread).
+    "two-objects": PretrainConfig(unet_steps=1000, unet_lr=8e-4, warmup_steps=50, dataset_size=6000,
                                   rare_word_rate=0.3, two_object_rate=0.5),
     # Only for tests: exercises every code path in seconds, learns nothing.
     "micro": PretrainConfig(
