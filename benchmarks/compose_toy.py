@@ -14,9 +14,13 @@ method draws every case of both splits (compose_toy_cases.py) with the same gene
 
 Settings (regional's region prompts, switch's steps per expert) are chosen on the validation split by its
 mean joint success over the two-concept cases, and so is the best spatial method; the test split is
-reported. Means over seeds with 95% t intervals; paired t-tests over seeds.
+reported (every setting is drawn on both splits, so the splits can run as parallel parts; the test rows of
+the settings not chosen are dropped). Means over seeds with 95% t intervals; paired t-tests over seeds.
 
     python -m benchmarks.compose_toy --threads 1        # -> benchmarks/results/compose_toy.md, .json, _grid.png
+    python -m benchmarks.compose_toy --splits validation --name part_v --out-dir outputs   # two processes in
+    python -m benchmarks.compose_toy --splits test --name compose_toy                      # parallel (slots),
+    python -m benchmarks.compose_toy --merge outputs/part_v.json benchmarks/results/compose_toy.json   # then merged
     python -m benchmarks.compose_toy --seeds 2 --val-seeds 1 --expert-steps 20 --background-steps 20 \\
         --gate-steps 4 --n-images 2 --gen-steps 4 --base assets/toy-base --out-dir /tmp/c    # smoke run
 """
@@ -44,9 +48,15 @@ SETTINGS = {"regional": [{"region_prompts": False}, {"region_prompts": True}], "
 GEN_SEEDS = {"validation": 2000, "test": 3000}
 
 
-def gate_states(args, paths: dict[str, Path], seed: int) -> dict[tuple, dict]:
+def setting_label(method: str, setting: dict) -> str:
+    """A row's method label: "regional region_prompts=True", "switch every=2", "mole"."""
+    return method + "".join(f" {k}={v}" for k, v in setting.items())
+
+
+def gate_states(args, paths: dict[str, Path], seed: int, tag: str = "") -> dict[tuple, dict]:
     """{(expert set, "mole" | "spatial_mole"): gate_state} for every expert set of the cases; spatial gates only
-    when this build's gate trainer takes `spatial` (otherwise that method is reported as not available)."""
+    when this build's gate trainer takes `spatial` (otherwise that method is reported as not available). `tag`
+    names the run folders (parallel parts must not share them)."""
     import dataclasses
 
     from moslora_diffusion.mole.file import read_mole
@@ -57,7 +67,7 @@ def gate_states(args, paths: dict[str, Path], seed: int) -> dict[tuple, dict]:
     for names in sorted({case.experts for cases in SPLITS.values() for case in cases}):
         which = tuple(TRIGGERS.index(n) for n in names)
         experts = [paths[n] for n in names]
-        label = "gates-" + "-".join(names)
+        label = "gates-" + "-".join(names) + (f"-{tag}" if tag else "")
         states[(names, "mole")] = read_mole(train_gates(args, experts, seed, args.work_dir, which, label)).gates
         if spatial:
             states[(names, "spatial_mole")] = read_mole(train_gates(
@@ -104,7 +114,7 @@ def draw_case(pipe, experts, case: Case, req, methods, states: dict, settings: d
     drawn = {}
     for method in methods:
         for setting in settings.get(method, [{}]):
-            label = method + "".join(f" {k}={v}" for k, v in setting.items())
+            label = setting_label(method, setting)
             gates = states.get((case.experts, method))
             if method == "spatial_mole" and gates is None:
                 continue
@@ -144,7 +154,7 @@ def choose(runs: list[dict]) -> dict:
     chosen = {}
     for method, options in SETTINGS.items():
         def score(setting, method=method):
-            label = method + "".join(f" {k}={v}" for k, v in setting.items())
+            label = setting_label(method, setting)
             vals = [r["joint"] for r in runs if r["split"] == "validation" and r["method"] == label
                     and r["case_kind"] in ("pair", "zigzag")]
             return float(np.mean(vals)) if vals else -1.0
@@ -175,7 +185,13 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="compose_toy")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS),
+                        help="draw only these splits (a part, written as <name>.json; merge the parts with --merge)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="report from parts' json files instead of drawing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return args
     if not (args.base / "model_index.json").is_file():
         parser.error(f"--base {args.base}: not a diffusers model folder (no model_index.json)")
     if not 1 <= args.val_seeds <= args.seeds:
@@ -183,35 +199,62 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+def draw_parts(args, started: float) -> tuple[list[dict], Path | None]:
+    """Every case row of the splits asked for (every setting of SETTINGS on both splits: the choice reads only
+    validation rows, so the splits can run in parallel processes) and the test grid, if test was drawn."""
     args.work_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(zip(TRIGGERS, train_experts(args, args.work_dir), strict=True))
     pipe = load_pipe(args.base)
-    runs, grid = [], {}
-    states_by_seed = {seed: gate_states(args, paths, seed) for seed in range(args.seeds)}
-    for seed in range(args.val_seeds):
-        rows, _ = evaluate(args, pipe, paths, "validation", seed, states_by_seed[seed], SETTINGS)
-        runs += rows
-        print(json.dumps(rows[-1]), flush=True)
+    runs, grid_path = [], None
+    seeds = {"validation": args.val_seeds, "test": args.seeds}
+    for seed in range(max(seeds[s] for s in args.splits)):
+        states = gate_states(args, paths, seed, tag="+".join(args.splits))
+        for split in args.splits:
+            if seed >= seeds[split]:
+                continue
+            rows, images = evaluate(args, pipe, paths, split, seed, states, SETTINGS)
+            runs += rows
+            print(json.dumps(rows[-1]), flush=True)
+            if split == "test" and seed == 0:
+                grid_path = save_grid(args.out_dir / f"{args.name}_grid.png", *grid_rows(images, SPLITS["test"]))
+    print(f"drew {len(runs)} case rows in {time.perf_counter() - started:.0f} s", flush=True)
+    return runs, grid_path
+
+
+def plain_settings(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "merge"}
+
+
+def finish(args, runs: list[dict], grid_name: str, started: float, parts_settings: list | None = None) -> dict:
+    """Chooses the settings on validation, keeps the chosen ones' test rows, writes the report."""
     chosen = choose(runs)
-    for seed in range(args.seeds):
-        rows, images = evaluate(args, pipe, paths, "test", seed, states_by_seed[seed], chosen)
-        runs += rows
-        grid = grid or images
-        print(json.dumps(rows[-1]), flush=True)
-    grid_path = save_grid(args.out_dir / f"{args.name}_grid.png", *grid_rows(grid, SPLITS["test"]))
+    unchosen = {setting_label(m, s) for m, opts in SETTINGS.items() for s in opts if s not in chosen[m]}
+    runs = [r for r in runs if r["split"] == "validation" or r["method"] not in unchosen]
     table, summary = report(runs, chosen)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = parts_settings or plain_settings(args)
     notes = (__doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2] + "\n\nSettings: " + json.dumps(settings)
              + f". Chosen on validation: {json.dumps(chosen)}. Wall time {time.perf_counter() - started:.0f} s. "
-             f"Grid: `{grid_path.name}` (test split, seed 0; per case its first image and the mask picture of the "
-             "regions the method used: red = first expert, green = second, gray = whole image).")
+             f"Grid: `{grid_name}` (test split, seed 0, every setting; per case its first image and the mask "
+             "picture of the regions the method used: red = first expert, green = second, gray = whole image).")
     write_results(args.name, runs + summary, table, notes, args.out_dir)
     return {"runs": runs, "summary": summary, "chosen": chosen}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        return finish(args, [r for r in rows if r.get("kind") == "case"], f"{args.name}_grid.png", started,
+                      [r for r in rows if r.get("kind") == "settings"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs, grid_path = draw_parts(args, started)
+    if set(args.splits) == set(SPLITS):
+        return finish(args, runs, grid_path.name if grid_path else "-", started)
+    note = f"A part ({', '.join(args.splits)}) of the composition benchmark: merge the parts with --merge."
+    write_results(args.name, runs + [{"kind": "settings", **plain_settings(args)}], note, "", args.out_dir)
+    return {"runs": runs}
 
 
 if __name__ == "__main__":
