@@ -19,8 +19,9 @@ def pipeline_and_experts(model_dir, root, names=NAMES):
     return pipe, load_experts(pipe, [dirs[n] for n in names]), dirs
 
 
-def request(prompt: str = "a photo of sks dog", size: int = 64, steps: int = 2, **kw) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, seed=0, steps=steps, guidance=5.0, width=size, height=size,
+def request(prompt: str = "a photo of sks dog", size: int = 64, steps: int = 2, guidance: float = 5.0,
+            **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, seed=0, steps=steps, guidance=guidance, width=size, height=size,
                              scheduler="DDIM", **kw)
 
 

@@ -10,6 +10,7 @@ from composition_helpers import pipeline_and_experts, pixels, request
 from mole_helpers import same_state, state
 
 from moslora_diffusion.composition import METHODS, CompositionError, Region, check_layout, compose
+from moslora_diffusion.composition.regions import expert_masks, share_weights
 from moslora_diffusion.generation.fusion import FusedAdapters
 from moslora_diffusion.generation.text_to_image import run_pipeline
 
@@ -88,4 +89,14 @@ def test_bad_layouts_are_one_line_before_the_model(method, regions, options, gat
 
 
 def test_overlapping_boxes_are_allowed_with_the_stated_rule():
-    check_layout("regional", ["a", "b"], [Region("a", box=(0, 0, 0.7, 1)), Region("b", box=(0.3, 0, 1, 1))])
+    regions = [Region("a", box=(0, 0, 0.75, 1)), Region("b", box=(0.25, 0, 1, 1))]
+    check_layout("regional", ["a", "b"], regions)
+    soft = np.full((8, 8), 0.25, dtype=np.float32)
+    masks = torch.from_numpy(np.stack([expert_masks(regions, ["a", "b"], 8, 8)[0],
+                                       expert_masks(regions, ["a", "b"], 8, 8)[1], soft]))[None]
+    shares = share_weights(masks)[0]
+    # x in [2, 6): a, b and the soft mask overlap (sum 2.25): shared in proportion; elsewhere a or b alone + soft
+    assert torch.allclose(shares[:, 0, 4], torch.tensor([1, 1, 0.25]) / 2.25)
+    assert torch.allclose(shares[:, 0, 0], torch.tensor([1, 0, 0.25]) / 1.25)
+    only_soft = share_weights(torch.from_numpy(soft)[None, None])  # a sum below 1 is kept: the rest is the base
+    assert torch.equal(only_soft, torch.from_numpy(soft)[None, None])

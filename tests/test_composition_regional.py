@@ -32,16 +32,17 @@ def _alone(pipe, dirs, name, req):
         fusion.remove(name)
 
 
-@pytest.mark.parametrize("name", ["dog", "style"])
-def test_a_region_over_the_whole_image_is_the_expert_alone(setup, name):
+@pytest.mark.parametrize("name, guidance", [("dog", 5.0), ("style", 5.0), ("style", 1.0)])
+def test_a_region_over_the_whole_image_is_the_expert_alone(setup, name, guidance):
     pipe, experts, dirs = setup
     before = state(pipe)
-    result = compose(pipe, experts, "regional", request(), [Region(name, box=(0, 0, 1, 1))])
+    req = request(guidance=guidance)  # 1.0: no classifier-free guidance batch
+    result = compose(pipe, experts, "regional", req, [Region(name, box=(0, 0, 1, 1))])
     assert same_state(before, state(pipe)) and not hasattr(pipe, "_moslora_spatial_router")
-    alone = _alone(pipe, dirs, name, request())
+    alone = _alone(pipe, dirs, name, req)
     assert np.abs(pixels(result.images) - alone).max() <= PIXEL_ATOL
-    base = pixels(run_pipeline(pipe, request(), None))
-    assert np.abs(alone - base).max() > 0.1
+    base = pixels(run_pipeline(pipe, req, None))
+    assert np.abs(alone - base).max() > 0.03  # >> PIXEL_ATOL: the expert really acts
     assert result.masks[0][name].min() == 1.0 and result.masks[0][name].shape == (64, 64)
     other = next(e.name for e in experts if e.name != name)
     assert result.masks[0][other].max() == 0.0

@@ -20,6 +20,8 @@ LAYERS = {"_version": 0, "checks": 0, "console": 0, "files": 0, "models": 1, "da
 # with training/'s loop.
 TOP = 10  # __init__ (the public API) and the command modules at the root
 COMMANDS = {"evaluate", "export", "generate", "tiny"}
+# Command modules inside a package (`python -m moslora_diffusion.<package>`) sit at the top like the root commands.
+PACKAGE_COMMANDS = {"moslora_diffusion.mole.__main__"}
 
 
 def _module_name(path: Path) -> str:
@@ -56,7 +58,7 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
 def _layer(module: str) -> tuple[str, int]:
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or module in PACKAGE_COMMANDS:
         return "face", TOP
     head = parts[1]
     if head in LAYERS:

@@ -123,9 +123,12 @@ def test_the_balance_term_has_gradient_on_the_gates_and_reads_zero_when_balanced
     assert all(float(g.bias.grad.abs().max()) > 0 for g in mole.gates)
 
 
-def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup):
-    model, experts, photos, root = setup
-    settings = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear")
+@pytest.mark.parametrize("spatial", [False, True], ids=["block-gates", "spatial-gates"])
+def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, spatial):
+    model, experts, photos, _ = setup
+    root = setup[3] / ("spatial" if spatial else "block")
+    settings = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear",
+                    spatial_gates=spatial)
     reset_accelerate()
     try:
         train_gates(_config(model, experts, photos, root / "a", **settings))
@@ -153,6 +156,8 @@ def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_ga
     a, b = read_mole(root / "a" / "mole.safetensors").gates, read_mole(root / "b" / "mole.safetensors").gates
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith(".weight"))
+    granularity = read_mole(root / "b" / "mole.safetensors").info["settings"]["granularity"]
+    assert granularity == ("position" if spatial else "block")
 
 
 def _one_line_error(argv: list[str], capsys) -> str:

@@ -109,11 +109,16 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
     regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
     "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
     ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto).
-    Raises CompositionError / GenerationError (one line) before the pipeline is touched; afterwards the pipeline
-    computes exactly what it did before (no weights changed, no hooks left).
+    Raises CompositionError / GenerationError (one line) before the pipeline is touched. The pipeline keeps the
+    request's scheduler; otherwise it computes exactly what it did before (no weight changed, no hook left).
     """
     check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
                  gates is not None)
+    if method == "auto":
+        from .auto import auto_triggers, check_auto_options
+
+        check_auto_options(request.steps, **options)
+        auto_triggers({e.name: e.trigger_prompt for e in experts}, request.prompt, options.get("triggers"))
     req = validate_request(request, [])
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     return _dispatch(pipe, experts, method, req, regions, gates, dict(options))

@@ -4,6 +4,8 @@ Branch 0 is the base model reading the global prompt; branch 1 + i is expert i (
 scale, the others off) reading its region prompt, or the global prompt when its region has none. The pipeline
 gets branch 0 as `prompt_embeds` (batch 1, it repeats them per image); the router gets every expert branch as the
 UNet sees its conditioning: (negative; prompt) stacked when classifier-free guidance runs, one row per image.
+SDXL's pooled prompt embedding (the added time conditioning, which has no position) is the base one moved towards
+each expert's by that expert's share of the image area: a whole-image region gives the expert's, none the base's.
 SD 1.x / 2.x and SDXL alike, through the pipeline's own `encode_prompt`.
 """
 
@@ -44,10 +46,15 @@ def encode_branches(pipe, router: SpatialRouter, req: GenerationRequest, prompts
     positive, negative, pooled, negative_pooled = _branch(router, 0, pipe, req.prompt, req.negative_prompt, 1,
                                                           guidance)
     contexts: list[torch.Tensor | None] = [None]
+    area = router.shares.mean(dim=(0, 2, 3))  # (N,) each expert's share of the images
     for i, prompt in enumerate(prompts):
-        pos, neg, _, _ = _branch(router, i + 1, pipe, prompt or req.prompt, req.negative_prompt, req.num_images,
-                                 guidance)
+        pos, neg, pos_pooled, neg_pooled = _branch(router, i + 1, pipe, prompt or req.prompt, req.negative_prompt,
+                                                   req.num_images, guidance)
         contexts.append(torch.cat([neg, pos]) if guidance else pos)
+        if pooled is not None:  # SDXL's pooled prompt has no position: mixed by area, as every such input
+            pooled = pooled + area[i].to(pooled) * (pos_pooled[:1] - pooled)
+            if negative_pooled is not None:
+                negative_pooled = negative_pooled + area[i].to(pooled) * (neg_pooled[:1] - negative_pooled)
     router.set_contexts(contexts)
     kwargs = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
     if pooled is not None:

@@ -60,6 +60,7 @@ class SpatialRouter:
     def set_shares(self, shares: torch.Tensor) -> None:
         """(B_images, N, H, W) fp32 shares at latent size (sum over experts <= 1 at every position)."""
         self.shares = shares.float()
+        self._resized: dict[tuple, torch.Tensor] = {}  # (batch, h, w, device) -> shares: every layer reuses them
 
     def set_contexts(self, contexts: Sequence[torch.Tensor | None]) -> None:
         """The encoder hidden states of each branch (None: the one the UNet gets), batch as the UNet's."""
@@ -67,10 +68,13 @@ class SpatialRouter:
 
     def _shares_at(self, batch: int, height: int, width: int) -> torch.Tensor:
         """(batch, N, height, width): the shares resized, repeated over the guidance halves of the batch."""
-        shares = resize_weights(self.shares, height, width)
-        if batch % shares.shape[0]:
-            raise RuntimeError(f"a batch of {batch} for shares of {shares.shape[0]} images")
-        return shares.repeat(batch // shares.shape[0], 1, 1, 1)
+        key = (batch, height, width)
+        if key not in self._resized:
+            shares = resize_weights(self.shares, height, width)
+            if batch % shares.shape[0]:
+                raise RuntimeError(f"a batch of {batch} for shares of {shares.shape[0]} images")
+            self._resized[key] = shares.repeat(batch // shares.shape[0], 1, 1, 1)
+        return self._resized[key]
 
     def grid(self, length: int) -> tuple[int, int]:
         """The (h, w) of a block whose token count is `length`: the latent halved (rounding up) until it fits."""

@@ -1,5 +1,6 @@
 """The spatial methods behind `compose`: `regional` (the user's boxes / masks) and `auto` (masks from the trigger
-words' cross-attention in the first steps), both through the spatial router (router.py)."""
+words' cross-attention in the first steps), both through the spatial router (router.py), and `spatial_mole`
+(per-position gates, spatial_mole.py)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: Generation
                 ) -> list[dict[str, np.ndarray]]:
     """Per image {expert: (H, W) float32}: the latent-size shares the router used, each latent cell a block of
     pixels (nearest), so the picture shows exactly what was applied."""
-    full = F.interpolate(shares.float(), size=(req.height, req.width), mode="nearest")
+    full = F.interpolate(shares.float().cpu(), size=(req.height, req.width), mode="nearest")
     full = full.expand(images, -1, -1, -1) if full.shape[0] == 1 else full
     return [{e.name: full[b, i].numpy().copy() for i, e in enumerate(experts)} for b in range(images)]
 
 
 def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: torch.Tensor,
                   prompts: Sequence[str | None]) -> list[Image.Image]:
-    router.set_shares(shares)
+    router.set_shares(shares.to(pipe._execution_device))
     embeddings = encode_branches(pipe, router, req, prompts)
     return run_pipeline(pipe, req, None, embeddings)
 
@@ -50,6 +51,11 @@ def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: t
 def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: GenerationRequest,
                      regions: Sequence[Region], gates=None, **options) -> tuple[list[Image.Image], list[dict]]:
     """Images and per-image masks of a checked request (api.compose checked everything)."""
+    if method == "spatial_mole":
+        from .spatial_mole import generate_spatial_mole
+
+        images, shares = generate_spatial_mole(pipe, experts, req, gates)
+        return images, image_masks(shares, experts, req, len(images))
     router = attach_router(pipe, experts)
     try:
         if method == "regional":
@@ -62,7 +68,7 @@ def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: Generati
             shares = auto_shares(pipe, router, experts, req, **options)
             images = routed_images(pipe, router, req, shares, [None] * len(experts))
         else:
-            raise CompositionError(f"method {method!r} is not available in this build")
+            raise CompositionError(f"method {method!r} is not a spatial method")
     finally:
         detach_router(pipe)
     return images, image_masks(shares, experts, req, len(images))

@@ -9,6 +9,7 @@ experts; one small learned gate per block weights them:
 
     experts = mole.load_experts(pipe, ["out/dog", "out/cat", "style.safetensors"])   # checks all first
     m = mole.attach_mole(pipe, experts)            # hooks; gates start uniform (= NLA, weights 1/N)
+    # granularity="position": each UNet block's gate evaluated per latent position (spatial MoLE, positions.py)
     loss = task_loss + 0.5 * mole.balance_loss(m)  # only m.parameters() (the gates) train
     mole.save_mole(m, "out/mole.safetensors")      # gates + the experts' folded weights + metadata
     m.set_mask(["cat"]); m.set_scales({"dog": 1.2})  # inference: mask experts (renormalised), extra scales

@@ -1,7 +1,8 @@
-"""`python -m moslora_diffusion.mole train | generate | export` (mole/cli.py)."""
+"""`python -m moslora_diffusion.mole train | generate | export`: `generate` with every composition method
+(composition/cli.py, which hands train and export to mole/cli.py). A command module: it sits above every layer."""
 
 import sys
 
-from .cli import main
+from ..composition.cli import main
 
 sys.exit(main())

@@ -43,11 +43,11 @@ def _scale(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected EXPERT=SCALE, e.g. dog=1.2") from None
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, mole_required: bool = True) -> None:
     parser.add_argument("--base", required=True, help="the experts' base model: hub id, diffusers folder or "
                         "single .safetensors file")
     parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
-    parser.add_argument("--mole", required=True, type=Path, help="mole.safetensors (or the training folder)")
+    parser.add_argument("--mole", required=mole_required, type=Path, help="mole.safetensors (or the training folder)")
     parser.add_argument("--mask", nargs="+", default=[], metavar="EXPERT",
                         help="experts to leave out; the others' gates are renormalised (the paper's second mode)")
     parser.add_argument("--scale", nargs="+", type=_scale, default=[], metavar="EXPERT=SCALE",
@@ -55,10 +55,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_debug_flag(parser)
 
 
-def generate_parser() -> argparse.ArgumentParser:
+def generate_parser(mole_required: bool = True) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m moslora_diffusion.mole generate",
                                 description="Generate with every expert and the learned gates of a MoLE file.")
-    _common(parser)
+    _common(parser, mole_required)
     add_request_flags(parser)
     parser.add_argument("--heatmap", action="store_true", help="also write gates-<n>.png per prompt and seed: the "
                         "gate weight of each expert in each block")
@@ -81,7 +81,7 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mole_file(path: Path) -> Path:
+def mole_file(path: Path) -> Path:
     return path / FILE_NAME if path.is_dir() else path
 
 
@@ -91,7 +91,7 @@ def _load(args: argparse.Namespace):
     from . import inference
     from .file import load_mole
 
-    path = _mole_file(args.mole)
+    path = mole_file(args.mole)
     names = [e.name for e in read_mole(path).experts]
     unknown = sorted((set(args.mask) | {n for n, _ in args.scale}) - set(names))
     if unknown:
@@ -129,7 +129,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 def run_export(args: argparse.Namespace) -> Path:
     from .static_export import average_gates, export_static
 
-    check_not_an_input(args.out, [args.mole, _mole_file(args.mole)], "--out")
+    check_not_an_input(args.out, [args.mole, mole_file(args.mole)], "--out")
     for seed in args.seeds:
         check_number("--seeds", seed, SEED)
     if any(not p.strip() for p in args.prompt):

@@ -180,6 +180,12 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
+def expert_names(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[str]:
+    """The names `load_experts` gives these files (checked paths, nothing read): for a command's checks before the
+    model loads."""
+    return unique_names(list(names) if names else [_display_name(resolve_expert_path(p)) for p in paths])
+
+
 def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | None = None,
                  names: Sequence[str] | None = None) -> list[Expert]:
     """Reads 2..8 expert files for `pipe` (SD 1.x / 2.x / XL) and checks them all against it.
@@ -194,7 +200,7 @@ def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | No
         if given is not None and len(given) != len(paths):
             raise MoLEError(f"{len(paths)} experts but {len(given)} {label}")
     resolved = [resolve_expert_path(p) for p in paths]  # every path first: a missing 2nd file fails before reading
-    names = unique_names(list(names) if names else [_display_name(p) for p in resolved])
+    names = expert_names(resolved, names)
     scales = [check_scale(s, n) for s, n in zip(scales or [1.0] * len(paths), names, strict=True)]
     experts = []
     for path, name, scale in zip(resolved, names, scales, strict=True):

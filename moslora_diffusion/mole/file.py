@@ -50,7 +50,7 @@ def save_mole(mole: MoLE, path: str | Path, base_model: str | None = None, setti
     record = {"format_version": FORMAT_VERSION, "family": mole.family, "base_model": base_model,
               "experts": [dict(e.describe(), scale=float(s)) for e, s in zip(mole.experts, mole.scales, strict=True)],
               "blocks": [b.name for b in mole.blocks], "ungated_layers": mole.has_ungated_layers,
-              "settings": {"granularity": "block", "gate_features": GATE_FEATURES, **dict(settings or {})}}
+              "settings": {"granularity": mole.granularity, "gate_features": GATE_FEATURES, **dict(settings or {})}}
     return save_tensors(tensors, path, {METADATA_KEY: json.dumps(record), "format": "pt"})
 
 
@@ -128,4 +128,9 @@ def load_mole(pipe, path: str | Path, experts: Sequence[Expert] | None = None) -
         raise MoLEError(f"{path}: MoLE trained for {stored}, but the pipeline is {family.name} ({family.label})")
     if experts is not None:
         check_same_experts(mole_file.experts, experts, str(path))
-    return attach_mole(pipe, mole_file.experts, gates=mole_file.gates)
+    return attach_mole(pipe, mole_file.experts, gates=mole_file.gates, granularity=granularity(mole_file))
+
+
+def granularity(mole_file: MoLEFile) -> str:
+    """"block" (the paper's gates) or "position" (spatial gates) as the file records it."""
+    return (mole_file.info.get("settings") or {}).get("granularity", "block")

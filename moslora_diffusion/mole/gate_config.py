@@ -42,6 +42,9 @@ class GateTrainConfig(TrainConfig):
     balance_weight: float = flag(
         0.5, "weight of the gate-balancing loss -log prod_i q_i (q_i: expert i's mean gate weight; the paper's "
         "0.5); 0 turns it off", group="experts")
+    spatial_gates: bool = flag(
+        False, "evaluate each UNet block's gate per latent position (spatial MoLE: an expert can win one part of "
+        "the image and another the rest) instead of once per block", group="experts")
     learning_rate: float = flag(1e-3, "learning rate of the gates")
     output_dir: str = flag("mole-gates", "where mole.safetensors and the run's files go", group="output")
 

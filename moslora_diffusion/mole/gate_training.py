@@ -99,14 +99,15 @@ class GateTrainable:
         return param_groups(config, self.params, [])
 
     def identity(self) -> dict:
-        return {"family": self.mole.family, "experts": [e.sha256 for e in self.mole.experts],
+        ours = {"family": self.mole.family, "experts": [e.sha256 for e in self.mole.experts],
                 "blocks": [b.name for b in self.mole.blocks]}
+        return ours | ({"granularity": "position"} if self.mole.granularity == "position" else {})
 
     def check_checkpoint(self, info: CheckpointInfo) -> None:
         ours = self.identity()
         check_same_experts(info, ours["experts"])
-        for key, what in (("family", "model family"), ("blocks", "gated blocks")):
-            if info.state.get(key) != ours[key]:
+        for key, what in (("family", "model family"), ("blocks", "gated blocks"), ("granularity", "gate granularity")):
+            if info.state.get(key) != ours.get(key):
                 raise CheckpointError(f"checkpoint {info.path} holds gates for another {what} than this run; "
                                       "resume on the same base model")
 
@@ -166,7 +167,8 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     class_images = None
     if config.with_prior_preservation:  # before the experts are attached: the base model's own class images
         class_images = prepare_class_images(config, base, resolution, accelerator)
-    mole = attach_mole(base.pipe, load_experts(base.pipe, [s.path for s in sources]))
+    mole = attach_mole(base.pipe, load_experts(base.pipe, [s.path for s in sources]),
+                       granularity="position" if config.spatial_gates else "block")
     _train_mode(base, mole, config.gradient_checkpointing)
     trainable = GateTrainable(mole, config.balance_weight)
     if resume is not None:

@@ -15,13 +15,15 @@ from .model import MoLE
 
 
 def expert_usage(mole: MoLE) -> torch.Tensor:
-    """q: (N,) fp32, the mean over gated blocks of each block's batch-mean gate weights, with gradient."""
+    """q: (N,) fp32, the mean over gated blocks of each block's batch-mean (and position-mean) gate weights, with
+    gradient."""
     gates = list(mole.current_gates().values())
     if not gates:
         raise MoLEError("no learned gates were computed since clear_gates(): run a forward with learned (not "
                         "fixed) gates first")
     device = gates[0].device
-    return torch.stack([g.to(device).mean(dim=0) for g in gates]).mean(dim=0)
+    # (B, N) per-block gates, (B, L, N) per-position ones: each block's mean over its batch (and positions)
+    return torch.stack([g.to(device).reshape(-1, g.shape[-1]).mean(dim=0) for g in gates]).mean(dim=0)
 
 
 def balance_loss(mole: MoLE) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ..models.families import detect_family
 from ..moslora.pipeline import model_components, model_module_name, pipeline_adapters
 from .experts import Expert, MoLEError, check_experts, check_scale
 from .gates import UNGATED, Block, Gate, find_blocks, text_layer_features, unet_block_features
+from .positions import GRANULARITIES, layer_weights, position_features
 
 ATTRIBUTE = "_moslora_mole"  # where the attached MoLE is kept on the pipeline
 
@@ -66,9 +67,11 @@ class MoLE(nn.Module):
     """Gates (the only parameters) plus the hooks that apply the experts. Build it with `attach_mole`."""
 
     def __init__(self, experts: Sequence[Expert], blocks: Sequence[tuple[Block, nn.Module]],
-                 layer_blocks: Mapping, components: Mapping[str, nn.Module], family: str):
+                 layer_blocks: Mapping, components: Mapping[str, nn.Module], family: str, granularity: str = "block"):
         super().__init__()
         self.family = family  # "sd1" / "sd2" / "sdxl"
+        self.granularity = granularity  # "block": one gate per UNet block; "position": per position (positions.py)
+        self.grids: dict[str, tuple[int, int]] = {}  # (h, w) of each UNet block's latest forward
         self.experts = list(experts)
         self.blocks = [block for block, _ in blocks]
         self.layer_blocks = dict(layer_blocks)
@@ -116,10 +119,13 @@ class MoLE(nn.Module):
     def _unet_block_hook(self, block: Block, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if self.fixed is None:
-            self._set_current(block, unet_block_features(hidden, context, block.text_dim))
-        else:
+        if self.fixed is not None:
             self._record(block.name, self.fixed[block.name])
+        elif self.granularity == "position":
+            self.grids[block.name] = (hidden.shape[-2], hidden.shape[-1]) if hidden.dim() == 4 else (hidden.shape[1], 1)
+            self._set_current(block, position_features(hidden, context, block.text_dim))
+        else:
+            self._set_current(block, unet_block_features(hidden, context, block.text_dim))
 
     def _text_layer_hook(self, block: Block, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -132,13 +138,15 @@ class MoLE(nn.Module):
     def _set_current(self, block: Block, features: torch.Tensor) -> None:
         gate = self.gates[self._index[block.name]]
         weights = gate(features.to(gate.weight.device), self.keep)
-        self._current[block.name] = weights
-        self._record(block.name, weights)
+        self._current[block.name] = weights  # (B, N), or (B, L, N) per position
+        self._record(block.name, weights.mean(dim=1) if weights.dim() == 3 else weights)
 
     def _layer_hook(self, experts: LayerExperts, module, args, output):
         x = args[0]
-        weights = self.block_weights(experts.block, x.shape[0]).to(x.device) * self.scales.to(x.device)
-        return output + experts.delta(x, output.dtype, weights)
+        weights = self.block_weights(experts.block, x.shape[0]).to(x.device)
+        if weights.dim() == 3:  # a per-position gate: as this layer's input lays out the block's positions
+            weights = layer_weights(weights, self.grids[experts.block], x, experts.is_conv)
+        return output + experts.delta(x, output.dtype, weights * self.scales.to(x.device))
 
     # -- gate weights ------------------------------------------------------------------------------------------
     def _uniform(self) -> torch.Tensor:
@@ -305,16 +313,21 @@ def check_pipeline(pipe, experts: Sequence[Expert]) -> dict[str, nn.Module]:
     return components
 
 
-def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None) -> MoLE:
+def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None,
+                granularity: str = "block") -> MoLE:
     """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
     gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
+    granularity: "block" (the paper's) or "position" (the UNet gates evaluated per latent position, positions.py;
+    the same gate parameters, so a gate_state fits either).
 
     The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
     Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
+    if granularity not in GRANULARITIES:
+        raise MoLEError(f"unknown gate granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     components = check_pipeline(pipe, experts)
     keys = {key for expert in experts for key in expert.layers}
     blocks, layer_blocks = find_blocks(components, sorted(keys))
-    mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name)
+    mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name, granularity)
     if gates is not None:
         mole.load_gate_state(gates)
     mole.install()

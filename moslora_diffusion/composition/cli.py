@@ -1,0 +1,214 @@
+"""`python -m moslora_diffusion.mole generate --method ...`: the one command for every composition method.
+
+    python -m moslora_diffusion.mole generate --base BASE --experts out/star out/square --method regional \\
+        --region star=0,0,0.5,1 --region square=0.5,0,1,1 --region_prompt star="a photo of sks star" \\
+        --prompt "sks star and v square" --out samples          # images + <image>-mask-<expert>.png
+    python -m moslora_diffusion.mole generate --base BASE --mole out/mole.safetensors --method auto \\
+        [--trigger star=sks] --prompt "sks star and v square" --out samples
+    python -m moslora_diffusion.mole generate --base BASE --mole out/mole.safetensors --prompt ... --out samples
+        # --method mole (the default with --mole): MoLE's learned gates, as before (--mask, --heatmap)
+
+Experts come from a MoLE file (--mole: its experts, and its gates for mole / spatial_mole) or from LoRA files
+(--experts: ours, diffusers or kohya). `train` and `export` are mole/cli.py's. Every input (method, regions,
+masks, trigger words, numbers, the output folder) is checked before the model loads; an error is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ..console import run_command
+from ..files.atomic import check_output_folder
+from ..generation.text_to_image import GeneratedImage, GenerationRequest, format_infotext, save_png, validate_request
+from ..mole import cli as mole_cli
+from ..mole.experts import MoLEError, check_scale, expert_names
+from ..mole.file import read_mole
+from .api import GATED_METHODS, METHODS, check_layout
+from .regions import CompositionError, Region
+from .report import read_mask_picture, save_mask_pictures
+
+
+def _pair(kind: str, example: str):
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected EXPERT={kind}, e.g. {example}")
+        return name, value
+    return parse
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = mole_cli.generate_parser(mole_required=False)
+    parser.description = "Generate with several experts composed in one image (--method; default mole)."
+    parser.add_argument("--method", choices=METHODS, default=None, help="how the experts are composed (default: "
+                        "mole with --mole, else regional when regions are given, else nla)")
+    parser.add_argument("--experts", nargs="+", default=[], metavar="LORA", help="expert LoRA files or training "
+                        "folders (ours, diffusers, kohya), instead of a MoLE file's experts")
+    parser.add_argument("--region", action="append", type=_pair("x0,y0,x1,y1", "star=0,0,0.5,1"), default=[],
+                        help="an expert's box as fractions of the width and height (repeat per expert)")
+    parser.add_argument("--region_mask", action="append", type=_pair("MASK.png", "star=star.png"), default=[],
+                        help="an expert's mask: a greyscale PNG of the image's size, white = the region")
+    parser.add_argument("--region_prompt", action="append", type=_pair("PROMPT", 'star="a photo of sks star"'),
+                        default=[], help="the prompt an expert's region reads (default: the global prompt)")
+    parser.add_argument("--trigger", action="append", type=_pair("WORD", "star=sks"), default=[],
+                        help="auto: an expert's trigger word (default: from its training prompt)")
+    parser.add_argument("--auto_steps", type=int, default=None, help="auto: the first steps whose cross-attention "
+                        "gives the masks (default: steps / 5)")
+    parser.add_argument("--threshold", type=float, default=None, help="auto: a position joins an expert's region "
+                        "when its attention is at least this share of the map's peak (default 0.4)")
+    parser.add_argument("--every", type=int, default=None, help="switch: denoising steps per expert")
+    return parser
+
+
+def _box(name: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CompositionError(f"--region {name}={text}: a box is 4 numbers x0,y0,x1,y1") from None
+
+
+def regions_from(args: argparse.Namespace) -> list[Region]:
+    """One Region per expert named by --region / --region_mask / --region_prompt (mask files read here)."""
+    boxes, masks, prompts = dict(args.region), dict(args.region_mask), dict(args.region_prompt)
+    for flag, pairs in (("--region", args.region), ("--region_mask", args.region_mask),
+                        ("--region_prompt", args.region_prompt)):
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CompositionError(f"{flag} given twice for one expert; give one per expert")
+    return [Region(name, _box(name, boxes[name]) if name in boxes else None,
+                   read_mask_picture(masks[name]) if name in masks else None, prompts.get(name))
+            for name in dict.fromkeys([*boxes, *masks, *prompts])]
+
+
+def _options(args: argparse.Namespace) -> dict:
+    given = {"triggers": dict(args.trigger) or None, "auto_steps": args.auto_steps, "threshold": args.threshold,
+             "every": args.every}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _method(args: argparse.Namespace, regions: list[Region]) -> str:
+    if args.method:
+        return args.method
+    return "mole" if args.mole else "regional" if regions else "nla"
+
+
+def _experts_before_loading(args: argparse.Namespace):
+    """(expert names, {name: training prompt} or None, the MoLE file or None), nothing loaded."""
+    if bool(args.mole) == bool(args.experts):
+        raise CompositionError("give the experts either as --mole FILE or as --experts LORA [LORA ...]")
+    if args.experts:
+        return expert_names(args.experts), None, None
+    stored = read_mole(mole_cli.mole_file(args.mole))
+    return [e.name for e in stored.experts], {e.name: e.trigger_prompt for e in stored.experts}, stored
+
+
+def _image_size(args: argparse.Namespace, regions: list[Region]) -> int | None:
+    """--size, else the size of the first mask (square images: --size is one number), else None (the model's)."""
+    masks = [r.mask for r in regions if r.mask is not None]
+    return args.size or (masks[0].shape[1] if masks else None)
+
+
+def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: dict) -> None:
+    from .auto import auto_triggers, check_auto_options
+
+    check_auto_options(args.steps, **options)
+    given = options.get("triggers") or {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise CompositionError(f"--trigger for expert {unknown[0]!r}, which is not there; the experts are "
+                               f"{', '.join(names)}")
+    for prompt in args.prompt:  # --experts: their training prompts are read with the model; given words now
+        auto_triggers(prompts if prompts is not None else dict.fromkeys(given), prompt, given)
+
+
+def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
+    """Every flag that can be checked before the model loads; returns compose()'s options."""
+    options = _options(args)
+    if args.mask or args.heatmap:
+        raise CompositionError("--mask and --heatmap are for --method mole; compose fewer experts with --experts")
+    check_layout(method, names, regions, (size, size) if size else None, options, has_gates=False)
+    unknown = sorted({n for n, _ in args.scale} - set(names))
+    if unknown:
+        raise MoLEError(f"no expert {', '.join(unknown)}; the experts are {', '.join(names)}")
+    for name, scale in args.scale:
+        check_scale(scale, name)
+    if method == "auto":
+        _check_auto(args, names, prompts, options)
+    return options
+
+
+def _infotext_pairs(method: str, experts, regions: list[Region], options: dict, mole_name: str | None) -> dict:
+    pairs = {"Composition": method,
+             "Experts": " | ".join(f"{e.name}: {e.scale:g}" for e in experts)}
+    if mole_name:
+        pairs["MoLE"] = mole_name
+    if regions:
+        pairs["Regions"] = " | ".join(r.describe() for r in regions)
+    if options.get("triggers"):
+        pairs["Triggers"] = " | ".join(f"{k}: {v}" for k, v in options["triggers"].items())
+    return pairs
+
+
+def _load(args: argparse.Namespace, stored):
+    from ..models.loading import load_pipeline
+    from ..mole import load_experts
+
+    pipe = load_pipeline(args.base, config=args.config)
+    pipe.set_progress_bar_config(disable=True)
+    scales = dict(args.scale)
+    if stored is None:
+        experts = load_experts(pipe, args.experts)
+    else:
+        experts = stored.experts
+    return pipe, [replace(e, scale=scales.get(e.name, e.scale)) for e in experts]
+
+
+def run_generate(args: argparse.Namespace) -> list[Path]:
+    """Images (and each expert's mask picture for the spatial methods) for every prompt and seed."""
+    from .api import compose
+
+    regions = regions_from(args)
+    method = _method(args, regions)
+    if method == "mole" and args.mole and not args.experts:
+        return mole_cli.run_generate(args)  # MoLE's learned gates: the command as it always was
+    names, prompts, stored = _experts_before_loading(args)
+    size = _image_size(args, regions)
+    options = _check(args, method, regions, names, prompts, size)
+    requests = [GenerationRequest(prompt=p, negative_prompt=args.negative_prompt, seed=s, steps=args.steps,
+                                  guidance=args.guidance, width=size or 512, height=size or 512,
+                                  scheduler=args.sampler) for p in args.prompt for s in args.seeds]
+    for request in requests:
+        validate_request(request)
+    check_output_folder(args.out, "--out")
+    pipe, experts = _load(args, stored)
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    gates = stored.gates if stored is not None and method in GATED_METHODS else None
+    pairs = _infotext_pairs(method, experts, regions, options, args.mole.name if args.mole else None)
+    written = []
+    for request in (replace(r, width=size, height=size) for r in requests):
+        result = compose(pipe, experts, method, request, regions, gates, **options)
+        for i, image in enumerate(result.images):
+            text = format_infotext(request, request.seed + i, {}, Path(str(args.base)).name, pairs)
+            path = save_png(GeneratedImage(image, text, method, request.seed + i), args.out)
+            written.append(path)
+            if result.masks is not None:
+                written += save_mask_pictures(result.masks[i], path.with_suffix(""))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`generate` here; `train` and `export` (and the usage line) from mole/cli.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "generate":
+        return mole_cli.main(argv)
+    parser = generate_parser()
+
+    def body(args_list: list[str]) -> None:
+        args = parser.parse_args(args_list)
+        written = run_generate(args)
+        print(f"wrote {len(written)} files under {args.out}")
+
+    return run_command(body, argv[1:])

@@ -1,0 +1,80 @@
+"""`python -m moslora_diffusion.mole generate --method ...`: images and mask pictures written with the method and
+regions in the PNG text; every bad layout is one line, exit status 2, before the model loads, nothing written."""
+
+import numpy as np
+import pytest
+from mole_helpers import make_experts
+from PIL import Image
+
+from moslora_diffusion.composition.cli import main
+from moslora_diffusion.mole import attach_mole, detach_mole, load_experts, save_mole
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_sd15_dir, tmp_path_factory):
+    dirs = make_experts(tiny_sd15_dir, tmp_path_factory.mktemp("experts"), ("dog", "style"))
+    return [str(dirs["dog"]), str(dirs["style"])]
+
+
+def _common(model, out):
+    return ["generate", "--base", str(model), "--prompt", "a photo of sks dog and a cat", "--steps", "2",
+            "--size", "64", "--sampler", "DDIM", "--out", str(out)]
+
+
+def test_regional_writes_images_masks_and_the_layout_in_the_png_text(tiny_sd15_dir, experts, tmp_path, capsys):
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "right.png")
+    out = tmp_path / "out"
+    status = main([*_common(tiny_sd15_dir, out), "--experts", *experts, "--method", "regional",
+                   "--region", "dog=0,0,0.5,1", "--region_mask", f"style={tmp_path / 'right.png'}",
+                   "--region_prompt", "dog=a photo of sks dog", "--seeds", "0", "1"])
+    assert status == 0, capsys.readouterr().err
+    images = sorted(p for p in out.rglob("*-regional.png"))
+    assert len(images) == 2
+    text = Image.open(images[0]).text["parameters"]
+    assert "Composition: regional" in text
+    assert "Regions: dog: box 0,0,0.5,1 (a photo of sks dog) | style: mask" in text.replace('"', "")
+    dog = np.asarray(Image.open(images[0].with_name(images[0].stem + "-mask-dog.png")), dtype=np.float32) / 255
+    style = np.asarray(Image.open(images[0].with_name(images[0].stem + "-mask-style.png")), dtype=np.float32) / 255
+    assert dog[:, :32].min() == 1 and dog[:, 32:].max() == 0 and np.array_equal(style, mask / 255)
+
+
+def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_dir, experts, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    attach_mole(pipe, load_experts(pipe, experts))
+    path = save_mole(detach_mole(pipe), tmp_path / "mole.safetensors")
+    assert main([*_common(tiny_sd15_dir, tmp_path / "a"), "--mole", str(path), "--heatmap"]) == 0
+    assert len(list((tmp_path / "a").rglob("gates-*.png"))) == 1  # the MoLE path, as before
+    assert main([*_common(tiny_sd15_dir, tmp_path / "b"), "--mole", str(path), "--method", "auto",
+                 "--trigger", "dog=dog", "--trigger", "style=cat", "--auto_steps", "1"]) == 0
+    written = sorted(p.name for p in (tmp_path / "b").rglob("*.png"))
+    assert len(written) == 3 and sum("-mask-" in n for n in written) == 2, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "regional", "--region", "cow=0,0,1,1"], "a region for expert 'cow', which is not there"),
+    (["--method", "sum", "--region", "dog=0,0,1,1"], "method 'sum' takes no regions"),
+    (["--method", "regional", "--region", "dog=0,0,1"], "a box is 4 numbers"),
+    (["--method", "regional", "--region_mask", "dog=small.png"], "the mask is 32x32 but the image is 64x64"),
+    (["--method", "regional", "--region_mask", "dog=colour.png"], "not a mask (a colour picture)"),
+    (["--method", "regional", "--region_mask", "dog=notes.png"], "not an image"),
+    (["--method", "auto", "--trigger", "dog=zebra"], "the prompt does not contain 'dog''s trigger word 'zebra'"),
+    (["--method", "auto", "--trigger", "cow=dog"], "--trigger for expert 'cow', which is not there"),
+    (["--method", "regional", "--region", "dog=0,0,1,1", "--mask", "style"], "--mask and --heatmap are for"),
+    (["--method", "regional", "--region_prompt", "dog=a dog"], "give a box or a mask (exactly one)"),
+])
+def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extra, message):
+    Image.new("L", (32, 32)).save(tmp_path / "small.png")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "colour.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    extra = [e.replace("small.png", str(tmp_path / "small.png")).replace("colour.png", str(tmp_path / "colour.png"))
+             .replace("notes.png", str(tmp_path / "notes.png")) for e in extra]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*_common(tmp_path / "no-model-here", out), "--experts", *experts, *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
