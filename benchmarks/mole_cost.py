@@ -46,10 +46,10 @@ def build_pipeline(size: str):
     return build_random_pipeline("sd1", torch.float32)
 
 
-def write_experts(pipe, rank: int, folder: Path) -> list[Path]:
-    """EXPERTS MoSLoRA adapters with non-zero B, saved and taken off again."""
+def write_experts(pipe, rank: int, folder: Path, count: int = EXPERTS) -> list[Path]:
+    """`count` MoSLoRA adapters (UNet and text attention) with non-zero B, saved and taken off again."""
     paths = []
-    for i in range(EXPERTS):
+    for i in range(count):
         torch.manual_seed(i)
         attach_to_pipeline(pipe, AdapterConfig(rank=rank, alpha=rank), unet_targets="attn", text_targets="attn")
         with torch.no_grad():

@@ -132,12 +132,13 @@ def read_expert(path: Path, pipe, name: str, scale: float = 1.0) -> Expert:
                   folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale)
 
 
-def check_count(count: int) -> None:
-    if count < MIN_EXPERTS:
-        raise MoLEError(f"MoLE composes {MIN_EXPERTS} to {MAX_EXPERTS} experts; got {count}: give at least two "
-                        "LoRAs (one LoRA needs no gate)")
+def check_count(count: int, minimum: int = MIN_EXPERTS) -> None:
+    """minimum: 2 for learned gates; 1 where fixed one-hot gates only route (composition/: Switch, Composite)."""
+    if count < minimum:
+        hint = "give at least two LoRAs (one LoRA needs no gate)" if minimum > 1 else "give at least one LoRA"
+        raise MoLEError(f"MoLE composes {minimum} to {MAX_EXPERTS} experts; got {count}: {hint}")
     if count > MAX_EXPERTS:
-        raise MoLEError(f"MoLE composes {MIN_EXPERTS} to {MAX_EXPERTS} experts; got {count}: drop some")
+        raise MoLEError(f"MoLE composes {minimum} to {MAX_EXPERTS} experts; got {count}: drop some")
 
 
 def check_scale(value, name: str) -> float:
@@ -145,10 +146,10 @@ def check_scale(value, name: str) -> float:
     return float(check_number(f"scale of expert {name!r}", value, SCALE, MoLEError))
 
 
-def check_experts(experts: Sequence[Expert], pipe) -> None:
+def check_experts(experts: Sequence[Expert], pipe, minimum: int = MIN_EXPERTS) -> None:
     """One family for all experts and the pipeline; every layer names an adaptable module of the right shape;
     no file given twice. Raises MoLEError naming the expert."""
-    check_count(len(experts))
+    check_count(len(experts), minimum)
     known = [(e, e.family) for e in experts if e.family]
     for expert, family in known[1:]:
         if family != known[0][1]:
@@ -187,15 +188,16 @@ def expert_names(paths: Sequence[str | Path], names: Sequence[str] | None = None
 
 
 def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | None = None,
-                 names: Sequence[str] | None = None) -> list[Expert]:
+                 names: Sequence[str] | None = None, minimum: int = MIN_EXPERTS) -> list[Expert]:
     """Reads 2..8 expert files for `pipe` (SD 1.x / 2.x / XL) and checks them all against it.
 
     paths: native moslora.safetensors, training output folders, diffusers or kohya LoRA files (safetensors only).
     scales: the per-expert extra scale s_i (default 1). names: defaults to the folder / file names.
+    minimum: the fewest experts taken (1 for the compositions of composition/, which need no learned gate).
     Raises MoLEError (one line) for a wrong count, a pickle or missing file, an unknown key, a LoRA of another
     family, a module the pipeline lacks or a shape mismatch; the pipeline is never modified.
     """
-    check_count(len(paths))
+    check_count(len(paths), minimum)
     for given, label in ((scales, "scales"), (names, "names")):
         if given is not None and len(given) != len(paths):
             raise MoLEError(f"{len(paths)} experts but {len(given)} {label}")
@@ -206,5 +208,5 @@ def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | No
     for path, name, scale in zip(resolved, names, scales, strict=True):
         with as_mole_error():
             experts.append(read_expert(path, pipe, name, scale))
-    check_experts(experts, pipe)
+    check_experts(experts, pipe, minimum)
     return experts

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..models.families import detect_family
 from ..moslora.pipeline import model_components, model_module_name, pipeline_adapters
-from .experts import Expert, MoLEError, check_experts, check_scale
+from .experts import MIN_EXPERTS, Expert, MoLEError, check_experts, check_scale
 from .gates import UNGATED, Block, Gate, find_blocks, text_layer_features, unet_block_features
 from .positions import GRANULARITIES, layer_weights, position_features
 
@@ -298,14 +298,15 @@ def attached_mole(pipe) -> MoLE | None:
     return getattr(pipe, ATTRIBUTE, None)
 
 
-def check_pipeline(pipe, experts: Sequence[Expert]) -> dict[str, nn.Module]:
+def check_pipeline(pipe, experts: Sequence[Expert], minimum: int = MIN_EXPERTS) -> dict[str, nn.Module]:
     """The checks before hooking experts into `pipe` (MoLE or a spatial router): none attached yet, no MoSLoRA
-    adapters, the experts fit (check_experts), unfused q/k/v. Returns the pipeline's components. MoLEError."""
+    adapters, the experts fit (check_experts), unfused q/k/v. Returns the pipeline's components. MoLEError.
+    minimum: the fewest experts taken (1 where fixed one-hot gates only route: composition/ Switch, Composite)."""
     if attached_mole(pipe) is not None:
         raise MoLEError("this pipeline already has MoLE attached; detach_mole(pipe) first")
     if pipeline_adapters(pipe):
         raise MoLEError("this pipeline has MoSLoRA adapters attached; detach them before attaching MoLE")
-    check_experts(experts, pipe)
+    check_experts(experts, pipe, minimum)
     components = model_components(pipe)
     if any(getattr(m, "fused_projections", False) for model in components.values() for m in model.modules()):
         # fused q/k/v layers never call to_q / to_k / to_v, so their experts would silently do nothing
@@ -314,17 +315,18 @@ def check_pipeline(pipe, experts: Sequence[Expert]) -> dict[str, nn.Module]:
 
 
 def attach_mole(pipe, experts: Sequence[Expert], gates: Mapping[str, torch.Tensor] | None = None,
-                granularity: str = "block") -> MoLE:
+                granularity: str = "block", minimum: int = MIN_EXPERTS) -> MoLE:
     """Hooks MoLE into `pipe` (SD 1.x / 2.x / XL): experts as given by `load_experts`, gates uniform unless a
     gate_state is given. Checks everything first (MoLEError); the pipeline's weights are never modified.
     granularity: "block" (the paper's) or "position" (the UNet gates evaluated per latent position, positions.py;
     the same gate parameters, so a gate_state fits either).
 
     The gates are created on each block's device in fp32; after moving the pipeline, move them too (`m.to(dev)`).
+    minimum: the fewest experts taken (see check_pipeline).
     Refused: a second MoLE, attached MoSLoRA adapters, fused q/k/v projections."""
     if granularity not in GRANULARITIES:
         raise MoLEError(f"unknown gate granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-    components = check_pipeline(pipe, experts)
+    components = check_pipeline(pipe, experts, minimum)
     keys = {key for expert in experts for key in expert.layers}
     blocks, layer_blocks = find_blocks(components, sorted(keys))
     mole = MoLE(experts, blocks, layer_blocks, components, detect_family(pipe).name, granularity)

@@ -1,0 +1,150 @@
+"""What composing costs per image (issue: composition, "Cost"): LoRA Switch, LoRA Composite, MoLE and regional routing
+with 2 experts vs the base model, measured in one run on the same pipeline.
+
+The full-size SD 1.5 architecture with random weights (no download), fp32, CPU. Two experts, each a MoSLoRA adapter
+(rank 16, alpha 16) on the UNet attention and the text encoder's attention with non-zero B. Every method runs as a
+user calls it, through `composition.compose` (prompt encoding, S denoising steps with classifier-free guidance,
+the experts hooked in and taken out again on every call); the base model through the same `run_pipeline`. The
+methods take turns (interleaved rounds), and ratios are medians of the per-round ratios. The VAE decode is the
+same work for every method and would hide the denoising cost at a few steps, so in the timed runs it is replaced
+by a blank image of the right size; it is timed once on its own and added back in the 25-step estimate: S-step
+latency x 25 / S + decode (which counts the prompt encoding 25 / S times: it is under 1% of a step).
+Targets: Switch = base; Composite about N x, as measured; regional routing <= 1.3x (boxes: left and right half;
+`regional_prompts` adds a prompt per region).
+
+    /work/wt/heavy --both python -m benchmarks.compose_cost --threads 2      # full size, 512 px, 2 steps
+    python -m benchmarks.compose_cost --size tiny --resolution 64 --repeats 1 --name compose_cost_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
+from benchmarks.mole_cost import build_pipeline, randomize_gates, write_experts
+from moslora_diffusion.composition import Region, compose
+from moslora_diffusion.generation.text_to_image import GenerationRequest, make_scheduler, run_pipeline
+from moslora_diffusion.mole import attach_mole, detach_mole, load_experts
+
+EXPERTS = 2
+ESTIMATE_STEPS = 25
+
+
+def methods(pipe, experts, req: GenerationRequest) -> tuple[dict, dict[str, int]]:
+    """{name: a call making one image as a user would} and UNet forwards per denoising step of each."""
+    mole = attach_mole(pipe, experts)  # learned-looking (random, input-dependent) gates
+    randomize_gates(mole)
+    gates = detach_mole(pipe).gate_state()
+    names = [e.name for e in experts]
+    boxes = [Region(names[0], box=(0.0, 0.0, 0.5, 1.0)), Region(names[1], box=(0.5, 0.0, 1.0, 1.0))]
+    prompted = [Region(r.expert, box=r.box, prompt=f"a photo of sks{i} thing") for i, r in enumerate(boxes)]
+
+    def base():
+        pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+        run_pipeline(pipe, req, None)
+
+    def method(name, **kwargs):
+        return lambda: compose(pipe, experts, name, req, **kwargs)
+
+    fns = {"base": base, "switch": method("switch", every=1), "composite": method("composite"),
+           "mole": method("mole", gates=gates), "regional": method("regional", regions=boxes),
+           "regional_prompts": method("regional", regions=prompted)}
+    forwards = dict.fromkeys(fns, 1) | {"composite": len(experts)}
+    return fns, forwards
+
+
+@contextmanager
+def blank_decode(pipe):
+    """The pipeline's VAE decode returns a blank image of the right shape (the same for every method)."""
+    factor = pipe.vae_scale_factor
+
+    def decode(latents, return_dict=False, generator=None):
+        b, _, h, w = latents.shape
+        return (torch.zeros(b, 3, h * factor, w * factor, dtype=latents.dtype),)
+
+    pipe.vae.decode = decode
+    try:
+        yield
+    finally:
+        del pipe.vae.decode
+
+
+def decode_seconds(pipe, px: int) -> float:
+    latents = torch.randn(1, 4, px // pipe.vae_scale_factor, px // pipe.vae_scale_factor)
+
+    def call():
+        with torch.no_grad():
+            pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+    return time_interleaved({"vae": call}, 1, warmup=0)["vae"]["median_s"]
+
+
+def measure(pipe, paths: list[Path], req: GenerationRequest, repeats: int) -> tuple[list[dict], float]:
+    experts = load_experts(pipe, paths)
+    fns, forwards = methods(pipe, experts, req)
+    with blank_decode(pipe):
+        times = time_interleaved(fns, repeats, warmup=1)
+    vae = decode_seconds(pipe, req.width)
+    base_25 = times["base"]["median_s"] * ESTIMATE_STEPS / req.steps + vae
+    rows = []
+    for name in fns:
+        latency = times[name]["median_s"]
+        estimate = latency * ESTIMATE_STEPS / req.steps + vae
+        rows.append({"method": name, "unet_forwards_per_step": forwards[name], "latency_s": latency,
+                     "samples_s": times[name]["samples"], "ratio": paired_ratio(times, name, "base"),
+                     f"per_image_{ESTIMATE_STEPS}_steps_s": estimate,
+                     f"ratio_{ESTIMATE_STEPS}_steps": estimate / base_25})
+    return rows, vae
+
+
+def table(rows: list[dict], steps: int) -> str:
+    lines = [f"| method | UNet forwards / step | {steps}-step latency (no decode) | / base | "
+             f"{ESTIMATE_STEPS}-step image (with decode, estimated) | / base |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['unet_forwards_per_step']} | {r['latency_s']:.2f} s | {r['ratio']:.3f} | "
+                     f"{r[f'per_image_{ESTIMATE_STEPS}_steps_s']:.1f} s | {r[f'ratio_{ESTIMATE_STEPS}_steps']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full-size SD 1.5 or the tiny one")
+    parser.add_argument("--resolution", type=int, default=512, help="image side (px)")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps per timed image")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (after one warm-up round)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="compose_cost")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    req = GenerationRequest("a photo of sks0 thing and sks1 thing", steps=args.steps, width=args.resolution,
+                            height=args.resolution, scheduler="DDIM", seed=0)
+    pipe = build_pipeline(args.size)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_experts(pipe, args.rank, Path(tmp), EXPERTS)
+        rows, vae = measure(pipe, paths, req, args.repeats)
+    notes = (f"{'Full-size SD 1.5' if args.size == 'full' else 'Tiny SD 1.5'} architecture, random weights, fp32, "
+             f"CPU, {torch.get_num_threads()} threads. {EXPERTS} experts (MoSLoRA rank {args.rank} on UNet and text "
+             f"attention); {args.resolution} px, {args.steps} DDIM steps, guidance 7.5 (batch 2 per UNet forward). "
+             f"Per image as the package's generate functions make it, without the VAE decode ({vae:.1f} s, timed "
+             f"once, the same for every method, added back in the {ESTIMATE_STEPS}-step estimate). Medians of "
+             f"{args.repeats} interleaved rounds after one warm-up round; ratios are medians of per-round ratios "
+             "(benchmarks/common.py). Switch: one expert per step (every=1 here; the interval does not change the "
+             "cost). MoLE: learned-looking gates on every block. Regional: expert 1 on the left half, expert 2 on "
+             "the right half; regional_prompts: each region also reads its own prompt.\n\n"
+             "    python -m benchmarks.compose_cost " + " ".join(sys.argv[1:] if argv is None else argv))
+    write_results(args.name, rows + [{"method": "vae_decode", "latency_s": vae}], table(rows, args.steps), notes,
+                  args.out_dir)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
