@@ -55,14 +55,14 @@ def setting_label(method: str, setting: dict) -> str:
 
 def gate_states(args, paths: dict[str, Path], seed: int, tag: str = "") -> dict[tuple, dict]:
     """{(expert set, "mole" | "spatial_mole"): gate_state} for every expert set of the cases; spatial gates only
-    when this build's gate trainer takes `spatial` (otherwise that method is reported as not available). `tag`
+    when this build's gate trainer takes `spatial_gates` (otherwise that method is reported as not available). `tag`
     names the run folders (parallel parts must not share them)."""
     import dataclasses
 
     from moslora_diffusion.mole.file import read_mole
     from moslora_diffusion.mole.gate_config import GateTrainConfig
 
-    spatial = "spatial" in {f.name for f in dataclasses.fields(GateTrainConfig)}
+    spatial = "spatial_gates" in {f.name for f in dataclasses.fields(GateTrainConfig)}
     states = {}
     for names in sorted({case.experts for cases in SPLITS.values() for case in cases}):
         which = tuple(TRIGGERS.index(n) for n in names)
@@ -71,7 +71,7 @@ def gate_states(args, paths: dict[str, Path], seed: int, tag: str = "") -> dict[
         states[(names, "mole")] = read_mole(train_gates(args, experts, seed, args.work_dir, which, label)).gates
         if spatial:
             states[(names, "spatial_mole")] = read_mole(train_gates(
-                args, experts, seed, args.work_dir, which, label + "-spatial", spatial=True)).gates
+                args, experts, seed, args.work_dir, which, label + "-spatial", spatial_gates=True)).gates
     return states
 
 
