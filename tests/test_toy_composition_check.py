@@ -38,7 +38,7 @@ def test_two_subjects_in_their_places_are_joint_successes_and_swapped_ones_are_m
             image = _subjects(rng, first, second)
             right.append(measure(image, Expected((("stripes", first), ("checker", second)))))
             swapped.append(measure(image, Expected((("stripes", second), ("checker", first)))))
-    # measured: 200 of 200 renders joint successes, every swapped reading mixing
+    # 160 renders (40 per layout): every one a joint success, every swapped reading mixing
     assert rates(right) == {"present_stripes": 1.0, "present_checker": 1.0, "mixing": 0.0, "joint": 1.0}
     assert rates(swapped) == {"present_stripes": 0.0, "present_checker": 0.0, "mixing": 1.0, "joint": 0.0}
 
