@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_results
+from benchmarks.common import write_results
 from benchmarks.compose_toy_cases import BACKGROUND, SPLITS, Case
 from benchmarks.compose_toy_report import grid_rows, report, seed_metrics
-from benchmarks.mole_toy import train_experts, train_gates
-from benchmarks.quality import DEFAULTS, load_pipe
+from benchmarks.mole_toy import add_shared_flags, train_experts, train_gates
+from benchmarks.quality import load_pipe
 from benchmarks.quality_report import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,20 +171,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=5, help="test-split seeds (gates and generation)")
     parser.add_argument("--val-seeds", type=int, default=3, help="validation-split seeds (the first of --seeds)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--expert-steps", type=int, default=DEFAULTS["steps"], help="DreamBooth steps per subject")
-    parser.add_argument("--background-steps", type=int, default=400, help="DreamBooth steps of the background")
-    parser.add_argument("--gate-steps", type=int, default=150)
-    parser.add_argument("--gate-lr", type=float, default=1e-2)
-    parser.add_argument("--gate-batch", type=int, default=4)
-    parser.add_argument("--balance-weight", type=float, default=0.5)
-    parser.add_argument("--n-images", type=int, default=8, help="images per case, method and seed")
-    parser.add_argument("--gen-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "compose-toy-bench",
-                        help="experts and gates (kept: a rerun reuses the experts)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="compose_toy")
-    parser.add_argument("--threads", type=int, default=None)
+    add_shared_flags(parser, "compose_toy")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS),
                         help="draw only these splits (a part, written as <name>.json; merge the parts with --merge)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",

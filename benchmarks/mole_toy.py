@@ -221,11 +221,9 @@ def table(summary: dict, comparisons: dict, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", type=Path, default=REPO / "assets" / "toy-base")
-    parser.add_argument("--seeds", type=int, default=5, help="benchmark seeds: gate training and generation")
+def add_shared_flags(parser, name: str) -> None:
+    """The flags the toy composition benchmarks share (this one and compose_toy.py): expert and gate training,
+    generation, where things go."""
     parser.add_argument("--expert-steps", type=int, default=DEFAULTS["steps"], help="DreamBooth steps per subject")
     parser.add_argument("--background-steps", type=int, default=400, help="DreamBooth steps of the background")
     parser.add_argument("--gate-steps", type=int, default=150)
@@ -235,11 +233,19 @@ def parse_args(argv=None):
     parser.add_argument("--n-images", type=int, default=8, help="images per prompt, method and seed")
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "mole-toy-bench",
+    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / f"{name.replace('_', '-')}-bench",
                         help="experts and gates (kept: a rerun reuses the experts)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="mole_toy")
+    parser.add_argument("--name", default=name)
     parser.add_argument("--threads", type=int, default=None)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", type=Path, default=REPO / "assets" / "toy-base")
+    parser.add_argument("--seeds", type=int, default=5, help="benchmark seeds: gate training and generation")
+    add_shared_flags(parser, "mole_toy")
     return parser.parse_args(argv)
 
 
