@@ -55,6 +55,7 @@ def test_targets_and_best_spatial_follow_the_rows():
             runs += _rows(method, split, "zigzag", "z", joint)
             runs += _rows(method, split, "one", "one_sks_any", [0.9, 0.9], "subject")
             runs += _rows(method, split, "one", "one_v_any", [0.7, 0.9], "subject")
+    runs += _rows("auto", "test", "pair", "p", [0.5, 0.5])  # no one-subject rows: auto refuses those prompts
     runs += _rows("alone", "test", "one", "one_sks_any", [1.0, 1.0], "subject")
     runs += _rows("alone", "test", "one", "one_v_any", [0.8, 0.8], "subject")
     merged = {}
@@ -69,3 +70,6 @@ def test_targets_and_best_spatial_follow_the_rows():
     assert np.isclose(regional["one_subject_gap"], 0.1)  # max(|0.9 - 1.0|, |mean(0.7, 0.9) - 0.8|)
     assert regional["met"]["pair_joint>=0.70"] and not regional["met"]["one_subject_within_0.05"]
     assert not next(r for r in rows if r["method"] == "mole")["met"]["pair_joint>=0.70"]
+    auto = next(r for r in rows if r["method"] == "auto")
+    assert auto["one_subject_gap"] is None and auto["zigzag_joint"] is None
+    assert not auto["met"]["one_subject_within_0.05"] and not auto["met"]["zigzag_joint>=0.70"]
