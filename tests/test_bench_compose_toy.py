@@ -55,7 +55,8 @@ def test_targets_and_best_spatial_follow_the_rows():
             runs += _rows(method, split, "zigzag", "z", joint)
             runs += _rows(method, split, "one", "one_sks_any", [0.9, 0.9], "subject")
             runs += _rows(method, split, "one", "one_v_any", [0.7, 0.9], "subject")
-    runs += _rows("auto", "test", "pair", "p", [0.5, 0.5])  # no one-subject rows: auto refuses those prompts
+    for metric in ("joint", "star", "square", "mixing"):  # no one-subject or zigzag rows
+        runs += _rows("auto", "test", "pair", "p", [0.5, 0.5], metric)
     runs += _rows("alone", "test", "one", "one_sks_any", [1.0, 1.0], "subject")
     runs += _rows("alone", "test", "one", "one_v_any", [0.8, 0.8], "subject")
     merged = {}
