@@ -18,9 +18,10 @@ reported (every setting is drawn on both splits, so the splits can run as parall
 the settings not chosen are dropped). Means over seeds with 95% t intervals; paired t-tests over seeds.
 
     python -m benchmarks.compose_toy --threads 1        # -> benchmarks/results/compose_toy.md, .json, _grid.png
-    python -m benchmarks.compose_toy --splits validation --name part_v --out-dir outputs   # two processes in
-    python -m benchmarks.compose_toy --splits test --name compose_toy                      # parallel (slots),
-    python -m benchmarks.compose_toy --merge outputs/part_v.json benchmarks/results/compose_toy.json   # then merged
+    python -m benchmarks.compose_toy --experts-only                                        # once, then two
+    python -m benchmarks.compose_toy --splits validation --name part_v --out-dir outputs   # processes in
+    python -m benchmarks.compose_toy --splits test --name part_t --out-dir outputs         # parallel (slots),
+    python -m benchmarks.compose_toy --merge outputs/part_v.json outputs/part_t.json       # then merged
     python -m benchmarks.compose_toy --seeds 2 --val-seeds 1 --expert-steps 20 --background-steps 20 \\
         --gate-steps 4 --n-images 2 --gen-steps 4 --base assets/toy-base --out-dir /tmp/c    # smoke run
 """
@@ -174,6 +175,8 @@ def parse_args(argv=None):
     add_shared_flags(parser, "compose_toy")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS),
                         help="draw only these splits (a part, written as <name>.json; merge the parts with --merge)")
+    parser.add_argument("--experts-only", action="store_true",
+                        help="train the experts into --work-dir and stop (before parallel parts, which share them)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="report from parts' json files instead of drawing")
     args = parser.parse_args(argv)
@@ -236,6 +239,9 @@ def main(argv=None) -> dict:
                       [r for r in rows if r.get("kind") == "settings"])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.experts_only:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        return {"experts": [str(p) for p in train_experts(args, args.work_dir)]}
     runs, grid_path = draw_parts(args, started)
     if set(args.splits) == set(SPLITS):
         return finish(args, runs, grid_path.name if grid_path else "-", started)
