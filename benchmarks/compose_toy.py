@@ -3,8 +3,8 @@ measured per subject (moslora_diffusion/toy/composition_check.py).
 
 The three experts of benchmarks/mole_toy.py (the same recipe and trainer: `sks` the striped star, `v` the
 checkered square, `z` the zigzag background) are DreamBooth-trained once on the base (default
-assets/toy-base-2obj, which draws two-object captions). Per benchmark seed, MoLE's gates (and the spatial
-gates, when this build trains them) are trained for each expert set the cases use, with that seed; then every
+assets/toy-base-2obj, which draws two-object captions). Per benchmark seed, MoLE's gates and the spatial
+gates (the gate trainer's spatial_gates) are trained for each expert set the cases use, with that seed; then every
 method draws every case of both splits (compose_toy_cases.py) with the same generation seeds:
 
 - `sum`, `nla`, `mole`, `switch`, `composite`: the whole-image methods; `regional`: the cases' places as
@@ -55,24 +55,22 @@ def setting_label(method: str, setting: dict) -> str:
 
 
 def gate_states(args, paths: dict[str, Path], seed: int, tag: str = "") -> dict[tuple, dict]:
-    """{(expert set, "mole" | "spatial_mole"): gate_state} for every expert set of the cases; spatial gates only
-    when this build's gate trainer takes `spatial_gates` (otherwise that method is reported as not available). `tag`
-    names the run folders (parallel parts must not share them)."""
-    import dataclasses
-
+    """{(expert set, "mole" | "spatial_mole"): gate_state} for every expert set of the cases and each of the two
+    methods in --methods (spatial: the gate trainer's --spatial_gates). `tag` names the run folders (parallel
+    parts must not share them)."""
     from moslora_diffusion.mole.file import read_mole
-    from moslora_diffusion.mole.gate_config import GateTrainConfig
 
-    spatial = "spatial_gates" in {f.name for f in dataclasses.fields(GateTrainConfig)}
+    kinds = [k for k in ("mole", "spatial_mole") if k in args.methods]
     states = {}
     for names in sorted({case.experts for cases in SPLITS.values() for case in cases}):
         which = tuple(TRIGGERS.index(n) for n in names)
         experts = [paths[n] for n in names]
         label = "gates-" + "-".join(names) + (f"-{tag}" if tag else "")
-        states[(names, "mole")] = read_mole(train_gates(args, experts, seed, args.work_dir, which, label)).gates
-        if spatial:
-            states[(names, "spatial_mole")] = read_mole(train_gates(
-                args, experts, seed, args.work_dir, which, label + "-spatial", spatial_gates=True)).gates
+        for kind in kinds:
+            extra = {"spatial_gates": True} if kind == "spatial_mole" else {}
+            suffix = "-spatial" if kind == "spatial_mole" else ""
+            states[(names, kind)] = read_mole(train_gates(args, experts, seed, args.work_dir, which, label + suffix,
+                                                          **extra)).gates
     return states
 
 

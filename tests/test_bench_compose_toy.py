@@ -74,3 +74,36 @@ def test_targets_and_best_spatial_follow_the_rows():
     auto = next(r for r in rows if r["method"] == "auto")
     assert auto["one_subject_gap"] is None and auto["zigzag_joint"] is None
     assert not auto["met"]["one_subject_within_0.05"] and not auto["met"]["zigzag_joint>=0.70"]
+
+
+def test_compose_benchmark_short_run_in_parallel_parts_then_merged(tmp_path):
+    """The composition benchmark end to end on the micro toy model: experts once, the two splits as parts, the
+    merged report (the figures: benchmarks/results/compose_toy.md)."""
+    import json
+
+    import torch
+
+    from benchmarks import compose_toy
+    from moslora_diffusion.composition import METHODS
+    from moslora_diffusion.toy.pretrain import PRESETS, pretrain
+
+    base = tmp_path / "base"
+    torch.set_num_threads(1)
+    pretrain(base, PRESETS["micro"], seed=0, device="cpu", log=lambda msg: None)
+    common = ["--base", str(base), "--seeds", "2", "--val-seeds", "1", "--expert-steps", "2", "--background-steps",
+              "2", "--gate-steps", "2", "--gate-batch", "1", "--n-images", "2", "--gen-steps", "4", "--threads", "1",
+              "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path),
+              "--methods", "sum", "switch", "composite", "regional", "auto", "spatial_mole"]  # gates: spatial only
+    compose_toy.main(common + ["--experts-only"])
+    compose_toy.main(common + ["--splits", "validation", "--name", "part_v"])
+    compose_toy.main(common + ["--splits", "test", "--name", "part_t"])
+    result = compose_toy.main(["--merge", str(tmp_path / "part_v.json"), str(tmp_path / "part_t.json"),
+                               "--out-dir", str(tmp_path), "--name", "merged"])
+    test_methods = {r["method"].split(" ")[0] for r in result["runs"] if r["split"] == "test"}
+    assert test_methods == set(METHODS) - {"nla", "mole"} | {"base", "alone"}
+    labels = {r["method"] for r in result["runs"] if r["split"] == "test" and r["method"].startswith("regional")}
+    assert len(labels) == 1  # the setting chosen on validation, the other dropped
+    assert {(r["seed"], r["split"]) for r in result["runs"]} == {(0, "validation"), (0, "test"), (1, "test")}
+    rows = json.loads((tmp_path / "merged.json").read_text())["rows"]
+    assert {r["method"] for r in rows if r.get("kind") == "target"} >= {"composite", "spatial_mole"}
+    assert (tmp_path / "part_t_grid.png").is_file() and "Test split" in (tmp_path / "merged.md").read_text()
