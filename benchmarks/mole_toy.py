@@ -106,18 +106,22 @@ def train_experts(args, work: Path) -> list[Path]:
     return paths
 
 
-def train_gates(args, experts: list[Path], seed: int, work: Path) -> Path:
+def train_gates(args, experts: list[Path], seed: int, work: Path, which: tuple[int, ...] | None = None,
+                label: str = "gates", **extra) -> Path:
+    """MoLE gates for `experts` (the concepts() at indices `which`; None: all) with this seed; `extra`: more
+    GateTrainConfig fields (e.g. the spatial gates' switch). Returns the MoLE file."""
     from moslora_diffusion.mole.gate_config import GateTrainConfig
     from moslora_diffusion.mole.gate_training import train_gates as run
 
-    out = work / f"gates-seed{seed}"
+    chosen = [concepts()[i] for i in (which if which is not None else range(len(experts)))]
+    out = work / f"{label}-seed{seed}"
     config = GateTrainConfig(
         pretrained_model_name_or_path=str(args.base), experts=tuple(map(str, experts)),
-        expert_data_dirs=tuple(str(photos) for _, photos, _, _ in concepts()),
-        expert_prompts=tuple(prompt for _, _, prompt, _ in concepts()), resolution=64,
+        expert_data_dirs=tuple(str(photos) for _, photos, _, _ in chosen),
+        expert_prompts=tuple(prompt for _, _, prompt, _ in chosen), resolution=64,
         train_batch_size=args.gate_batch, max_train_steps=args.gate_steps, learning_rate=args.gate_lr,
         balance_weight=args.balance_weight, seed=seed, output_dir=str(out), overwrite_output_dir=True,
-        report_to="none", checkpointing_steps=10**9, logging_steps=50)
+        report_to="none", checkpointing_steps=10**9, logging_steps=50, **extra)
     _fresh_accelerate()
     try:
         return run(config).files["mole"]
@@ -217,11 +221,9 @@ def table(summary: dict, comparisons: dict, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", type=Path, default=REPO / "assets" / "toy-base")
-    parser.add_argument("--seeds", type=int, default=5, help="benchmark seeds: gate training and generation")
+def add_shared_flags(parser, name: str) -> None:
+    """The flags the toy composition benchmarks share (this one and compose_toy.py): expert and gate training,
+    generation, where things go."""
     parser.add_argument("--expert-steps", type=int, default=DEFAULTS["steps"], help="DreamBooth steps per subject")
     parser.add_argument("--background-steps", type=int, default=400, help="DreamBooth steps of the background")
     parser.add_argument("--gate-steps", type=int, default=150)
@@ -231,11 +233,19 @@ def parse_args(argv=None):
     parser.add_argument("--n-images", type=int, default=8, help="images per prompt, method and seed")
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "mole-toy-bench",
+    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / f"{name.replace('_', '-')}-bench",
                         help="experts and gates (kept: a rerun reuses the experts)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="mole_toy")
+    parser.add_argument("--name", default=name)
     parser.add_argument("--threads", type=int, default=None)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", type=Path, default=REPO / "assets" / "toy-base")
+    parser.add_argument("--seeds", type=int, default=5, help="benchmark seeds: gate training and generation")
+    add_shared_flags(parser, "mole_toy")
     return parser.parse_args(argv)
 
 

@@ -89,10 +89,9 @@ def distance_from_background(arr: np.ndarray, a: np.ndarray, b: np.ndarray) -> n
     return np.linalg.norm(arr - (a + t[..., None] * ab), axis=-1)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a boolean mask (label propagation; 64x64 needs no scipy)."""
-    if not mask.any():
-        return mask
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """Labels of the 4-connected regions of a boolean mask (label propagation; 64x64 needs no scipy): each
+    region's pixels share one label (its smallest flat index), pixels outside the mask get mask.size + 1."""
     big = mask.size + 1
     labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), big)
     while True:
@@ -101,31 +100,49 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
                                         padded[1:-1, :-2], padded[1:-1, 2:]])
         new = np.where(mask, neighbours, big)
         if np.array_equal(new, labels):
-            break
+            return labels
         labels = new
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of a boolean mask as boolean masks, largest first."""
+    if not mask.any():
+        return []
+    labels = label_components(mask)
     ids, counts = np.unique(labels[mask], return_counts=True)
-    return labels == ids[counts.argmax()]
+    return [labels == ids[i] for i in np.argsort(-counts, kind="stable")]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (the mask itself when empty)."""
+    found = components(mask)
+    return found[0] if found else mask
 
 
 def nearest_colour(rgb, names=OBJECT_COLOURS) -> str:
     return min(names, key=lambda n: float(np.linalg.norm(np.asarray(COLOURS[n], dtype=float) - rgb)))
 
 
+def foreground(arr: np.ndarray, threshold: float = FOREGROUND_DISTANCE) -> tuple[np.ndarray, tuple]:
+    """(every pixel that is not background, the background's two colours) of an image array."""
+    a, b = background_model(arr)
+    return distance_from_background(arr, a, b) > threshold, (a, b)
+
+
 def object_mask(arr: np.ndarray, threshold: float = FOREGROUND_DISTANCE) -> tuple[np.ndarray, tuple]:
     """(object mask, the background's two colours) of an image array."""
-    a, b = background_model(arr)
-    mask = largest_component(distance_from_background(arr, a, b) > threshold)
-    return mask, (a, b)
+    mask, colours = foreground(arr, threshold)
+    return largest_component(mask), colours
 
 
-def _background_name(colours) -> str:
+def background_name(colours) -> str:
     """A texture's base colour is a palette colour, its second colour a shade of it: take the closer one."""
     best = min((np.linalg.norm(np.asarray(COLOURS[n], dtype=float) - c), n) for c in colours
                 for n in BACKGROUND_COLOURS)
     return best[1]
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
@@ -137,7 +154,7 @@ def _template(cls: str, box) -> np.ndarray:
 
 def class_scores(mask: np.ndarray) -> dict[str, float]:
     """IoU of the mask with every class template drawn at the mask's bounding box."""
-    box = _bbox(mask)
+    box = bbox(mask)
     scores = {}
     for cls in CLASSES:
         template = _template(cls, box)
@@ -153,7 +170,7 @@ def interior(mask: np.ndarray) -> np.ndarray:
     return inner if inner.sum() >= MIN_AREA // 2 else mask
 
 
-def _object_colour(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def object_colour(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Median colour of the mask's interior (edges blend with the background)."""
     return np.median(arr[interior(mask)], axis=0)
 
@@ -162,15 +179,15 @@ def check(image) -> Reading:
     """What the image shows: class, colour, size, position of its object, and its background colour."""
     arr = as_array(image)
     mask, colours = object_mask(arr)
-    background = _background_name(colours)
+    background = background_name(colours)
     area = int(mask.sum())
     if area < MIN_AREA:
         return Reading(None, None, None, None, background, area)
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = bbox(mask)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0][0] - cx) ** 2 + (POSITIONS[p][0][1] - cy) ** 2)
     size = "large" if max(x1 - x0, y1 - y0) >= LARGE_SIDE else "small"
     scores = class_scores(mask)
     cls = max(scores, key=scores.get)
-    return Reading(cls, nearest_colour(_object_colour(arr, mask)), size, position, background, area,
+    return Reading(cls, nearest_colour(object_colour(arr, mask)), size, position, background, area,
                    scores[cls], scores)

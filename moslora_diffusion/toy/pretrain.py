@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from ..files.atomic import write_folder_atomically
 from . import models
 from .objective import EMA, diffusion_loss, lr_lambda
-from .rare_words import article_ids, rare_token_ids, with_rare_words
-from .world import Fill, caption, render, sample_scene, vocabulary, with_fill
+from .pairs import PAIR_WORDS, caption_any, render_any, sample_pair
+from .rare_words import article_ids, joiner_ids, rare_token_ids, with_rare_words
+from .world import Fill, render, sample_scene, vocabulary, with_fill
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class PretrainConfig:
     # them all). The shipped model is such a stop: its GPU lease ended at step 3000 of 12000.
     unet_stop_step: int | None = None
     rare_word_rate: float = 0.0  # share of captions whose article becomes a rare token (rare_words.py)
+    two_object_rate: float = 0.0  # share of the encoded training scenes that are two-object scenes (pairs.py)
 
 
 PRESETS = {
@@ -76,6 +78,11 @@ PRESETS = {
     # encoded scenes. Applied to the gpu preset's model, it gives the shipped assets/toy-base (CPU, 2 threads).
     "rare-words": PretrainConfig(unet_steps=1500, unet_lr=3e-4, warmup_steps=50, dataset_size=8000,
                                  rare_word_rate=0.3),
+    # Continues the shipped model (--init assets/toy-base): half the scenes two-object ones (pairs.py), rare
+    # tokens kept (in both noun phrases of a pair), so it draws "a red star on the left and a blue circle on
+    # the right" while one-object captions keep their images. Gives assets/toy-base-2obj (CPU, 1 thread).
+    "two-objects": PretrainConfig(unet_steps=1000, unet_lr=8e-4, warmup_steps=50, dataset_size=6000,
+                                  rare_word_rate=0.3, two_object_rate=0.5),
     # Only for tests: exercises every code path in seconds, learns nothing.
     "micro": PretrainConfig(
         arch=models.Architecture(vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), unet_attention=(False, True, True),
@@ -140,7 +147,7 @@ def encode_scenes(vae, scenes, device, batch: int = 128) -> tuple[torch.Tensor, 
     """Posterior mean and std of every scene (unscaled), kept on the CPU."""
     means, stds = [], []
     for i in range(0, len(scenes), batch):
-        dist = vae.encode(images_to_tensor([render(s) for s in scenes[i:i + batch]]).to(device)).latent_dist
+        dist = vae.encode(images_to_tensor([render_any(s) for s in scenes[i:i + batch]]).to(device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -165,10 +172,19 @@ class CaptionIds:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def training_scenes(cfg: PretrainConfig, rng: np.random.Generator) -> list:
+    """The UNet stage's scenes (train split): one-object Scenes, and with `two_object_rate` that share of Pairs
+    (one-object only: exactly the scenes earlier stages drew for a seed)."""
+    if not cfg.two_object_rate:
+        return [sample_scene(rng, split="train") for _ in range(cfg.dataset_size)]
+    pairs = rng.random(cfg.dataset_size) < cfg.two_object_rate
+    return [sample_pair(rng, split="train") if two else sample_scene(rng, split="train") for two in pairs]
+
+
 def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, device, log, callback=None,
                callback_every: int = 1000) -> None:
     """`callback(step, ema)`, if given, runs every `callback_every` steps (progress checks)."""
-    scenes = [sample_scene(rng, split="train") for _ in range(cfg.dataset_size)]
+    scenes = training_scenes(cfg, rng)
     t0 = time.time()
     means, stds = encode_scenes(vae, scenes, device)
     scaling = vae.config.scaling_factor
@@ -179,18 +195,20 @@ def train_unet(unet, text_encoder, tokenizer, vae, cfg: PretrainConfig, rng, dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.unet_steps))
     ema = EMA(params, cfg.ema_decay)
     caption_ids = CaptionIds(tokenizer)
-    if cfg.rare_word_rate:
-        rare_pool, articles = rare_token_ids(tokenizer, vocabulary()), article_ids(tokenizer)
+    if cfg.rare_word_rate:  # a pair's "and" tokens are world words once pairs are drawn
+        words = vocabulary() + (PAIR_WORDS if cfg.two_object_rate else ())
+        rare_pool, articles = rare_token_ids(tokenizer, words), article_ids(tokenizer)
+        joiner = joiner_ids(tokenizer) if cfg.two_object_rate else None
     unet.train()
     text_encoder.train()
     for step in range(cfg.unet_stop_step or cfg.unet_steps):
         idx = rng.integers(0, len(scenes), cfg.unet_batch)
         index = torch.from_numpy(idx)
         latents = (means[index] + stds[index] * torch.randn_like(stds[index])).to(device) * scaling
-        captions = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], rng) for i in idx]
+        captions = ["" if rng.random() < cfg.caption_dropout else caption_any(scenes[i], rng) for i in idx]
         ids = caption_ids(captions)
         if cfg.rare_word_rate:
-            ids = with_rare_words(ids, rare_pool, articles, cfg.rare_word_rate, rng)
+            ids = with_rare_words(ids, rare_pool, articles, cfg.rare_word_rate, rng, joiner)
         loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids.to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

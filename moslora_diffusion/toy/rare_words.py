@@ -32,12 +32,37 @@ def article_ids(tokenizer) -> torch.Tensor:
 
 
 def with_rare_words(ids: torch.Tensor, pool: torch.Tensor, articles: torch.Tensor, rate: float,
-                    rng: np.random.Generator) -> torch.Tensor:
+                    rng: np.random.Generator, joiner: torch.Tensor | None = None) -> torch.Tensor:
     """ids (B, 77): a copy in which each row's article before the noun becomes a random rare token with
-    probability `rate` (rows without that article, e.g. empty captions, are left alone)."""
+    probability `rate` (rows without that article, e.g. empty captions, are left alone).
+
+    `joiner`: the ids of "and" (pairs.py); the article right after it, a two-object caption's second noun
+    phrase, is replaced the same way (independently), so "sks star ... and v square ..." is in distribution.
+    Rows without the joiner draw nothing more from `rng`, so one-object batches are as before."""
     out = ids.clone()
     has_article = torch.isin(out[:, ARTICLE_POSITION], articles)
     chosen = torch.from_numpy(rng.random(len(out)) < rate) & has_article
     picks = torch.from_numpy(rng.integers(0, len(pool), int(chosen.sum())))
     out[chosen, ARTICLE_POSITION] = pool[picks]
+    if joiner is not None:
+        rows, cols = second_articles(ids, joiner, articles)
+        if len(rows):
+            keep = torch.from_numpy(rng.random(len(rows)) < rate)
+            rows, cols = rows[keep], cols[keep]
+            out[rows, cols] = pool[torch.from_numpy(rng.integers(0, len(pool), len(rows)))]
     return out
+
+
+def joiner_ids(tokenizer) -> torch.Tensor:
+    """The token ids of "and" (several tokens in the toy tokenizer)."""
+    return torch.tensor(tokenizer("and", add_special_tokens=False).input_ids)
+
+
+def second_articles(ids: torch.Tensor, joiner: torch.Tensor,
+                    articles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of every article that directly follows the `joiner` sequence in ids (B, L)."""
+    n = len(joiner)
+    windows = ids.unfold(1, n + 1, 1)  # (B, L - n, n + 1)
+    hit = (windows[..., :n] == joiner).all(-1) & torch.isin(windows[..., n], articles)
+    rows, starts = hit.nonzero(as_tuple=True)
+    return rows, starts + n

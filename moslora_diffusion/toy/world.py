@@ -156,11 +156,16 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, omit: float = 
     if keep(omit):
         text += " " + POSITIONS[scene.position][1]
     if keep(omit):
-        texture = TEXTURES[scene.texture]
-        show_texture = keep(0.6) if scene.texture == "plain" else keep(omit)
-        bg = f"{scene.background} {texture}" if show_texture else scene.background
-        text += f", on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
+        text += background_phrase(scene.background, scene.texture, keep, omit)
     return text
+
+
+def background_phrase(background: str, texture: str, keep, omit: float) -> str:
+    """", on a blue striped background"; `keep(p)` says whether a word left out with probability p stays
+    (the texture word: "plain" more often left out)."""
+    show_texture = keep(0.6) if texture == "plain" else keep(omit)
+    bg = f"{background} {TEXTURES[texture]}" if show_texture else background
+    return f", on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
 
 
 # ---- rendering -------------------------------------------------------------------------------------------
@@ -279,11 +284,18 @@ def _fill_image(fill: Fill, box, scale: int) -> Image.Image:
 
 def render(scene: Scene) -> Image.Image:
     """The scene as a 64x64 RGB image: drawn at 4x and box-downsampled, so edges are antialiased."""
+    return render_objects(scene.background, scene.texture, [scene])
+
+
+def render_objects(background: str, texture: str, objects) -> Image.Image:
+    """Every scene of `objects` (their own background fields ignored) drawn in turn on one background: the
+    64x64 image of a one- or two-object scene (pairs.py)."""
     s = SUPERSAMPLE
-    img = _background(scene.background, scene.texture).copy()
-    mask = shape_mask(scene.cls, scene.box, (RESOLUTION, RESOLUTION), scale=s)
-    top = _fill_image(scene.fill, scene.box, s) if scene.fill else Image.new("RGB", img.size, COLOURS[scene.colour])
-    img.paste(top, (0, 0), mask)
+    img = _background(background, texture).copy()
+    for scene in objects:
+        mask = shape_mask(scene.cls, scene.box, (RESOLUTION, RESOLUTION), scale=s)
+        top = _fill_image(scene.fill, scene.box, s) if scene.fill else Image.new("RGB", img.size, COLOURS[scene.colour])
+        img.paste(top, (0, 0), mask)
     return img.reduce(s)
 
 
