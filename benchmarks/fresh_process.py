@@ -136,6 +136,20 @@ def time_rounds(args, work: Path) -> dict[str, list[dict]]:
     return samples
 
 
+def merged_rounds(paths: list[Path]) -> tuple[dict[str, list[dict]], str, str]:
+    """Every variant's runs from earlier results (rounds appended in order), the model and the peer named there."""
+    import json
+
+    samples: dict[str, list[dict]] = {}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        for row in saved["rows"]:
+            samples.setdefault(row["variant"], []).extend(row["runs"])
+    first = json.loads(paths[0].read_text())
+    model = first["rows"][0].get("model") or "full-size SD 1.5 architecture (random weights, fp32 on disk)"
+    return samples, model, next(r["peer"] for r in first["rows"] if r["peer"])
+
+
 def _paired(samples, name: str, base: str, key: str) -> float:
     return statistics.median(a[key] / b[key] for a, b in zip(samples[name], samples[base], strict=True))
 
@@ -148,6 +162,8 @@ def build_rows(samples: dict[str, list[dict]], peer_name: str) -> list[dict]:
             row[key] = round(statistics.median(r[key] for r in runs), 3)
         row["wall_min_s"], row["wall_max_s"] = round(min(r["wall_s"] for r in runs), 2), round(
             max(r["wall_s"] for r in runs), 2)
+        if variant != "peer" and "peer" in samples:  # the least disturbed run of each: a cross-check on a busy machine
+            row["min_wall_ratio_vs_peer"] = round(row["wall_min_s"] / min(r["wall_s"] for r in samples["peer"]), 3)
         row["sys_share_of_wall"] = round(statistics.median(r["sys_s"] / r["wall_s"] for r in runs), 3)
         if variant != "peer" and "peer" in samples:
             row["wall_ratio_vs_peer"] = round(_paired(samples, variant, "peer", "wall_s"), 3)
@@ -162,12 +178,13 @@ def build_rows(samples: dict[str, list[dict]], peer_name: str) -> list[dict]:
 
 def _table(rows: list[dict]) -> str:
     lines = ["| variant | wall s (median) | min-max s | user s | sys s | sys / wall | peak RSS MiB | minor faults "
-             "| major faults | wall / peer | wall / today | RSS / today |", "|---|" + "---:|" * 11]
+             "| major faults | wall / peer | min / min peer | wall / today | RSS / today |", "|---|" + "---:|" * 12]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['wall_s']:.1f} | {r['wall_min_s']:.1f}-{r['wall_max_s']:.1f} "
                      f"| {r['user_s']:.1f} | {r['sys_s']:.1f} | {r['sys_share_of_wall']:.3f} | {r['max_rss_mib']:.0f} "
-                     f"| {r['minor_faults']:,.0f} | {r['major_faults']:,.0f} | {r.get('wall_ratio_vs_peer', '')} "
-                     f"| {r.get('wall_ratio_vs_today', '')} | {r.get('rss_ratio_vs_today', '')} |")
+                     f"| {r['minor_faults']:,.0f} | {r['major_faults']:,.0f} | "
+                     + " | ".join(str(r.get(k, "")) for k in ("wall_ratio_vs_peer", "min_wall_ratio_vs_peer",
+                                                              "wall_ratio_vs_today", "rss_ratio_vs_today")) + " |")
     return "\n".join(lines)
 
 
@@ -225,6 +242,8 @@ def parse_args(argv=None):
     parser.add_argument("--name", default="fresh_process")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="run nothing: the rounds recorded in these json files (same settings) in one result")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.resolution % 8:
         parser.error("--steps and --rounds must be >= 1, --resolution a multiple of 8")
@@ -237,11 +256,15 @@ def main(argv=None) -> list[dict]:
                  "the in-repo re-implementation of diffusers' train_dreambooth_lora.py (python -m "
                  "benchmarks.dreambooth_peer): the diffusers script is not here (it imports torchvision, which "
                  "has no CPU build installed)")
-    with tempfile.TemporaryDirectory(prefix="fresh-process-", dir=args.work_dir) as tmp:
-        work = Path(tmp)
-        model_name = prepare(args, work)
-        samples = time_rounds(args, work)
-    rows = build_rows(samples, peer_name)
+    if args.merge:
+        samples, model_name, peer_name = merged_rounds(args.merge)
+        args.rounds = min(len(runs) for runs in samples.values())
+    else:
+        with tempfile.TemporaryDirectory(prefix="fresh-process-", dir=args.work_dir) as tmp:
+            work = Path(tmp)
+            model_name = prepare(args, work)
+            samples = time_rounds(args, work)
+    rows = [row | {"model": model_name} for row in build_rows(samples, peer_name)]
     write_results(args.name, rows, _table(rows), _notes(args, model_name, peer_name, rows), args.out_dir)
     return rows
 
