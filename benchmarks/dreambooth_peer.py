@@ -245,3 +245,38 @@ def peer_train(spec: RunSpec, output_dir: Path) -> dict:
     if not (output_dir / PEER_WEIGHT_NAME).is_file():
         raise RuntimeError(f"the peer wrote no {PEER_WEIGHT_NAME}")
     return {"wall_s": wall_s, "cpu_s": cpu_s, "loop_s": loop_s}
+
+
+# --- the peer as its own process (benchmarks/fresh_process.py), with the diffusers script's flag names -------
+
+
+def main(argv=None) -> None:
+    """`python -m benchmarks.dreambooth_peer --pretrained_model_name_or_path ... --output_dir ...`: one run, as
+    the diffusers script is started (the flags the fresh-process benchmark passes to either)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="benchmark peer: diffusers' train_dreambooth_lora.py, compactly")
+    for flag in ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir"):
+        parser.add_argument(f"--{flag}", required=True)
+    parser.add_argument("--instance_prompt", default=INSTANCE_PROMPT)
+    parser.add_argument("--class_prompt", default=CLASS_PROMPT)
+    parser.add_argument("--with_prior_preservation", action="store_true", required=True)
+    for flag, kind, default in (("num_class_images", int, 100), ("resolution", int, 512), ("rank", int, 4),
+                                ("max_train_steps", int, None), ("train_batch_size", int, 4), ("seed", int, 0),
+                                ("learning_rate", float, 5e-4), ("mixed_precision", str, "no"),
+                                ("report_to", str, "tensorboard")):
+        parser.add_argument(f"--{flag}", type=kind, default=default)
+    args = parser.parse_args(argv)
+    if (args.instance_prompt, args.class_prompt) != (INSTANCE_PROMPT, CLASS_PROMPT):
+        parser.error(f"this peer trains the toy subject's prompts only: {INSTANCE_PROMPT!r}, {CLASS_PROMPT!r}")
+    spec = RunSpec(model=args.pretrained_model_name_or_path, instance_dir=args.instance_data_dir,
+                   class_dir=args.class_data_dir, num_class_images=args.num_class_images,
+                   resolution=args.resolution, rank=args.rank,
+                   num_instance_images=len(list(Path(args.instance_data_dir).iterdir())), steps=args.max_train_steps,
+                   mixed_precision=args.mixed_precision, report_to=args.report_to, learning_rate=args.learning_rate,
+                   train_batch_size=args.train_batch_size, seed=args.seed)
+    peer_train(spec, Path(args.output_dir))
+
+
+if __name__ == "__main__":
+    main()

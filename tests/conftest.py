@@ -7,7 +7,10 @@ import os
 import pytest
 import torch
 
+from moslora_diffusion.console.allocator import tune_allocator
 from moslora_diffusion.models.tiny import save_tiny_pipeline
+
+tune_allocator()  # the commands' allocator settings (console/allocator.py) for the suite's in-process trainings
 
 # Tiny models gain nothing from several threads, and on a busy 2-core machine (CI, or engineers running
 # tests side by side) oversubscribed threads make them up to 8x slower. Subprocesses inherit the setting.

@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from .allocator import tune_allocator
+
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MOSLORA_DEBUG"
 INPUT_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
@@ -58,12 +60,14 @@ def _report(err: BaseException) -> tuple[str, int]:
 
 
 def run_command(body: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
-    """Runs body(argv), argv without --debug; returns 0 when it returns.
+    """Applies the process's allocator settings (console/allocator.py), then runs body(argv), argv without
+    --debug; returns 0 when it returns.
 
     On an exception prints one line to stderr and raises SystemExit with the status above; with --debug or
     MOSLORA_DEBUG=1 the exception propagates unchanged (Python prints the traceback). SystemExit (argparse's
     usage errors, exit status 2) passes through.
     """
+    tune_allocator()  # before the command does anything: the process's own allocator settings (allocator.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
