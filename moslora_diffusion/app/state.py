@@ -28,6 +28,7 @@ from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
 from .compose import Compositions
+from .gate_jobs import register_finished_gates
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
 from .uploads import UploadError, check_photo_folder, check_photo_masks, photo_folders, photo_notes, stage_uploads
@@ -84,7 +85,7 @@ class AppState:
         self.roots = roots or AllowedRoots()
         self.roots.add(self.outputs / "training")  # adapters trained from the app land here
         self.photo_roots = photo_roots or AllowedRoots()
-        self.training = TrainingManager(self.outputs / "training")
+        self.training = TrainingManager(self.outputs / "training", on_finished=self.load_finished_run)
         # MoLE files: the --mole paths, the adapters' folders, and the gates trained from the app (outputs/mole).
         self.mole_roots = mole_roots or AllowedRoots()
         for root in [*self.roots.roots, self.outputs / GATE_RUNS]:
@@ -219,12 +220,19 @@ class AppState:
         return instance_dir, notes + photo_notes([(p.path.name, p) for p in found.photos], resolution)
 
     def register_finished_training(self) -> str | None:
-        """Loads the adapter of a just-finished training run (once); returns its name."""
+        """Loads the adapter of the finished DreamBooth run (once); returns its name (None: no such run)."""
         job = self.training.job
-        if job is None or job.kind != "dreambooth" or job.registered_as or job.state() != "finished":
+        return None if job is None else job.register("dreambooth", lambda j: self.load_adapter(j.output_dir, 1.0))
+
+    def load_finished_run(self, job: TrainingJob) -> str | None:
+        """Called when a trainer exits (TrainingManager's watcher thread): loads what it trained, an adapter
+        (slider on the Generate tab) or MoLE gates (Compose tab), whether or not a page is open."""
+        if job is not self.training.job:
             return None
-        job.registered_as = self.load_adapter(job.output_dir, scale=1.0)
-        return job.registered_as
+        name = self.register_finished_training() or register_finished_gates(self)
+        if name:
+            log.info("finished training run %s loaded as %s", job.output_dir, name)
+        return name
 
 
 def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), config=None, photo_dirs=(),
