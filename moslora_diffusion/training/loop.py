@@ -183,7 +183,7 @@ def train_loop(run: Run) -> list[float]:
     """The optimizer steps, with logging, checkpoints and validation on the way; returns the losses.
 
     Raises TrainingDiverged at the first NaN / inf loss or weight (nothing is saved from it on) and
-    TrainingInterrupted after a Ctrl-C, once the last finished step is checkpointed (stopping.py).
+    TrainingInterrupted after a Ctrl-C or SIGTERM, once the last finished step is checkpointed (stopping.py).
     """
     config, plan, acc = run.config, run.plan, run.accelerator
     progress = tqdm(total=plan.max_train_steps, initial=run.start_step, desc="training", unit="step",
@@ -213,7 +213,7 @@ def train_loop(run: Run) -> list[float]:
         except StopRequested:
             how = (f"the unfinished step {step} was discarded" if done < step else
                    "its optimizer update was finished first" if ctrl_c.update_finished_first else "")
-            stop_after_ctrl_c(run, done, saved, pending, progress, how)
+            stop_after_ctrl_c(run, done, saved, pending, progress, how, ctrl_c.signum)
         finally:
             progress.close()  # before any message: the bar's last line must not follow it
     return losses
@@ -230,11 +230,12 @@ def validate(run: Run, step: int) -> None:
         acc.wait_for_everyone()
 
 
-def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str):
+def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str,
+                      signum: int):
     """Logs the finished steps, saves checkpoint-<done> unless one holds it already, raises TrainingInterrupted.
 
-    Still under CtrlC: a second Ctrl-C raises KeyboardInterrupt out of here, leaving at most a
-    checkpoint-<done>.tmp folder (never picked by `latest`).
+    signum: the signal that stopped the run (Ctrl-C's SIGINT, or SIGTERM). Still under CtrlC: a second one
+    raises KeyboardInterrupt out of here, leaving at most a checkpoint-<done>.tmp folder (never picked by `latest`).
     """
     if pending:
         log_losses(run, done, pending, progress)  # a non-finite loss ends in TrainingDiverged: nothing is saved
@@ -243,7 +244,7 @@ def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tenso
         check_weights(run, done)
         save(run, done)
     raise TrainingInterrupted(interrupted_message(run.config.output_dir, done, run.plan.max_train_steps, how,
-                                                  saved=done > 0))
+                                                  saved=done > 0, signum=signum), signum)
 
 
 def check_weights(run: Run, step: int) -> None:
