@@ -1,13 +1,15 @@
-"""One table of bad inputs walked through every entry point: the train command, generate, export, the app's request
-functions and the Python API. Each must end in one line naming the problem (commands: `error: ...` on stderr and
-exit status 2; the app and the API: their ValueError subclass), before any model is loaded, with the output folder
-left exactly as it was."""
+"""One table of bad inputs walked through every entry point: the train command, MoLE gate training, generate, export,
+the app's request functions and the Python API. Each must end in one line naming the problem (commands: `error: ...`
+on stderr and exit status 2; the app and the API: their ValueError subclass), before any model is loaded, with the
+output folder left exactly as it was."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from training_helpers import PROMPT, make_photos
 
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
+import moslora_diffusion.mole.gate_training as gate_training
 import moslora_diffusion.training.loop as loop
 from moslora_diffusion import (
     AdapterConfig,
@@ -35,6 +38,7 @@ from moslora_diffusion.formats.export_targets import export
 from moslora_diffusion.formats.merge import bake_adapters
 from moslora_diffusion.generation.text_to_image import GenerationRequest
 from moslora_diffusion.models.loading import load_pipeline
+from moslora_diffusion.mole.cli import main as mole_main
 from moslora_diffusion.training import TrainConfig
 from moslora_diffusion.training import main as train_main
 from moslora_diffusion.training.checkpoints import save_checkpoint
@@ -68,8 +72,18 @@ def w(tiny_sd15_dir, tmp_path_factory):
     generate = ["--base", base, "--adapter", str(run), "--prompt", PROMPT, "--out", str(out)]
     export = ["--base", base, "--to", "lora-kohya", "--out", str(out / "x.safetensors")]
     fresh = train + ["--output_dir", str(root / "fresh-run")]  # a new run folder: the resume checks come next
+    photos = str(root / "photos")
+    gates = ["train", "--pretrained_model_name_or_path", base, "--experts", str(run), str(cat), "--expert_data_dirs",
+             photos, photos, "--expert_prompts", PROMPT, PROMPT, "--output_dir", str(out)]
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
-                                 fresh=fresh, generate=generate, export=export)
+                                 fresh=fresh, generate=generate, export=export, gates=gates)
+
+
+def _without(package: str, call):
+    """call() as on a machine without `package` installed."""
+    real = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)):
+        return call()
 
 
 def _request(**change) -> GenerationRequest:
@@ -123,6 +137,11 @@ CASES = [
     _case("train", lambda w: train_main(w.train + ["--resolution", "500"]), "--resolution must be a multiple of 8"),
     _case("train", lambda w: train_main(w.train + ["--config", str(w.root / "nan.yaml")]),
           "--learning_rate must be a finite number > 0, got nan"),
+    # a tracker whose package is missing: both trainers refuse it alike (issue 28, item 1)
+    _case("train", lambda w: _without("wandb", lambda: train_main(w.train + ["--report_to", "wandb"])),
+          "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
+    _case("mole", lambda w: _without("wandb", lambda: mole_main(w.gates + ["--report_to", "wandb"])),
+          "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
@@ -199,13 +218,14 @@ def _no_model_load(*args, **kwargs):
 @pytest.mark.parametrize("entry, call, message, folder", CASES)
 def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone(w, monkeypatch, capsys, entry, call,
                                                                                  message, folder):
-    for module, name in ((loop, "load_base"), (generate_command, "open_app_state"), (export_targets, "load_pipeline")):
+    for module, name in ((loop, "load_base"), (gate_training, "load_base"), (generate_command, "open_app_state"),
+                         (export_targets, "load_pipeline")):
         monkeypatch.setattr(module, name, _no_model_load)
     monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
     watched = w.app.outputs if folder == "app" else w.out
     before, scales = _tree(watched), dict(w.app.fusion.scales)
     capsys.readouterr()
-    if entry in ("train", "generate", "export"):
+    if entry in ("train", "mole", "generate", "export"):
         try:
             status = call(w)
         except SystemExit as exit_info:

@@ -71,14 +71,15 @@ def test_bad_combinations_are_refused(tmp_path, overrides, message):
 def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
     import importlib.util
 
-    from moslora_diffusion.training import validation_scores
+    from moslora_diffusion.training.optim import check_packages
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ImportError, match="pip install wandb"):
-        validation_scores.check_report_to("wandb")
-    validation_scores.check_report_to("tensorboard")  # nothing to check
     config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", report_to="wandb")
-    with pytest.raises(ImportError, match="pip install wandb"):
+    with pytest.raises(ValueError, match="--report_to wandb needs the wandb package, which is not installed: pip "
+                                         "install wandb"):
+        check_packages(config)
+    check_packages(tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run"))  # tensorboard: installed
+    with pytest.raises(ValueError, match="pip install wandb"):
         run_training(config)
     assert not (tmp_path / "run").exists()  # refused before anything was written

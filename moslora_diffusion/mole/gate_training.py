@@ -32,7 +32,7 @@ from ..training.components import load_base
 from ..training.config import ConfigError
 from ..training.loop import TrainResult, make_accelerator, prepare_run, run_loop
 from ..training.manifest import record_written
-from ..training.optim import check_optimizer_available, param_groups
+from ..training.optim import check_packages, param_groups
 from ..training.outputs import CARD_FILE, check_output_dir, write_config
 from ..training.plan import prepare_class_images, training_resolution
 from ..training.resume import find_resume
@@ -151,7 +151,7 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     trainer does.
     """
     started = time.perf_counter()
-    check_optimizer_available(config.optimizer)
+    check_packages(config)  # --optimizer's and --report_to's, as the DreamBooth trainer checks them
     check_output_dir(config)
     sources = expert_sources(config)
     scans = [scan_photos(s.photo_dir, s.prompt) for s in sources]  # every file decided by content

@@ -35,7 +35,7 @@ from .components import (
 from .config import TrainConfig
 from .held_out import HeldOutLoss, log_held_out_loss, split_held_out
 from .objective import diffusion_loss, draw, sample_latents, step_generator
-from .optim import check_optimizer_available
+from .optim import check_packages
 from .output_location import check_room
 from .output_preservation import uses_class_images
 from .outputs import append_progress, check_output_dir, prepare_output_dir, write_final_files
@@ -53,7 +53,7 @@ from .stopping import (
 )
 from .trainable import AdapterTrainable, Trainable
 from .validation import run_validation
-from .validation_scores import best_so_far, check_report_to
+from .validation_scores import best_so_far
 
 
 @dataclass
@@ -85,8 +85,7 @@ def make_accelerator(config: TrainConfig):
 def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     # Cheap checks first: a typo must not cost a model load, and nothing is written before all pass.
-    check_optimizer_available(config.optimizer)
-    check_report_to(config.report_to)
+    check_packages(config)  # --optimizer's and --report_to's
     check_output_dir(config)
     photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     photos, held_out = split_held_out(photos, config.validation_loss_photos)
