@@ -120,6 +120,8 @@ def test_the_validation_settings_reach_the_trainers_config(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"validation_metrics": "fid"}, "validation scores must be one of"),
     ({"validation_metrics": "toy", "validation_steps": 0}, "set 'validation every N steps' above 0"),
+    ({"validation_metrics": "toy", "resolution": 128}, "the toy scorer reads the toy world's 64x64 images, got "
+                                                      "resolution 128: use resolution 64"),
     ({"validation_loss_photos": -1}, "held-out photos must be between 0 and 100"),
     ({"validation_loss_photos": 2, "validation_steps": 0}, "held-out loss is scored at every validation"),
 ])

@@ -1,7 +1,7 @@
-"""One table of bad inputs walked through every entry point: the train command, MoLE gate training, generate, export,
-the app's request functions and the Python API. Each must end in one line naming the problem (commands: `error: ...`
-on stderr and exit status 2; the app and the API: their ValueError subclass), before any model is loaded, with the
-output folder left exactly as it was."""
+"""One table of bad inputs walked through every entry point: the train command, MoLE gate training, evaluate,
+generate, export, the app's request functions and the Python API. Each must end in one line naming the problem
+(commands: `error: ...` on stderr and exit status 2; the app and the API: their ValueError subclass), before any
+model is loaded, with the output folder left exactly as it was."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from app_helpers import tiny_app_state
 from conftest import make_adapter, randomize_adapters
 from training_helpers import PROMPT, make_photos
 
+import moslora_diffusion.evaluation.cli as evaluate_cli
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
 import moslora_diffusion.mole.gate_training as gate_training
@@ -33,6 +34,7 @@ from moslora_diffusion.app.exporting import export_adapters
 from moslora_diffusion.app.training_jobs import TrainingJob
 from moslora_diffusion.app.ui import build_ui
 from moslora_diffusion.checks import SCALE_MAX, SCALE_MIN
+from moslora_diffusion.evaluate import main as evaluate_main
 from moslora_diffusion.export import main as export_main
 from moslora_diffusion.formats.export_targets import export
 from moslora_diffusion.formats.merge import bake_adapters
@@ -71,12 +73,15 @@ def w(tiny_sd15_dir, tmp_path_factory):
              "--instance_prompt", PROMPT, "--output_dir", str(out), "--report_to", "none"]
     generate = ["--base", base, "--adapter", str(run), "--prompt", PROMPT, "--out", str(out)]
     export = ["--base", base, "--to", "lora-kohya", "--out", str(out / "x.safetensors")]
+    evaluate = ["--base", base, "--adapter", str(run), "--photos", str(root / "photos"), "--prompt", PROMPT, "--out",
+                str(out)]
     fresh = train + ["--output_dir", str(root / "fresh-run")]  # a new run folder: the resume checks come next
     photos = str(root / "photos")
     gates = ["train", "--pretrained_model_name_or_path", base, "--experts", str(run), str(cat), "--expert_data_dirs",
              photos, photos, "--expert_prompts", PROMPT, PROMPT, "--output_dir", str(out)]
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
-                                 fresh=fresh, generate=generate, export=export, gates=gates)
+                                 fresh=fresh, generate=generate, export=export, gates=gates,
+                                 evaluate=evaluate)
 
 
 def _without(package: str, call):
@@ -142,6 +147,12 @@ CASES = [
           "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
     _case("mole", lambda w: _without("wandb", lambda: mole_main(w.gates + ["--report_to", "wandb"])),
           "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
+    # the toy scorer reads 64x64 images only: refused before the images are made (issue 28, item 2)
+    _case("train", lambda w: train_main(w.train + ["--validation_metrics", "toy", "--validation_prompt", PROMPT,
+                                                   "--resolution", "128"]),
+          "--validation_metrics toy: the toy scorer reads the toy world's 64x64 images, got --resolution 128: use"),
+    _case("evaluate", lambda w: evaluate_main(w.evaluate + ["--metrics", "toy", "--size", "128"]),
+          "the toy scorer reads the toy world's 64x64 images, got --size 128: use --size 64"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
@@ -219,13 +230,13 @@ def _no_model_load(*args, **kwargs):
 def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone(w, monkeypatch, capsys, entry, call,
                                                                                  message, folder):
     for module, name in ((loop, "load_base"), (gate_training, "load_base"), (generate_command, "open_app_state"),
-                         (export_targets, "load_pipeline")):
+                         (export_targets, "load_pipeline"), (evaluate_cli, "_load_pipeline")):
         monkeypatch.setattr(module, name, _no_model_load)
     monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
     watched = w.app.outputs if folder == "app" else w.out
     before, scales = _tree(watched), dict(w.app.fusion.scales)
     capsys.readouterr()
-    if entry in ("train", "mole", "generate", "export"):
+    if entry in ("train", "mole", "evaluate", "generate", "export"):
         try:
             status = call(w)
         except SystemExit as exit_info:

@@ -83,3 +83,18 @@ def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pip install wandb"):
         run_training(config)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_toy_scores_need_the_toy_size_once_the_model_gives_its_own(tmp_path):
+    """No --resolution: the model's own size decides, checked as soon as the model is known (before any step)."""
+    import types
+
+    from moslora_diffusion.training.plan import training_resolution
+
+    config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", resolution=None,
+                         validation_metrics="toy", validation_prompt="a photo of sks star")
+    model = types.SimpleNamespace(info=types.SimpleNamespace(default_resolution=512))
+    with pytest.raises(ValueError, match="toy world's 64x64 images, got --resolution 512"):
+        training_resolution(config, model)
+    model.info.default_resolution = 64
+    assert training_resolution(config, model) == 64

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..checks import Range, number_problems
+from ..evaluation.toy_scorer import size_problem
 from ..training.config import PRIOR_SOURCES, VALIDATION_METRICS
 from ..training.flags import ConfigError
 from ..training.pivotal import check_pivotal_flags
@@ -92,6 +93,8 @@ class TrainingSettings:
                             f"{self.validation_metrics!r}")
         elif self.validation_metrics != "none" and not problems and not int(self.validation_steps):
             problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
+        elif self.validation_metrics == "toy" and not problems and size_problem(self.resolution, "resolution"):
+            problems.append(size_problem(self.resolution, "resolution"))
         if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
             problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
         if self.prior_source not in APP_PRIOR_SOURCES:

@@ -20,6 +20,7 @@ from ..generation.text_to_image import validate_request
 from .hf_scorers import DEFAULT_CLIP, DEFAULT_DINO
 from .plan import EvaluationError, Subject, dreambench_subjects, read_prompts_file
 from .run import Sampling, generate_missing, missing_jobs, score_plan
+from .toy_scorer import size_problem
 
 SETTINGS_FILE = "evaluation.json"  # what the images in --out were generated with: a resume must match it
 RANGES = {"batch_size": Range(1, 1024, integer=True), "max_sheet_rows": Range(1, 1000, integer=True)}
@@ -108,11 +109,16 @@ def subjects_from(args) -> list[Subject]:
 def check_numbers(args) -> None:
     problems = number_problems(vars(args), RANGES, "--{}")
     problems += [f"--seeds: {seed} is not between 0 and {MAX_SEED}" for seed in args.seeds if not 0 <= seed <= MAX_SEED]
+    problems += [p for p in [_toy_size_problem(args, args.size)] if p]
     if problems:
         raise EvaluationError("; ".join(problems))
     validate_request(Sampling(args.steps, args.guidance, args.size or 512, args.sampler).request("x", 0, {}))
     if args.out.exists() and not args.out.is_dir():
         raise EvaluationError(f"--out {args.out} is a file; --out names the folder for the images and the report")
+
+
+def _toy_size_problem(args, size: int | None) -> str | None:
+    return size_problem(size, "--size") if args.metrics == "toy" else None
 
 
 def check_resume(out: Path, settings: dict) -> None:
@@ -191,6 +197,8 @@ def run(args) -> dict:
 
         pipe = _load_pipeline(args, device)
         settings["size"] = args.size or native_size(pipe, 512)
+        if _toy_size_problem(args, settings["size"]):  # the model's own size, known now: before any image
+            raise EvaluationError(_toy_size_problem(args, settings["size"]))
         write_settings(args.out, settings)
         model_name = Path(args.base).name if Path(args.base).exists() else str(args.base)
         generated = generate_missing(pipe, subjects, args.seeds, images_dir, sampling(args, settings["size"]),
