@@ -161,6 +161,32 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, monkeypatch, arg
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable hub"])
+def test_scorer_models_not_at_hand_fail_at_once_before_any_image(tmp_path, capsys, monkeypatch, offline):
+    """Offline, a DreamBench scorer model that is not in the hub cache is one line within seconds, before the model
+    loads and before any image is generated (it used to come after every image, after ~115 s of retries)."""
+    import time
+
+    from huggingface_hub import constants
+
+    import moslora_diffusion.evaluation.cli as cli
+
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    started = time.monotonic()
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", TOY_PHOTOS, "--prompt", "x",
+                          "--dino_model", "moslora-tests/no-such-dino", "--out", tmp_path / "out")
+    assert time.monotonic() - started < 20
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: the ViTModel scorer 'moslora-tests/no-such-dino' is not in the hub cache and could "
+                          "not be downloaded (") and "give a local model folder (--dino_model" in err
+    assert ("HF_HUB_OFFLINE is set" in err) == (offline == "HF_HUB_OFFLINE")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["--base", TOY_BASE, "--include_base", "--photos", TOY_PHOTOS, "--prompt", PROMPTS[0], "--steps", "1",

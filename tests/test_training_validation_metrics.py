@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import run_training, tiny_config
+from training_helpers import forbid_model_load, run_training, tiny_config
 
 from moslora_diffusion import read_adapter
 from moslora_diffusion.training.config import ConfigError
@@ -98,3 +98,18 @@ def test_toy_scores_need_the_toy_size_once_the_model_gives_its_own(tmp_path):
         training_resolution(config, model)
     model.info.default_resolution = 64
     assert training_resolution(config, model) == 64
+
+
+def test_dreambench_scorer_models_are_fetched_before_the_model_loads(tmp_path, monkeypatch, tiny_scorer_dirs):
+    """Offline and not in the hub cache: the trainer stops at once, not at its first validation (both trainers
+    share this check, training/optim.py check_packages)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    forbid_model_load(monkeypatch)
+    config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", validation_metrics="dreambench",
+                         validation_prompt="a photo of sks star", dino_model=str(tiny_scorer_dirs["dino"]),
+                         clip_model="moslora-tests/no-such-clip")
+    with pytest.raises(OSError, match="the CLIPModel scorer 'moslora-tests/no-such-clip' is not in the hub cache"):
+        run_training(config)
+    assert not (tmp_path / "run").exists()
