@@ -142,7 +142,8 @@ def test_a_picture_over_the_hard_limit_is_refused_from_its_header_with_the_reaso
 
 @pytest.mark.parametrize(("size", "resolution", "warned"), [
     ((1, 1), None, True), ((40, 300), None, True), ((64, 64), None, False),
-    ((200, 300), 512, True), ((300, 300), 512, False), ((300, 300), 1024, True)])
+    ((200, 300), 512, True), ((300, 300), 512, False), ((300, 300), 1024, True),
+    ((48, 48), 32, False), ((60, 60), 48, False), ((40, 40), 48, True)])  # 48 for 32 px: downscaled, no note
 def test_a_tiny_photo_gets_a_warning(tmp_path, size, resolution, warned):
     info = inspect_photo(_save(tmp_path / "p.png", size=size))
     notes = info.notes(resolution)

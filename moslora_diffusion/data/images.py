@@ -74,11 +74,16 @@ class PhotoInfo:
                          f"{WORKING_PIXELS // 1_000_000} MP); a smaller copy would spare that work at every load")
         if self.frames > 1 and self.format != "MPO":
             notes.append(f"{self.frames} frames (an animation or pages): only the first is used")
-        smallest = max(SMALL_SIDE, (resolution or 0) // 2)
-        if min(w, h) < smallest:
+        if self.too_small(resolution):
             target = f" for {resolution} px training" if resolution else ""
             notes.append(f"{w}x{h} is very small{target}: it is upscaled, so the model learns a blurry subject")
         return notes
+
+    def too_small(self, resolution: int | None = None) -> bool:
+        """A shorter side under SMALL_SIDE (or half the training resolution) that is upscaled: with a resolution
+        given, only when the side is below it (a 48 px photo for 32 px training is downscaled, not upscaled)."""
+        side = min(self.size)
+        return side < max(SMALL_SIDE, (resolution or 0) // 2) and (not resolution or side < resolution)
 
 
 @contextmanager
