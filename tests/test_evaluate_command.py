@@ -187,6 +187,34 @@ def test_scorer_models_not_at_hand_fail_at_once_before_any_image(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_the_reference_photos_are_named_in_the_report_and_skipped_ones_said(tmp_path, capsys):
+    """An unreadable reference is named with why it is skipped, a 1x1 one is used with a note (as the trainer notes
+    tiny photos), the report lists the references used; a folder with none usable is refused, naming the files."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    shutil.copytree(TOY_PHOTOS, photos)
+    (photos / "broken.png").write_text("not a picture")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(photos / "tiny.png")
+    used = sorted(p.name for p in TOY_PHOTOS.iterdir() if p.suffix == ".png" and "_mask" not in p.stem)
+    out = tmp_path / "eval"
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", photos, "--prompt", PROMPTS[0],
+                          "--steps", "1", "--sampler", "DDIM", "--seeds", "0", "--metrics", "toy", "--out", out)
+    assert status == 0, err
+    assert "note: subject 'photos': reference broken.png: not an image Pillow can read; skipped" in err
+    assert "note: subject 'photos': reference tiny.png is 1x1, very small: the scorers upscale it" in err
+    references = json.loads((out / "report.json").read_text())["settings"]["references"]
+    assert references == {"photos": sorted(used + ["tiny.png"])}
+    assert f"References of photos: {', '.join(sorted(used + ['tiny.png']))}" in (out / "report.md").read_text()
+    for path in photos.iterdir():
+        if path.name != "broken.png":
+            path.unlink()
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", photos, "--prompt", PROMPTS[0],
+                          "--metrics", "toy", "--out", tmp_path / "eval2")
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "no photos of subject 'photos' to compare with (broken.png: not an image Pillow can read)" in err
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["--base", TOY_BASE, "--include_base", "--photos", TOY_PHOTOS, "--prompt", PROMPTS[0], "--steps", "1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..checks import MAX_SEED, Range, number_problems
@@ -81,7 +82,8 @@ def _per_subject(folder: Path, subject: str) -> Path:
 
 
 def subjects_from(args) -> list[Subject]:
-    """The subjects with their prompts and adapters, every path checked (EvaluationError / AdapterError)."""
+    """The subjects with their prompts and adapters, every path checked (EvaluationError / AdapterError); notes on
+    their reference photos (skipped files, very small ones) are printed to stderr."""
     specs = _adapter_specs(args)
     if (args.dreambench is None) == (args.photos is None):
         raise EvaluationError("give either --photos (one subject) or --dreambench (a DreamBench folder)")
@@ -99,10 +101,13 @@ def subjects_from(args) -> list[Subject]:
         adapters = {label: None if path is None else resolve_adapter_path(path) for label, path in specs.items()}
         subjects = [Subject(args.photos.name or "subject", args.photos, list(dict.fromkeys(prompts)),
                             adapters=adapters)]
+    notes = []
     for s in subjects:
         if not Path(s.photos).is_dir():
             raise EvaluationError(f"--photos {s.photos}: not a folder of photos")
-        s.real_images()  # at least one readable photo, before the model loads
+        notes += s.check_references()  # at least one readable photo, before the model loads
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return subjects
 
 
@@ -208,7 +213,7 @@ def run(args) -> dict:
     rows = score_plan(subjects, args.seeds, images_dir, metrics, args.token)
     names = [m.name for m in metrics]
     report = {**json.loads((args.out / SETTINGS_FILE).read_text(encoding="utf-8")), "seeds": args.seeds,
-              "metrics": args.metrics}
+              "metrics": args.metrics, "references": {s.name: s.references() for s in subjects}}
     if args.metrics == "dreambench":
         report.update(dino_model=str(args.dino_model), clip_model=str(args.clip_model))
     summary = write_report(args.out, rows, names, args.token, report)
