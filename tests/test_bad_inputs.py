@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import shutil
 import types
 from pathlib import Path
 from unittest import mock
@@ -20,6 +21,7 @@ from training_helpers import PROMPT, make_photos
 import moslora_diffusion.evaluation.cli as evaluate_cli
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
+import moslora_diffusion.mole.cli as mole_cli
 import moslora_diffusion.mole.gate_training as gate_training
 import moslora_diffusion.training.loop as loop
 from moslora_diffusion import (
@@ -82,6 +84,13 @@ def w(tiny_sd15_dir, tmp_path_factory):
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
                                  fresh=fresh, generate=generate, export=export, gates=gates,
                                  evaluate=evaluate)
+
+
+def _full_disk(call):
+    """call() with 2 MiB free on every disk: less than the 64 MiB margin every write keeps free."""
+    usage = types.SimpleNamespace(total=2**40, used=2**40 - 2**21, free=2**21)
+    with mock.patch.object(shutil, "disk_usage", lambda path: usage):
+        return call()
 
 
 def _without(package: str, call):
@@ -153,6 +162,20 @@ CASES = [
           "--validation_metrics toy: the toy scorer reads the toy world's 64x64 images, got --resolution 128: use"),
     _case("evaluate", lambda w: evaluate_main(w.evaluate + ["--metrics", "toy", "--size", "128"]),
           "the toy scorer reads the toy world's 64x64 images, got --size 128: use --size 64"),
+    # a full disk: the margin named, refused before the model loads, no empty output folder left (issue 28, item 6)
+    _case("generate", lambda w: _full_disk(lambda: generate_command.main(w.generate + ["--out", str(w.out / "new")])),
+          "MiB free, and writing there needs 0 MiB plus 64 MiB kept free (so the disk never fills up); free some"),
+    _case("evaluate", lambda w: _full_disk(lambda: evaluate_main(w.evaluate + ["--out", str(w.out / "new")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("export", lambda w: _full_disk(lambda: export_main(w.export + ["--adapter", str(w.run), "--out",
+                                                                         str(w.out / "new" / "x.safetensors")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["generate", "--base", w.base, "--mole", str(w.run),
+                                                          "--prompt", PROMPT, "--out", str(w.out / "new")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["export", "--base", w.base, "--mole", str(w.run), "--to",
+                                                          "lora-kohya", "--out", str(w.out / "new.safetensors")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
@@ -230,7 +253,8 @@ def _no_model_load(*args, **kwargs):
 def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone(w, monkeypatch, capsys, entry, call,
                                                                                  message, folder):
     for module, name in ((loop, "load_base"), (gate_training, "load_base"), (generate_command, "open_app_state"),
-                         (export_targets, "load_pipeline"), (evaluate_cli, "_load_pipeline")):
+                         (export_targets, "load_pipeline"), (evaluate_cli, "_load_pipeline"),
+                         (mole_cli, "_load")):
         monkeypatch.setattr(module, name, _no_model_load)
     monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
     watched = w.app.outputs if folder == "app" else w.out

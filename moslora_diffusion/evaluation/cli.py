@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED, Range, number_problems
 from ..console import OneLineErrorParser, add_debug_flag
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, check_free_space
 from ..formats.merge import resolve_adapter_path
 from ..generation.text_to_image import validate_request
 from .hf_scorers import DEFAULT_CLIP, DEFAULT_DINO
@@ -120,6 +120,7 @@ def check_numbers(args) -> None:
     validate_request(Sampling(args.steps, args.guidance, args.size or 512, args.sampler).request("x", 0, {}))
     if args.out.exists() and not args.out.is_dir():
         raise EvaluationError(f"--out {args.out} is a file; --out names the folder for the images and the report")
+    check_free_space(args.out, 0)  # the margin at least, before the model loads; each image is checked again
 
 
 def _toy_size_problem(args, size: int | None) -> str | None:
