@@ -1,5 +1,5 @@
 """One table of bad inputs walked through every entry point: the train command, MoLE gate training, evaluate,
-generate, export, the app's request functions and the Python API. Each must end in one line naming the problem
+generate, export, app.py, the app's request functions and the Python API. Each must end in one line naming the problem
 (commands: `error: ...` on stderr and exit status 2; the app and the API: their ValueError subclass), before any
 model is loaded, with the output folder left exactly as it was."""
 
@@ -18,6 +18,7 @@ from app_helpers import tiny_app_state
 from conftest import make_adapter, randomize_adapters
 from training_helpers import PROMPT, make_photos
 
+import moslora_diffusion.app.state as app_state
 import moslora_diffusion.evaluation.cli as evaluate_cli
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
@@ -32,6 +33,7 @@ from moslora_diffusion import (
     save_adapter,
     set_pipeline_scale,
 )
+from moslora_diffusion.app.cli import main as app_main
 from moslora_diffusion.app.exporting import export_adapters
 from moslora_diffusion.app.training_jobs import TrainingJob
 from moslora_diffusion.app.ui import build_ui
@@ -176,6 +178,11 @@ CASES = [
     _case("mole", lambda w: _full_disk(lambda: mole_main(["export", "--base", w.base, "--mole", str(w.run), "--to",
                                                           "lora-kohya", "--out", str(w.out / "new.safetensors")])),
           "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    # python app.py: the port's range with the other numbers (issue 28, item 5)
+    _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--port", "99999"]),
+          "--port must be between 1 and 65535, got 99999"),
+    _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--port", "0"]),
+          "--port must be between 1 and 65535, got 0"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
@@ -254,13 +261,13 @@ def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone
                                                                                  message, folder):
     for module, name in ((loop, "load_base"), (gate_training, "load_base"), (generate_command, "open_app_state"),
                          (export_targets, "load_pipeline"), (evaluate_cli, "_load_pipeline"),
-                         (mole_cli, "_load")):
+                         (mole_cli, "_load"), (app_state, "open_app_state")):
         monkeypatch.setattr(module, name, _no_model_load)
     monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
     watched = w.app.outputs if folder == "app" else w.out
     before, scales = _tree(watched), dict(w.app.fusion.scales)
     capsys.readouterr()
-    if entry in ("train", "mole", "evaluate", "generate", "export"):
+    if entry in ("train", "mole", "evaluate", "generate", "export", "app.py"):
         try:
             status = call(w)
         except SystemExit as exit_info:

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..checks import Range, check_number
 from ..console import OneLineErrorParser, add_debug_flag, run_command
 
 log = logging.getLogger("moslora_diffusion.app")
@@ -21,6 +22,7 @@ CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOY_BASE = REPO_ROOT / "assets" / "toy-base"
+PORT = Range(1, 65535, integer=True)  # TCP ports
 DEMO_ADAPTER = REPO_ROOT / "outputs" / "demo"  # what scripts/demo.sh trains
 
 
@@ -90,6 +92,7 @@ def _serve(argv: list[str]) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    check_number("--port", args.port, PORT)  # before the model loads
     from .state import open_app_state
     from .ui import build_ui
     from .uploads import MAX_UPLOAD_BYTES
