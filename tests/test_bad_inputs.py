@@ -225,6 +225,11 @@ CASES = [
           "app"),
     _case("app", lambda w: w.app.start_training(PROMPT, resolution=100), "resolution must be a multiple of 8",
           "app"),
+    # a load request naming nothing (the HTTP API's /load_mole without name or path) (issue 28, item 10)
+    _case("app", lambda w: w.app.compose.load_available(None), "choose a MoLE file from the list, or give a path",
+          "app"),
+    _case("app", lambda w: w.app.compose.load_available(" "), "choose a MoLE file from the list", "app"),
+    _case("app", lambda w: w.app.load_available(None), "choose an adapter to load; in the app's folders: ", "app"),
     # the Python API
     _case("api", lambda w: AdapterConfig(rank=0), "rank must be > 0, got 0"),
     _case("api", lambda w: AdapterConfig(alpha=INF), "alpha must be a finite number > 0, got inf"),

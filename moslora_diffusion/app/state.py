@@ -116,6 +116,8 @@ class AppState:
     def load_available(self, name: str, scale: float = 1.0) -> str:
         """Loads an adapter by its name in available_adapters() (what the UI and API offer)."""
         available = self.available_adapters()
+        if not (name or "").strip():
+            raise AdapterError(f"choose an adapter to load; in the app's folders: {', '.join(available) or 'none'}")
         if name not in available:
             raise AdapterError(f"no adapter named {name!r} in the app's folders; choose one of: "
                                f"{', '.join(available) or 'none'}")
