@@ -162,7 +162,7 @@ def _resume_and_compare(setup, out: Path, uninterrupted: dict, resumed_from: int
     assert gates.keys() == uninterrupted.keys() and all(torch.equal(gates[k], uninterrupted[k]) for k in gates)
 
 
-def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, uninterrupted):
+def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, uninterrupted, capsys):
     root = setup[3]
     # Validation right after the checkpoint gives the kill a wide window (validation changes no training state).
     proc = _start_command(setup, root / "b", validation_prompt="a photo of sks dog", validation_steps=4,
@@ -173,7 +173,11 @@ def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_ga
     assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()
     for later in (root / "b").glob("checkpoint-6*"):
         shutil.rmtree(later)
+    capsys.readouterr()
     _resume_and_compare(setup, root / "b", uninterrupted, 3)
+    printed = capsys.readouterr().out
+    assert f"Resumed from checkpoint-3 in {root / 'b'}: step 3 of 6." in printed  # said at the start
+    assert "Gates trained: step 6 (resumed from step 3); mole.safetensors" in printed  # and in the last line
 
 
 def test_gate_training_stopped_by_sigterm_saves_its_last_step_and_resumes_to_the_same_gates(setup, uninterrupted):

@@ -216,7 +216,8 @@ def finish(run, mole: MoLE, sources: list[ExpertSource], losses: list[float], st
         record_written(folder, CARD_FILE)
         card = model_card(config, mole, summary)
         result.files["card"] = atomic_write(folder / CARD_FILE, lambda p: p.write_text(card, encoding="utf-8"))
-        print(f"\nGates trained: step {result.steps}; {FILE_NAME} and {HEATMAP_FILE} in {folder}")
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        print(f"\nGates trained: step {result.steps}{resumed}; {FILE_NAME} and {HEATMAP_FILE} in {folder}")
     acc.wait_for_everyone()
     acc.end_training()
     return result

@@ -154,6 +154,9 @@ def run_loop(run: Run, batches: tuple, resume: CheckpointInfo | None) -> tuple[l
     """Restores the checkpoint (if any), runs the loop; returns the losses and the loop's seconds."""
     if resume is not None:
         restore(run, resume)
+        if run.accelerator.is_main_process:  # both trainers: the user sees which state the run continues from
+            print(f"Resumed from {resume.path.name} in {resume.path.parent}: step {resume.step} of "
+                  f"{run.plan.max_train_steps}.")
     elif run.config.resume_from_checkpoint and run.accelerator.is_main_process:
         print(f"No complete checkpoint in {run.config.output_dir} yet: starting from step 0.")
     start_batches(run, *batches)
