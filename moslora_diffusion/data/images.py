@@ -143,8 +143,9 @@ def _decode_open(img: Image.Image, path: Path) -> tuple[Image.Image, PhotoInfo]:
     factor = reduction_factor(img.size)
     if factor > 1:
         result = _reduce(img, factor)
-    else:  # a single-frame file is closed once loaded; an animation keeps it open for seeking: copy
-        result = img if getattr(img, "fp", None) is None else img.copy()
+    else:  # a single-frame file is closed once loaded; an animation keeps it open for seeking (GIF: in `_fp`,
+        # even once `fp` is None): copy, so that _read closes the file
+        result = img if frames == 1 and getattr(img, "fp", None) is None else img.copy()
     return result, PhotoInfo(path, image_format, stored, result.size, frames)
 
 
