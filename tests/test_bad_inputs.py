@@ -158,6 +158,15 @@ CASES = [
           "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
     _case("mole", lambda w: _without("wandb", lambda: mole_main(w.gates + ["--report_to", "wandb"])),
           "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
+    # a kohya sd-scripts flag name: "did you mean" ours (issue 28, item 19)
+    _case("train", lambda w: train_main(w.train + ["--network_dim", "8"]),
+          "unrecognized arguments: --network_dim 8; --network_dim: did you mean --rank?"),
+    _case("train", lambda w: train_main(w.train + ["--network_alpha=4"]),
+          "--network_alpha: did you mean --lora_alpha?"),
+    _case("train", lambda w: train_main(w.train + ["--train_data_dir", "x"]),
+          "--train_data_dir: did you mean --instance_data_dir?"),
+    _case("train", lambda w: train_main(w.train + ["--learnig_rate", "1e-4"]),
+          "--learnig_rate: did you mean --learning_rate?"),
     # the toy scorer reads 64x64 images only: refused before the images are made (issue 28, item 2)
     _case("train", lambda w: train_main(w.train + ["--validation_metrics", "toy", "--validation_prompt", PROMPT,
                                                    "--resolution", "128"]),

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="outputs", help="images, exports and training runs (default: "
                         "./outputs)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (1 to 65535)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--auth", type=_auth, metavar="USER:PASSWORD", default=os.environ.get("MOSLORA_APP_AUTH"),
                         help="require a login (or set MOSLORA_APP_AUTH, which keeps it out of `ps`)")

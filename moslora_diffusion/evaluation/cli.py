@@ -17,7 +17,7 @@ from ..checks import MAX_SEED, Range, number_problems
 from ..console import OneLineErrorParser, add_debug_flag
 from ..files.atomic import atomic_write, check_free_space
 from ..formats.merge import resolve_adapter_path
-from ..generation.text_to_image import validate_request
+from ..generation.text_to_image import SCHEDULERS, validate_request
 from .hf_scorers import DEFAULT_CLIP, DEFAULT_DINO
 from .plan import EvaluationError, Subject, dreambench_subjects, read_prompts_file
 from .run import Sampling, generate_missing, missing_jobs, score_plan
@@ -28,7 +28,8 @@ RANGES = {"batch_size": Range(1, 1024, integer=True), "max_sheet_rows": Range(1,
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description="Subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T) of adapters, "
+    p = OneLineErrorParser(prog="python -m moslora_diffusion.evaluate",
+                           description="Subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T) of adapters, "
                            "as the DreamBooth paper measures them; or the toy checker's scores on the toy base.")
     p.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     p.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
@@ -42,11 +43,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default="sks", help="the unique token (dropped from the CLIP-T prompt)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="one image per seed and prompt (DreamBench: 4)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
     p.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
-    p.add_argument("--sampler", default="DPM++ 2M")
-    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--sampler", default="DPM++ 2M", choices=tuple(SCHEDULERS), metavar="NAME",
+                   help=f"one of: {', '.join(SCHEDULERS)}")
+    p.add_argument("--negative_prompt", default="", help="what the images should not show")
     p.add_argument("--metrics", choices=("dreambench", "toy"), default="dreambench",
                    help="dreambench: DINO, CLIP-I, CLIP-T; toy: the toy checker (subject shown, prompt followed)")
     p.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder (safetensors)")
