@@ -34,10 +34,11 @@ def _convert_hint(source: str, model_class: str) -> str:
 
 
 def checked_source(source: str | Path, model_class: str) -> str:
-    """A local model folder holding .safetensors weights (WeightFileError if not: pickle weights are refused,
-    never opened): `source` itself, or the hub snapshot of a hub id (config, processor and safetensors files),
-    from the cache, else downloaded. Called before any image is generated, so an unreachable hub fails at once:
-    OSError naming the model and what to do (no retries: offline, HF_HUB_OFFLINE=1, gives the same line)."""
+    """What the scorer loads: a local model folder holding .safetensors weights (WeightFileError if not: pickle
+    weights are refused, never opened), or for a hub id its snapshot (config, processor and safetensors files),
+    from the cache, else downloaded (the hub id itself when its safetensors weights live in a conversion branch).
+    Called before any image is generated, so an unreachable hub fails at once: OSError naming the model and what
+    to do (no retries: offline, HF_HUB_OFFLINE=1, gives the same line)."""
     path = Path(source)
     if path.is_dir():
         check_safetensors_folder(path, _convert_hint(str(path), model_class))
@@ -46,8 +47,11 @@ def checked_source(source: str | Path, model_class: str) -> str:
         raise ValueError(f"{source}: give a model folder (config.json and .safetensors weights) or a hub id, "
                          "not a file")
     folder = Path(_hub_snapshot(str(source), model_class))
-    check_safetensors_folder(folder, _convert_hint(str(source), model_class))
-    return str(folder)
+    if any(folder.glob("*.safetensors")):
+        return str(folder)
+    # Weights only in the hub's safetensors conversion branch (refs/pr/N): transformers finds them there itself
+    # (use_safetensors=True, never a pickle); the hub has answered, so this cannot hang on retries later.
+    return str(source)
 
 
 def _hub_snapshot(repo_id: str, model_class: str) -> str:
