@@ -222,3 +222,25 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert _run(capsys, *argv, "--out", out)[0] == 0
     status, _, err = _run(capsys, *[a if a != "1" else "2" for a in argv], "--out", out)
     assert status == 2 and "other settings (steps 1 -> 2)" in err
+
+
+def test_a_hub_scorer_is_loaded_from_its_snapshot_or_by_id_when_its_weights_are_in_a_conversion_branch(
+        tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from moslora_diffusion.evaluation.hf_scorers import HUB_FILES, checked_source
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")
+    asked = []
+
+    def fake_snapshot(repo_id, allow_patterns, **kwargs):
+        asked.append((repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert checked_source("org/dino", "ViTModel") == "org/dino"  # no safetensors on main: transformers finds them
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert checked_source("org/dino", "ViTModel") == str(snapshot)
+    assert asked[0] == ("org/dino", HUB_FILES) and not any("*.bin" in p or "*.pt" in p for p in HUB_FILES)
