@@ -198,7 +198,7 @@ def test_a_run_that_finishes_with_no_page_open_is_loaded_all_the_same(state):
     job = state.start_training("a photo of sks dog", steps=2, rank=4, resolution=64, folder="photos/dog")
     before = state.fusion.names()
     deadline = time.time() + 60
-    while job.output_dir.name not in state.fusion.names() and time.time() < deadline:
+    while job.registered_as is None and time.time() < deadline:  # set once the load has finished
         time.sleep(0.1)
     assert job.progress().state == "finished"
     assert state.fusion.names() == before + [job.output_dir.name] and job.registered_as == job.output_dir.name
