@@ -22,15 +22,15 @@ from .generation.text_to_image import GenerationRequest, validate_request
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m moslora_diffusion.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="training output folder or adapter file, optionally with a scale (default 1.0)")
     add_request_flags(parser)
     parser.add_argument("--compare_with_base", action="store_true", help="also render each seed at scale 0")
     parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs (new names; nothing in it is "
-                        "overwritten)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs, which go to <out>/images/<date>/ "
+                        "(new names; nothing in it is overwritten)")
     add_debug_flag(parser)
     return parser
 
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 def _generate(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     written = run(args)
-    print(f"wrote {len(written)} images under {args.out}")
+    folders = sorted({str(path.parent) for path in written})
+    print(f"wrote {len(written)} images in {', '.join(folders) or args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,8 @@ def test_gates_trained_from_the_app_are_loaded_for_composing(app):
     assert state.register_finished_training() is None  # a gate run is no DreamBooth adapter
     name = register_finished_gates(state)
     assert name == job.output_dir.name and state.compose.experts(name) == ["dog", "cat"]
-    assert register_finished_gates(state) is None  # loaded once
+    loaded = dict(state.compose.moles)
+    assert register_finished_gates(state) == name and state.compose.moles == loaded  # loaded once
     request = GenerationRequest("a photo of zwx cat", "", 3, 2, 5.0, 64, 64, 1, "DDIM", mole=MoLESettings(name))
     (saved,) = generate_composed(state, request, "mole")
     assert f"MoLE: {name}" in Image.open(saved.path).text["parameters"]

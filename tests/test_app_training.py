@@ -78,7 +78,7 @@ def state(tiny_sd15_dir, tmp_path_factory):
                    photo_roots=photo_roots)
     trainer = root / "fake_trainer.py"
     trainer.write_text(FAKE_TRAINER)
-    app.training = TrainingManager(app.outputs / "training", trainer)
+    app.training = TrainingManager(app.outputs / "training", trainer, on_finished=app.load_finished_run)
     os.environ["FAKE_ADAPTER"] = str(make_adapter(tiny_sd15_dir, root / "trained.safetensors", seed=4))
     return app
 
@@ -120,6 +120,8 @@ def test_the_validation_settings_reach_the_trainers_config(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"validation_metrics": "fid"}, "validation scores must be one of"),
     ({"validation_metrics": "toy", "validation_steps": 0}, "set 'validation every N steps' above 0"),
+    ({"validation_metrics": "toy", "resolution": 128}, "the toy scorer reads the toy world's 64x64 images, got "
+                                                      "resolution 128: use resolution 64"),
     ({"validation_loss_photos": -1}, "held-out photos must be between 0 and 100"),
     ({"validation_loss_photos": 2, "validation_steps": 0}, "held-out loss is scored at every validation"),
 ])
@@ -185,8 +187,22 @@ def test_training_from_a_given_folder_finishes_and_loads_the_adapter(state):
     assert progress.losses[-1] == (5, 0.2) and len(progress.validation_images) == 1
     name = state.register_finished_training()
     assert name == job.output_dir.name and name in state.fusion.names() and state.fusion.scales[name] == 1.0
-    assert state.register_finished_training() is None  # loaded once only
+    loaded = state.fusion.names()
+    assert state.register_finished_training() == name and state.fusion.names() == loaded  # loaded once only
     assert name in state.available_adapters()  # the app's own training folder is an allowed root
+
+
+def test_a_run_that_finishes_with_no_page_open_is_loaded_all_the_same(state):
+    """Nobody polls (no page open, no register call): the app itself loads the adapter when the trainer exits,
+    so a page opened later shows it (its slider and the header name it)."""
+    job = state.start_training("a photo of sks dog", steps=2, rank=4, resolution=64, folder="photos/dog")
+    before = state.fusion.names()
+    deadline = time.time() + 60
+    while job.registered_as is None and time.time() < deadline:  # set once the load has finished
+        time.sleep(0.1)
+    assert job.progress().state == "finished"
+    assert state.fusion.names() == before + [job.output_dir.name] and job.registered_as == job.output_dir.name
+    assert job.output_dir.name in state.status_text()
 
 
 def test_a_scored_run_reports_its_scores_to_the_train_tab(state):
@@ -263,7 +279,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not TRAINER.is_file(), reason="train_dreambooth.py not in this checkout")
 def test_real_trainer_runs_from_the_app(state, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 shared cores: one thread is faster for a tiny model
-    real = TrainingManager(state.outputs / "training", TRAINER)
+    real = TrainingManager(state.outputs / "training", TRAINER, on_finished=state.load_finished_run)
     state.training, fake = real, state.training
     try:
         job = state.start_training("a photo of sks dog", steps=2, rank=2, resolution=64, validation_steps=0,

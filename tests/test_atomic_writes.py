@@ -108,3 +108,16 @@ def test_the_pattern_matches_what_the_writers_create(tmp_path):
     assert len(seen) == 2 and all(TEMP_NAME.match(name) for name in seen)
     assert all(f".{os.getpid()}-" in name for name in seen)
     assert remove_stale_temporaries(tmp_path) == []  # nothing left over after complete writes
+
+
+def test_a_full_disk_is_refused_before_any_folder_is_made(tmp_path, monkeypatch):
+    """The check comes before the folders of the new file are created: a refusal leaves no empty folder (a saved
+    image goes to <out>/<date>/, both new), and the message names the margin that made it refuse."""
+    import shutil
+    import types
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=0, free=2**21))
+    item = GeneratedImage(Image.new("RGB", (8, 8)), "a photo", "adapted", 0)
+    with pytest.raises(OSError, match=r"2 MiB free, and writing there needs 1 MiB plus 64 MiB kept free"):
+        save_png(item, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

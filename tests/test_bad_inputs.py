@@ -1,13 +1,16 @@
-"""One table of bad inputs walked through every entry point: the train command, generate, export, the app's request
-functions and the Python API. Each must end in one line naming the problem (commands: `error: ...` on stderr and
-exit status 2; the app and the API: their ValueError subclass), before any model is loaded, with the output folder
-left exactly as it was."""
+"""One table of bad inputs walked through every entry point: the train command, MoLE gate training, evaluate,
+generate, export, app.py, the app's request functions and the Python API. Each must end in one line naming the problem
+(commands: `error: ...` on stderr and exit status 2; the app and the API: their ValueError subclass), before any
+model is loaded, with the output folder left exactly as it was."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import shutil
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -15,8 +18,12 @@ from app_helpers import tiny_app_state
 from conftest import make_adapter, randomize_adapters
 from training_helpers import PROMPT, make_photos
 
+import moslora_diffusion.app.state as app_state
+import moslora_diffusion.evaluation.cli as evaluate_cli
 import moslora_diffusion.formats.export_targets as export_targets
 import moslora_diffusion.generate as generate_command
+import moslora_diffusion.mole.cli as mole_cli
+import moslora_diffusion.mole.gate_training as gate_training
 import moslora_diffusion.training.trainer.loop as loop
 from moslora_diffusion import (
     AdapterConfig,
@@ -26,15 +33,18 @@ from moslora_diffusion import (
     save_adapter,
     set_pipeline_scale,
 )
+from moslora_diffusion.app.cli import main as app_main
 from moslora_diffusion.app.exporting import export_adapters
 from moslora_diffusion.app.training_jobs import TrainingJob
 from moslora_diffusion.app.ui import build_ui
 from moslora_diffusion.checks import SCALE_MAX, SCALE_MIN
+from moslora_diffusion.evaluate import main as evaluate_main
 from moslora_diffusion.export import main as export_main
 from moslora_diffusion.formats.export_targets import export
 from moslora_diffusion.formats.merge import bake_adapters
 from moslora_diffusion.generation.text_to_image import GenerationRequest
 from moslora_diffusion.models.loading import load_pipeline
+from moslora_diffusion.mole.cli import main as mole_main
 from moslora_diffusion.training import TrainConfig
 from moslora_diffusion.training import main as train_main
 from moslora_diffusion.training.run_folder.checkpoints import save_checkpoint
@@ -67,9 +77,29 @@ def w(tiny_sd15_dir, tmp_path_factory):
              "--instance_prompt", PROMPT, "--output_dir", str(out), "--report_to", "none"]
     generate = ["--base", base, "--adapter", str(run), "--prompt", PROMPT, "--out", str(out)]
     export = ["--base", base, "--to", "lora-kohya", "--out", str(out / "x.safetensors")]
+    evaluate = ["--base", base, "--adapter", str(run), "--photos", str(root / "photos"), "--prompt", PROMPT, "--out",
+                str(out)]
     fresh = train + ["--output_dir", str(root / "fresh-run")]  # a new run folder: the resume checks come next
+    photos = str(root / "photos")
+    gates = ["train", "--pretrained_model_name_or_path", base, "--experts", str(run), str(cat), "--expert_data_dirs",
+             photos, photos, "--expert_prompts", PROMPT, PROMPT, "--output_dir", str(out)]
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
-                                 fresh=fresh, generate=generate, export=export)
+                                 fresh=fresh, generate=generate, export=export, gates=gates,
+                                 evaluate=evaluate)
+
+
+def _full_disk(call):
+    """call() with 2 MiB free on every disk: less than the 64 MiB margin every write keeps free."""
+    usage = types.SimpleNamespace(total=2**40, used=2**40 - 2**21, free=2**21)
+    with mock.patch.object(shutil, "disk_usage", lambda path: usage):
+        return call()
+
+
+def _without(package: str, call):
+    """call() as on a machine without `package` installed."""
+    real = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)):
+        return call()
 
 
 def _request(**change) -> GenerationRequest:
@@ -123,6 +153,45 @@ CASES = [
     _case("train", lambda w: train_main(w.train + ["--resolution", "500"]), "--resolution must be a multiple of 8"),
     _case("train", lambda w: train_main(w.train + ["--config", str(w.root / "nan.yaml")]),
           "--learning_rate must be a finite number > 0, got nan"),
+    # a tracker whose package is missing: both trainers refuse it alike (issue 28, item 1)
+    _case("train", lambda w: _without("wandb", lambda: train_main(w.train + ["--report_to", "wandb"])),
+          "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
+    _case("mole", lambda w: _without("wandb", lambda: mole_main(w.gates + ["--report_to", "wandb"])),
+          "--report_to wandb needs the wandb package, which is not installed: pip install wandb"),
+    # a kohya sd-scripts flag name: "did you mean" ours (issue 28, item 19)
+    _case("train", lambda w: train_main(w.train + ["--network_dim", "8"]),
+          "unrecognized arguments: --network_dim 8; --network_dim: did you mean --rank?"),
+    _case("train", lambda w: train_main(w.train + ["--network_alpha=4"]),
+          "--network_alpha: did you mean --lora_alpha?"),
+    _case("train", lambda w: train_main(w.train + ["--train_data_dir", "x"]),
+          "--train_data_dir: did you mean --instance_data_dir?"),
+    _case("train", lambda w: train_main(w.train + ["--learnig_rate", "1e-4"]),
+          "--learnig_rate: did you mean --learning_rate?"),
+    # the toy scorer reads 64x64 images only: refused before the images are made (issue 28, item 2)
+    _case("train", lambda w: train_main(w.train + ["--validation_metrics", "toy", "--validation_prompt", PROMPT,
+                                                   "--resolution", "128"]),
+          "--validation_metrics toy: the toy scorer reads the toy world's 64x64 images, got --resolution 128: use"),
+    _case("evaluate", lambda w: evaluate_main(w.evaluate + ["--metrics", "toy", "--size", "128"]),
+          "the toy scorer reads the toy world's 64x64 images, got --size 128: use --size 64"),
+    # a full disk: the margin named, refused before the model loads, no empty output folder left (issue 28, item 6)
+    _case("generate", lambda w: _full_disk(lambda: generate_command.main(w.generate + ["--out", str(w.out / "new")])),
+          "MiB free, and writing there needs 0 MiB plus 64 MiB kept free (so the disk never fills up); free some"),
+    _case("evaluate", lambda w: _full_disk(lambda: evaluate_main(w.evaluate + ["--out", str(w.out / "new")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("export", lambda w: _full_disk(lambda: export_main(w.export + ["--adapter", str(w.run), "--out",
+                                                                         str(w.out / "new" / "x.safetensors")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["generate", "--base", w.base, "--mole", str(w.run),
+                                                          "--prompt", PROMPT, "--out", str(w.out / "new")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["export", "--base", w.base, "--mole", str(w.run), "--to",
+                                                          "lora-kohya", "--out", str(w.out / "new.safetensors")])),
+          "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
+    # python app.py: the port's range with the other numbers (issue 28, item 5)
+    _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--port", "99999"]),
+          "--port must be between 1 and 65535, got 99999"),
+    _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--port", "0"]),
+          "--port must be between 1 and 65535, got 0"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
@@ -165,6 +234,11 @@ CASES = [
           "app"),
     _case("app", lambda w: w.app.start_training(PROMPT, resolution=100), "resolution must be a multiple of 8",
           "app"),
+    # a load request naming nothing (the HTTP API's /load_mole without name or path) (issue 28, item 10)
+    _case("app", lambda w: w.app.compose.load_available(None), "choose a MoLE file from the list, or give a path",
+          "app"),
+    _case("app", lambda w: w.app.compose.load_available(" "), "choose a MoLE file from the list", "app"),
+    _case("app", lambda w: w.app.load_available(None), "choose an adapter to load; in the app's folders: ", "app"),
     # the Python API
     _case("api", lambda w: AdapterConfig(rank=0), "rank must be > 0, got 0"),
     _case("api", lambda w: AdapterConfig(alpha=INF), "alpha must be a finite number > 0, got inf"),
@@ -199,13 +273,15 @@ def _no_model_load(*args, **kwargs):
 @pytest.mark.parametrize("entry, call, message, folder", CASES)
 def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone(w, monkeypatch, capsys, entry, call,
                                                                                  message, folder):
-    for module, name in ((loop, "load_base"), (generate_command, "open_app_state"), (export_targets, "load_pipeline")):
+    for module, name in ((loop, "load_base"), (gate_training, "load_base"), (generate_command, "open_app_state"),
+                         (export_targets, "load_pipeline"), (evaluate_cli, "_load_pipeline"),
+                         (mole_cli, "_load"), (app_state, "open_app_state")):
         monkeypatch.setattr(module, name, _no_model_load)
     monkeypatch.setattr(TrainingJob, "start", _no_model_load)  # no trainer process may start either
     watched = w.app.outputs if folder == "app" else w.out
     before, scales = _tree(watched), dict(w.app.fusion.scales)
     capsys.readouterr()
-    if entry in ("train", "generate", "export"):
+    if entry in ("train", "mole", "evaluate", "generate", "export", "app.py"):
         try:
             status = call(w)
         except SystemExit as exit_info:

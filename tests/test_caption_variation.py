@@ -13,6 +13,7 @@ from PIL import Image
 from training_helpers import tiny_config
 
 from moslora_diffusion.data import CaptionOptions, DreamBoothDataset, ImageRecord
+from moslora_diffusion.data.captions import vary_caption
 from moslora_diffusion.training.settings.config import ConfigError
 from moslora_diffusion.training.step.batches import GlobalBatchStream, LatentCache, pixel_batches
 
@@ -54,6 +55,12 @@ def test_shuffle_keeps_the_first_n_parts_and_every_part(tmp_path, keep):
         assert got[:keep] == parts[:keep] and Counter(got) == Counter(parts)
     assert len(set(captions)) >= min(math.factorial(len(parts) - keep), 20)  # really shuffled: 3! to 5! orders
     assert captions == [dataset.instance_caption(i, 0) for i in range(200)]
+
+
+def test_empty_tags_of_a_trailing_or_doubled_comma_are_dropped_not_shuffled_in():
+    caption = "sks dog, red collar,, on grass,"
+    results = {vary_caption(caption, CaptionOptions(shuffle=True, keep_tokens=1), 0, 0, index) for index in range(40)}
+    assert results == {"sks dog, red collar, on grass", "sks dog, on grass, red collar"}  # both orders, nothing empty
 
 
 def test_items_carry_the_varied_caption_and_class_captions_never_vary(tmp_path):

@@ -220,3 +220,49 @@ def test_generate_refuses_an_out_that_names_a_file_before_loading(tiny_sd15_dir,
     with pytest.raises(SystemExit):
         generate.main(["--base", str(tiny_sd15_dir), "--prompt", "a dog", "--out", str(target / "sub")])
     assert f"--out {target / 'sub'} is under {target}, which is a file" in capsys.readouterr().err
+
+
+def _help_of(main, argv: list[str], capsys) -> str:
+    """What `--help` prints; the command must exit (or return) with status 0."""
+    try:
+        status = main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    out = capsys.readouterr().out
+    assert status in (0, None) and out.startswith("usage: "), (argv, status, out)
+    return out
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("train_dreambooth.py", ["--help"]), ("app.py", ["--help"]), ("generate", ["--help"]), ("evaluate", ["--help"]),
+    ("export", ["--help"]), ("tiny", ["--help"]), ("mole", ["--help"]), ("mole", ["-h"]), ("mole", ["train", "--help"]),
+    ("mole", ["generate", "--help"]), ("mole", ["export", "--help"])])
+def test_help_exits_0_everywhere(command, argv, capsys):
+    from moslora_diffusion import evaluate
+    from moslora_diffusion.mole.cli import main as mole_main
+
+    mains = {"train_dreambooth.py": train_main, "app.py": app_cli.main, "generate": generate.main,
+             "evaluate": evaluate.main, "export": export.main, "tiny": tiny.main, "mole": mole_main}
+    out = _help_of(mains[command], argv, capsys)
+    if argv == ["--help"] and command == "mole":
+        assert all(f"  {name} " in out for name in ("train", "generate", "export"))
+
+
+@pytest.mark.parametrize("module", ["generate", "evaluate"])
+def test_generate_and_evaluate_help_name_the_command_and_show_defaults_and_samplers(module, capsys):
+    from moslora_diffusion import evaluate
+
+    out = " ".join(_help_of({"generate": generate.main, "evaluate": evaluate.main}[module], ["--help"],
+                            capsys).split())  # argparse wraps lines
+    assert out.startswith(f"usage: python -m moslora_diffusion.{module} ")
+    assert "denoising steps (default: 25)" in out and "CFG scale (default: 7.5)" in out
+    assert "one of: DPM++ 2M, Euler, Euler a, DDIM, PNDM (default: DPM++ 2M)" in out
+    if module == "generate":
+        assert "which go to <out>/images/<date>/" in out
+
+
+def test_an_unknown_sampler_is_refused_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--base", "b", "--prompt", "p", "--out", "o", "--sampler", "DPM++"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: argument --sampler: invalid choice: 'DPM++' (choose from ")

@@ -161,6 +161,60 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, monkeypatch, arg
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable hub"])
+def test_scorer_models_not_at_hand_fail_at_once_before_any_image(tmp_path, capsys, monkeypatch, offline):
+    """Offline, a DreamBench scorer model that is not in the hub cache is one line within seconds, before the model
+    loads and before any image is generated (it used to come after every image, after ~115 s of retries)."""
+    import time
+
+    from huggingface_hub import constants
+
+    import moslora_diffusion.evaluation.cli as cli
+
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    started = time.monotonic()
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", TOY_PHOTOS, "--prompt", "x",
+                          "--dino_model", "moslora-tests/no-such-dino", "--out", tmp_path / "out")
+    assert time.monotonic() - started < 20
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: the ViTModel scorer 'moslora-tests/no-such-dino' is not in the hub cache and could "
+                          "not be downloaded (") and "give a local model folder (--dino_model" in err
+    assert ("HF_HUB_OFFLINE is set" in err) == (offline == "HF_HUB_OFFLINE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_reference_photos_are_named_in_the_report_and_skipped_ones_said(tmp_path, capsys):
+    """An unreadable reference is named with why it is skipped, a 1x1 one is used with a note (as the trainer notes
+    tiny photos), the report lists the references used; a folder with none usable is refused, naming the files."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    shutil.copytree(TOY_PHOTOS, photos)
+    (photos / "broken.png").write_text("not a picture")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(photos / "tiny.png")
+    used = sorted(p.name for p in TOY_PHOTOS.iterdir() if p.suffix == ".png" and "_mask" not in p.stem)
+    out = tmp_path / "eval"
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", photos, "--prompt", PROMPTS[0],
+                          "--steps", "1", "--sampler", "DDIM", "--seeds", "0", "--metrics", "toy", "--out", out)
+    assert status == 0, err
+    assert "note: subject 'photos': reference broken.png: not an image Pillow can read; skipped" in err
+    assert "note: subject 'photos': reference tiny.png is 1x1, very small: the scorers upscale it" in err
+    references = json.loads((out / "report.json").read_text())["settings"]["references"]
+    assert references == {"photos": sorted(used + ["tiny.png"])}
+    assert f"References of photos: {', '.join(sorted(used + ['tiny.png']))}" in (out / "report.md").read_text()
+    for path in photos.iterdir():
+        if path.name != "broken.png":
+            path.unlink()
+    status, _, err = _run(capsys, "--base", TOY_BASE, "--include_base", "--photos", photos, "--prompt", PROMPTS[0],
+                          "--metrics", "toy", "--out", tmp_path / "eval2")
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "no photos of subject 'photos' to compare with (broken.png: not an image Pillow can read)" in err
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["--base", TOY_BASE, "--include_base", "--photos", TOY_PHOTOS, "--prompt", PROMPTS[0], "--steps", "1",
@@ -168,3 +222,25 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert _run(capsys, *argv, "--out", out)[0] == 0
     status, _, err = _run(capsys, *[a if a != "1" else "2" for a in argv], "--out", out)
     assert status == 2 and "other settings (steps 1 -> 2)" in err
+
+
+def test_a_hub_scorer_is_loaded_from_its_snapshot_or_by_id_when_its_weights_are_in_a_conversion_branch(
+        tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from moslora_diffusion.evaluation.hf_scorers import HUB_FILES, checked_source
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")
+    asked = []
+
+    def fake_snapshot(repo_id, allow_patterns, **kwargs):
+        asked.append((repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert checked_source("org/dino", "ViTModel") == "org/dino"  # no safetensors on main: transformers finds them
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert checked_source("org/dino", "ViTModel") == str(snapshot)
+    assert asked[0] == ("org/dino", HUB_FILES) and not any("*.bin" in p or "*.pt" in p for p in HUB_FILES)

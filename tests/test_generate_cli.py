@@ -7,7 +7,7 @@ from PIL import Image
 from moslora_diffusion.generate import main
 
 
-def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path):
+def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path, capsys):
     adapter = make_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors", seed=1)
     out = tmp_path / "samples"
     main(["--base", str(tiny_sd15_dir), "--adapter", f"{adapter.parent}:0.5", "--prompt", "a photo of sks dog",
@@ -20,6 +20,8 @@ def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path)
     assert all("Steps: 2" in t for t in texts) and any("Seed: 4" in t for t in texts)
     # only images: the app's empty training/ and mole/ job folders were once made in --out too
     assert sorted(p.name for p in out.iterdir()) == ["images"]
+    # the last line names the folder the images are in (<out>/images/<date>/), not only --out
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote 8 images in {pngs[0].parent}"
 
 
 def test_adapter_of_another_family_is_a_clear_error(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, capsys):

@@ -184,3 +184,21 @@ def test_a_mask_whose_photo_is_missing_is_named_as_such_not_as_a_photo_without_m
     with pytest.raises(DatasetError, match=r"^--masked_loss: other_mask.png looks like a mask but its photo other\.\* "
                                            r"is missing"):
         check_masks(scan_photos(folder, "sks").records)
+
+
+def test_a_colour_mask_file_is_read_by_luminance_with_a_warning_naming_it(tmp_path):
+    """A grey mask saved as RGB (what many editors write) is read silently; a colour one is used by its luminance,
+    and the user is told which file it is."""
+    import warnings
+
+    folder = _photo_with_mask(tmp_path / "photos")
+    Image.new("RGB", (80, 64), (200, 200, 200)).save(folder / "subject_mask.png")  # grey, stored as RGB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_masks(scan_photos(folder, "sks").records)
+    colour = np.zeros((64, 80, 3), np.uint8)
+    colour[:, :32] = (255, 0, 0)  # the subject painted red
+    Image.fromarray(colour).save(folder / "subject_mask.png")
+    with pytest.warns(UserWarning, match="mask subject_mask.png is a colour image; its luminance is the mask"):
+        check_masks(scan_photos(folder, "sks").records)
+

@@ -82,6 +82,48 @@ def test_constant_gates_export_exactly_as_one_lora(family, tiny_dirs, expert_dir
     assert _close(ours_out, dynamic) and _close(ours_text, text)
 
 
+def _weights(pipe, component: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in getattr(pipe, component).state_dict().items()}
+
+
+def test_three_expert_static_kohya_export_loads_in_diffusers_as_merged_on_every_layer(tiny_sd15_dir, expert_dirs,
+                                                                                      tmp_path):
+    """dog adapts the text attention (rank 4), style the text attention and MLP (rank 3): the fold's text layers
+    have ranks 7 and 3. diffusers' own kohya loader (0.42 with transformers 5) renames the text layers' keys but
+    not their `.alpha` keys, so it gives every text layer the file's most common alpha: the file must store one
+    alpha for all layers. The fp16 file, loaded and fused by diffusers, equals our merge of the same fold on every
+    weight to fp16 rounding (observed 7e-4 of the layer's change; per-layer alphas missed the text MLP layers by
+    more than their whole change).
+    The tiny text encoder has the full-size key names (text_model.encoder.layers.N.*), which the rename is about."""
+    dirs = expert_dirs["sd15"]
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    mole = attach_mole(pipe, load_experts(pipe, [dirs["dog"], dirs["cat"], dirs["style"]]))
+    weights = _block_weights(mole, seed=3)
+    path = export_static(pipe, weights, "lora-kohya", tmp_path / "mole.safetensors", dtype="fp16")
+    tensors, _ = load_tensors(path)
+    text_ranks = {v.shape[0] for k, v in tensors.items() if k.startswith("lora_te") and "lora_down" in k}
+    assert text_ranks == {7, 3} and any(k.startswith("lora_te_text_model_encoder_layers_0_mlp") for k in tensors)
+    assert len({float(v) for k, v in tensors.items() if k.endswith(".alpha")}) == 1  # one alpha for every layer
+    ours = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    folded = static_fold(mole, weights)
+    FusedAdapters(ours).add_folded(FoldedAdapter("static", None, {(c, m): lora for c, modules in folded.items()
+                                                                  for m, lora in modules.items()}), scale=1.0)
+    theirs = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    theirs.load_lora_weights(str(path))
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    base = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    changed = 0
+    for component in ("unet", "text_encoder"):
+        before, merged, loaded = (_weights(p, component) for p in (base, ours, theirs))
+        assert loaded.keys() == merged.keys()
+        for key, weight in merged.items():
+            change = float((weight - before[key]).abs().max())
+            changed += change > 0
+            assert float((loaded[key] - weight).abs().max()) <= 2e-3 * change + 1e-7, (component, key)
+    assert changed >= 40  # every adapted layer of the three experts was compared, text MLP included
+
+
 def test_static_fold_covers_ungated_layers_and_masked_experts(tiny_sd15_dir, expert_dirs):
     dirs = expert_dirs["sd15"]
     pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)

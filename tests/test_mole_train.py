@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from moslora_diffusion.mole import attach_mole, load_experts, read_mole
 from moslora_diffusion.mole.cli import main as mole_main
 from moslora_diffusion.mole.gate_config import GateTrainConfig
 from moslora_diffusion.mole.gate_training import GateTrainable, train_gates
+from moslora_diffusion.training.run_folder.checkpoints import find_resume_checkpoint
 
 EXPERTS = ("dog", "cat")
 
@@ -123,41 +125,108 @@ def test_the_balance_term_has_gradient_on_the_gates_and_reads_zero_when_balanced
     assert all(float(g.bias.grad.abs().max()) > 0 for g in mole.gates)
 
 
-@pytest.mark.parametrize("spatial", [False, True], ids=["block-gates", "spatial-gates"])
-def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, spatial):
-    model, experts, photos, _ = setup
-    root = setup[3] / ("spatial" if spatial else "block")
-    settings = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear",
-                    spatial_gates=spatial)
+SETTINGS = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """The gates of a 6-step run without any interruption."""
+    model, experts, photos, root = setup
     reset_accelerate()
     try:
-        train_gates(_config(model, experts, photos, root / "a", **settings))
+        train_gates(_config(model, experts, photos, root / "a", **SETTINGS))
     finally:
         reset_accelerate()
-    # Validation right after the checkpoint gives the kill a wide window (validation changes no training state).
-    slow = dict(validation_prompt="a photo of sks dog", validation_steps=4, num_validation_images=4,
-                validation_inference_steps=25)
-    command = [sys.executable, "-m", "moslora_diffusion.mole", *_argv(_config(model, experts, photos, root / "b",
-                                                                               **settings, **slow))]
-    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    gates = read_mole(root / "a" / "mole.safetensors").gates
+    assert any(float(gates[k].abs().max()) > 0 for k in gates if k.endswith(".weight"))  # learned: not trivial
+    return gates
+
+
+def _start_command(setup, out: Path, **slow) -> subprocess.Popen:
+    model, experts, photos, _ = setup
+    command = [sys.executable, "-m", "moslora_diffusion.mole", *_argv(_config(model, experts, photos, out,
+                                                                               **SETTINGS, **slow))]
+    return subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+def _resume_and_compare(setup, out: Path, uninterrupted: dict, resumed_from: int, **extra) -> None:
+    model, experts, photos, _ = setup
+    reset_accelerate()
+    try:
+        resumed = train_gates(_config(model, experts, photos, out, resume_from_checkpoint="latest", **SETTINGS,
+                                      **extra))
+    finally:
+        reset_accelerate()
+    assert resumed.resumed_from == resumed_from and resumed.steps == 6
+    gates = read_mole(out / "mole.safetensors").gates
+    assert gates.keys() == uninterrupted.keys() and all(torch.equal(gates[k], uninterrupted[k]) for k in gates)
+
+
+def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, uninterrupted, capsys):
+    root = setup[3]
+    # Validation right after the checkpoint gives the kill a wide window (validation changes no training state).
+    proc = _start_command(setup, root / "b", validation_prompt="a photo of sks dog", validation_steps=4,
+                          num_validation_images=4, validation_inference_steps=25)
     wait_for(root / "b" / "checkpoint-3", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()
     for later in (root / "b").glob("checkpoint-6*"):
         shutil.rmtree(later)
+    capsys.readouterr()
+    _resume_and_compare(setup, root / "b", uninterrupted, 3)
+    printed = capsys.readouterr().out
+    assert f"Resumed from checkpoint-3 in {root / 'b'}: step 3 of 6." in printed  # said at the start
+    assert "Gates trained: step 6 (resumed from step 3); mole.safetensors" in printed  # and in the last line
+
+
+def test_spatial_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup):
+    """Per-position gates (--spatial_gates) resume bit for bit after a SIGKILL as block gates do."""
+    model, experts, photos, root = setup
+    root = root / "spatial"
     reset_accelerate()
     try:
-        resumed = train_gates(_config(model, experts, photos, root / "b", resume_from_checkpoint="latest", **settings))
+        train_gates(_config(model, experts, photos, root / "a", **SETTINGS, spatial_gates=True))
     finally:
         reset_accelerate()
-    assert resumed.resumed_from == 3 and resumed.steps == 6
-    a, b = read_mole(root / "a" / "mole.safetensors").gates, read_mole(root / "b" / "mole.safetensors").gates
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith(".weight"))
-    granularity = read_mole(root / "b" / "mole.safetensors").info["settings"]["granularity"]
-    assert granularity == ("position" if spatial else "block")
+    uninterrupted = read_mole(root / "a" / "mole.safetensors").gates
+    assert any(float(uninterrupted[k].abs().max()) > 0 for k in uninterrupted if k.endswith(".weight"))
+    proc = _start_command(setup, root / "b", spatial_gates=True, validation_prompt="a photo of sks dog",
+                          validation_steps=4, num_validation_images=4, validation_inference_steps=25)
+    wait_for(root / "b" / "checkpoint-3", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()
+    for later in (root / "b").glob("checkpoint-6*"):
+        shutil.rmtree(later)
+    _resume_and_compare(setup, root / "b", uninterrupted, 3, spatial_gates=True)
+    assert read_mole(root / "b" / "mole.safetensors").info["settings"]["granularity"] == "position"
+
+
+def test_gate_training_stopped_by_sigterm_saves_its_last_step_and_resumes_to_the_same_gates(setup, uninterrupted):
+    """A real SIGTERM (a job manager's stop, the app's Cancel) once the first progress line is written: exit
+    status 143, one line naming the step and how to resume, checkpoint-<step> saved (checkpoints are every 3
+    steps otherwise); resuming gives the uninterrupted gates bit for bit. Slow validation images after every
+    step keep the run inside its loop when the signal lands."""
+    out = setup[3] / "term"
+    proc = _start_command(setup, out, validation_prompt="a photo of sks dog", validation_steps=1,
+                          num_validation_images=4, validation_inference_steps=25)
+    progress = out / "progress.jsonl"
+    deadline = time.monotonic() + 180
+    while not (progress.exists() and progress.read_text().endswith("\n")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no progress line"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("Stopped by SIGTERM at step ") and "Traceback" not in output, output
+    saved = find_resume_checkpoint("latest", out)
+    assert f"at step {saved.step} of 6" in last and f"checkpoint-{saved.step} in {out} holds this state" in last
+    assert "--resume_from_checkpoint latest (same --output_dir)" in last and not (out / "mole.safetensors").exists()
+    _resume_and_compare(setup, out, uninterrupted, saved.step)
 
 
 def _one_line_error(argv: list[str], capsys) -> str:

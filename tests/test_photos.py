@@ -142,7 +142,8 @@ def test_a_picture_over_the_hard_limit_is_refused_from_its_header_with_the_reaso
 
 @pytest.mark.parametrize(("size", "resolution", "warned"), [
     ((1, 1), None, True), ((40, 300), None, True), ((64, 64), None, False),
-    ((200, 300), 512, True), ((300, 300), 512, False), ((300, 300), 1024, True)])
+    ((200, 300), 512, True), ((300, 300), 512, False), ((300, 300), 1024, True),
+    ((48, 48), 32, False), ((60, 60), 48, False), ((40, 40), 48, True)])  # 48 for 32 px: downscaled, no note
 def test_a_tiny_photo_gets_a_warning(tmp_path, size, resolution, warned):
     info = inspect_photo(_save(tmp_path / "p.png", size=size))
     notes = info.notes(resolution)
@@ -169,3 +170,27 @@ def test_the_run_prints_the_photos_and_class_images_it_uses(tiny_sd15_dir, mixed
     assert "c_mask.png" not in out and "skipped notes.md: not an image Pillow can read" in out
     assert f"Class images: 2 used from {classes}" in out
     assert result.steps == 1 and sorted(p.name for p in classes.iterdir()) == ["dog1.jfif", "dog2.gif", "readme.md"]
+
+
+def test_a_gif_photo_leaves_no_file_open(tmp_path):
+    """An animated GIF keeps its file open for seeking: what we return must not hold it."""
+    import gc
+    import os
+    import warnings
+
+    from moslora_diffusion.data.images import inspect_photo, load_rgb, open_oriented
+
+    path = _animated_gif(tmp_path / "anim.gif")
+
+    def open_handles() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path) for fd in os.listdir("/proc/self/fd"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = open_oriented(path)
+        assert open_handles() == 0 and image.size == (64, 64)
+        info, rgb = inspect_photo(path), load_rgb(path)
+        assert info.frames == 3 and rgb.getpixel((0, 0)) == GREEN
+        del image, info, rgb
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

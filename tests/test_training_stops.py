@@ -1,5 +1,6 @@
-"""Runs that end early: a loss that turns NaN / inf, and Ctrl-C. The last good state is kept, nothing non-finite
-is written, the message is one line, and a run stopped by Ctrl-C resumes to the uninterrupted result bit for bit."""
+"""Runs that end early: a loss that turns NaN / inf, Ctrl-C and SIGTERM. The last good state is kept, nothing
+non-finite is written, the message is one line, and a run stopped by a signal resumes to the uninterrupted result bit
+for bit."""
 
 from __future__ import annotations
 
@@ -153,11 +154,13 @@ def test_weights_that_turn_non_finite_with_a_finite_loss_are_caught(tiny_sd15_di
 # --- Ctrl-C -------------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_from_the_terminal_saves_a_checkpoint_and_resumes_to_the_same_adapter(tiny_sd15_dir, photos, tmp_path,
-                                                                                    uninterrupted):
-    """A real SIGINT to a training process, once its first progress line is written. It exits with status 130 and
-    one line saying how to resume; resuming from the checkpoint it saved gives the uninterrupted adapter bit for
-    bit. (Slow validation images after step 2 keep the run alive long enough for the signal to land mid-run.)"""
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_to_the_command_saves_a_checkpoint_and_resumes_to_the_same_adapter(
+        tiny_sd15_dir, photos, tmp_path, uninterrupted, signum, status, name):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a job manager's stop, the app's Cancel) to a training process, once its
+    first progress line is written. It exits with status 128 + the signal's number and one line saying how to
+    resume; resuming from the checkpoint it saved gives the uninterrupted adapter bit for bit. (Slow validation
+    images after step 2 keep the run alive long enough for the signal to land mid-run.)"""
     out = tmp_path / "out"
     slow = dict(validation_prompt="a photo of sks dog", validation_steps=2, num_validation_images=4,
                 validation_inference_steps=25)
@@ -167,11 +170,11 @@ def test_ctrl_c_from_the_terminal_saves_a_checkpoint_and_resumes_to_the_same_ada
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "no progress line"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
+    assert proc.returncode == status, output
     last = output.strip().splitlines()[-1]
-    assert last.startswith("Stopped by Ctrl-C at step "), output
+    assert last.startswith(f"Stopped by {name} at step "), output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert "--resume_from_checkpoint latest (same --output_dir)" in last
     saved = find_resume_checkpoint("latest", out)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import run_training, tiny_config
+from training_helpers import forbid_model_load, run_training, tiny_config
 
 from moslora_diffusion import read_adapter
 from moslora_diffusion.training.run_folder.manifest import read_manifest
@@ -71,14 +71,45 @@ def test_bad_combinations_are_refused(tmp_path, overrides, message):
 def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
     import importlib.util
 
-    from moslora_diffusion.training.trainer import validation_scores
+    from moslora_diffusion.training.model.optim import check_packages
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ImportError, match="pip install wandb"):
-        validation_scores.check_report_to("wandb")
-    validation_scores.check_report_to("tensorboard")  # nothing to check
     config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", report_to="wandb")
-    with pytest.raises(ImportError, match="pip install wandb"):
+    with pytest.raises(ValueError, match="--report_to wandb needs the wandb package, which is not installed: pip "
+                                         "install wandb"):
+        check_packages(config)
+    check_packages(tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run"))  # tensorboard: installed
+    with pytest.raises(ValueError, match="pip install wandb"):
         run_training(config)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_toy_scores_need_the_toy_size_once_the_model_gives_its_own(tmp_path):
+    """No --resolution: the model's own size decides, checked as soon as the model is known (before any step)."""
+    import types
+
+    from moslora_diffusion.training.trainer.plan import training_resolution
+
+    config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", resolution=None,
+                         validation_metrics="toy", validation_prompt="a photo of sks star")
+    model = types.SimpleNamespace(info=types.SimpleNamespace(default_resolution=512))
+    with pytest.raises(ValueError, match="toy world's 64x64 images, got --resolution 512"):
+        training_resolution(config, model)
+    model.info.default_resolution = 64
+    assert training_resolution(config, model) == 64
+
+
+def test_dreambench_scorer_models_are_fetched_before_the_model_loads(tmp_path, monkeypatch, tiny_scorer_dirs):
+    """Offline and not in the hub cache: the trainer stops at once, not at its first validation (both trainers
+    share this check, training/optim.py check_packages)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    forbid_model_load(monkeypatch)
+    config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", validation_metrics="dreambench",
+                         validation_prompt="a photo of sks star", dino_model=str(tiny_scorer_dirs["dino"]),
+                         clip_model="moslora-tests/no-such-clip")
+    with pytest.raises(OSError, match="the CLIPModel scorer 'moslora-tests/no-such-clip' is not in the hub cache"):
+        run_training(config)
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..checks import Range, check_number
 from ..console import OneLineErrorParser, add_debug_flag, run_command
 
 log = logging.getLogger("moslora_diffusion.app")
@@ -21,6 +22,7 @@ CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOY_BASE = REPO_ROOT / "assets" / "toy-base"
+PORT = Range(1, 65535, integer=True)  # TCP ports
 DEMO_ADAPTER = REPO_ROOT / "outputs" / "demo"  # what scripts/demo.sh trains
 
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="outputs", help="images, exports and training runs (default: "
                         "./outputs)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (1 to 65535)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--auth", type=_auth, metavar="USER:PASSWORD", default=os.environ.get("MOSLORA_APP_AUTH"),
                         help="require a login (or set MOSLORA_APP_AUTH, which keeps it out of `ps`)")
@@ -91,6 +93,7 @@ def _serve(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up requests to itself, one line each
     args = build_parser().parse_args(argv)
+    check_number("--port", args.port, PORT)  # before the model loads
     from .state import open_app_state
     from .ui import build_ui
     from .uploads import MAX_UPLOAD_BYTES

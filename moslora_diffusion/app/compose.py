@@ -92,11 +92,15 @@ class Compositions:
             self.moles[name], self.paths[name] = mole, file
         return name
 
-    def load_available(self, name: str) -> str:
+    def load_available(self, name: str | None) -> str:
+        """Loads the MoLE file of this name in available(); ComposeError naming the choices for none or another."""
         available = self.available()
+        choices = ', '.join(available) or 'none (train gates first)'
+        if not (name or "").strip():
+            raise ComposeError(f"choose a MoLE file from the list, or give a path inside the app's folders "
+                               f"(mole.safetensors or its folder); in the list: {choices}")
         if name not in available:
-            raise ComposeError(f"no MoLE file named {name!r} in the app's folders; choose one of: "
-                               f"{', '.join(available) or 'none (train gates first)'}")
+            raise ComposeError(f"no MoLE file named {name!r} in the app's folders; choose one of: {choices}")
         return self.load(available[name])
 
     def experts(self, name: str) -> list[str]:

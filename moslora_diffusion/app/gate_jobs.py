@@ -117,9 +117,7 @@ def start_gate_training(state, settings: GateSettings) -> TrainingJob:
 
 
 def register_finished_gates(state) -> str | None:
-    """Loads the MoLE file of a just-finished gate run into the Compose tab (once); returns its name."""
+    """Loads the MoLE file of the finished gate run into the Compose tab (once); returns its name (None: no
+    such run)."""
     job = state.training.job
-    if job is None or job.kind != "gates" or job.registered_as or job.state() != "finished":
-        return None
-    job.registered_as = state.compose.load(job.result_path)
-    return job.registered_as
+    return None if job is None else job.register("gates", lambda j: state.compose.load(j.result_path))

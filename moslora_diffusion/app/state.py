@@ -29,6 +29,7 @@ from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
 from ..training.settings.presets import preset_for_model
 from .compose import Compositions
+from .gate_jobs import register_finished_gates
 from .layout import LayoutRunner
 from .paths import AllowedRoots, adapter_file, adapter_name, discover_adapters, unique_name
 from .training_jobs import TrainingJob, TrainingManager, TrainingSettings, new_run_dir
@@ -86,7 +87,7 @@ class AppState:
         self.roots = roots or AllowedRoots()
         self.roots.add(self.outputs / "training")  # adapters trained from the app land here
         self.photo_roots = photo_roots or AllowedRoots()
-        self.training = TrainingManager(self.outputs / "training")
+        self.training = TrainingManager(self.outputs / "training", on_finished=self.load_finished_run)
         # MoLE files: the --mole paths, the adapters' folders, and the gates trained from the app (outputs/mole).
         self.mole_roots = mole_roots or AllowedRoots()
         for root in [*self.roots.roots, self.outputs / GATE_RUNS]:
@@ -118,6 +119,8 @@ class AppState:
     def load_available(self, name: str, scale: float = 1.0) -> str:
         """Loads an adapter by its name in available_adapters() (what the UI and API offer)."""
         available = self.available_adapters()
+        if not (name or "").strip():
+            raise AdapterError(f"choose an adapter to load; in the app's folders: {', '.join(available) or 'none'}")
         if name not in available:
             raise AdapterError(f"no adapter named {name!r} in the app's folders; choose one of: "
                                f"{', '.join(available) or 'none'}")
@@ -229,12 +232,19 @@ class AppState:
         return instance_dir, notes + photo_notes([(p.path.name, p) for p in found.photos], resolution)
 
     def register_finished_training(self) -> str | None:
-        """Loads the adapter of a just-finished training run (once); returns its name."""
+        """Loads the adapter of the finished DreamBooth run (once); returns its name (None: no such run)."""
         job = self.training.job
-        if job is None or job.kind != "dreambooth" or job.registered_as or job.state() != "finished":
+        return None if job is None else job.register("dreambooth", lambda j: self.load_adapter(j.output_dir, 1.0))
+
+    def load_finished_run(self, job: TrainingJob) -> str | None:
+        """Called when a trainer exits (TrainingManager's watcher thread): loads what it trained, an adapter
+        (slider on the Generate tab) or MoLE gates (Compose tab), whether or not a page is open."""
+        if job is not self.training.job:
             return None
-        job.registered_as = self.load_adapter(job.output_dir, scale=1.0)
-        return job.registered_as
+        name = self.register_finished_training() or register_finished_gates(self)
+        if name:
+            log.info("finished training run %s loaded as %s", job.output_dir, name)
+        return name
 
 
 def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), config=None, photo_dirs=(),

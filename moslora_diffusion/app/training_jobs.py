@@ -4,23 +4,29 @@ The app never trains in its own process: a crash or an out-of-memory kill of the
 the web server down, and cancelling must stop every process the trainer started (its process group).
 Progress comes from `<output_dir>/progress.jsonl` when the trainer writes one, otherwise from the tqdm
 bar it prints (step/total and `loss=` in the postfix); validation images from `<output_dir>/validation/`.
+A watcher thread per job calls the manager's `on_finished` when the trainer exits, so the app loads a
+finished run whether or not a page is open to poll it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 from ..checks import Range, number_problems
+from ..evaluation.toy_scorer import size_problem
 from ..training.settings.config import PRIOR_SOURCES, VALIDATION_METRICS
 from ..training.settings.flags import ConfigError
 from ..training.settings.presets import preset_names
@@ -37,6 +43,7 @@ VALIDATION_DIR = "validation"
 MAX_TRAIN_STEPS = 20_000
 MAX_RANK = 256
 _STEP = re.compile(r"(\d+)/(\d+) \[")
+log = logging.getLogger("moslora_diffusion.app")
 _LOSS = re.compile(r"loss[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
@@ -88,6 +95,8 @@ class TrainingSettings:
                             f"{self.validation_metrics!r}")
         elif self.validation_metrics != "none" and not problems and not int(self.validation_steps):
             problems.append("validation scores rate the validation images: set 'validation every N steps' above 0")
+        elif self.validation_metrics == "toy" and not problems and size_problem(self.resolution, "resolution"):
+            problems.append(size_problem(self.resolution, "resolution"))
         if not problems and int(self.validation_loss_photos) and not int(self.validation_steps):
             problems.append("the held-out loss is scored at every validation: set 'validation every N steps' above 0")
         if self.prior_source not in APP_PRIOR_SOURCES:
@@ -218,17 +227,19 @@ class TrainingJob:
     """One trainer process: started in its own session (process group), polled, cancellable.
 
     kind: "dreambooth" (its result is moslora.safetensors) or "gates" (MoLE gate training: mole.safetensors);
-    the job has finished when the process exited 0 and left `result_name` in its output folder."""
+    the job has finished when the process exited 0 and left `result_name` in its output folder.
+    on_exit(job), when given, is called from a watcher thread once the process has exited (any state)."""
 
     def __init__(self, cmd: list[str], output_dir: Path, log_path: Path, result_name: str = ADAPTER_FILE_NAME,
-                 kind: str = "dreambooth"):
+                 kind: str = "dreambooth", on_exit: Callable[[TrainingJob], object] | None = None):
         self.cmd, self.output_dir, self.log_path = cmd, Path(output_dir), Path(log_path)
-        self.result_name, self.kind = result_name, kind
+        self.result_name, self.kind, self.on_exit = result_name, kind, on_exit
         self.process: subprocess.Popen | None = None
         self.cancelled = False
         self.registered_as: str | None = None  # the adapter name once the app loaded the result
         self.notes: list[str] = []  # what the user should know about the photos (skipped, downscaled, small)
         self.started_at = 0.0
+        self._register_lock = threading.Lock()  # the watcher thread and a page's poll may both load the result
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +252,25 @@ class TrainingJob:
                                             start_new_session=True,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
         self.started_at = time.time()
+        if self.on_exit is not None:
+            threading.Thread(target=self._watch, name=f"watch-{self.output_dir.name}", daemon=True).start()
+
+    def _watch(self) -> None:
+        self.process.wait()
+        try:
+            self.on_exit(self)
+        except Exception as err:  # a page's poll retries and shows it; the server thread must not die of it
+            log.warning("the finished run %s could not be loaded: %s", self.output_dir, err)
+
+    def register(self, kind: str, load: Callable[[TrainingJob], str]) -> str | None:
+        """Loads the result of a finished job of this kind once, with `load(job)` -> name; returns the name
+        (also on later calls), None while running or when cancelled, failed or of another kind."""
+        if self.kind != kind:
+            return None
+        with self._register_lock:
+            if self.registered_as is None and self.state() == "finished":
+                self.registered_as = load(self)
+            return self.registered_as
 
     @property
     def running(self) -> bool:
@@ -308,8 +338,10 @@ def new_run_dir(runs_dir: Path, prompt: str) -> Path:
 class TrainingManager:
     """At most one training job at a time (one accelerator, one trainer), DreamBooth or MoLE gates."""
 
-    def __init__(self, runs_dir: Path, trainer: Path = TRAINER):
-        self.runs_dir, self.trainer = Path(runs_dir), Path(trainer)
+    def __init__(self, runs_dir: Path, trainer: Path = TRAINER,
+                 on_finished: Callable[[TrainingJob], object] | None = None):
+        """on_finished(job): called when a job's trainer exits, from its watcher thread (the app loads the result)."""
+        self.runs_dir, self.trainer, self.on_finished = Path(runs_dir), Path(trainer), on_finished
         self.job: TrainingJob | None = None
 
     def start(self, base: str, settings: TrainingSettings, config: str | None = None) -> TrainingJob:
@@ -330,7 +362,8 @@ class TrainingManager:
         """Starts any trainer command that writes `output_dir` (progress.jsonl, `result_name`); its log goes to
         <output_dir's parent>/logs/<run>.log."""
         self.check_free()
-        job = TrainingJob(cmd, output_dir, output_dir.parent / "logs" / f"{output_dir.name}.log", result_name, kind)
+        job = TrainingJob(cmd, output_dir, output_dir.parent / "logs" / f"{output_dir.name}.log", result_name, kind,
+                          self.on_finished)
         job.start()
         self.job = job
         return job

@@ -5,7 +5,7 @@ turn a failure into what a user reads.
   raise OSError; a missing optional package ImportError): `error: <message>` on one line, exit status 2.
 - Out of memory: one line with what to change, exit status 1.
 - Ctrl-C: `interrupted` (or what the interruption says, e.g. how to resume), exit status 130 (the shell's
-  convention for SIGINT).
+  convention for SIGINT), or the interruption's own `exit_status` (a trainer stopped by SIGTERM: 143).
 - An error class with an `exit_status` attribute: `error: <message>` with that status.
 - Anything else is a bug: one line naming the exception, exit status 1, and how to see the traceback.
 `--debug` on any command (or MOSLORA_DEBUG=1) lets the exception through with its full traceback.
@@ -48,7 +48,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def _report(err: BaseException) -> tuple[str, int]:
     if isinstance(err, KeyboardInterrupt):  # a message, when there is one, says what was saved and how to resume
-        return (one_line(err) if str(err) else "interrupted"), INTERRUPTED
+        return (one_line(err) if str(err) else "interrupted"), getattr(err, "exit_status", INTERRUPTED)
     if _is_out_of_memory(err):
         return (f"error: out of memory ({one_line(err)[:300]}); use a smaller batch or resolution, or half "
                 "precision (training: --gradient_checkpointing, --mixed_precision fp16 or bf16)"), FAILURE

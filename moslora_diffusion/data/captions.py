@@ -28,8 +28,9 @@ class CaptionOptions:
 
 
 def shuffle_parts(caption: str, keep: int, rng: random.Random) -> str:
-    """The comma-separated parts after the first `keep` in random order, joined by ", " (kohya's form)."""
-    parts = [part.strip() for part in caption.split(",")]
+    """The comma-separated parts after the first `keep` in random order, joined by ", " (kohya's form). Empty
+    parts (a trailing or doubled comma) are dropped: shuffled in, they would leave ", ," inside the caption."""
+    parts = [part.strip() for part in caption.split(",") if part.strip()]
     head, tail = parts[:keep], parts[keep:]
     rng.shuffle(tail)
     return ", ".join(head + tail)

@@ -74,11 +74,16 @@ class PhotoInfo:
                          f"{WORKING_PIXELS // 1_000_000} MP); a smaller copy would spare that work at every load")
         if self.frames > 1 and self.format != "MPO":
             notes.append(f"{self.frames} frames (an animation or pages): only the first is used")
-        smallest = max(SMALL_SIDE, (resolution or 0) // 2)
-        if min(w, h) < smallest:
+        if self.too_small(resolution):
             target = f" for {resolution} px training" if resolution else ""
             notes.append(f"{w}x{h} is very small{target}: it is upscaled, so the model learns a blurry subject")
         return notes
+
+    def too_small(self, resolution: int | None = None) -> bool:
+        """A shorter side under SMALL_SIDE (or half the training resolution) that is upscaled: with a resolution
+        given, only when the side is below it (a 48 px photo for 32 px training is downscaled, not upscaled)."""
+        side = min(self.size)
+        return side < max(SMALL_SIDE, (resolution or 0) // 2) and (not resolution or side < resolution)
 
 
 @contextmanager
@@ -138,8 +143,9 @@ def _decode_open(img: Image.Image, path: Path) -> tuple[Image.Image, PhotoInfo]:
     factor = reduction_factor(img.size)
     if factor > 1:
         result = _reduce(img, factor)
-    else:  # a single-frame file is closed once loaded; an animation keeps it open for seeking: copy
-        result = img if getattr(img, "fp", None) is None else img.copy()
+    else:  # a single-frame file is closed once loaded; an animation keeps it open for seeking (GIF: in `_fp`,
+        # even once `fp` is None): copy, so that _read closes the file
+        result = img if frames == 1 and getattr(img, "fp", None) is None else img.copy()
     return result, PhotoInfo(path, image_format, stored, result.size, frames)
 
 

@@ -2,7 +2,7 @@
 
 Sources, in order (kohya sd-scripts' two conventions):
 - a grey file `<stem>_mask.<ext>` beside `<stem>.<ext>` (white = subject = 1, black = background = 0, grey in
-  between; colour files count by their luminance);
+  between; colour files count by their luminance, with a warning naming the file);
 - else the photo's own alpha channel (RGBA / LA PNGs, palette transparency), opaque = subject;
 - else the photo has no mask: `check_masks` refuses the run, naming the photos, before the model is loaded.
   A silent weight of 1 would train the background into the subject, which is what the user asked to avoid;
@@ -14,6 +14,7 @@ for pixel (dataset.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,9 +99,15 @@ def _check_not_empty(source: Path, mask: Image.Image) -> None:
 def _checked_mask_file(path: Path, photo_size: tuple[int, int]) -> Image.Image:
     """The mask file as an "L" image of `photo_size` (width, height); DatasetError when it cannot be one."""
     try:
-        img = to_rgb(open_oriented(path)).convert("L")
+        rgb = to_rgb(open_oriented(path))
     except ImageError as err:
         raise DatasetError(f"--masked_loss: mask {path}: {err.reason}") from None
+    pixels = np.asarray(rgb)
+    if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])):
+        warnings.warn(f"--masked_loss: mask {path.name} is a colour image; its luminance is the mask (white = "
+                      "subject, black = background): save it in greys if it marks the subject otherwise",
+                      stacklevel=2)
+    img = rgb.convert("L")
     if img.size != photo_size:
         (w, h), (pw, ph) = img.size, photo_size
         if abs(w * ph - h * pw) > max(pw, ph):  # more than a pixel of rounding apart: not this photo's mask

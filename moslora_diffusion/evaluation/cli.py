@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..checks import MAX_SEED, Range, number_problems
 from ..console import OneLineErrorParser, add_debug_flag
-from ..files.atomic import atomic_write
+from ..files.atomic import atomic_write, check_free_space
 from ..formats.merge import resolve_adapter_path
-from ..generation.text_to_image import validate_request
+from ..generation.text_to_image import SCHEDULERS, validate_request
 from .hf_scorers import DEFAULT_CLIP, DEFAULT_DINO
 from .plan import EvaluationError, Subject, dreambench_subjects, read_prompts_file
 from .run import Sampling, generate_missing, missing_jobs, score_plan
+from .toy_scorer import size_problem
 
 SETTINGS_FILE = "evaluation.json"  # what the images in --out were generated with: a resume must match it
 RANGES = {"batch_size": Range(1, 1024, integer=True), "max_sheet_rows": Range(1, 1000, integer=True)}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description="Subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T) of adapters, "
+    p = OneLineErrorParser(prog="python -m moslora_diffusion.evaluate",
+                           description="Subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T) of adapters, "
                            "as the DreamBooth paper measures them; or the toy checker's scores on the toy base.")
     p.add_argument("--base", required=True, help="hub id, diffusers folder or single .safetensors file")
     p.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
@@ -40,11 +43,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default="sks", help="the unique token (dropped from the CLIP-T prompt)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="one image per seed and prompt (DreamBench: 4)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
     p.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
-    p.add_argument("--sampler", default="DPM++ 2M")
-    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--sampler", default="DPM++ 2M", choices=tuple(SCHEDULERS), metavar="NAME",
+                   help=f"one of: {', '.join(SCHEDULERS)}")
+    p.add_argument("--negative_prompt", default="", help="what the images should not show")
     p.add_argument("--metrics", choices=("dreambench", "toy"), default="dreambench",
                    help="dreambench: DINO, CLIP-I, CLIP-T; toy: the toy checker (subject shown, prompt followed)")
     p.add_argument("--dino_model", default=DEFAULT_DINO, help="hub id or local folder (safetensors)")
@@ -80,7 +84,8 @@ def _per_subject(folder: Path, subject: str) -> Path:
 
 
 def subjects_from(args) -> list[Subject]:
-    """The subjects with their prompts and adapters, every path checked (EvaluationError / AdapterError)."""
+    """The subjects with their prompts and adapters, every path checked (EvaluationError / AdapterError); notes on
+    their reference photos (skipped files, very small ones) are printed to stderr."""
     specs = _adapter_specs(args)
     if (args.dreambench is None) == (args.photos is None):
         raise EvaluationError("give either --photos (one subject) or --dreambench (a DreamBench folder)")
@@ -98,21 +103,30 @@ def subjects_from(args) -> list[Subject]:
         adapters = {label: None if path is None else resolve_adapter_path(path) for label, path in specs.items()}
         subjects = [Subject(args.photos.name or "subject", args.photos, list(dict.fromkeys(prompts)),
                             adapters=adapters)]
+    notes = []
     for s in subjects:
         if not Path(s.photos).is_dir():
             raise EvaluationError(f"--photos {s.photos}: not a folder of photos")
-        s.real_images()  # at least one readable photo, before the model loads
+        notes += s.check_references()  # at least one readable photo, before the model loads
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return subjects
 
 
 def check_numbers(args) -> None:
     problems = number_problems(vars(args), RANGES, "--{}")
     problems += [f"--seeds: {seed} is not between 0 and {MAX_SEED}" for seed in args.seeds if not 0 <= seed <= MAX_SEED]
+    problems += [p for p in [_toy_size_problem(args, args.size)] if p]
     if problems:
         raise EvaluationError("; ".join(problems))
     validate_request(Sampling(args.steps, args.guidance, args.size or 512, args.sampler).request("x", 0, {}))
     if args.out.exists() and not args.out.is_dir():
         raise EvaluationError(f"--out {args.out} is a file; --out names the folder for the images and the report")
+    check_free_space(args.out, 0)  # the margin at least, before the model loads; each image is checked again
+
+
+def _toy_size_problem(args, size: int | None) -> str | None:
+    return size_problem(size, "--size") if args.metrics == "toy" else None
 
 
 def check_resume(out: Path, settings: dict) -> None:
@@ -191,6 +205,8 @@ def run(args) -> dict:
 
         pipe = _load_pipeline(args, device)
         settings["size"] = args.size or native_size(pipe, 512)
+        if _toy_size_problem(args, settings["size"]):  # the model's own size, known now: before any image
+            raise EvaluationError(_toy_size_problem(args, settings["size"]))
         write_settings(args.out, settings)
         model_name = Path(args.base).name if Path(args.base).exists() else str(args.base)
         generated = generate_missing(pipe, subjects, args.seeds, images_dir, sampling(args, settings["size"]),
@@ -200,7 +216,7 @@ def run(args) -> dict:
     rows = score_plan(subjects, args.seeds, images_dir, metrics, args.token)
     names = [m.name for m in metrics]
     report = {**json.loads((args.out / SETTINGS_FILE).read_text(encoding="utf-8")), "seeds": args.seeds,
-              "metrics": args.metrics}
+              "metrics": args.metrics, "references": {s.name: s.references() for s in subjects}}
     if args.metrics == "dreambench":
         report.update(dino_model=str(args.dino_model), clip_model=str(args.clip_model))
     summary = write_report(args.out, rows, names, args.token, report)

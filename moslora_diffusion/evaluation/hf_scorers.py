@@ -24,6 +24,7 @@ from .scorer import FeatureScorer
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+HUB_FILES = ["*.json", "*.txt", "*.safetensors"]  # configs, processor and tokenizer files, weights: no pickles
 
 
 def _convert_hint(source: str, model_class: str) -> str:
@@ -33,16 +34,41 @@ def _convert_hint(source: str, model_class: str) -> str:
 
 
 def checked_source(source: str | Path, model_class: str) -> str:
-    """`source` as a string after checking a local folder holds .safetensors weights (WeightFileError if not:
-    pickle weights are refused, never opened). A hub id is passed on: transformers then loads it with
-    use_safetensors=True and fails (OSError) where the repository has no safetensors weights."""
+    """What the scorer loads: a local model folder holding .safetensors weights (WeightFileError if not: pickle
+    weights are refused, never opened), or for a hub id its snapshot (config, processor and safetensors files),
+    from the cache, else downloaded (the hub id itself when its safetensors weights live in a conversion branch).
+    Called before any image is generated, so an unreachable hub fails at once: OSError naming the model and what
+    to do (no retries: offline, HF_HUB_OFFLINE=1, gives the same line)."""
     path = Path(source)
     if path.is_dir():
         check_safetensors_folder(path, _convert_hint(str(path), model_class))
-    elif path.exists():
+        return str(path)
+    if path.exists():
         raise ValueError(f"{source}: give a model folder (config.json and .safetensors weights) or a hub id, "
                          "not a file")
+    folder = Path(_hub_snapshot(str(source), model_class))
+    if any(folder.glob("*.safetensors")):
+        return str(folder)
+    # Weights only in the hub's safetensors conversion branch (refs/pr/N): transformers finds them there itself
+    # (use_safetensors=True, never a pickle); the hub has answered, so this cannot hang on retries later.
     return str(source)
+
+
+def _hub_snapshot(repo_id: str, model_class: str) -> str:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
+    except (OSError, ValueError):
+        pass  # not in the cache yet
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except (OSError, ValueError) as err:
+        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+                  " ".join(str(err).split())[:200] or type(err).__name__)
+        raise OSError(f"the {model_class} scorer {repo_id!r} is not in the hub cache and could not be downloaded "
+                      f"({reason}); run once with network access, or give a local model folder (--dino_model / "
+                      "--clip_model DIR)") from None
 
 
 class DinoScorer(FeatureScorer):

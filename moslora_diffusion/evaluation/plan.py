@@ -33,6 +33,23 @@ class Subject:
     cls: str = ""
     adapters: dict[str, Path | None] = field(default_factory=dict)  # label -> adapter file (None: the base model)
 
+    def check_references(self) -> list[str]:
+        """Notes on the real photos (each file skipped, with why; each very small one); EvaluationError naming the
+        skipped files when none is usable. The photos used are listed afterwards by `references()`."""
+        found = find_photos(self.photos)
+        skipped = [f"{s.path.name}: {s.reason}" for s in found.skipped]
+        if not found.photos:
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise EvaluationError(f"{self.photos}: no photos of subject {self.name!r} to compare with{why}")
+        notes = [f"subject {self.name!r}: reference {line}; skipped" for line in skipped]
+        notes += [f"subject {self.name!r}: reference {p.path.name} is {p.size[0]}x{p.size[1]}, very small: the "
+                  "scorers upscale it, so it compares as a blurry photo" for p in found.photos if p.too_small()]
+        return notes
+
+    def references(self) -> list[str]:
+        """The file names of the real photos compared with (files decided by content)."""
+        return [photo.path.name for photo in find_photos(self.photos).photos]
+
     def real_images(self) -> list:
         """The real photos as RGB PIL images (files decided by content; at least one, else EvaluationError)."""
         found = find_photos(self.photos)

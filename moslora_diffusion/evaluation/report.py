@@ -72,10 +72,15 @@ def _ci(entry: dict) -> str:
 
 
 def markdown(summary: dict, metrics: list[str], settings: dict) -> str:
+    """report.md: settings, the reference photos per subject, means, paired differences, per subject and prompt."""
     head = " | ".join(metrics)
-    lines = ["# Evaluation", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
-             "Mean [95% t interval] over (subject, prompt) cells, each the mean over its seeds.", "",
-             f"| adapter | {head} |", "|---|" + "---:|" * len(metrics)]
+    settings = dict(settings)
+    references = settings.pop("references", {})
+    lines = ["# Evaluation", "", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), ""]
+    if references:
+        lines += [f"References of {subject}: {', '.join(names)}" for subject, names in references.items()] + [""]
+    lines += ["Mean [95% t interval] over (subject, prompt) cells, each the mean over its seeds.", "",
+              f"| adapter | {head} |", "|---|" + "---:|" * len(metrics)]
     for adapter, block in summary["adapters"].items():
         lines.append(f"| {adapter} | " + " | ".join(_ci(block["overall"][m]) for m in metrics) + " |")
     if summary["paired"]:

@@ -73,9 +73,7 @@ def _generate_one(pipe, fusion: FusedAdapters, job: Job, images_dir: Path, sampl
     item = generate(pipe, fusion, sampling.request(job.prompt, job.seed, scales), model)[0]
     meta = PngInfo()
     meta.add_text("parameters", item.infotext)
-    path = job.path(images_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(item.image, path, "PNG", pnginfo=meta)
+    save_image(item.image, job.path(images_dir), "PNG", pnginfo=meta)  # makes the folders once there is room
 
 
 def score_plan(subjects: list[Subject], seeds: list[int], images_dir: Path, metrics: list[Metric],

@@ -8,6 +8,8 @@
   class word, object colour (a colour word before the class word), size word, position phrase,
   background colour ("on a green background") and, when the prompt holds the subject token (`sks`), `shown`.
   A prompt naming none of these scores 1 (nothing it asks for is missing).
+The checker reads the toy world's 64 x 64 images only (toy/world.py RESOLUTION): `size_problem` says so before
+any image is generated at another size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ import torch
 from ..toy.checker import check
 from ..toy.subject import THRESHOLD, TOKEN, subject_score
 from ..toy.subject_check import prompted_background
-from ..toy.world import CLASSES, OBJECT_COLOURS, POSITIONS, SIZES
+from ..toy.world import CLASSES, OBJECT_COLOURS, POSITIONS, RESOLUTION, SIZES
 from .scorer import ScorerError, in_batches
+
+
+def size_problem(size: int | None, flag: str) -> str | None:
+    """Why images of `size` x `size` pixels (given with `flag`) cannot be scored by the toy checker, or None."""
+    if size is None or int(size) == RESOLUTION:
+        return None
+    return (f"the toy scorer reads the toy world's {RESOLUTION}x{RESOLUTION} images, got {flag} {size}: use {flag} "
+            f"{RESOLUTION} (the toy base's own size), or the dreambench metrics")
 
 
 def shown(image) -> float:

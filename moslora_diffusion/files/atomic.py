@@ -8,6 +8,7 @@ leave its temporary behind; the next write into the same folder removes it (`rem
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import secrets
@@ -26,11 +27,24 @@ STALE_AFTER_S = 3600.0  # untouched this long, a temporary is abandoned even if 
 ORPHAN_AFTER_S = 60.0  # untouched this long with its writer gone: a grace for a writer on another host (NFS)
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself or its nearest existing parent: where a folder about to be created takes its space from."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(folder: str | Path, needed: int) -> None:
+    """OSError unless the disk holding `folder` (or its nearest existing parent; nothing is created) has `needed`
+    bytes free plus FREE_SPACE_MARGIN; the message names both and what to do."""
+    where = nearest_existing(folder)
+    free = shutil.disk_usage(where).free
     if needed + FREE_SPACE_MARGIN > free:
-        raise OSError(f"not enough free disk space in {folder}: need {needed / 2**20:.0f} MiB, "
-                      f"{free / 2**20:.0f} MiB free")
+        mib = 2**20
+        raise OSError(f"not enough free disk space in {where}: {free // mib} MiB free, and writing there needs "
+                      f"{math.ceil(needed / mib)} MiB plus {FREE_SPACE_MARGIN // mib} MiB kept free (so the disk "
+                      "never fills up); free some space or write somewhere else")
 
 
 def _umask() -> int:
@@ -103,11 +117,11 @@ def remove_stale_temporaries(folder: str | Path, max_age_s: float = STALE_AFTER_
 
 
 def _prepare(folder: Path, needed_bytes: int) -> None:
+    check_free_space(folder, needed_bytes)  # before creating anything: a refusal leaves no empty folder
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied")
     remove_stale_temporaries(folder)
-    check_free_space(folder, needed_bytes)
 
 
 def _filled_temp_file(folder: Path, name: str, write: Callable[[Path], None]) -> Path:
@@ -235,7 +249,8 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_byt
 
 
 def check_output_folder(path: str | Path, flag: str) -> Path:
-    """Refuses, before anything is loaded, an output folder that names a file (or lies under one)."""
+    """Refuses, before anything is loaded, an output folder that names a file (or lies under one), or on a disk
+    without FREE_SPACE_MARGIN free (check_free_space)."""
     path = Path(path).expanduser()
     for existing in (path, *path.parents):
         if existing.exists():
@@ -244,6 +259,7 @@ def check_output_folder(path: str | Path, flag: str) -> Path:
                 raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder the images go to "
                                          "(created if missing): choose another name")
             break
+    check_free_space(path, 0)
     return path
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .._version import __version__
 from ..checks import SCALE, as_number, check_number
-from ..files.atomic import check_not_an_input, write_folder_atomically
+from ..files.atomic import check_free_space, check_not_an_input, write_folder_atomically
 from ..files.safetensors_io import check_finite, save_tensors
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
@@ -82,6 +82,7 @@ def _writable_folder(path: Path) -> None:
         raise NotADirectoryError(f"cannot write to {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {folder}: permission denied")
+    check_free_space(folder, 0)  # the margin at least; each file is checked for its own size when written
 
 
 def check_output(target: str, out: Path, overwrite: bool) -> Path:

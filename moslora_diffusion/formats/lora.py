@@ -4,12 +4,18 @@ B M A = (B M) A, so each layer becomes a rank-r LoRA with down = A and up = s * 
 mixer is lost; the runtime scale s is baked into up.
 - diffusers (`pytorch_lora_weights.safetensors`): diffusers assumes alpha == rank when no alpha is
   stored, so alpha / r is baked into up as well.
-- kohya (`lora_unet_*`, `lora_te*_`): the real alpha is written and readers apply alpha / rank.
+- kohya (`lora_unet_*`, `lora_te*_`): readers apply alpha / rank. One alpha for every layer of a file
+  (`file_alpha`): the adapter's own when all layers share it, else the most common rank with each layer's
+  alpha / file alpha baked into up (files that concatenate adapters: MoLE's static export, multi-adapter
+  exports). Every loader then reads the same: diffusers 0.42 with transformers 5 renames text-encoder LoRA
+  keys but not their `.alpha` keys, ignores those alphas and gives every text layer the file's most common
+  alpha, which per-layer alphas would have made wrong for the layers of another rank.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -82,17 +88,31 @@ def kohya_module_name(component: str, module: str, family: Family, ldm_prefixes=
     return f"{prefix}_{module.replace('.', '_')}"
 
 
+def file_alpha(folded: dict[str, dict[str, FoldedLoRA]]) -> float:
+    """The one alpha a kohya file stores for every layer: the layers' common alpha, else their most common rank
+    (the largest of equally common ones), so that most layers keep alpha == rank."""
+    loras = [lora for modules in folded.values() for lora in modules.values()]
+    alphas = {lora.alpha for lora in loras}
+    if len(alphas) == 1:
+        return alphas.pop()
+    ranks = Counter(lora.rank for lora in loras)
+    return float(max(ranks, key=lambda rank: (ranks[rank], rank)))
+
+
 def kohya_state_dict(folded: dict[str, dict[str, FoldedLoRA]], family: Family,
                      unet_config=None) -> dict[str, torch.Tensor]:
-    """`<name>.lora_down.weight`, `.lora_up.weight` and `.alpha` (the real alpha, a scalar)."""
+    """`<name>.lora_down.weight`, `.lora_up.weight` and `.alpha`: the same alpha (a scalar) for every layer,
+    `file_alpha(folded)`; a layer with another alpha has alpha / file alpha baked into its up (the same delta)."""
     prefixes = unet_block_prefixes(unet_config) if family.kohya_unet_naming == "ldm" else None
+    alpha = file_alpha(folded)
     tensors = {}
     for component, modules in folded.items():
         for module, lora in modules.items():
             name = kohya_module_name(component, module, family, prefixes)
+            up = lora.up if lora.alpha == alpha else lora.up * (lora.alpha / alpha)
             tensors[f"{name}.lora_down.weight"] = lora.as_weight_shape(lora.down)
-            tensors[f"{name}.lora_up.weight"] = lora.as_weight_shape(lora.up)
-            tensors[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+            tensors[f"{name}.lora_up.weight"] = lora.as_weight_shape(up)
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
 
 
@@ -113,11 +133,10 @@ def save_kohya_lora(folded, path: str | Path, family: Family, unet_config, info:
     tensors = kohya_state_dict(folded, family, unet_config)
     tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
     ranks = {lora.rank for modules in folded.values() for lora in modules.values()}
-    alphas = {lora.alpha for modules in folded.values() for lora in modules.values()}
     info = info or {}
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(alphas)),
+        "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(file_alpha(folded)),
         "ss_base_model_version": KOHYA_BASE_VERSION[family.name],
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family.name],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",

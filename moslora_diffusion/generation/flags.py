@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from .text_to_image import SCHEDULERS
+
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """--prompt (repeatable), --negative_prompt, --seeds, --steps, --guidance, --size, --sampler."""
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    parser.add_argument("--negative_prompt", default="")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--negative_prompt", default="", help="what the images should not show")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed and prompt")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
     parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's own)")
-    parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--sampler", default="DPM++ 2M", choices=tuple(SCHEDULERS), metavar="NAME",
+                        help=f"one of: {', '.join(SCHEDULERS)}")

@@ -32,6 +32,9 @@ from .gate_config import parse_gate_args
 from .report import save_gate_heatmap
 
 COMMANDS = ("train", "generate", "export")
+COMMAND_HELP = {"train": "train the gates of 2 to 8 trained adapters (the experts) on their photos",
+                "generate": "generate with every expert and the learned gates of a MoLE file",
+                "export": "fold a MoLE into one standard LoRA or a merged checkpoint (gates averaged per block)"}
 SEED = Range(0, MAX_SEED, integer=True)
 
 
@@ -145,9 +148,14 @@ def run_export(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (f"usage: python -m moslora_diffusion.mole {{{','.join(COMMANDS)}}} ... (--help after a command lists "
+             "its options)")
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: the usage and the commands on stdout, exit status 0
+        print(f"{usage}\n\n" + "\n".join(f"  {name:<9} {text}" for name, text in COMMAND_HELP.items()))
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m moslora_diffusion.mole {{{','.join(COMMANDS)}}} ... (--help after a command "
-              "lists its options)", file=sys.stderr)
+        problem = f"error: unknown command {argv[0]!r}; " if argv else ""
+        print(f"{problem}{usage}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     if command == "train":

@@ -28,7 +28,7 @@ from ..files.atomic import atomic_write, check_not_an_input
 from ..files.safetensors_io import read_keys, read_metadata
 from ..formats.lora_files import family_hint, file_format, trigger_prompt
 from ..training.model.components import load_base
-from ..training.model.optim import check_optimizer_available, param_groups
+from ..training.model.optim import check_packages, param_groups
 from ..training.run_folder.checkpoints import CheckpointError, CheckpointInfo
 from ..training.run_folder.manifest import record_written
 from ..training.run_folder.outputs import CARD_FILE, check_output_dir, write_config
@@ -152,7 +152,7 @@ def train_gates(config: GateTrainConfig) -> TrainResult:
     trainer does.
     """
     started = time.perf_counter()
-    check_optimizer_available(config.optimizer)
+    check_packages(config)  # --optimizer's and --report_to's, as the DreamBooth trainer checks them
     check_output_dir(config)
     sources = expert_sources(config)
     scans = [scan_photos(s.photo_dir, s.prompt) for s in sources]  # every file decided by content
@@ -218,7 +218,8 @@ def finish(run, mole: MoLE, sources: list[ExpertSource], losses: list[float], st
         record_written(folder, CARD_FILE)
         card = model_card(config, mole, summary)
         result.files["card"] = atomic_write(folder / CARD_FILE, lambda p: p.write_text(card, encoding="utf-8"))
-        print(f"\nGates trained: step {result.steps}; {FILE_NAME} and {HEATMAP_FILE} in {folder}")
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        print(f"\nGates trained: step {result.steps}{resumed}; {FILE_NAME} and {HEATMAP_FILE} in {folder}")
     acc.wait_for_everyone()
     acc.end_training()
     return result

@@ -10,6 +10,9 @@ from ..settings.config import ConfigError, TrainConfig
 
 _OPTIONAL = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes"),
              "prodigy": ("prodigyopt", "pip install prodigyopt")}
+# --report_to trackers (through accelerate) and the package each needs.
+_TRACKERS = {"wandb": ("wandb", "pip install wandb (or use --report_to tensorboard)"),
+             "tensorboard": ("tensorboard", "pip install tensorboard (or use --report_to none)")}
 
 
 def check_optimizer_available(name: str) -> None:
@@ -18,6 +21,24 @@ def check_optimizer_available(name: str) -> None:
         module, hint = _OPTIONAL[name]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"--optimizer {name} needs the {module} package, which is not installed: {hint}")
+
+
+def check_packages(config: TrainConfig) -> None:
+    """What the settings need from outside, checked by both trainers before anything loads or is written: the
+    optional packages of --optimizer and --report_to (ConfigError naming the package and the pip command), and
+    the scorer models of --validation_metrics dreambench (fetched into the hub cache now, not at the first
+    validation: OSError at once when the hub cannot be reached)."""
+    check_optimizer_available(config.optimizer)
+    if config.report_to in _TRACKERS:
+        module, hint = _TRACKERS[config.report_to]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--report_to {config.report_to} needs the {module} package, which is not "
+                              f"installed: {hint}")
+    if config.validation_metrics == "dreambench":
+        from ...evaluation.hf_scorers import checked_source
+
+        checked_source(config.dino_model, "ViTModel")
+        checked_source(config.clip_model, "CLIPModel")
 
 
 def param_groups(config: TrainConfig, unet_params: list, text_params: list) -> list[dict]:

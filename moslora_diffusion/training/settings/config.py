@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
+from ...evaluation.toy_scorer import size_problem
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
 from .flags import ConfigError, check_choices, check_not_empty, check_types, flag_values
@@ -284,8 +285,17 @@ def check_number_ranges(c: TrainConfig, ranges: dict[str, Range]) -> None:
         raise ConfigError("--validation_metrics and --keep_best score the validation images: give --validation_prompt")
     if c.keep_best and c.validation_metrics == "none":
         raise ConfigError("--keep_best needs scores: add --validation_metrics dreambench (or toy on the toy base)")
+    check_toy_resolution(c, c.resolution)
     if c.max_timestep is not None and c.max_timestep <= c.min_timestep:
         raise ConfigError(f"--max_timestep ({c.max_timestep}) must be above --min_timestep ({c.min_timestep})")
+
+
+def check_toy_resolution(c: TrainConfig, resolution: int | None) -> None:
+    """ConfigError when --validation_metrics toy cannot score validation images of this size (None: not known yet;
+    the trainer checks again once the model gives its own)."""
+    problem = size_problem(resolution, "--resolution") if c.validation_metrics == "toy" else None
+    if problem:
+        raise ConfigError(f"--validation_metrics toy: {problem}")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

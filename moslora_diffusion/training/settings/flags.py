@@ -81,8 +81,15 @@ def _flag_fields(cls: type) -> list:
     return [f for f in fields(cls) if f.name not in hidden]
 
 
+# kohya sd-scripts' names of the same settings: an unknown one is answered "did you mean" ours.
+KOHYA_ALIASES = {"--network_dim": "--rank", "--network_alpha": "--lora_alpha", "--train_data_dir":
+                 "--instance_data_dir", "--reg_data_dir": "--class_data_dir", "--max_train_epochs":
+                 "--num_train_epochs", "--save_every_n_steps": "--checkpointing_steps"}
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog=prog, description=description)
+    parser = OneLineErrorParser(prog=prog, description=description, formatter_class=argparse.HelpFormatter)
+    parser.aliases = KOHYA_ALIASES  # (each help text says its default itself)
     parser.add_argument("--config", help="YAML or TOML file with any of the flags below (flags given here win)")
     add_debug_flag(parser)  # for --help; the command runner takes --debug off before parsing
     groups: dict[str, argparse._ArgumentGroup] = {}

@@ -30,7 +30,7 @@ from ..model.components import (
     load_base,
     store_in_fp8,
 )
-from ..model.optim import check_optimizer_available
+from ..model.optim import check_packages
 from ..model.trainable import AdapterTrainable, Trainable
 from ..run_folder.checkpoints import CheckpointInfo, check_adapter_checkpoint
 from ..run_folder.output_location import check_room
@@ -52,7 +52,7 @@ from .stopping import (
     interrupted_message,
 )
 from .validation import run_validation
-from .validation_scores import best_so_far, check_report_to
+from .validation_scores import best_so_far
 
 
 @dataclass
@@ -84,8 +84,7 @@ def make_accelerator(config: TrainConfig):
 def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     # Cheap checks first: a typo must not cost a model load, and nothing is written before all pass.
-    check_optimizer_available(config.optimizer)
-    check_report_to(config.report_to)
+    check_packages(config)  # --optimizer's and --report_to's
     check_output_dir(config)
     photos = scan_photos(config.instance_data_dir, config.instance_prompt)  # every file decided by content
     photos, held_out = split_held_out(photos, config.validation_loss_photos)
@@ -154,6 +153,9 @@ def run_loop(run: Run, batches: tuple, resume: CheckpointInfo | None) -> tuple[l
     """Restores the checkpoint (if any), runs the loop; returns the losses and the loop's seconds."""
     if resume is not None:
         restore(run, resume)
+        if run.accelerator.is_main_process:  # both trainers: the user sees which state the run continues from
+            print(f"Resumed from {resume.path.name} in {resume.path.parent}: step {resume.step} of "
+                  f"{run.plan.max_train_steps}.")
     elif run.config.resume_from_checkpoint and run.accelerator.is_main_process:
         print(f"No complete checkpoint in {run.config.output_dir} yet: starting from step 0.")
     start_batches(run, *batches)
@@ -182,7 +184,7 @@ def train_loop(run: Run) -> list[float]:
     """The optimizer steps, with logging, checkpoints and validation on the way; returns the losses.
 
     Raises TrainingDiverged at the first NaN / inf loss or weight (nothing is saved from it on) and
-    TrainingInterrupted after a Ctrl-C, once the last finished step is checkpointed (stopping.py).
+    TrainingInterrupted after a Ctrl-C or SIGTERM, once the last finished step is checkpointed (stopping.py).
     """
     config, plan, acc = run.config, run.plan, run.accelerator
     progress = tqdm(total=plan.max_train_steps, initial=run.start_step, desc="training", unit="step",
@@ -212,7 +214,7 @@ def train_loop(run: Run) -> list[float]:
         except StopRequested:
             how = (f"the unfinished step {step} was discarded" if done < step else
                    "its optimizer update was finished first" if ctrl_c.update_finished_first else "")
-            stop_after_ctrl_c(run, done, saved, pending, progress, how)
+            stop_after_ctrl_c(run, done, saved, pending, progress, how, ctrl_c.signum)
         finally:
             progress.close()  # before any message: the bar's last line must not follow it
     return losses
@@ -229,11 +231,12 @@ def validate(run: Run, step: int) -> None:
         acc.wait_for_everyone()
 
 
-def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str):
+def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tensor], progress, how: str,
+                      signum: int):
     """Logs the finished steps, saves checkpoint-<done> unless one holds it already, raises TrainingInterrupted.
 
-    Still under CtrlC: a second Ctrl-C raises KeyboardInterrupt out of here, leaving at most a
-    checkpoint-<done>.tmp folder (never picked by `latest`).
+    signum: the signal that stopped the run (Ctrl-C's SIGINT, or SIGTERM). Still under CtrlC: a second one
+    raises KeyboardInterrupt out of here, leaving at most a checkpoint-<done>.tmp folder (never picked by `latest`).
     """
     if pending:
         log_losses(run, done, pending, progress)  # a non-finite loss ends in TrainingDiverged: nothing is saved
@@ -242,7 +245,7 @@ def stop_after_ctrl_c(run: Run, done: int, saved: int, pending: list[torch.Tenso
         check_weights(run, done)
         save(run, done)
     raise TrainingInterrupted(interrupted_message(run.config.output_dir, done, run.plan.max_train_steps, how,
-                                                  saved=done > 0))
+                                                  saved=done > 0, signum=signum), signum)
 
 
 def check_weights(run: Run, step: int) -> None:

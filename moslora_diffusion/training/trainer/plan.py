@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ...data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
 from ..model.components import BaseModel
-from ..settings.config import ConfigError, TrainConfig, preserves_base_output
+from ..settings.config import ConfigError, TrainConfig, check_toy_resolution, preserves_base_output
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,11 @@ def make_plan(config: TrainConfig, base: BaseModel, resolution: int, batches_per
 
 
 def training_resolution(config: TrainConfig, base: BaseModel) -> int:
-    return config.resolution or base.info.default_resolution
+    """--resolution, else the model family's; ConfigError when --validation_metrics toy cannot score that size
+    (checked once the model is known, before any training step)."""
+    resolution = config.resolution or base.info.default_resolution
+    check_toy_resolution(config, resolution)
+    return resolution
 
 
 def prepare_class_images(config: TrainConfig, base: BaseModel, resolution: int, accelerator) -> list[Path]:

@@ -9,7 +9,6 @@ A step's score for --keep_best is the mean of its metrics' means (each a cosine 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -20,13 +19,6 @@ from ...files.safetensors_io import read_metadata
 from ...moslora.native_file import METADATA_KEY, save_adapter
 from ..run_folder.manifest import record_written
 from ..run_folder.outputs import BEST_FILE
-
-
-def check_report_to(report_to: str) -> None:
-    """--report_to wandb needs the wandb package: refused in one line, before anything loads, when it is missing."""
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ImportError("--report_to wandb needs the Weights & Biases package: pip install wandb (or use "
-                          "--report_to tensorboard)")
 
 
 def unique_token(instance_prompt: str, class_prompt: str | None) -> str:
