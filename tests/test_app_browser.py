@@ -59,19 +59,24 @@ def server(tiny_sd15_dir, tmp_path_factory):
     app_load.stop_app(proc)
 
 
-@pytest.fixture(scope="module")
-def page(server):
+def open_page(url: str, width: int, height: int):
+    """A headless Chromium page on the app at `url`, once its Generate tab is there (a generator: yield once)."""
     _require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(server["url"])
+        page.goto(url)
         page.wait_for_selector("#generate")
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    yield from open_page(server["url"], 1400, 1000)
 
 
 def _set_number(page, elem_id: str, value) -> None:

@@ -16,7 +16,7 @@ import pytest
 from comfyui_check import workflow_problems
 from conftest import make_adapter
 from PIL import Image
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _require_browser, _set_number
+from test_app_browser import _set_number, open_page
 
 from benchmarks import app_load
 from moslora_diffusion.app.layout_ui import LAYOUT_SLOTS
@@ -42,17 +42,7 @@ def server(tiny_sd15_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(server["url"])
-        page.wait_for_selector("#generate")
-        yield page
-        browser.close()
+    yield from open_page(server["url"], 1500, 1100)
 
 
 def _pick(page, elem_id: str, option: str) -> None:

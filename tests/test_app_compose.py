@@ -42,15 +42,20 @@ def write_mole(model_dir, experts: list, out):
     return save_mole(mole, out, str(model_dir))
 
 
-@pytest.fixture(scope="module")
-def app(tiny_sd15_dir, tmp_path_factory):
-    state, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
-    experts = make_experts(tiny_sd15_dir, given, ("dog", "cat"))
+def dog_cat_app(model_dir, tmp_path_factory):
+    """An app state with the dog (scale 1) and cat (0.5) experts loaded and their MoLE file 'dog+cat' chosen."""
+    state, given = tiny_app_state(model_dir, tmp_path_factory)
+    experts = make_experts(model_dir, given, ("dog", "cat"))
     state.load_adapter(experts["dog"], 1.0)
     state.load_adapter(experts["cat"], 0.5)
-    write_mole(tiny_sd15_dir, [experts["dog"], experts["cat"]], given / "dog+cat" / "mole.safetensors")
+    write_mole(model_dir, [experts["dog"], experts["cat"]], given / "dog+cat" / "mole.safetensors")
     assert state.compose.load_available("dog+cat") == "dog+cat"
     return state
+
+
+@pytest.fixture(scope="module")
+def app(tiny_sd15_dir, tmp_path_factory):
+    return dog_cat_app(tiny_sd15_dir, tmp_path_factory)
 
 
 def _request(seed=5, **kwargs) -> GenerationRequest:

@@ -10,12 +10,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from app_helpers import tiny_app_state
 from comfyui_check import workflow_problems
-from mole_helpers import make_experts, same_state
+from mole_helpers import same_state
 from mole_helpers import state as weights_of
 from PIL import Image
-from test_app_compose import write_mole
+from test_app_compose import dog_cat_app
 
 from moslora_diffusion.app.layout import Layout, Slot
 from moslora_diffusion.app.layout_jobs import export_layout, generate_layout, paste_layout
@@ -25,13 +24,7 @@ from moslora_diffusion.generation.text_to_image import GenerationRequest, MoLESe
 
 @pytest.fixture(scope="module")
 def app(tiny_sd15_dir, tmp_path_factory):
-    state, given = tiny_app_state(tiny_sd15_dir, tmp_path_factory)
-    experts = make_experts(tiny_sd15_dir, given, ("dog", "cat"))
-    state.load_adapter(experts["dog"], 1.0)
-    state.load_adapter(experts["cat"], 0.5)
-    write_mole(tiny_sd15_dir, [experts["dog"], experts["cat"]], given / "dog+cat" / "mole.safetensors")
-    state.compose.load_available("dog+cat")
-    return state
+    return dog_cat_app(tiny_sd15_dir, tmp_path_factory)
 
 
 def _request(seed=5) -> GenerationRequest:

@@ -150,6 +150,19 @@ def _start_command(setup, out: Path, **slow) -> subprocess.Popen:
                             text=True)
 
 
+def _kill_after_first_checkpoint(setup, out: Path, **extra) -> None:
+    """SIGKILL the gate-training command once checkpoint-3 is on disk; what it wrote later is removed."""
+    # Validation right after the checkpoint gives the kill a wide window (validation changes no training state).
+    proc = _start_command(setup, out, validation_prompt="a photo of sks dog", validation_steps=4,
+                          num_validation_images=4, validation_inference_steps=25, **extra)
+    wait_for(out / "checkpoint-3", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (out / "mole.safetensors").exists()
+    for later in out.glob("checkpoint-6*"):
+        shutil.rmtree(later)
+
+
 def _resume_and_compare(setup, out: Path, uninterrupted: dict, resumed_from: int, **extra) -> None:
     model, experts, photos, _ = setup
     reset_accelerate()
@@ -165,15 +178,7 @@ def _resume_and_compare(setup, out: Path, uninterrupted: dict, resumed_from: int
 
 def test_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_gates(setup, uninterrupted, capsys):
     root = setup[3]
-    # Validation right after the checkpoint gives the kill a wide window (validation changes no training state).
-    proc = _start_command(setup, root / "b", validation_prompt="a photo of sks dog", validation_steps=4,
-                          num_validation_images=4, validation_inference_steps=25)
-    wait_for(root / "b" / "checkpoint-3", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()
-    for later in (root / "b").glob("checkpoint-6*"):
-        shutil.rmtree(later)
+    _kill_after_first_checkpoint(setup, root / "b")
     capsys.readouterr()
     _resume_and_compare(setup, root / "b", uninterrupted, 3)
     printed = capsys.readouterr().out
@@ -192,14 +197,7 @@ def test_spatial_gate_training_killed_after_a_checkpoint_resumes_to_the_uninterr
         reset_accelerate()
     uninterrupted = read_mole(root / "a" / "mole.safetensors").gates
     assert any(float(uninterrupted[k].abs().max()) > 0 for k in uninterrupted if k.endswith(".weight"))
-    proc = _start_command(setup, root / "b", spatial_gates=True, validation_prompt="a photo of sks dog",
-                          validation_steps=4, num_validation_images=4, validation_inference_steps=25)
-    wait_for(root / "b" / "checkpoint-3", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (root / "b" / "mole.safetensors").exists()
-    for later in (root / "b").glob("checkpoint-6*"):
-        shutil.rmtree(later)
+    _kill_after_first_checkpoint(setup, root / "b", spatial_gates=True)
     _resume_and_compare(setup, root / "b", uninterrupted, 3, spatial_gates=True)
     assert read_mole(root / "b" / "mole.safetensors").info["settings"]["granularity"] == "position"
 
