@@ -34,7 +34,9 @@ def test_help_and_a_first_generate_print_no_library_warnings(tiny_sd15_dir, tmp_
     assert proc.returncode == 0, proc.stderr
     assert _noise(proc.stderr) == [], _noise(proc.stderr)
     assert "generating 2 images: 100%" in proc.stderr and "6/6" in proc.stderr  # the progress bar, in steps
-    assert proc.stdout.strip() == f"wrote 2 images under {tmp_path / 'out'}"
+    # the last line names the dated folder the images went to (nothing else on stdout)
+    assert re.fullmatch(rf"wrote 2 images in {re.escape(str(tmp_path / 'out' / 'images'))}/\d{{4}}-\d\d-\d\d",
+                        proc.stdout.strip()), proc.stdout
 
 
 def test_the_filters_drop_only_their_own_message(caplog):
