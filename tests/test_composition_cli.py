@@ -93,3 +93,17 @@ def test_one_expert_in_one_region(tiny_sd15_dir, experts, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([*_common(tiny_sd15_dir, out), "--experts", experts[0], "--region", "dog=0.25,0.25,0.75,0.75"]) == 0
     assert len(list(out.rglob("*-mask-dog.png"))) == 1, capsys.readouterr().err
+
+
+def test_without_size_the_images_have_generates_default_size(tiny_sd15_dir, experts, tmp_path, capsys):
+    """The tiny model's native size is 32 px, below the 64 px the requests accept: without --size the command
+    draws at generate's default (native_size: >= 64), as `python -m moslora_diffusion.generate` does (it was
+    refused after the model loaded: 'width must be a multiple of 8 between 64 and 2048, got 32')."""
+    out = tmp_path / "out"
+    common = _common(tiny_sd15_dir, out)
+    at = common.index("--size")
+    argv = common[:at] + common[at + 2:] + ["--experts", *experts, "--method", "regional",
+                                            "--region", "dog=0,0,0.5,1", "--seeds", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    (image,) = out.rglob("*-regional.png")
+    assert Image.open(image).size == (64, 64)

@@ -132,3 +132,15 @@ def test_an_sdxl_composition_exports_kohya_loras_with_both_text_encoders(tiny_sd
         assert kind == "kohya" and set(folded.layers) == set(expert.layers)
         for key, lora in expert.layers.items():
             torch.testing.assert_close(folded.layers[key].delta(), lora.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_without_size_the_workflow_has_generates_default_size(tiny_sd15_dir, experts, tmp_path, capsys):
+    """No --size: the workflow's latent is generate's default size (>= 64 px), not the tiny model's raw 32 px,
+    which `mole generate` refuses (the export wrote a 32x32 layout before)."""
+    out = tmp_path / "nosize"
+    argv = _export(tiny_sd15_dir, experts, out, "--region", "dog=0,0,0.5,1")
+    at = argv.index("--size")
+    assert main(argv[:at] + argv[at + 2:]) == 0, capsys.readouterr().err
+    workflow = json.loads((out / "workflow_api.json").read_text())
+    (latent,) = [v["inputs"] for v in workflow.values() if v["class_type"] == "EmptyLatentImage"]
+    assert (latent["width"], latent["height"]) == (64, 64)

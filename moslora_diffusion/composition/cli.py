@@ -22,7 +22,14 @@ from pathlib import Path
 
 from ..console import run_command
 from ..files.atomic import check_output_folder
-from ..generation.text_to_image import GeneratedImage, GenerationRequest, format_infotext, save_png, validate_request
+from ..generation.text_to_image import (
+    GeneratedImage,
+    GenerationRequest,
+    format_infotext,
+    native_size,
+    save_png,
+    validate_request,
+)
 from ..mole import cli as mole_cli
 from ..mole.experts import MoLEError, check_scale, expert_names
 from ..mole.file import read_mole
@@ -188,7 +195,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         validate_request(request)
     check_output_folder(args.out, "--out")
     pipe, experts = _load(args, stored, method)
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or native_size(pipe, 512)  # the generate command's default (>= 64 px)
     gates = stored.gates if stored is not None and method in GATED_METHODS else None
     pairs = _infotext_pairs(method, experts, regions, options, args.mole.name if args.mole else None)
     written = []

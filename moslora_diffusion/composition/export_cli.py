@@ -16,7 +16,7 @@ from pathlib import Path
 from ..console import run_command
 from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES
-from ..generation.text_to_image import GenerationRequest, validate_request
+from ..generation.text_to_image import GenerationRequest, native_size, validate_request
 from .cli import _check, _experts_before_loading, _image_size, _load, _method, generate_parser, regions_from
 from .export import WORKFLOW_TARGET, check_export, export_workflow, refuse_unexpressible
 from .regions import CompositionError
@@ -67,7 +67,7 @@ def run_export(args: argparse.Namespace) -> Path:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     pipe, experts = _load(args, stored, method)
     if not given_size:
-        request.width = request.height = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        request.width = request.height = native_size(pipe, 512)  # what generate would draw
         check_export(names, request, regions, method, args.dtype)
     return export_workflow(pipe, experts, request, regions, out, checkpoint_name(args.base, args.checkpoint),
                            args.dtype, args.overwrite)
