@@ -207,3 +207,17 @@ def test_check_every_names_the_fix():
     assert check_every("2", 1, 1) == 2  # one expert: any interval
     with pytest.raises(CompositionError, match="use at least 3 steps"):
         check_every(1, 3, 2)
+
+
+def test_the_default_interval_gives_every_expert_a_turn():
+    """Without `every`, Switch takes the paper's 5 when there are enough steps and a shorter interval when not (a
+    2-step run with the default was refused: 'the last of the 2 experts is never active')."""
+    from moslora_diffusion.composition.switch import DEFAULT_EVERY, check_every, default_every
+
+    assert default_every(2, 50) == DEFAULT_EVERY == 5 and default_every(3, 25) == 5
+    assert default_every(2, 2) == 1 and default_every(2, 5) == 4 and default_every(4, 7) == 2
+    for count in range(1, 9):
+        for steps in range(count, 40):
+            every = default_every(count, steps)
+            assert check_every(every, count, steps) == every
+            assert {(s // every) % count for s in range(steps)} == set(range(count))  # every expert has a turn

@@ -47,17 +47,23 @@ def check_every(every, count: int, steps: int) -> int:
     return every
 
 
+def default_every(count: int, steps: int) -> int:
+    """The paper's interval (5), shortened so that each of `count` experts gets a turn in `steps` steps."""
+    return max(1, min(DEFAULT_EVERY, (steps - 1) // max(1, count - 1)))
+
+
 def generate_switch(pipe, experts: Sequence[Expert], request: GenerationRequest,
-                    every: int = DEFAULT_EVERY) -> list[Image.Image]:
+                    every: int | None = None) -> list[Image.Image]:
     """Images (request.num_images, request.width x request.height) composed by LoRA Switch.
 
     experts: 1..8 experts from `load_experts(pipe, paths, minimum=1)`, in switching order; every: denoising steps
-    per expert turn (the paper uses 5). Raises GenerationError (bad request), CompositionError (no experts, a bad
+    per expert turn (None: the paper's 5, shortened to `default_every` when the steps are too few for every
+    expert to get a turn). Raises GenerationError (bad request), CompositionError (no experts, a bad
     `every`) or MoLEError (experts that do not fit the pipeline), one line each, before the pipeline is touched.
     The pipeline is left exactly as it was."""
     req = validate_request(request, [])
     check_experts_given(experts)
-    every = check_every(every, len(experts), req.steps)
+    every = check_every(default_every(len(experts), req.steps) if every is None else every, len(experts), req.steps)
     step = [0]
 
     def forward(router, original, args, kwargs):
