@@ -63,7 +63,9 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     (["--method", "regional", "--region_mask", "dog=notes.png"], "not an image"),
     (["--method", "auto", "--trigger", "dog=zebra"], "the prompt does not contain 'dog''s trigger word 'zebra'"),
     (["--method", "auto", "--trigger", "cow=dog"], "--trigger for expert 'cow', which is not there"),
-    (["--method", "regional", "--region", "dog=0,0,1,1", "--mask", "style"], "--mask and --heatmap are for"),
+    (["--method", "regional", "--region", "dog=0,0,1,1", "--mask", "style"],
+     "--mask is for --method mole; with --method regional leave the expert out of --experts instead"),
+    (["--method", "switch", "--heatmap"], "--heatmap draws learned gates (--method mole); --method switch has none"),
     (["--method", "regional", "--region_prompt", "dog=a dog"], "give a box or a mask (exactly one)"),
 ])
 def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extra, message):

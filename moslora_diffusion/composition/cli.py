@@ -138,8 +138,12 @@ def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: di
 def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
     """Every flag that can be checked before the model loads; returns compose()'s options."""
     options = _options(args)
-    if args.mask or args.heatmap:
-        raise CompositionError("--mask and --heatmap are for --method mole; compose fewer experts with --experts")
+    if args.mask:  # masking an expert renormalises learned gates; other methods simply take fewer --experts
+        raise CompositionError(f"--mask is for --method mole; with --method {method} leave the expert out of "
+                               "--experts instead")
+    if args.heatmap:
+        raise CompositionError(f"--heatmap draws learned gates (--method mole); --method {method} has none (the "
+                               "spatial methods write each expert's mask picture beside every image)")
     check_layout(method, names, regions, (size, size) if size else None, options, has_gates=False)
     unknown = sorted({n for n, _ in args.scale} - set(names))
     if unknown:
