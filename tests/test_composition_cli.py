@@ -109,3 +109,14 @@ def test_without_size_the_images_have_generates_default_size(tiny_sd15_dir, expe
     assert main(argv) == 0, capsys.readouterr().err
     (image,) = out.rglob("*-regional.png")
     assert Image.open(image).size == (64, 64)
+
+
+def test_exporting_experts_without_gates_names_the_commands_that_can(experts, tmp_path, capsys):
+    """`mole export --experts ... --to lora-kohya` answered 'the following arguments are required: --mole'."""
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--base", "unused", "--experts", *experts, "--to", "lora-kohya", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err and not out.exists(), err
+    assert "python -m moslora_diffusion.export --adapter A:1 --adapter B:1 --to lora-kohya" in err
+    assert "--to comfyui-workflow" in err

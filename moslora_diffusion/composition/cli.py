@@ -214,6 +214,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def _refuse_experts_export(_argv: list[str]) -> None:
+    raise CompositionError(
+        "mole export folds a MoLE file (--mole); experts without gates export as: a weighted sum or NLA in one "
+        "LoRA with `python -m moslora_diffusion.export --adapter A:1 --adapter B:1 --to lora-kohya`, a regional "
+        "layout (which no single LoRA can hold) with `--to comfyui-workflow`")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`generate` here; `train` and `export` (and the usage line) from mole/cli.py."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -223,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if wants_workflow(argv[1:]):
             return export_main(argv[1:])
+        if any(a == "--experts" or a.startswith("--experts=") for a in argv) and "--mole" not in argv:
+            return run_command(_refuse_experts_export, argv[1:])
     if not argv or argv[0] != "generate":
         return mole_cli.main(argv)
     parser = generate_parser()
