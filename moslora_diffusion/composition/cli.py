@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if wants_workflow(argv[1:]):
             return export_main(argv[1:])
-        if any(a == "--experts" or a.startswith("--experts=") for a in argv) and "--mole" not in argv:
+        given = {a.split("=", 1)[0] for a in argv}
+        if "--experts" in given and "--mole" not in given:
             return run_command(_refuse_experts_export, argv[1:])
     if not argv or argv[0] != "generate":
         return mole_cli.main(argv)
