@@ -10,7 +10,8 @@ same work for every method and would hide the denoising cost at a few steps, so 
 by a blank image of the right size; it is timed once on its own and added back in the 25-step estimate: S-step
 latency x 25 / S + decode (which counts the prompt encoding 25 / S times: it is under 1% of a step).
 Targets: Switch = base; Composite about N x, as measured; regional routing <= 1.3x (boxes: left and right half;
-`regional_prompts` adds a prompt per region).
+`regional_prompts` adds a prompt per region; `regional_latent`: the latent blend with region prompts, one forward
+per expert, reported as measured).
 
     /work/wt/heavy --both python -m benchmarks.compose_cost --threads 2      # full size, 512 px, 2 steps
     python -m benchmarks.compose_cost --size tiny --resolution 64 --repeats 1 --name compose_cost_smoke
@@ -54,8 +55,10 @@ def methods(pipe, experts, req: GenerationRequest) -> tuple[dict, dict[str, int]
 
     fns = {"base": base, "switch": method("switch", every=1), "composite": method("composite"),
            "mole": method("mole", gates=gates), "regional": method("regional", regions=boxes),
-           "regional_prompts": method("regional", regions=prompted)}
-    forwards = dict.fromkeys(fns, 1) | {"composite": len(experts)}
+           "regional_prompts": method("regional", regions=prompted),
+           "regional_latent": method("regional", regions=prompted, blend="latent")}
+    # the latent blend: one forward per expert; the base is skipped where the two halves cover the image
+    forwards = dict.fromkeys(fns, 1) | {"composite": len(experts), "regional_latent": len(experts)}
     return fns, forwards
 
 
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"{args.repeats} interleaved rounds after one warm-up round; ratios are medians of per-round ratios "
              "(benchmarks/common.py). Switch: one expert per step (every=1 here; the interval does not change the "
              "cost). MoLE: learned-looking gates on every block. Regional: expert 1 on the left half, expert 2 on "
-             "the right half; regional_prompts: each region also reads its own prompt.\n\n"
+             "the right half; regional_prompts: each region also reads its own prompt; regional_latent: the latent "
+             "blend (each region denoised by its expert alone, predictions blended), with region prompts.\n\n"
              "    python -m benchmarks.compose_cost " + " ".join(sys.argv[1:] if argv is None else argv))
     write_results(args.name, rows + [{"method": "vae_decode", "latency_s": vae}], table(rows, args.steps), notes,
                   args.out_dir)

@@ -45,7 +45,9 @@ from benchmarks.quality_report import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TRIGGERS = ("sks", "v", BACKGROUND)  # mole_toy.concepts() order: subject, subject2, background
-SETTINGS = {"regional": [{"region_prompts": False}, {"region_prompts": True}], "switch": [{"every": 2}, {"every": 5}]}
+SETTINGS = {"regional": [{"region_prompts": False}, {"region_prompts": True},
+                         {"region_prompts": False, "blend": "latent"}, {"region_prompts": True, "blend": "latent"}],
+            "switch": [{"every": 2}, {"every": 5}]}
 GEN_SEEDS = {"validation": 2000, "test": 3000}
 
 
@@ -94,13 +96,14 @@ def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates
 
     named = {c for c, _ in case.places} | ({BACKGROUND} if case.zigzag else set())
     if method == "regional":
-        result = compose(pipe, experts, method, req, regions=regions_for(case, setting))
+        result = compose(pipe, experts, method, req, regions=regions_for(case, setting),
+                         **({"blend": setting["blend"]} if "blend" in setting else {}))
     elif method == "auto":
         result = compose(pipe, experts, method, req, triggers={e.name: e.name for e in experts if e.name in named})
     elif method in ("mole", "spatial_mole"):
         result = compose(pipe, experts, method, req, gates=gates)
     else:
-        result = compose(pipe, experts, method, req, **{k: v for k, v in setting.items() if k != "region_prompts"})
+        result = compose(pipe, experts, method, req, **setting)
     return result.images, result.masks
 
 

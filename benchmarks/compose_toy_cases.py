@@ -41,13 +41,13 @@ class Case:
 
     def region_specs(self, region_prompts: bool) -> list[dict]:
         """Region(**spec) per named concept: its place's box (and, with `region_prompts`, the subject's own
-        one-object prompt); the zigzag expert's region is the image outside the subject's box (a mask)."""
+        instance prompt: what is in the region, not where, which the box says); the zigzag expert's region is the
+        image outside the subject's box (a mask)."""
         specs = []
         for concept, place in self.places:
             noun = f"{concept} {SUBJECTS[concept][0]}"
-            where = "" if place == "any" else " " + PHRASES[place]
             specs.append({"expert": concept, "box": PLACES[place],
-                          "prompt": f"a photo of {noun}{where}" if region_prompts else None})
+                          "prompt": f"a photo of {noun}" if region_prompts else None})
         if self.zigzag:
             specs.append({"expert": BACKGROUND, "outside": PLACES[self.places[0][1]], "prompt": None})
         return specs

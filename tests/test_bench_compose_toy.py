@@ -20,8 +20,8 @@ def test_splits_are_disjoint_and_cover_both_axes_orders_and_places():
     assert test_pair.prompt == "a photo of v square on the right and sks star on the left"
     specs = test_pair.region_specs(region_prompts=True)
     assert [(s["expert"], s["box"], s["prompt"]) for s in specs] == [
-        ("sks", (0.0, 0.0, 0.5, 1.0), "a photo of sks star on the left"),
-        ("v", (0.5, 0.0, 1.0, 1.0), "a photo of v square on the right")]
+        ("sks", (0.0, 0.0, 0.5, 1.0), "a photo of sks star"),  # what is in the region; the box says where
+        ("v", (0.5, 0.0, 1.0, 1.0), "a photo of v square")]
     zig = next(c for c in SPLITS["test"] if c.kind == "zigzag")
     assert zig.region_specs(False)[-1] == {"expert": "z", "outside": (0.5, 0.0, 1.0, 1.0), "prompt": None}
 

@@ -67,16 +67,34 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
      "--mask is for --method mole; with --method regional leave the expert out of --experts instead"),
     (["--method", "switch", "--heatmap"], "--heatmap draws learned gates (--method mole); --method switch has none"),
     (["--method", "regional", "--region_prompt", "dog=a dog"], "give a box or a mask (exactly one)"),
+    (["--method", "sum", "--blend", "latent"], "method 'sum' takes no option blend"),
 ])
 def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extra, message):
+    _bad_layout(experts, tmp_path, capsys, extra, message, with_size=True)
+
+
+def test_a_mask_that_cannot_be_the_image_size_is_named_without_size(experts, tmp_path, capsys):
+    """Without --size the image takes the mask's size: a 40x40 mask was refused as 'width must be a multiple of
+    8', which named neither the mask nor the fix."""
+    _bad_layout(experts, tmp_path, capsys, ["--method", "regional", "--region_mask", "dog=small40.png"],
+                "--region_mask dog: the mask is 40x40; without --size the image takes the mask's size", False)
+
+
+def _bad_layout(experts, tmp_path, capsys, extra, message, with_size):
     Image.new("L", (32, 32)).save(tmp_path / "small.png")
+    Image.new("L", (40, 40)).save(tmp_path / "small40.png")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "colour.png")
     (tmp_path / "notes.png").write_text("not a picture")
     extra = [e.replace("small.png", str(tmp_path / "small.png")).replace("colour.png", str(tmp_path / "colour.png"))
-             .replace("notes.png", str(tmp_path / "notes.png")) for e in extra]
+             .replace("notes.png", str(tmp_path / "notes.png")).replace("small40.png", str(tmp_path / "small40.png"))
+             for e in extra]
     out = tmp_path / "out"
+    common = _common(tmp_path / "no-model-here", out)
+    if not with_size:
+        at = common.index("--size")
+        common = common[:at] + common[at + 2:]
     with pytest.raises(SystemExit) as exit_info:
-        main([*_common(tmp_path / "no-model-here", out), "--experts", *experts, *extra])
+        main([*common, "--experts", *experts, *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -89,6 +107,14 @@ def test_the_whole_image_methods_run_from_the_same_command(tiny_sd15_dir, expert
     assert main([*_common(tiny_sd15_dir, out), "--experts", *experts, *extra]) == 0, capsys.readouterr().err
     (image,) = out.rglob("*.png")  # no mask pictures: these methods act on the whole image
     assert f"Composition: {extra[1]}" in Image.open(image).text["parameters"]
+
+
+def test_regional_latent_blend_runs_and_is_recorded(tiny_sd15_dir, experts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*_common(tiny_sd15_dir, out), "--experts", *experts, "--region", "dog=0,0,0.5,1",
+                 "--region", "style=0.5,0,1,1", "--blend", "latent"]) == 0, capsys.readouterr().err
+    (image,) = out.rglob("*-regional.png")
+    assert "Blend: latent" in Image.open(image).text["parameters"]
 
 
 def test_one_expert_in_one_region(tiny_sd15_dir, experts, tmp_path, capsys):

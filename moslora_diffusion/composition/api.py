@@ -28,7 +28,8 @@ from .regions import CompositionError, Region, check_regions
 METHODS = ("sum", "nla", "mole", "switch", "composite", "regional", "auto", "spatial_mole")
 LAYOUT_METHODS = ("regional",)  # the methods that take user regions
 GATED_METHODS = ("mole", "spatial_mole")  # the methods that take a gate_state
-OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"}}
+OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"}, "regional": {"blend"}}
+BLENDS = ("attention", "latent")  # regional: blend cross-attention outputs (router.py) or predictions (latent_blend)
 
 
 @dataclass
@@ -54,6 +55,9 @@ def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] 
     if unknown:
         raise CompositionError(f"method {method!r} takes no option {', '.join(unknown)}"
                                + (f" (its options: {', '.join(sorted(OPTIONS[method]))})" if method in OPTIONS else ""))
+    blend = (options or {}).get("blend", "attention")
+    if blend not in BLENDS:
+        raise CompositionError(f"blend {blend!r}: choose {' or '.join(BLENDS)}")
     if regions and method not in LAYOUT_METHODS:
         raise CompositionError(f"method {method!r} takes no regions (boxes, masks or region prompts); use "
                                f"--method regional for a layout, or leave the regions out")

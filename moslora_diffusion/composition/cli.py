@@ -23,6 +23,7 @@ from pathlib import Path
 from ..console import run_command
 from ..files.atomic import check_output_folder
 from ..generation.text_to_image import (
+    REQUEST_RANGES,
     GeneratedImage,
     GenerationRequest,
     format_infotext,
@@ -33,7 +34,7 @@ from ..generation.text_to_image import (
 from ..mole import cli as mole_cli
 from ..mole.experts import MoLEError, check_scale, expert_names
 from ..mole.file import read_mole
-from .api import GATED_METHODS, METHODS, check_layout
+from .api import BLENDS, GATED_METHODS, METHODS, check_layout
 from .regions import CompositionError, Region
 from .report import read_mask_picture, save_mask_pictures
 
@@ -71,6 +72,10 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None, help="auto: a position joins an expert's region "
                         "when its attention is at least this share of the map's peak (default 0.4)")
     parser.add_argument("--every", type=int, default=None, help="switch: denoising steps per expert")
+    parser.add_argument("--blend", choices=BLENDS, default=None, help="regional: 'attention' (default) blends each "
+                        "cross-attention's output per position, one UNet forward a step; 'latent' denoises each "
+                        "region with its expert alone and blends the predictions, one forward per expert (+ the "
+                        "base where the regions leave room)")
     return parser
 
 
@@ -96,7 +101,7 @@ def regions_from(args: argparse.Namespace) -> list[Region]:
 
 def _options(args: argparse.Namespace) -> dict:
     given = {"triggers": dict(args.trigger) or None, "auto_steps": args.auto_steps, "threshold": args.threshold,
-             "every": args.every}
+             "every": args.every, "blend": args.blend}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -117,9 +122,19 @@ def _experts_before_loading(args: argparse.Namespace):
 
 
 def _image_size(args: argparse.Namespace, regions: list[Region]) -> int | None:
-    """--size, else the size of the first mask (square images: --size is one number), else None (the model's)."""
-    masks = [r.mask for r in regions if r.mask is not None]
-    return args.size or (masks[0].shape[1] if masks else None)
+    """--size, else the size of the first mask (square images: --size is one number), else None (the model's).
+    A mask that cannot be an image's size is named here (the request's own check would only name a width)."""
+    masks = [r for r in regions if r.mask is not None]
+    if args.size or not masks:
+        return args.size
+    region = masks[0]
+    height, width = region.mask.shape[:2] if getattr(region.mask, "ndim", 0) == 2 else (0, 0)
+    side = REQUEST_RANGES["width"]
+    if height != width or width % 8 or not side.lower <= width <= side.upper:
+        raise CompositionError(f"--region_mask {region.expert}: the mask is {width}x{height}; without --size the "
+                               f"image takes the mask's size, which must be square with sides a multiple of 8 "
+                               f"from {side.lower:g} to {side.upper:g}: give --size, or a mask of such a size")
+    return width
 
 
 def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: dict) -> None:
@@ -162,6 +177,8 @@ def _infotext_pairs(method: str, experts, regions: list[Region], options: dict, 
         pairs["MoLE"] = mole_name
     if regions:
         pairs["Regions"] = " | ".join(r.describe() for r in regions)
+    if options.get("blend"):
+        pairs["Blend"] = options["blend"]
     if options.get("triggers"):
         pairs["Triggers"] = " | ".join(f"{k}: {v}" for k, v in options["triggers"].items())
     return pairs

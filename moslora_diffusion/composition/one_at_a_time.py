@@ -92,7 +92,7 @@ class OneHotExperts:
                            "this pipeline cannot be composed")
 
 
-def _replace(obj, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+def replace_attribute(obj, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
     """Sets obj.<name> = make(current obj.<name>) on the instance; returns the undo."""
     had, before = name in vars(obj), vars(obj).get(name)
     setattr(obj, name, make(getattr(obj, name)))
@@ -117,8 +117,8 @@ def experts_one_at_a_time(pipe, experts: Sequence[Expert], unet_forward: Callabl
     router = OneHotExperts(mole)
     scheduler, undo = pipe.scheduler, []
     try:
-        undo.append(_replace(pipe, "encode_prompt", router.encode_each))
-        undo.append(_replace(pipe.unet, "forward", lambda original: (
+        undo.append(replace_attribute(pipe, "encode_prompt", router.encode_each))
+        undo.append(replace_attribute(pipe.unet, "forward", lambda original: (
             lambda *args, **kwargs: unet_forward(router, original, args, kwargs))))
         yield router
     finally:

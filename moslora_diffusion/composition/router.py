@@ -53,6 +53,7 @@ class SpatialRouter:
         self.shares: torch.Tensor | None = None  # (B_images, N, H, W) at latent size, fp32
         self.contexts: list[torch.Tensor | None] = []  # per branch (0: base, 1 + i: expert i), as the UNet gets it
         self.branch: int | None = None  # the branch a cross-attention (or the text encoder) is computing
+        self.whole_branch = False  # latent blend: `branch` holds for a whole UNet forward (no per-attention blend)
         self.observers: list = []  # callables(attn, hidden, context, branch) (the automatic masks listen here)
         self._handles, self._processors = [], {}
 
@@ -148,6 +149,8 @@ class BranchedCrossAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         router = self.router
         kwargs["attention_mask"] = attention_mask
+        if router.whole_branch:  # latent blend: this forward is one branch, its context the UNet's
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs)
         base = self._run(0, attn, hidden_states, encoder_hidden_states, **kwargs)
         shares = router.position_shares(hidden_states, False)  # (B, L, N); hidden_states (B, L, C)
         out = base

@@ -42,10 +42,19 @@ def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: Generation
 
 
 def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: torch.Tensor,
-                  prompts: Sequence[str | None]) -> list[Image.Image]:
+                  prompts: Sequence[str | None], blend: str = "attention") -> list[Image.Image]:
     router.set_shares(shares.to(pipe._execution_device))
     embeddings = encode_branches(pipe, router, req, prompts)
-    return run_pipeline(pipe, req, None, embeddings)
+    if blend == "attention":
+        return run_pipeline(pipe, req, None, embeddings)
+    from .latent_blend import latent_blend_forward
+    from .one_at_a_time import replace_attribute
+
+    undo = replace_attribute(pipe.unet, "forward", lambda original: latent_blend_forward(router, original))
+    try:
+        return run_pipeline(pipe, req, None, embeddings)
+    finally:
+        undo()
 
 
 def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: GenerationRequest,
@@ -61,7 +70,8 @@ def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: Generati
         if method == "regional":
             prompts = {r.expert: r.prompt for r in regions}
             shares = regional_shares(pipe, experts, req, regions)
-            images = routed_images(pipe, router, req, shares, [prompts.get(e.name) for e in experts])
+            images = routed_images(pipe, router, req, shares, [prompts.get(e.name) for e in experts],
+                                   options.get("blend", "attention"))
         elif method == "auto":
             from .auto import auto_shares
 
