@@ -36,6 +36,13 @@ def test_bad_trigger_words_are_one_line_before_the_model(setup, triggers, prompt
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_expert_without_a_recorded_prompt_asks_for_its_trigger_word():
+    """A LoRA from elsewhere records no training prompt: the message said "(trained on None)"."""
+    with pytest.raises(CompositionError, match="expert 'kohya' records no training prompt to take its trigger word "
+                       "from; give --trigger kohya=WORD"):
+        auto_triggers({"dog": "a photo of sks dog", "kohya": None}, "sks dog and a cat")
+
+
 @pytest.mark.parametrize("options, message", [({"auto_steps": 9}, "auto_steps must be"),
                                               ({"threshold": 0}, "threshold must lie in (0, 1]")])
 def test_bad_auto_options(setup, options, message):

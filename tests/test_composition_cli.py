@@ -68,6 +68,9 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     (["--method", "switch", "--heatmap"], "--heatmap draws learned gates (--method mole); --method switch has none"),
     (["--method", "regional", "--region_prompt", "dog=a dog"], "give a box or a mask (exactly one)"),
     (["--method", "sum", "--blend", "latent"], "method 'sum' takes no option blend"),
+    # the experts' training prompts are read from their files' headers: this was only found after loading
+    (["--method", "auto", "--prompt", "a photo of a horse"], "the prompt contains no trigger word of expert 'dog' "
+     "(trained on 'a photo of sks dog')"),
 ])
 def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extra, message):
     _bad_layout(experts, tmp_path, capsys, extra, message, with_size=True)

@@ -65,6 +65,9 @@ def auto_triggers(trigger_prompts: Mapping[str, str | None], prompt: str,
                                        f"{missing[0]!r}; put it in the prompt or give another --trigger {name}=WORD")
         else:
             words = [w for w in derived[name] if w not in shared and w in in_prompt]
+            if not text:
+                raise CompositionError(f"automatic regions: expert {name!r} records no training prompt to take its "
+                                       f"trigger word from; give --trigger {name}=WORD (a word of the prompt)")
             if not words:
                 raise CompositionError(f"automatic regions: the prompt contains no trigger word of expert {name!r} "
                                        f"(trained on {text!r}); put its trigger word in the prompt or give "

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checks import SCALE, check_number
-from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError
+from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_metadata
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME
-from ..formats.lora_files import read_lora_file
+from ..formats.lora_files import read_lora_file, trigger_prompt
 from ..formats.merge import ADAPTER_FILE_NAME
 from ..models.families import detect_family
 from ..moslora.folded import FoldedAdapter, FoldedLoRA, LayerKey, validate_folded
@@ -185,6 +185,14 @@ def expert_names(paths: Sequence[str | Path], names: Sequence[str] | None = None
     """The names `load_experts` gives these files (checked paths, nothing read): for a command's checks before the
     model loads."""
     return unique_names(list(names) if names else [_display_name(resolve_expert_path(p)) for p in paths])
+
+
+def expert_trigger_prompts(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> dict[str, str | None]:
+    """{name: the prompt each expert file records it was trained on (None: not recorded)}, from the files'
+    safetensors headers only: for a command's checks before the model loads. MoLEError for a bad file."""
+    with as_mole_error():
+        return {name: trigger_prompt(read_metadata(resolve_expert_path(path)))
+                for name, path in zip(expert_names(paths, names), paths, strict=True)}
 
 
 def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | None = None,
