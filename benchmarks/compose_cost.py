@@ -13,7 +13,7 @@ Targets: Switch = base; Composite about N x, as measured; regional routing <= 1.
 `regional_prompts` adds a prompt per region; `regional_latent`: the latent blend with region prompts, one forward
 per expert, reported as measured).
 
-    /work/wt/heavy --both python -m benchmarks.compose_cost --threads 2      # full size, 512 px, 2 steps
+    python -m benchmarks.compose_cost --threads 1 --repeats 2 --steps 2      # full size, 512 px; nothing else running
     python -m benchmarks.compose_cost --size tiny --resolution 64 --repeats 1 --name compose_cost_smoke
 """
 
