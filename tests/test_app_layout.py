@@ -68,6 +68,28 @@ def test_a_layout_generates_with_masks_and_pasting_its_text_reproduces_it(app, t
     assert not np.array_equal(_pixels(other.saved[0].path), _pixels(saved.path))  # the layout matters
 
 
+def test_the_latent_blend_is_a_method_choice_and_its_text_pasted_back_keeps_it(app):
+    from moslora_diffusion.app.layout import METHOD_LABELS, layout_for
+    from moslora_diffusion.app.layout_ui import layout_of
+
+    label = "regional (latent blend)"
+    assert METHOD_LABELS.index(label) == METHOD_LABELS.index("regional") + 1
+    slots = [Slot("dog", "left half", prompt="a photo of sks dog"), Slot("cat", "right half")]
+    layout = layout_for(label, slots)
+    assert (layout.method, layout.blend, layout.label) == ("regional", "latent", label)
+    values = [s.adapter for s in slots] + ["", ""] + [s.where for s in slots] + ["", ""] + [""] * 4 + [None] * 4 \
+        + [s.prompt for s in slots] + ["", ""] + [1.0] * 4
+    assert layout_of(label, values).blend == "latent"  # what the dropdown hands over
+    saved = generate_layout(app, _request(seed=4), layout).saved[0]
+    assert "Composition: regional" in saved.infotext and "Blend: latent" in saved.infotext
+    attention = generate_layout(app, _request(seed=4), layout_for("regional", slots)).saved[0]
+    assert "Blend" not in attention.infotext
+    assert not np.array_equal(_pixels(attention.path), _pixels(saved.path))  # the blend changes the image
+    req, _, pasted = paste_layout(app, saved.infotext)
+    assert pasted.label == label
+    assert np.array_equal(_pixels(generate_layout(app, req, pasted).saved[0].path), _pixels(saved.path))
+
+
 def test_compare_gives_base_sum_mole_and_the_layout_of_one_seed(app):
     layout = Layout("regional", [Slot("dog", "left half"), Slot("cat", "right half")])
     out = generate_layout(app, _request(seed=9), layout, compare=True, mole=MoLESettings("dog+cat"))

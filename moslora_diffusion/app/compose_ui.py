@@ -109,7 +109,7 @@ def _paste_handler(state: AppState, c: dict, L: dict):
         slots = [gr.update(value=req.scales[n]) if n in req.scales else gr.skip()
                  for n in state.fusion.names()[:MAX_SLOTS]]
         slots += [gr.skip()] * (MAX_SLOTS - len(slots))
-        method = layout.method if layout else gr.skip()
+        method = layout.label if layout else gr.skip()
         press = "Generate with the layout" if layout else "Generate"
         return [*fields, gr.update(choices=list(state.compose.moles), value=mole), *experts, *slots, method,
                 *layout_updates(layout, state.fusion.names()), gr.skip(),

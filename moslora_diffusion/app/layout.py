@@ -49,9 +49,25 @@ class Slot:
 class Layout:
     method: str
     slots: list[Slot] = field(default_factory=list)
+    blend: str = "attention"  # regional: composition.BLENDS
 
     def used(self) -> list[Slot]:
         return [s for s in self.slots if s.adapter]
+
+    @property
+    def label(self) -> str:
+        """The method as the tab's dropdown shows it (METHOD_LABELS)."""
+        return LATENT_LABEL if self.method == "regional" and self.blend == "latent" else self.method
+
+
+# The tab's method dropdown: every method, and regional with the latent blend as a choice of its own.
+LATENT_LABEL = "regional (latent blend)"
+METHOD_LABELS = tuple(m for name in METHODS for m in ((name, LATENT_LABEL) if name == "regional" else (name,)))
+
+
+def layout_for(label: str, slots: list[Slot]) -> Layout:
+    """The Layout of a dropdown label (METHOD_LABELS; a bare method name too)."""
+    return Layout("regional", slots, "latent") if label == LATENT_LABEL else Layout(label, slots)
 
 
 def _box(slot: Slot) -> tuple[float, ...]:
@@ -90,8 +106,11 @@ def regions_of(layout: Layout) -> list[Region]:
     return regions
 
 
-def auto_options(layout: Layout) -> dict:
-    """Method auto: an automatic expert's region prompt is its trigger word (default: from its training prompt)."""
+def layout_options(layout: Layout) -> dict:
+    """compose()'s options: regional's blend (when not the default); method auto: an automatic expert's region
+    prompt is its trigger word (default: from its training prompt)."""
+    if layout.method == "regional" and layout.blend != "attention":
+        return {"blend": layout.blend}
     if layout.method != "auto":
         return {}
     triggers = {s.adapter: s.prompt.strip() for s in layout.used() if s.prompt.strip()}
@@ -141,13 +160,13 @@ class LayoutRunner:
         a pasted text reads the very same file)."""
         slots = [replace(s, mask=str(self.state.outputs / MASKS / keep_mask(self.state.outputs, s.mask)))
                  if s.where == "mask" and s.mask else s for s in layout.slots]
-        return Layout(layout.method, slots)
+        return replace(layout, slots=slots)
 
     def check(self, layout: Layout, req: GenerationRequest) -> tuple[list, list[Region], dict]:
         """(experts, regions, compose() options) of the layout, everything compose() would refuse refused now."""
         experts = self.experts(layout)
         regions = regions_of(layout)
-        options = auto_options(layout)
+        options = layout_options(layout)
         check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height), options)
         if layout.method == "auto":
             from ..composition.auto import auto_triggers
@@ -183,7 +202,8 @@ def layout_json(layout: Layout, outputs) -> str:
     slots = [{"adapter": s.adapter, "where": s.where, "box": s.box if s.where == "box" else "",
               "mask": keep_mask(outputs, s.mask) if s.where == "mask" and s.mask else None,
               "prompt": s.prompt.strip(), "scale": float(s.scale)} for s in layout.used()]
-    return json.dumps({"method": layout.method, "slots": slots}, separators=(",", ":"))
+    blend = {"blend": layout.blend} if layout.blend != "attention" else {}
+    return json.dumps({"method": layout.method, **blend, "slots": slots}, separators=(",", ":"))
 
 
 def layout_from_text(text: str, outputs) -> Layout | None:
@@ -202,13 +222,15 @@ def layout_from_text(text: str, outputs) -> Layout | None:
             if not re.fullmatch(r"[0-9a-f]{24}\.png", slot.mask) or not path.is_file():
                 raise CompositionError(f"the mask of {slot.adapter} ({slot.mask}) is not in this app's outputs/masks")
             slot.mask = str(path)
-    return Layout(data["method"], slots)
+    return Layout(data["method"], slots, str(data.get("blend", "attention")))
 
 
 def infotext_pairs(layout: Layout, regions: list[Region], outputs) -> dict[str, str]:
     """Composition, Experts, Regions (readable) and Layout (exact, escaped for the quoted pair)."""
     pairs = {"Composition": layout.method,
              "Experts": " | ".join(f"{s.adapter}: {float(s.scale):g}" for s in layout.used())}
+    if layout.blend != "attention":
+        pairs["Blend"] = layout.blend
     if regions:
         pairs["Regions"] = " | ".join(r.describe().replace(",", " ") for r in regions)
     pairs["Layout"] = layout_json(layout, outputs).replace("\\", "\\\\").replace('"', '\\"')

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..composition import METHODS
 from ..generation.text_to_image import GenerationRequest
-from .layout import WHERE, Layout, Slot
+from .layout import METHOD_LABELS, WHERE, Layout, Slot, layout_for
 from .layout_jobs import export_layout, generate_layout
 from .ui_common import USER_ERRORS, refuse, slider_scales
 
@@ -23,7 +22,8 @@ def layout_panel(state) -> dict:
     names = state.fusion.names()
     L = {"slots": {f: [] for f in SLOT_FIELDS}}
     with gr.Accordion("Layout: where each subject goes", open=True, elem_id="layout-panel"):
-        L["method"] = gr.Dropdown(list(METHODS), value="regional", label="Method (regional: the boxes and masks; "
+        L["method"] = gr.Dropdown(list(METHOD_LABELS), value="regional", label="Method (regional: the boxes and "
+                                  "masks; its latent blend: each region drawn by its expert alone, about N x the time; "
                                   "auto: every expert automatic)", elem_id="layout-method")
         for i in range(LAYOUT_SLOTS):
             with gr.Row(equal_height=True):
@@ -62,7 +62,7 @@ def layout_of(method: str, values) -> Layout:
     slots = [Slot(by_field["adapter"][i] or "", by_field["where"][i] or "whole image", by_field["box"][i] or "",
                   by_field["mask"][i] or None, by_field["prompt"][i] or "",
                   1.0 if by_field["scale"][i] is None else float(by_field["scale"][i])) for i in range(LAYOUT_SLOTS)]
-    return Layout(method, slots)
+    return layout_for(method, slots)
 
 
 def layout_updates(layout: Layout | None, names: list[str]) -> list:
