@@ -36,6 +36,18 @@ def test_bad_trigger_words_are_one_line_before_the_model(setup, triggers, prompt
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_the_class_prompts_words_are_no_trigger_words():
+    """"a photo of a dog" took the class noun "dog" as the trigger of the sks-dog expert, so a prompt that never
+    called the subject got a region for it."""
+    prompts, classes = {"dog": "a photo of sks dog", "cat": "a photo of zwx cat"}, {"dog": "a photo of a dog"}
+    with pytest.raises(CompositionError, match="the prompt contains no trigger word of expert 'dog'"):
+        auto_triggers(prompts, "a photo of a dog and zwx cat", class_prompts=classes)
+    found = auto_triggers(prompts, "a photo of sks dog and zwx cat", class_prompts=classes)
+    assert found == {"dog": ["sks"], "cat": ["zwx", "cat"]}  # cat records no class prompt: as before
+    same = auto_triggers({"dog": "a photo of a dog"}, "a dog", class_prompts={"dog": "a photo of a dog"})
+    assert same == {"dog": ["dog"]}  # a training prompt of class words only keeps them
+
+
 def test_an_expert_without_a_recorded_prompt_asks_for_its_trigger_word():
     """A LoRA from elsewhere records no training prompt: the message said "(trained on None)"."""
     with pytest.raises(CompositionError, match="expert 'kohya' records no training prompt to take its trigger word "

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 from mole_helpers import forward, make_experts, same_state, state
 from safetensors import safe_open
 
-from moslora_diffusion.mole import FILE_NAME, MoLEError, attach_mole, load_experts, load_mole, save_mole
+from moslora_diffusion.mole import FILE_NAME, MoLEError, attach_mole, detach_mole, load_experts, load_mole, save_mole
 
 PROMPTS = ["a photo of sks dog"]
 
@@ -74,3 +74,30 @@ def test_mole_file_is_refused_for_other_experts_and_other_families(tiny_sd15_dir
         attach_mole(fresh, two, gates=three.gate_state())
     assert same_state(state(fresh), before)
     assert load_mole(fresh, path, experts=load_experts(fresh, list(dirs.values()))).expert_names == list(dirs)
+
+
+def test_the_class_prompt_a_file_records_reaches_the_expert_and_the_mole_file(tiny_sd15_dir, tmp_path):
+    """auto's trigger words leave the class prompt's words out: the class prompt has to travel from the LoRA's
+    header to the Expert, to the headers-only check of the commands, and through a MoLE file."""
+    from conftest import make_adapter
+
+    from moslora_diffusion.files.safetensors_io import load_tensors, save_tensors
+    from moslora_diffusion.mole.experts import expert_prompts
+    from moslora_diffusion.mole.file import read_mole
+
+    paths = []
+    for name, prompt in (("dog", "a photo of sks dog"), ("cat", "a photo of zwx cat")):
+        path = make_adapter(tiny_sd15_dir, tmp_path / name / "moslora.safetensors", seed=len(paths) + 1)
+        tensors, metadata = load_tensors(path)
+        record = json.loads(metadata["moslora"]) | {"instance_prompt": prompt, "class_prompt": prompt.replace(
+            "sks ", "a ").replace("zwx ", "a ")}
+        save_tensors(tensors, path, metadata | {"moslora": json.dumps(record)})
+        paths.append(path)
+    assert expert_prompts(paths) == {"dog": ("a photo of sks dog", "a photo of a dog"),
+                                     "cat": ("a photo of zwx cat", "a photo of a cat")}
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    experts = load_experts(pipe, paths)
+    assert [e.class_prompt for e in experts] == ["a photo of a dog", "a photo of a cat"]
+    attach_mole(pipe, experts)
+    mole = save_mole(detach_mole(pipe), tmp_path / "mole.safetensors")
+    assert [e.class_prompt for e in read_mole(mole).experts] == ["a photo of a dog", "a photo of a cat"]

@@ -171,7 +171,8 @@ class LayoutRunner:
         if layout.method == "auto":
             from ..composition.auto import auto_triggers
 
-            auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, options.get("triggers"))
+            auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, options.get("triggers"),
+                          {e.name: e.class_prompt for e in experts})
         return experts, regions, options
 
     def run(self, layout: Layout, req: GenerationRequest):

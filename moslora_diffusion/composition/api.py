@@ -122,7 +122,8 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
         from .auto import auto_triggers, check_auto_options
 
         check_auto_options(request.steps, **options)
-        auto_triggers({e.name: e.trigger_prompt for e in experts}, request.prompt, options.get("triggers"))
+        auto_triggers({e.name: e.trigger_prompt for e in experts}, request.prompt, options.get("triggers"),
+                      {e.name: e.class_prompt for e in experts})
     req = validate_request(request, [])
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     return _dispatch(pipe, experts, method, req, regions, gates, dict(options))

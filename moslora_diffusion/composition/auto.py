@@ -13,7 +13,9 @@ LoRA then confined to its mask; training-free, no segmenter, no extra weights). 
 3. the image is generated from the start (same seed) with these masks, as the regional method does.
 
 Trigger words: given per expert, or else the words of the expert's training prompt (its `instance_prompt`) that the
-prompt contains, leaving out common words and words that two experts' training prompts share.
+prompt contains, leaving out common words, words that two experts' training prompts share and, when the expert
+records the class prompt of its prior preservation, that prompt's words: "a photo of sks dog" with class prompt
+"a photo of a dog" gives "sks" (a class noun alone, "a photo of a dog", does not call the subject).
 """
 
 from __future__ import annotations
@@ -40,18 +42,27 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[\w']+", (text or "").lower())
 
 
+def _identifier_words(prompt: str | None, class_prompt: str | None) -> list[str]:
+    """The training prompt's uncommon words without the class prompt's (unless that leaves none)."""
+    words = [w for w in dict.fromkeys(_words(prompt)) if w not in COMMON_WORDS]
+    classes = set(_words(class_prompt))
+    return [w for w in words if w not in classes] or words
+
+
 def auto_triggers(trigger_prompts: Mapping[str, str | None], prompt: str,
-                  given: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, list[str]]:
+                  given: Mapping[str, str | Sequence[str]] | None = None,
+                  class_prompts: Mapping[str, str | None] | None = None) -> dict[str, list[str]]:
     """{expert: its trigger words}, each found in `prompt`. trigger_prompts: {expert: its training prompt or
-    None}; given: {expert: word or words} overriding it. CompositionError (one line) for an unknown expert or an
-    expert none of whose trigger words the prompt contains. No model needed."""
+    None}; given: {expert: word or words} overriding it; class_prompts: {expert: its class prompt or None}, whose
+    words are no trigger words. CompositionError (one line) for an unknown expert or an expert none of whose
+    trigger words the prompt contains. No model needed."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(trigger_prompts))
     if unknown:
         raise CompositionError(f"a trigger word for expert {unknown[0]!r}, which is not there; the experts are "
                                f"{', '.join(trigger_prompts)}")
     in_prompt = set(_words(prompt))
-    derived = {n: [w for w in dict.fromkeys(_words(p)) if w not in COMMON_WORDS] for n, p in trigger_prompts.items()
+    derived = {n: _identifier_words(p, (class_prompts or {}).get(n)) for n, p in trigger_prompts.items()
                if n not in given}
     shared = {w for w, c in Counter(w for ws in derived.values() for w in ws).items() if c > 1}
     out = {}
@@ -137,7 +148,8 @@ def auto_shares(pipe, router: SpatialRouter, experts: Sequence[Expert], req: Gen
                 triggers: Mapping[str, str | Sequence[str]] | None = None, auto_steps: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """(B, N, h, w) masks found by the probe (see the module docstring)."""
-    words = auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, triggers)
+    words = auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, triggers,
+                          {e.name: e.class_prompt for e in experts})
     tokens = [token_positions(pipe.tokenizer, req.prompt, words[e.name]) for e in experts]
     steps = auto_steps or max(1, req.steps // 5)
     factor = int(pipe.vae_scale_factor)

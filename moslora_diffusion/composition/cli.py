@@ -32,7 +32,7 @@ from ..generation.text_to_image import (
     validate_request,
 )
 from ..mole import cli as mole_cli
-from ..mole.experts import MoLEError, check_scale, expert_trigger_prompts
+from ..mole.experts import MoLEError, check_scale, expert_prompts
 from ..mole.file import read_mole
 from .api import BLENDS, GATED_METHODS, METHODS, check_layout
 from .regions import CompositionError, Region
@@ -112,14 +112,15 @@ def _method(args: argparse.Namespace, regions: list[Region]) -> str:
 
 
 def _experts_before_loading(args: argparse.Namespace):
-    """(expert names, {name: training prompt} or None, the MoLE file or None), nothing loaded."""
+    """(expert names, {name: (training prompt, class prompt)}, the MoLE file or None), nothing loaded."""
     if bool(args.mole) == bool(args.experts):
         raise CompositionError("give the experts either as --mole FILE or as --experts LORA [LORA ...]")
     if args.experts:  # their training prompts from the files' headers: auto's trigger words are checked now
-        prompts = expert_trigger_prompts(args.experts)
+        prompts = expert_prompts(args.experts)
         return list(prompts), prompts, None
     stored = read_mole(mole_cli.mole_file(args.mole))
-    return [e.name for e in stored.experts], {e.name: e.trigger_prompt for e in stored.experts}, stored
+    return [e.name for e in stored.experts], {e.name: (e.trigger_prompt, e.class_prompt) for e in stored.experts}, \
+        stored
 
 
 def _image_size(args: argparse.Namespace, regions: list[Region]) -> int | None:
@@ -148,7 +149,7 @@ def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: di
         raise CompositionError(f"--trigger for expert {unknown[0]!r}, which is not there; the experts are "
                                f"{', '.join(names)}")
     for prompt in args.prompt:  # the experts' training prompts come from their files' headers: nothing loaded
-        auto_triggers(prompts, prompt, given)
+        auto_triggers({n: p[0] for n, p in prompts.items()}, prompt, given, {n: p[1] for n, p in prompts.items()})
 
 
 def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:

@@ -77,11 +77,12 @@ def family_hint(keys: set[str], metadata: dict[str, str]) -> str | None:
     return None
 
 
-def trigger_prompt(metadata: dict[str, str]) -> str | None:
-    """The instance prompt our own files record (native metadata or an export's `moslora_export`)."""
+def trigger_prompt(metadata: dict[str, str], key: str = "instance_prompt") -> str | None:
+    """The instance prompt our own files record (native metadata or an export's `moslora_export`); key
+    "class_prompt": the class prompt of its prior preservation, when recorded."""
     for field in ("moslora", "moslora_export"):
         try:
-            prompt = json.loads(metadata.get(field, "{}")).get("instance_prompt")
+            prompt = json.loads(metadata.get(field, "{}")).get(key)
         except (json.JSONDecodeError, AttributeError):
             prompt = None
         if prompt:
@@ -216,7 +217,8 @@ def read_lora_file(path: str | Path, pipe, name: str) -> tuple[FoldedAdapter, st
         adapter = read_adapter(path)
         return fold_adapter_file(adapter, name, path), kind
     hint = family_hint(keys, metadata)
-    info = {"family": hint, "instance_prompt": trigger_prompt(metadata), "token_abstraction": trigger_word(metadata)}
+    info = {"family": hint, "instance_prompt": trigger_prompt(metadata),
+            "class_prompt": trigger_prompt(metadata, "class_prompt"), "token_abstraction": trigger_word(metadata)}
     tensors, _ = load_tensors(path)
     if kind == "diffusers":
         layers = read_diffusers(tensors, metadata, label)

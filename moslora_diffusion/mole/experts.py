@@ -46,6 +46,7 @@ class Expert:
     trigger_prompt: str | None  # the prompt it was trained on (adapter metadata `instance_prompt`)
     photo_dir: str | None = None  # the photos it was trained on, when recorded
     scale: float = 1.0  # the per-expert extra scale s_i
+    class_prompt: str | None = None  # the class prompt of its prior preservation, when recorded
 
     @property
     def name(self) -> str:
@@ -63,7 +64,7 @@ class Expert:
         """What a MoLE file records of this expert (no local paths: only the file's own name)."""
         return {"name": self.name, "source": self.source, "format": self.source_format, "sha256": self.sha256,
                 "family": self.family, "trigger_prompt": self.trigger_prompt, "rank": self.rank,
-                "layers": len(self.layers), "scale": self.scale}
+                "layers": len(self.layers), "scale": self.scale, "class_prompt": self.class_prompt}
 
 
 def resolve_expert_path(path: str | Path) -> Path:
@@ -129,7 +130,8 @@ def read_expert(path: Path, pipe, name: str, scale: float = 1.0) -> Expert:
                         "expert without --train_text_encoder_ti")
     baked = FoldedAdapter(name, path, {key: lora.baked() for key, lora in folded.layers.items()}, folded.info)
     return Expert(baked, _display_name(path), kind, file_sha256(path), folded.info.get("family"),
-                  folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale)
+                  folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale,
+                  folded.info.get("class_prompt"))
 
 
 def check_count(count: int, minimum: int = MIN_EXPERTS) -> None:
@@ -187,12 +189,16 @@ def expert_names(paths: Sequence[str | Path], names: Sequence[str] | None = None
     return unique_names(list(names) if names else [_display_name(resolve_expert_path(p)) for p in paths])
 
 
-def expert_trigger_prompts(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> dict[str, str | None]:
-    """{name: the prompt each expert file records it was trained on (None: not recorded)}, from the files'
-    safetensors headers only: for a command's checks before the model loads. MoLEError for a bad file."""
+def expert_prompts(paths: Sequence[str | Path], names: Sequence[str] | None = None
+                   ) -> dict[str, tuple[str | None, str | None]]:
+    """{name: (the instance prompt, the class prompt) each expert file records (None: not recorded)}, from the
+    files' safetensors headers only: for a command's checks before the model loads. MoLEError for a bad file."""
     with as_mole_error():
-        return {name: trigger_prompt(read_metadata(resolve_expert_path(path)))
-                for name, path in zip(expert_names(paths, names), paths, strict=True)}
+        out = {}
+        for name, path in zip(expert_names(paths, names), paths, strict=True):
+            metadata = read_metadata(resolve_expert_path(path))
+            out[name] = (trigger_prompt(metadata), trigger_prompt(metadata, "class_prompt"))
+        return out
 
 
 def load_experts(pipe, paths: Sequence[str | Path], scales: Sequence[float] | None = None,

@@ -84,7 +84,7 @@ def _experts_from(tensors: dict[str, torch.Tensor], record: dict, path: Path) ->
         folded = FoldedAdapter(str(entry["name"]), path, folded_layers, {"family": entry.get("family")})
         experts.append(Expert(folded, str(entry.get("source", entry["name"])), "mole", str(entry.get("sha256", "")),
                               entry.get("family") or record.get("family"), entry.get("trigger_prompt"), None,
-                              float(entry.get("scale", 1.0))))
+                              float(entry.get("scale", 1.0)), entry.get("class_prompt")))
     return experts
 
 
