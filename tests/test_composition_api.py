@@ -100,3 +100,17 @@ def test_overlapping_boxes_are_allowed_with_the_stated_rule():
     assert torch.allclose(shares[:, 0, 0], torch.tensor([1, 0, 0.25]) / 1.25)
     only_soft = share_weights(torch.from_numpy(soft)[None, None])  # a sum below 1 is kept: the rest is the base
     assert torch.equal(only_soft, torch.from_numpy(soft)[None, None])
+
+
+def test_api_inputs_a_user_gets_wrong_are_named(tiny_sd15_dir, tmp_path):
+    """A bool mask is a mask (it was 'a mask is a 2-D array, got (64, 64)'); no experts and a tuple for a region
+    are one line each (they were a blank expert list and an AttributeError)."""
+    pipe, experts, _ = pipeline_and_experts(tiny_sd15_dir, tmp_path)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:, :32] = True
+    result = compose(pipe, experts, "regional", request(), [Region("dog", mask=mask)])
+    assert result.masks[0]["dog"][:, :32].min() == 1.0 and result.masks[0]["dog"][:, 32:].max() == 0.0
+    with pytest.raises(CompositionError, match="no experts to compose"):
+        compose(pipe, [], "regional", request(), [Region("dog", box=(0, 0, 1, 1))])
+    with pytest.raises(CompositionError, match="regions are Region.* objects, got tuple"):
+        compose(pipe, experts, "regional", request(), [("dog", (0, 0, 1, 1))])

@@ -27,7 +27,8 @@ def test_trigger_words_from_the_training_prompts():
 @pytest.mark.parametrize("triggers, prompt, message", [
     ({"dog": "dog", "style": "zebra"}, PROMPT, "the prompt does not contain 'style''s trigger word 'zebra'"),
     ({"cow": "dog"}, PROMPT, "a trigger word for expert 'cow', which is not there"),
-    (None, PROMPT, "the prompt contains no trigger word of expert 'dog' (trained on 'a photo of sks dog')"),
+    # both tiny experts record "a photo of sks dog": no word of it tells them apart
+    (None, PROMPT, "every word of expert 'dog''s training prompt ('a photo of sks dog') is another expert's too"),
 ])
 def test_bad_trigger_words_are_one_line_before_the_model(setup, triggers, prompt, message):
     _, experts, _ = setup
@@ -76,3 +77,10 @@ def test_auto_masks_are_disjoint_and_the_second_pass_is_regional_with_them(setup
     regions = [Region(name, mask=mask) for name, mask in masks.items()]
     again = compose(pipe, experts, "regional", req, regions)
     assert np.array_equal(pixels(again.images), pixels(result.images))
+
+
+def test_experts_whose_words_are_all_shared_are_told_apart_by_trigger():
+    """Two experts trained on one prompt: the message said the prompt had no trigger word, though it had."""
+    with pytest.raises(CompositionError, match="every word of expert 'a'.s training prompt .* is another expert's "
+                       "too, so none tells them apart; give --trigger a=WORD"):
+        auto_triggers({"a": "a photo of sks star", "b": "a photo of sks star"}, "a photo of sks star")

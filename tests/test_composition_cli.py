@@ -40,6 +40,23 @@ def test_regional_writes_images_masks_and_the_layout_in_the_png_text(tiny_sd15_d
     assert dog[:, :32].min() == 1 and dog[:, 32:].max() == 0 and np.array_equal(style, mask / 255)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "mole", "--region", "dog=0,0,0.5,1"], "method 'mole' takes no regions"),
+    (["--method", "mole", "--blend", "latent"], "--blend is for --method regional"),
+    (["--every", "3"], "--every is for --method switch; this run has --method mole (the default here)"),
+])
+def test_a_mole_file_with_options_mole_does_not_take_is_refused(tiny_sd15_dir, experts, tmp_path, capsys, extra,
+                                                                 message):
+    """With --mole and method mole the command went straight to MoLE's generation: regions, --blend and the other
+    methods' flags were dropped without a word and a plain MoLE image was written."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([*_common(tiny_sd15_dir, out), "--mole", str(tmp_path / "no-such-mole"), *extra])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_dir, experts, tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
@@ -52,6 +69,10 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
                  "--trigger", "dog=dog", "--trigger", "style=cat", "--auto_steps", "1"]) == 0
     written = sorted(p.name for p in (tmp_path / "b").rglob("*.png"))
     assert len(written) == 3 and sum("-mask-" in n for n in written) == 2, capsys.readouterr().err
+    # regions with a MoLE file and no --method ask for a layout: regional (it was mole, the regions dropped)
+    assert main([*_common(tiny_sd15_dir, tmp_path / "c"), "--mole", str(path), "--region", "dog=0,0,0.5,1"]) == 0
+    written = sorted(p.name for p in (tmp_path / "c").rglob("*.png"))
+    assert written == ["00000-0-regional-mask-dog.png", "00000-0-regional-mask-style.png", "00000-0-regional.png"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -67,13 +88,21 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
      "--mask is for --method mole; with --method regional leave the expert out of --experts instead"),
     (["--method", "switch", "--heatmap"], "--heatmap draws learned gates (--method mole); --method switch has none"),
     (["--method", "regional", "--region_prompt", "dog=a dog"], "give a box or a mask (exactly one)"),
-    (["--method", "sum", "--blend", "latent"], "method 'sum' takes no option blend"),
+    (["--method", "sum", "--blend", "latent"], "--blend is for --method regional and --region / --region_mask; this "
+     "run has --method sum"),
+    (["--blend", "latent"], "--blend is for --method regional and --region / --region_mask; this run has --method "
+     "nla (the default here)"),  # it blamed a method the user never chose: "method 'nla' takes no option blend"
+    (["--method", "regional", "--region", "dog=0,0,1,1", "--trigger", "dog=sks"],
+     "--trigger is for --method auto; this run has --method regional"),  # it said "takes no option triggers"
+    (["--method", "auto", "--trigger", "dog=sks", "--trigger", "dog=dog"], "--trigger given twice for one expert"),
+    (["--method", "regional", "--region_mask", "dog=wide.png"], "the mask is 96x64, but this command draws square"),
     # the experts' training prompts are read from their files' headers: this was only found after loading
-    (["--method", "auto", "--prompt", "a photo of a horse"], "the prompt contains no trigger word of expert 'dog' "
-     "(trained on 'a photo of sks dog')"),
+    # (both tiny experts record "a photo of sks dog": no word tells them apart, whatever the prompt)
+    (["--method", "auto", "--prompt", "a photo of a horse"], "every word of expert 'dog''s training prompt ('a photo "
+     "of sks dog') is another expert's too"),
 ])
 def test_bad_layouts_fail_before_the_model_loads(experts, tmp_path, capsys, extra, message):
-    _bad_layout(experts, tmp_path, capsys, extra, message, with_size=True)
+    _bad_layout(experts, tmp_path, capsys, extra, message, with_size="wide.png" not in " ".join(extra))
 
 
 def test_a_mask_that_cannot_be_the_image_size_is_named_without_size(experts, tmp_path, capsys):
@@ -86,11 +115,12 @@ def test_a_mask_that_cannot_be_the_image_size_is_named_without_size(experts, tmp
 def _bad_layout(experts, tmp_path, capsys, extra, message, with_size):
     Image.new("L", (32, 32)).save(tmp_path / "small.png")
     Image.new("L", (40, 40)).save(tmp_path / "small40.png")
+    Image.new("L", (96, 64)).save(tmp_path / "wide.png")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "colour.png")
     (tmp_path / "notes.png").write_text("not a picture")
     extra = [e.replace("small.png", str(tmp_path / "small.png")).replace("colour.png", str(tmp_path / "colour.png"))
              .replace("notes.png", str(tmp_path / "notes.png")).replace("small40.png", str(tmp_path / "small40.png"))
-             for e in extra]
+             .replace("wide.png", str(tmp_path / "wide.png")) for e in extra]
     out = tmp_path / "out"
     common = _common(tmp_path / "no-model-here", out)
     if not with_size:

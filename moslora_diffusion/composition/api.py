@@ -112,10 +112,13 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
 
     regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
     "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
-    ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto).
+    ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto),
+    `blend` (regional: "attention", the default, or "latent": latent_blend.py).
     Raises CompositionError / GenerationError (one line) before the pipeline is touched. The pipeline keeps the
     request's scheduler; otherwise it computes exactly what it did before (no weight changed, no hook left).
     """
+    if not experts:
+        raise CompositionError("no experts to compose: give at least one (mole.load_experts(pipe, paths, minimum=1))")
     check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
                  gates is not None)
     if method == "auto":

@@ -79,6 +79,10 @@ def auto_triggers(trigger_prompts: Mapping[str, str | None], prompt: str,
             if not text:
                 raise CompositionError(f"automatic regions: expert {name!r} records no training prompt to take its "
                                        f"trigger word from; give --trigger {name}=WORD (a word of the prompt)")
+            if not words and derived[name] and all(w in shared for w in derived[name]):
+                raise CompositionError(f"automatic regions: every word of expert {name!r}'s training prompt "
+                                       f"({text!r}) is another expert's too, so none tells them apart; give "
+                                       f"--trigger {name}=WORD")
             if not words:
                 raise CompositionError(f"automatic regions: the prompt contains no trigger word of expert {name!r} "
                                        f"(trained on {text!r}); put its trigger word in the prompt or give "

@@ -34,7 +34,7 @@ from ..generation.text_to_image import (
 from ..mole import cli as mole_cli
 from ..mole.experts import MoLEError, check_scale, expert_prompts
 from ..mole.file import read_mole
-from .api import BLENDS, GATED_METHODS, METHODS, check_layout
+from .api import BLENDS, GATED_METHODS, METHODS, OPTIONS, check_layout
 from .regions import CompositionError, Region
 from .report import read_mask_picture, save_mask_pictures
 
@@ -52,7 +52,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser = mole_cli.generate_parser(mole_required=False)
     parser.description = "Generate with several experts composed in one image (--method; default mole)."
     parser.add_argument("--method", choices=METHODS, default=None, help="how the experts are composed (default: "
-                        "mole with --mole, else regional when regions are given, else nla)")
+                        "regional when regions are given, else mole with --mole, else nla)")
     parser.add_argument("--experts", nargs="+", default=[], metavar="LORA", help="expert LoRA files or training "
                         "folders (ours, diffusers, kohya), instead of a MoLE file's experts")
     parser.add_argument("--region", action="append", type=_pair("x0,y0,x1,y1", "star=0,0,0.5,1"), default=[],
@@ -106,9 +106,33 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _method(args: argparse.Namespace, regions: list[Region]) -> str:
+    """--method, else regional when regions are given (with --mole too: they ask for a layout), else mole with
+    --mole, else nla."""
     if args.method:
         return args.method
-    return "mole" if args.mole else "regional" if regions else "nla"
+    return "regional" if regions else "mole" if args.mole else "nla"
+
+
+# compose()'s option -> the flag that gives it (messages name flags, not keyword arguments)
+OPTION_FLAGS = {"blend": "--blend", "every": "--every", "triggers": "--trigger", "auto_steps": "--auto_steps",
+                "threshold": "--threshold"}
+
+
+def _check_option_flags(args: argparse.Namespace, method: str, options: dict) -> None:
+    """A flag of another method's, named with the method it belongs to (before compose()'s own check)."""
+    owners = {option: owner for owner, names in OPTIONS.items() for option in names}
+    for option in options:
+        owner = owners.get(option)
+        if owner is not None and option not in OPTIONS.get(method, ()):
+            chosen = f"--method {method}" + ("" if args.method else " (the default here)")
+            extra = " and --region / --region_mask" if owner == "regional" else ""
+            raise CompositionError(f"{OPTION_FLAGS[option]} is for --method {owner}{extra}; this run has {chosen}")
+
+
+def _check_repeats(args: argparse.Namespace) -> None:
+    names = [n for n, _ in args.trigger]
+    if len(set(names)) != len(names):
+        raise CompositionError("--trigger given twice for one expert; give one per expert")
 
 
 def _experts_before_loading(args: argparse.Namespace):
@@ -132,7 +156,10 @@ def _image_size(args: argparse.Namespace, regions: list[Region]) -> int | None:
     region = masks[0]
     height, width = region.mask.shape[:2] if getattr(region.mask, "ndim", 0) == 2 else (0, 0)
     side = REQUEST_RANGES["width"]
-    if height != width or width % 8 or not side.lower <= width <= side.upper:
+    if height != width:
+        raise CompositionError(f"--region_mask {region.expert}: the mask is {width}x{height}, but this command draws "
+                               "square images (--size is one number): give a square mask")
+    if width % 8 or not side.lower <= width <= side.upper:
         raise CompositionError(f"--region_mask {region.expert}: the mask is {width}x{height}; without --size the "
                                f"image takes the mask's size, which must be square with sides a multiple of 8 "
                                f"from {side.lower:g} to {side.upper:g}: give --size, or a mask of such a size")
@@ -155,6 +182,7 @@ def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: di
 def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
     """Every flag that can be checked before the model loads; returns compose()'s options."""
     options = _options(args)
+    _check_option_flags(args, method, options)
     if args.mask:  # masking an expert renormalises learned gates; other methods simply take fewer --experts
         raise CompositionError(f"--mask is for --method mole; with --method {method} leave the expert out of "
                                "--experts instead")
@@ -206,7 +234,11 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
     regions = regions_from(args)
     method = _method(args, regions)
+    _check_repeats(args)
     if method == "mole" and args.mole and not args.experts:
+        options = _options(args)
+        _check_option_flags(args, method, options)
+        check_layout(method, [], regions, None, options, has_gates=True)  # regions on mole: one line
         return mole_cli.run_generate(args)  # MoLE's learned gates: the command as it always was
     names, prompts, stored = _experts_before_loading(args)
     size = _image_size(args, regions)
@@ -259,6 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     def body(args_list: list[str]) -> None:
         args = parser.parse_args(args_list)
         written = run_generate(args)
-        print(f"wrote {len(written)} files under {args.out}")
+        print(f"wrote {len(written)} file{'s' if len(written) != 1 else ''} under {args.out}")
 
     return run_command(body, argv[1:])

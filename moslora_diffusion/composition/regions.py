@@ -57,6 +57,8 @@ def _check_box(region: Region) -> None:
 
 def _check_mask(region: Region, size: tuple[int, int] | None) -> None:
     mask = region.mask
+    if isinstance(mask, np.ndarray) and mask.dtype == bool:
+        mask = mask.astype(np.float32)  # True = the region
     if not isinstance(mask, np.ndarray) or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.number):
         shape = getattr(mask, "shape", type(mask).__name__)
         raise CompositionError(f"region of {region.expert!r}: a mask is a 2-D (height, width) array, got {shape}")
@@ -73,6 +75,9 @@ def check_regions(regions: Sequence[Region], experts: Sequence[str], size: tuple
     the image's (width, height) `size` with values in [0, 1], and no empty prompt. CompositionError otherwise."""
     seen = set()
     for region in regions:
+        if not isinstance(region, Region):
+            raise CompositionError(f"regions are Region(expert, box=... or mask=..., prompt=...) objects, got "
+                                   f"{type(region).__name__}")
         if region.expert not in experts:
             raise CompositionError(f"a region for expert {region.expert!r}, which is not there; the experts are "
                                    f"{', '.join(experts)}")
@@ -92,7 +97,7 @@ def check_regions(regions: Sequence[Region], experts: Sequence[str], size: tuple
 def region_mask(region: Region, width: int, height: int) -> np.ndarray:
     """(height, width) float32 in [0, 1]: the box rasterised (pixel centres inside it are 1) or the mask."""
     if region.mask is not None:
-        return region.mask.astype(np.float32)
+        return np.asarray(region.mask).astype(np.float32)
     x0, y0, x1, y1 = region.box
     xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
     inside_x = (xs >= x0) & (xs < x1) | ((x1 == 1) & (xs >= x0))

@@ -82,8 +82,11 @@ def trigger_prompt(metadata: dict[str, str], key: str = "instance_prompt") -> st
     "class_prompt": the class prompt of its prior preservation, when recorded."""
     for field in ("moslora", "moslora_export"):
         try:
-            prompt = json.loads(metadata.get(field, "{}")).get(key)
-        except (json.JSONDecodeError, AttributeError):
+            record = json.loads(metadata.get(field, "{}"))
+            adapters = record.get("adapters") or []
+            # an export of one adapter records its prompts per adapter; a merge of several has no one prompt
+            prompt = record.get(key) or (adapters[0].get(key) if len(adapters) == 1 else None)
+        except (json.JSONDecodeError, AttributeError, TypeError):
             prompt = None
         if prompt:
             return str(prompt)

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args_list: list[str]) -> None:
         args = parser.parse_args(args_list)
         result = run_generate(args) if command == "generate" else run_export(args)
-        print(f"wrote {len(result)} files under {args.out}" if command == "generate" else f"wrote {result}")
+        print(f"wrote {len(result)} file{'s' if len(result) != 1 else ''} under {args.out}" if command == "generate"
+              else f"wrote {result}")
 
     return run_command(body, rest)

@@ -25,7 +25,7 @@ from ..models.families import detect_family
 from ..moslora.folded import FoldedAdapter, FoldedLoRA, LayerKey, validate_folded
 from ..moslora.inject import AdapterError
 from ..moslora.pipeline import model_components
-from ..training.run_folder.outputs import read_record
+from ..training.run_folder.outputs import KOHYA_FILE, read_record
 
 MIN_EXPERTS, MAX_EXPERTS = 2, 8
 
@@ -92,9 +92,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The files a training run writes into its folder: each is named after the folder (the run), not its own stem.
+TRAINING_OUTPUT_FILES = (ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE)
+
+
 def _display_name(path: Path) -> str:
-    """A training folder's adapter is named after the folder, any other file after its stem."""
-    return path.parent.name if path.name in (ADAPTER_FILE_NAME, DIFFUSERS_WEIGHT_NAME) else path.stem
+    """A training folder's adapter (any of its exports) is named after the folder, any other file after its
+    stem."""
+    return path.parent.name if path.name in TRAINING_OUTPUT_FILES else path.stem
 
 
 def photo_dir(path: Path, info: dict) -> str | None:
