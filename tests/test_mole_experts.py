@@ -175,3 +175,18 @@ def test_attach_refuses_a_second_mole_moslora_adapters_and_fused_projections(tin
     fused.fuse_qkv_projections()  # to_q / to_k / to_v would never run: their experts would silently vanish
     with pytest.raises(MoLEError, match="unfuse_qkv_projections"):
         attach_mole(fused, experts)
+
+
+def test_the_prompts_an_export_of_one_adapter_records_are_read():
+    """`python -m moslora_diffusion.export` records each adapter's prompts under `adapters`: auto said such a LoRA
+    records no training prompt. A merge of two adapters has no one prompt."""
+    import json
+
+    from moslora_diffusion.formats.lora_files import trigger_prompt
+
+    one = {"moslora_export": json.dumps({"adapters": [{"name": "star", "instance_prompt": "a photo of sks star",
+                                                       "class_prompt": "a photo of a star"}]})}
+    assert trigger_prompt(one) == "a photo of sks star"
+    assert trigger_prompt(one, "class_prompt") == "a photo of a star"
+    two = {"moslora_export": json.dumps({"adapters": [{"instance_prompt": "a"}, {"instance_prompt": "b"}]})}
+    assert trigger_prompt(two) is None and trigger_prompt({"moslora_export": "not json"}) is None
