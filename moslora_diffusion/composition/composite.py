@@ -28,9 +28,14 @@ from ..mole.experts import Expert
 from .one_at_a_time import generate_one_at_a_time
 
 
-def _sample(output) -> torch.Tensor:
+def unet_sample(output) -> torch.Tensor:
     """The UNet's prediction, whether it returned a tuple (return_dict=False) or a UNet2DConditionOutput."""
     return output[0] if isinstance(output, tuple) else output.sample
+
+
+def with_sample(output, sample: torch.Tensor):
+    """`output` (as the UNet returned it) holding `sample` instead."""
+    return (sample,) if isinstance(output, tuple) else type(output)(sample=sample)
 
 
 def mean_forward(router, original, args, kwargs):
@@ -38,10 +43,10 @@ def mean_forward(router, original, args, kwargs):
     total = output = None
     for index in range(router.count):
         output = router.unet(original, index, args, kwargs)
-        sample = _sample(output).float()
+        sample = unet_sample(output).float()
         total = sample if total is None else total + sample
-    mean = (total / router.count).to(_sample(output).dtype)
-    return (mean,) if isinstance(output, tuple) else type(output)(sample=mean)
+    mean = (total / router.count).to(unet_sample(output).dtype)
+    return with_sample(output, mean)
 
 
 def generate_composite(pipe, experts: Sequence[Expert], request: GenerationRequest) -> list[Image.Image]:

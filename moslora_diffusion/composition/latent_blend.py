@@ -26,15 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from .composite import unet_sample, with_sample
 from .router import SpatialRouter
-
-
-def _sample(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output.sample
-
-
-def _wrap(output, sample: torch.Tensor):
-    return (sample,) if isinstance(output, tuple) else type(output)(sample=sample)
 
 
 def frame_offsets(shares: torch.Tensor) -> list[tuple[int, int]]:
@@ -57,9 +50,8 @@ def latent_blend_forward(router: SpatialRouter, original: Callable) -> Callable:
     """A stand-in for the UNet's forward: one forward per branch (the base only where the regions leave room),
     predictions blended by the router's shares at the latent's size. Needs the router's contexts set."""
     def forward(sample, *args, **kwargs):
-        shares = router._shares_at(sample.shape[0], *sample.shape[-2:])  # (B, N, h, w)
+        shares = router.shares_at(sample.shape[0], *sample.shape[-2:])  # (B, N, h, w)
         rest = (1.0 - shares.sum(dim=1, keepdim=True)).clamp_min(0.0)  # the base model's share
-
         offsets = frame_offsets(shares)
 
         def branch(index: int):
@@ -73,7 +65,7 @@ def latent_blend_forward(router: SpatialRouter, original: Callable) -> Callable:
                 if (dy, dx) == (0, 0):
                     return original(sample, *args, **call)
                 output = original(torch.roll(sample, (-dy, -dx), dims=(-2, -1)), *args, **call)
-                return _wrap(output, torch.roll(_sample(output), (dy, dx), dims=(-2, -1)))
+                return with_sample(output, torch.roll(unet_sample(output), (dy, dx), dims=(-2, -1)))
             finally:
                 router.branch, router.whole_branch = None, False
 
@@ -83,9 +75,9 @@ def latent_blend_forward(router: SpatialRouter, original: Callable) -> Callable:
             if not bool((weight > 0).any()):
                 continue  # no position of this branch: its forward is skipped
             output = branch(index)
-            term = weight * _sample(output).float()
+            term = weight * unet_sample(output).float()
             total = term if total is None else total + term
         if output is None:  # no share anywhere: the base model
             return branch(0)
-        return _wrap(output, total.to(_sample(output).dtype))
+        return with_sample(output, total.to(unet_sample(output).dtype))
     return forward

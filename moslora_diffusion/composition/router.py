@@ -67,7 +67,7 @@ class SpatialRouter:
         """The encoder hidden states of each branch (None: the one the UNet gets), batch as the UNet's."""
         self.contexts = list(contexts)
 
-    def _shares_at(self, batch: int, height: int, width: int) -> torch.Tensor:
+    def shares_at(self, batch: int, height: int, width: int) -> torch.Tensor:
         """(batch, N, height, width): the shares resized, repeated over the guidance halves of the batch."""
         key = (batch, height, width)
         if key not in self._resized:
@@ -90,11 +90,11 @@ class SpatialRouter:
         """Per-position shares for a layer input: (B, L, N) for (B, L, C), (B, h, w, N) for a conv's (B, C, h, w),
         (B, N) (the image average) for an input without positions."""
         if is_conv:
-            return self._shares_at(x.shape[0], *x.shape[-2:]).permute(0, 2, 3, 1)
+            return self.shares_at(x.shape[0], *x.shape[-2:]).permute(0, 2, 3, 1)
         if x.dim() == 3:
             h, w = self.grid(x.shape[1])
-            return self._shares_at(x.shape[0], h, w).flatten(2).transpose(1, 2)
-        return self._shares_at(x.shape[0], *self.shares.shape[-2:]).mean(dim=(2, 3))
+            return self.shares_at(x.shape[0], h, w).flatten(2).transpose(1, 2)
+        return self.shares_at(x.shape[0], *self.shares.shape[-2:]).mean(dim=(2, 3))
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _weights(self, component: str, x: torch.Tensor, is_conv: bool) -> torch.Tensor:
