@@ -6,14 +6,12 @@
 # (adapter, LoRA exports, model card, samples, samples/subject_check.json).
 #
 # With the toy base model the settings are the preset toy-subject (moslora_diffusion/training/settings/presets/
-# toy-subject.toml), the recipe the quality benchmark's validation split chose
-# (benchmarks/quality.py, recipe bp_ti; results in benchmarks/results/quality.md): rank 16 on every UNet
-# projection (--target_modules all), learning rate 3e-3, batch 4, 600 steps (about 2-3 minutes on one CPU
-# thread), prior preservation against the base model's own prediction for "a photo of a star" (no class images:
-# the default --prior_source auto without --class_data_dir), and pivotal tuning of the trigger word "sks"
-# (--train_text_encoder_ti) instead of LoRA on the text encoder: the class prompt's features stay the base
-# model's, and the subject showed in new scenes more often than with the earlier recipe (class images and a
-# LoRA-trained text encoder).
+# toy-subject.toml): the quality benchmark's recipe bp_ti with a prior loss weight of 10, chosen on the benchmark's
+# validation split so that the class prompt keeps drawing a star (benchmarks/results/quality_demo_recipe*.md):
+# rank 16 on every UNet projection (--target_modules all), learning rate 3e-3, batch 4, 600 steps (about 3 minutes
+# on one CPU thread), prior preservation against the base model's own prediction for "a photo of a star" (no class
+# images: the default --prior_source auto without --class_data_dir), and pivotal tuning of the trigger word "sks"
+# (--train_text_encoder_ti) instead of LoRA on the text encoder: the class prompt's features stay the base model's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
