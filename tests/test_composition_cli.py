@@ -96,6 +96,7 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
      "--trigger is for --method auto; this run has --method regional"),  # it said "takes no option triggers"
     (["--method", "auto", "--trigger", "dog=sks", "--trigger", "dog=dog"], "--trigger given twice for one expert"),
     (["--method", "regional", "--region_mask", "dog=wide.png"], "the mask is 96x64, but this command draws square"),
+    (["--method", "sum", "--size", "0"], "0 px: give the image's side in pixels"),  # 0 drew at the model's size
     # the experts' training prompts are read from their files' headers: this was only found after loading
     # (both tiny experts record "a photo of sks dog": no word tells them apart, whatever the prompt)
     (["--method", "auto", "--prompt", "a photo of a horse"], "every word of expert 'dog''s training prompt ('a photo "
