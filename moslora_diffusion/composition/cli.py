@@ -50,7 +50,8 @@ def _pair(kind: str, example: str):
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = mole_cli.generate_parser(mole_required=False)
-    parser.description = "Generate with several experts composed in one image (--method; default mole)."
+    parser.description = ("Generate with several experts composed in one image (--method; default: regional with "
+                          "regions, else mole with --mole, else nla).")
     parser.add_argument("--method", choices=METHODS, default=None, help="how the experts are composed (default: "
                         "regional when regions are given, else mole with --mole, else nla)")
     parser.add_argument("--experts", nargs="+", default=[], metavar="LORA", help="expert LoRA files or training "
