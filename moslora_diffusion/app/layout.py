@@ -169,10 +169,9 @@ class LayoutRunner:
         options = layout_options(layout)
         check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height), options)
         if layout.method == "auto":
-            from ..composition.auto import auto_triggers
+            from ..composition.auto import expert_triggers
 
-            auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, options.get("triggers"),
-                          {e.name: e.class_prompt for e in experts})
+            expert_triggers(experts, req.prompt, options.get("triggers"))
         return experts, regions, options
 
     def run(self, layout: Layout, req: GenerationRequest):

@@ -122,11 +122,10 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
     check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
                  gates is not None)
     if method == "auto":
-        from .auto import auto_triggers, check_auto_options
+        from .auto import check_auto_options, expert_triggers
 
         check_auto_options(request.steps, **options)
-        auto_triggers({e.name: e.trigger_prompt for e in experts}, request.prompt, options.get("triggers"),
-                      {e.name: e.class_prompt for e in experts})
+        expert_triggers(experts, request.prompt, options.get("triggers"))
     req = validate_request(request, [])
     pipe.scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
     return _dispatch(pipe, experts, method, req, regions, gates, dict(options))

@@ -91,6 +91,13 @@ def auto_triggers(trigger_prompts: Mapping[str, str | None], prompt: str,
     return out
 
 
+def expert_triggers(experts: Sequence[Expert], prompt: str,
+                    given: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """auto_triggers for loaded experts: their recorded training and class prompts."""
+    return auto_triggers({e.name: e.trigger_prompt for e in experts}, prompt, given,
+                         {e.name: e.class_prompt for e in experts})
+
+
 def check_auto_options(steps: int, auto_steps=None, threshold=DEFAULT_THRESHOLD, **_) -> None:
     """auto_steps: 1..steps (None: steps // 5, at least 1); threshold in (0, 1]. CompositionError."""
     if auto_steps is not None and (not isinstance(auto_steps, int) or not 1 <= auto_steps <= steps):
@@ -152,8 +159,7 @@ def auto_shares(pipe, router: SpatialRouter, experts: Sequence[Expert], req: Gen
                 triggers: Mapping[str, str | Sequence[str]] | None = None, auto_steps: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """(B, N, h, w) masks found by the probe (see the module docstring)."""
-    words = auto_triggers({e.name: e.trigger_prompt for e in experts}, req.prompt, triggers,
-                          {e.name: e.class_prompt for e in experts})
+    words = expert_triggers(experts, req.prompt, triggers)
     tokens = [token_positions(pipe.tokenizer, req.prompt, words[e.name]) for e in experts]
     steps = auto_steps or max(1, req.steps // 5)
     factor = int(pipe.vae_scale_factor)

@@ -49,10 +49,15 @@ def frame_offsets(shares: torch.Tensor) -> list[tuple[int, int]]:
 def latent_blend_forward(router: SpatialRouter, original: Callable) -> Callable:
     """A stand-in for the UNet's forward: one forward per branch (the base only where the regions leave room),
     predictions blended by the router's shares at the latent's size. Needs the router's contexts set."""
+    offsets_at: dict[tuple, list[tuple[int, int]]] = {}  # the regions do not move between steps
+
     def forward(sample, *args, **kwargs):
         shares = router.shares_at(sample.shape[0], *sample.shape[-2:])  # (B, N, h, w)
         rest = (1.0 - shares.sum(dim=1, keepdim=True)).clamp_min(0.0)  # the base model's share
-        offsets = frame_offsets(shares)
+        key = tuple(shares.shape)
+        if key not in offsets_at:
+            offsets_at[key] = frame_offsets(shares)
+        offsets = offsets_at[key]
 
         def branch(index: int):
             router.branch, router.whole_branch = index, True
