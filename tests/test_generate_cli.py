@@ -31,3 +31,21 @@ def test_adapter_of_another_family_is_a_clear_error(tiny_sd15_dir, tiny_sdxl_dir
     assert exit_info.value.code == 2
     assert "trained for sd1, but the model is sdxl" in capsys.readouterr().err
     assert not list((tmp_path / "o").rglob("*.png"))
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ("text.safetensors", "is not a valid safetensors file (damaged or truncated?)"),
+    ("photos", "no adapter file there (expected moslora.safetensors or a .safetensors)"),
+])
+def test_a_bad_adapter_is_named_before_the_model_loads_and_nothing_is_made(tmp_path, capsys, adapter, message):
+    """A damaged adapter or a folder without one was found only after the model loaded, and --out was left
+    behind, empty. The base model here does not exist: the adapter's error must come first."""
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    (tmp_path / "photos").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["--base", str(tmp_path / "no-model"), "--adapter", str(tmp_path / adapter), "--prompt", "p",
+              "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..files.atomic import check_output_folder
+from ..files.safetensors_io import read_keys
 from ..generation.fusion import FusedAdapters
 from ..generation.text_to_image import (
     GeneratedImage,
@@ -261,6 +262,8 @@ def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), confi
     for folder in photo_dirs:
         photos.add(folder)
     check_output_folder(outputs_dir, "--output_dir")
+    for path in adapters:  # a folder without an adapter, or a damaged file, named before the model loads
+        read_keys(adapter_file(path, roots))
     pipe = load_base_pipeline(base, config, device)
     state = AppState(pipe, base, outputs_dir, roots, config, photos, mole_roots)
     for path in adapters:
