@@ -180,3 +180,26 @@ def test_exporting_experts_without_gates_names_the_commands_that_can(experts, tm
     assert stop.value.code == 2 and "\n" not in err and not out.exists(), err
     assert "python -m moslora_diffusion.export --adapter A:1 --adapter B:1 --to lora-kohya" in err
     assert "--to comfyui-workflow" in err
+
+
+def test_a_pivotal_tuning_expert_is_refused_before_the_model_loads(experts, tmp_path, capsys):
+    """The preset toy-subject turns pivotal tuning on; such an expert was refused only after the model loaded,
+    with advice naming neither the preset nor the flag."""
+    import json
+    import shutil
+
+    from moslora_diffusion.files.safetensors_io import load_tensors, save_tensors
+
+    pivotal = tmp_path / "star"
+    shutil.copytree(experts[0], pivotal)
+    tensors, metadata = load_tensors(pivotal / "moslora.safetensors")
+    record = json.loads(metadata["moslora"]) | {"token_abstraction": "sks"}
+    save_tensors(tensors, pivotal / "moslora.safetensors", metadata | {"moslora": json.dumps(record)})
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([*_common(tmp_path / "no-model-here", out), "--experts", str(pivotal), experts[1],
+              "--region", "star=0,0,0.5,1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "trained with pivotal tuning (learned vectors for 'sks'; the preset toy-subject turns it on)" in err
+    assert "--no-train_text_encoder_ti" in err and not out.exists()

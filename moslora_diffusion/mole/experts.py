@@ -19,7 +19,7 @@ from pathlib import Path
 from ..checks import SCALE, check_number
 from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_metadata
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME
-from ..formats.lora_files import read_lora_file, trigger_prompt
+from ..formats.lora_files import read_lora_file, trigger_prompt, trigger_word
 from ..formats.merge import ADAPTER_FILE_NAME
 from ..models.families import detect_family
 from ..moslora.folded import FoldedAdapter, FoldedLoRA, LayerKey, validate_folded
@@ -130,9 +130,7 @@ def read_expert(path: Path, pipe, name: str, scale: float = 1.0) -> Expert:
     with as_mole_error():
         folded, kind = read_lora_file(path, pipe, name)
     if folded.info.get("token_abstraction"):  # its LoRA alone would give a subject without its trigger word
-        raise MoLEError(f"{path} was trained with pivotal tuning (learned vectors for "
-                        f"{folded.info['token_abstraction']!r}), which MoLE experts do not support: train that "
-                        "expert without --train_text_encoder_ti")
+        raise pivotal_expert_error(path, folded.info["token_abstraction"])
     baked = FoldedAdapter(name, path, {key: lora.baked() for key, lora in folded.layers.items()}, folded.info)
     return Expert(baked, _display_name(path), kind, file_sha256(path), folded.info.get("family"),
                   folded.info.get("instance_prompt"), photo_dir(path, folded.info), scale,
@@ -194,6 +192,13 @@ def expert_names(paths: Sequence[str | Path], names: Sequence[str] | None = None
     return unique_names(list(names) if names else [_display_name(resolve_expert_path(p)) for p in paths])
 
 
+def pivotal_expert_error(path: Path, word: str) -> MoLEError:
+    """An expert trained with pivotal tuning: its subject needs the word's learned vectors, which no expert carries."""
+    return MoLEError(f"{path} was trained with pivotal tuning (learned vectors for {word!r}; the preset toy-subject "
+                     "turns it on), which neither MoLE nor any composition method can apply: train that expert again "
+                     "with --no-train_text_encoder_ti")
+
+
 def expert_prompts(paths: Sequence[str | Path], names: Sequence[str] | None = None
                    ) -> dict[str, tuple[str | None, str | None]]:
     """{name: (the instance prompt, the class prompt) each expert file records (None: not recorded)}, from the
@@ -201,7 +206,11 @@ def expert_prompts(paths: Sequence[str | Path], names: Sequence[str] | None = No
     with as_mole_error():
         out = {}
         for name, path in zip(expert_names(paths, names), paths, strict=True):
-            metadata = read_metadata(resolve_expert_path(path))
+            resolved = resolve_expert_path(path)
+            metadata = read_metadata(resolved)
+            word = trigger_prompt(metadata, "token_abstraction") or trigger_word(metadata)
+            if word:  # refused here, before the model loads, as read_expert would after
+                raise pivotal_expert_error(resolved, word)
             out[name] = (trigger_prompt(metadata), trigger_prompt(metadata, "class_prompt"))
         return out
 
