@@ -99,6 +99,7 @@ def test_regional_prompter_text_for_halves_and_quarters():
     (["--region", "dog=0,0,0.5,1", "--seeds", "1", "2"], "one --prompt and one --seeds value"),
     (["--region", "cat=0,0,0.5,1"], "a region for expert 'cat', which is not there"),
     (["--region", "dog=0,0,1.5,1"], "must satisfy 0 <= x0 < x1 <= 1"),
+    (["--region", "dog=0,0,0.5,1", "--blend", "latent"], "--blend latent has no ComfyUI workflow"),  # was dropped
 ])
 def test_what_a_workflow_cannot_express_is_one_line_before_the_model(tmp_path, experts, extra, words, capsys):
     out = tmp_path / "out"

@@ -57,6 +57,9 @@ def run_export(args: argparse.Namespace) -> Path:
     names, prompts, stored = _experts_before_loading(args)
     given_size = _image_size(args, regions)
     _check(args, method, regions, names, prompts, given_size)
+    if args.blend == "latent":  # it was dropped without a word
+        raise CompositionError("--blend latent has no ComfyUI workflow: the workflow applies each LoRA through its "
+                               "masked conditioning, as --blend attention does; leave --blend out to export")
     size = given_size or 512
     request = validate_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0], args.steps,
                                                  args.guidance, size, size, scheduler=args.sampler))
