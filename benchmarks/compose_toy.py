@@ -46,7 +46,9 @@ from benchmarks.quality_report import save_grid
 REPO = Path(__file__).resolve().parents[1]
 TRIGGERS = ("sks", "v", BACKGROUND)  # mole_toy.concepts() order: subject, subject2, background
 SETTINGS = {"regional": [{"region_prompts": False}, {"region_prompts": True},
-                         {"region_prompts": False, "blend": "latent"}, {"region_prompts": True, "blend": "latent"}],
+                         {"region_prompts": True, "blend": "latent"},
+                         {"region_prompts": True, "blend": "latent", "fit_steps": 3},
+                         {"region_prompts": True, "blend": "latent", "fit_steps": 6}],
             "switch": [{"every": 2}, {"every": 5}]}
 GEN_SEEDS = {"validation": 2000, "test": 3000}
 
@@ -78,16 +80,9 @@ def gate_states(args, paths: dict[str, Path], seed: int, tag: str = "") -> dict[
 
 def regions_for(case: Case, setting: dict):
     from moslora_diffusion.composition import Region
-    from moslora_diffusion.toy.composition_check import place_mask
 
-    out = []
-    for spec in case.region_specs(setting.get("region_prompts", False)):
-        if "outside" in spec:
-            mask = (~place_mask(spec["outside"], (64, 64))).astype(np.float32)
-            out.append(Region(spec["expert"], mask=mask, prompt=spec["prompt"]))
-        else:
-            out.append(Region(spec["expert"], box=spec["box"], prompt=spec["prompt"]))
-    return out
+    return [Region(spec["expert"], box=spec["box"], prompt=spec["prompt"])
+            for spec in case.region_specs(setting.get("region_prompts", False))]
 
 
 def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates) -> tuple[list, list | None]:
@@ -96,8 +91,10 @@ def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates
 
     named = {c for c, _ in case.places} | ({BACKGROUND} if case.zigzag else set())
     if method == "regional":
-        result = compose(pipe, experts, method, req, regions=regions_for(case, setting),
-                         **({"blend": setting["blend"]} if "blend" in setting else {}))
+        options = {k: v for k, v in setting.items() if k != "region_prompts"}
+        if case.background:
+            options["background"] = case.background
+        result = compose(pipe, experts, method, req, regions=regions_for(case, setting), **options)
     elif method == "auto":
         result = compose(pipe, experts, method, req, triggers={e.name: e.name for e in experts if e.name in named})
     elif method in ("mole", "spatial_mole"):

@@ -39,17 +39,20 @@ class Case:
     def expected(self) -> Expected:
         return Expected(tuple((SUBJECTS[c][1], place) for c, place in self.places), zigzag=self.zigzag)
 
+    @property
+    def background(self) -> str | None:
+        """The expert that draws the background (compose's `background`), None: the base model."""
+        return BACKGROUND if self.zigzag else None
+
     def region_specs(self, region_prompts: bool) -> list[dict]:
-        """Region(**spec) per named concept: its place's box (and, with `region_prompts`, the subject's own
-        instance prompt: what is in the region, not where, which the box says); the zigzag expert's region is the
-        image outside the subject's box (a mask)."""
+        """Region(**spec) per named subject: its place's box (and, with `region_prompts`, the subject's own
+        instance prompt: what is in the region, not where, which the box says). The zigzag expert takes no region:
+        it is the `background` (compose's option), which draws wherever the subject's region leaves room."""
         specs = []
         for concept, place in self.places:
             noun = f"{concept} {SUBJECTS[concept][0]}"
             specs.append({"expert": concept, "box": PLACES[place],
                           "prompt": f"a photo of {noun}" if region_prompts else None})
-        if self.zigzag:
-            specs.append({"expert": BACKGROUND, "outside": PLACES[self.places[0][1]], "prompt": None})
         return specs
 
 

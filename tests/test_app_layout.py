@@ -90,6 +90,39 @@ def test_the_latent_blend_is_a_method_choice_and_its_text_pasted_back_keeps_it(a
     assert np.array_equal(_pixels(generate_layout(app, req, pasted).saved[0].path), _pixels(saved.path))
 
 
+def test_a_background_expert_and_the_fitted_blend_are_choices_and_their_text_pasted_back_keeps_them(app,
+                                                                                                     monkeypatch):
+    from moslora_diffusion.app.layout import FITTED_LABEL, METHOD_LABELS, layout_for
+
+    # the tiny random model's "subject" stands out everywhere at 0.35: a high threshold makes the region shrink
+    monkeypatch.setattr("moslora_diffusion.composition.latent_blend.DEFAULT_FIT_THRESHOLD", 0.9)
+    assert METHOD_LABELS.index(FITTED_LABEL) == METHOD_LABELS.index("regional (latent blend)") + 1
+    layout = layout_for(FITTED_LABEL, [Slot("dog", "left half", prompt="a photo of sks dog"),
+                                       Slot("cat", "background")])
+    req = GenerationRequest("a photo of sks dog and a cat", "", 6, 4, 5.0, 64, 64, 1, "DDIM")
+    saved = generate_layout(app, req, layout)
+    text = saved.saved[0].infotext
+    assert "Background: cat" in text and "Fit steps: 1" in text and "Blend: latent" in text  # 0.3 x 4 steps
+    req2, _, pasted = paste_layout(app, text)
+    assert pasted.label == FITTED_LABEL and pasted.slots[1].where == "background"
+    again = generate_layout(app, req2, pasted).saved[0]
+    assert np.array_equal(_pixels(again.path), _pixels(saved.saved[0].path))  # bit for bit
+    plain = generate_layout(app, req, layout_for("regional (latent blend)", layout.slots)).saved[0]
+    assert not np.array_equal(_pixels(plain.path), _pixels(saved.saved[0].path))  # fitting changes the image
+
+
+@pytest.mark.parametrize("label, slots, words", [
+    ("regional (latent blend)", [Slot("dog", "left half"), Slot("cat", "right half")], "the latent blend has no "
+     "ComfyUI workflow"),  # it was exported as the attention blend without a word
+    ("regional", [Slot("dog", "left half"), Slot("cat", "background")], "a background is not exported to a workflow"),
+])
+def test_what_a_workflow_cannot_hold_is_refused_at_export(app, label, slots, words):
+    from moslora_diffusion.app.layout import layout_for
+
+    with pytest.raises(CompositionError, match=words):
+        export_layout(app, _request(), layout_for(label, slots))
+
+
 def test_compare_gives_base_sum_mole_and_the_layout_of_one_seed(app):
     layout = Layout("regional", [Slot("dog", "left half"), Slot("cat", "right half")])
     out = generate_layout(app, _request(seed=9), layout, compare=True, mole=MoLESettings("dog+cat"))
@@ -119,6 +152,8 @@ def test_the_export_zip_holds_the_comfyui_folder(app):
     (Layout("regional", [Slot("dog", "mask"), Slot("cat")]), "dog: upload a mask"),
     (Layout("regional", [Slot("dog", "left half"), Slot("bird")]), "no adapter loaded named bird"),
     (Layout("regional", [Slot("dog", "left half"), Slot("dog")]), "an adapter is in two slots"),
+    (Layout("sum", [Slot("dog", "background"), Slot("cat")]), "dog: a background is for method regional"),
+    (Layout("regional", [Slot("dog", "background"), Slot("cat", "background")]), "two backgrounds"),
 ])
 def test_bad_layouts_are_refused_before_any_image(app, layout, words, monkeypatch):
     count = app.generations

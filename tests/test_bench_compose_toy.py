@@ -23,7 +23,8 @@ def test_splits_are_disjoint_and_cover_both_axes_orders_and_places():
         ("sks", (0.0, 0.0, 0.5, 1.0), "a photo of sks star"),  # what is in the region; the box says where
         ("v", (0.5, 0.0, 1.0, 1.0), "a photo of v square")]
     zig = next(c for c in SPLITS["test"] if c.kind == "zigzag")
-    assert zig.region_specs(False)[-1] == {"expert": "z", "outside": (0.5, 0.0, 1.0, 1.0), "prompt": None}
+    assert [s["expert"] for s in zig.region_specs(False)] == ["sks"]  # the zigzag takes no region:
+    assert zig.background == "z" and test_pair.background is None  # it is the background
 
 
 def test_case_metrics_on_rendered_ground_truth():

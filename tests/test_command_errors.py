@@ -86,6 +86,32 @@ def test_every_failure_ends_in_one_line_and_an_exit_status(err, status, line, ca
     assert capsys.readouterr().err == line + "\n"
 
 
+def test_our_warnings_are_one_line_and_others_keep_pythons_format(tmp_path, capsys):
+    """A sub-folder that is not `<repeats>_<prompt>` printed `.../scan.py:151: UserWarning: ignoring ...` and the
+    source line under it."""
+    import warnings
+
+    from moslora_diffusion.data.scan import scan_instance_folder
+
+    make_photos(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "extras").mkdir()
+
+    def body(_argv):
+        with warnings.catch_warnings():  # pytest records warnings; print them the way Python does outside pytest
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            scan_instance_folder(tmp_path / "photos", "a photo of sks dog")  # warns from inside the package
+            warnings.warn("a library's own warning", UserWarning, stacklevel=1)
+
+    assert run_command(body, []) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"warning: ignoring sub-folder {tmp_path / 'photos' / 'extras'}: name is not "
+                      "'<repeats>_<prompt>' (e.g. '10_sks dog')")
+    assert "test_command_errors.py" in err[1] and "UserWarning: a library's own warning" in err[1]
+    assert warnings.formatwarning.__name__ == "formatwarning"  # Python's own again after the command
+
+
 def test_debug_shows_the_traceback_instead(capsys, monkeypatch):
     monkeypatch.delenv("MOSLORA_DEBUG", raising=False)
     body = _fail_with(RuntimeError("shape mismatch"))

@@ -97,6 +97,14 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     (["--method", "auto", "--trigger", "dog=sks", "--trigger", "dog=dog"], "--trigger given twice for one expert"),
     (["--method", "regional", "--region_mask", "dog=wide.png"], "the mask is 96x64, but this command draws square"),
     (["--method", "sum", "--size", "0"], "0 px: give the image's side in pixels"),  # 0 drew at the model's size
+    (["--region", "dog=0,0,0.5,1", "--fit_steps", "1"], "fit_steps needs the latent blend (--blend latent)"),
+    (["--region", "dog=0,0,0.5,1", "--blend", "latent", "--fit_steps", "2"], "fit_steps 2: give a whole number of "
+     "steps, at least 1 and below the 2 denoising steps"),
+    (["--method", "sum", "--background", "style"], "--background is for --method regional and --region / "
+     "--region_mask; this run has --method sum"),
+    (["--region", "dog=0,0,0.5,1", "--background", "cow"], "background 'cow' is not one of the experts (dog, style)"),
+    (["--region", "dog=0,0,0.5,1", "--background", "dog"], "'dog' is the background, which draws wherever the other "
+     "regions leave room; give it no region of its own"),
     # the experts' training prompts are read from their files' headers: this was only found after loading
     # (both tiny experts record "a photo of sks dog": no word tells them apart, whatever the prompt)
     (["--method", "auto", "--prompt", "a photo of a horse"], "every word of expert 'dog''s training prompt ('a photo "
@@ -149,6 +157,19 @@ def test_regional_latent_blend_runs_and_is_recorded(tiny_sd15_dir, experts, tmp_
                  "--region", "style=0.5,0,1,1", "--blend", "latent"]) == 0, capsys.readouterr().err
     (image,) = out.rglob("*-regional.png")
     assert "Blend: latent" in Image.open(image).text["parameters"]
+
+
+def test_a_fitted_latent_blend_with_a_background_expert_runs_and_is_recorded(tiny_sd15_dir, experts, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "out"
+    assert main([*_common(tiny_sd15_dir, out), "--experts", *experts, "--region", "dog=0,0,0.5,1", "--background",
+                 "style", "--blend", "latent", "--fit_steps", "1"]) == 0, capsys.readouterr().err
+    (image,) = out.rglob("*-regional.png")
+    text = Image.open(image).text["parameters"]
+    assert "Background: style" in text and "Fit steps: 1" in text and "Blend: latent" in text
+    dog = np.asarray(Image.open(image.with_name(image.stem + "-mask-dog.png")), dtype=np.int32)
+    style = np.asarray(Image.open(image.with_name(image.stem + "-mask-style.png")), dtype=np.int32)
+    assert dog[:, 32:].max() == 0 and np.array_equal(dog + style, np.full_like(dog, 255))  # fitted: the rest
 
 
 def test_one_expert_in_one_region(tiny_sd15_dir, experts, tmp_path, capsys):

@@ -100,6 +100,8 @@ def test_regional_prompter_text_for_halves_and_quarters():
     (["--region", "cat=0,0,0.5,1"], "a region for expert 'cat', which is not there"),
     (["--region", "dog=0,0,1.5,1"], "must satisfy 0 <= x0 < x1 <= 1"),
     (["--region", "dog=0,0,0.5,1", "--blend", "latent"], "--blend latent has no ComfyUI workflow"),  # was dropped
+    (["--region", "dog=0,0,0.5,1", "--background", "style"], "--background is not exported to a workflow: give that "
+     "expert a --region_mask"),
 ])
 def test_what_a_workflow_cannot_express_is_one_line_before_the_model(tmp_path, experts, extra, words, capsys):
     out = tmp_path / "out"
@@ -145,3 +147,11 @@ def test_without_size_the_workflow_has_generates_default_size(tiny_sd15_dir, exp
     workflow = json.loads((out / "workflow_api.json").read_text())
     (latent,) = [v["inputs"] for v in workflow.values() if v["class_type"] == "EmptyLatentImage"]
     assert (latent["width"], latent["height"]) == (64, 64)
+
+
+def test_mole_exports_help_names_the_workflow_export(capsys):
+    """`mole export --help` listed only the MoLE targets: the regional layout's export could not be found from it."""
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "--to comfyui-workflow --experts A B --region" in " ".join(out.split())

@@ -162,3 +162,23 @@ def test_resuming_from_a_checkpoint_of_another_family_is_refused(tiny_sd15_dir, 
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "sd1",
                                  resume_from_checkpoint=str(tmp_path / "nowhere")))
     assert not (tmp_path / "sd1").exists()
+
+
+@pytest.mark.parametrize("extra, note", [
+    (["--adapter", "lora", "--mixer_init", "orthogonal"], "Note: --mixer_init has no effect in this run (--adapter "
+     "lora has no mixer)"),
+    (["--class_prompt", "a photo of a dog", "--num_class_images", "5"], "Note: --class_prompt, --num_class_images "
+     "have no effect in this run (they act with --with_prior_preservation)"),
+    (["--validation_steps", "50"], "Note: --validation_steps has no effect in this run (it acts with "
+     "--validation_prompt or --validation_loss_photos)"),
+])
+def test_a_flag_that_this_run_will_not_use_is_named_in_one_line(tmp_path, capsys, extra, note):
+    """These flags were accepted and silently ignored: a user believed the run used them."""
+    base = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path),
+            "--instance_prompt", "a photo of sks dog"]
+    parse_args([*base, *extra])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed.count(note) == 1, printed
+    parse_args([*base, "--mixer_init", "orthogonal", "--validation_prompt", "sks dog", "--validation_steps", "5",
+                "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(tmp_path)])
+    assert "Note:" not in capsys.readouterr().out  # the same flags where they act: nothing to say

@@ -1,8 +1,9 @@
 """The Compose tab's layout: where each loaded adapter (an expert) acts, composed by `composition.compose`.
 
 Per expert slot: an adapter, where it acts (a preset half or quarter, the whole image, a typed box, an uploaded
-mask, or "automatic": found from its trigger word), an optional region prompt and its scale; one method for the
-layout (composition.METHODS). The app's pipeline holds the fused sliders in its weights, so a layout runs on the
+mask, "background": wherever the other regions leave room, or "automatic": found from its trigger word), an optional
+region prompt and its scale; one method for the layout (composition.METHODS; regional's latent blend, plain or
+fitted, as choices of their own). The app's pipeline holds the fused sliders in its weights, so a layout runs on the
 base weights: the fusion lock is held, every fused scale set to 0, compose() runs, the scales are written back
 (the same bit-for-bit restore as MoLE mode, compose.py). The PNG text records the whole layout (`Layout:` JSON; an
 uploaded mask by the name of its copy under outputs/masks/), so pasting it back reproduces the image bit for bit.
@@ -28,7 +29,8 @@ PRESETS = {"left half": (0, 0, 0.5, 1), "right half": (0.5, 0, 1, 1), "top half"
            "bottom half": (0, 0.5, 1, 1), "top-left quarter": (0, 0, 0.5, 0.5), "top-right quarter": (0.5, 0, 1, 0.5),
            "bottom-left quarter": (0, 0.5, 0.5, 1), "bottom-right quarter": (0.5, 0.5, 1, 1),
            "whole image": (0, 0, 1, 1)}
-WHERE = (*PRESETS, "box", "mask", "automatic")
+BACKGROUND = "background"  # regional: this expert draws wherever the other regions leave room (no region of its own)
+WHERE = (*PRESETS, "box", "mask", BACKGROUND, "automatic")
 MASKS = "masks"  # outputs/masks/<sha256 of the mask's PNG bytes>.png: uploaded masks, named in the PNG text
 
 
@@ -50,6 +52,7 @@ class Layout:
     method: str
     slots: list[Slot] = field(default_factory=list)
     blend: str = "attention"  # regional: composition.BLENDS
+    fit: float | None = None  # regional latent blend: fit_steps as a share of the request's steps (FIT_SHARE)
 
     def used(self) -> list[Slot]:
         return [s for s in self.slots if s.adapter]
@@ -57,17 +60,34 @@ class Layout:
     @property
     def label(self) -> str:
         """The method as the tab's dropdown shows it (METHOD_LABELS)."""
-        return LATENT_LABEL if self.method == "regional" and self.blend == "latent" else self.method
+        if self.method == "regional" and self.blend == "latent":
+            return FITTED_LABEL if self.fit else LATENT_LABEL
+        return self.method
 
 
-# The tab's method dropdown: every method, and regional with the latent blend as a choice of its own.
+# The tab's method dropdown: every method, and regional with the latent blend (plain and fitted) as choices of
+# their own. The fitted blend's fit_steps: this share of the steps (the composition benchmark's validation choice).
 LATENT_LABEL = "regional (latent blend)"
-METHOD_LABELS = tuple(m for name in METHODS for m in ((name, LATENT_LABEL) if name == "regional" else (name,)))
+FITTED_LABEL = "regional (latent blend, fitted)"
+FIT_SHARE = 0.3
+METHOD_LABELS = tuple(m for name in METHODS
+                      for m in ((name, LATENT_LABEL, FITTED_LABEL) if name == "regional" else (name,)))
 
 
 def layout_for(label: str, slots: list[Slot]) -> Layout:
     """The Layout of a dropdown label (METHOD_LABELS; a bare method name too)."""
-    return Layout("regional", slots, "latent") if label == LATENT_LABEL else Layout(label, slots)
+    if label == LATENT_LABEL:
+        return Layout("regional", slots, "latent")
+    if label == FITTED_LABEL:
+        return Layout("regional", slots, "latent", FIT_SHARE)
+    return Layout(label, slots)
+
+
+def fit_steps(layout: Layout, steps: int) -> int | None:
+    """The fitted latent blend's fit_steps for a request of `steps` (at least 1, below `steps`); None: no fitting."""
+    if not layout.fit:
+        return None
+    return min(max(1, round(layout.fit * steps)), max(1, steps - 1))
 
 
 def _box(slot: Slot) -> tuple[float, ...]:
@@ -88,6 +108,12 @@ def regions_of(layout: Layout) -> list[Region]:
     if automatic and (layout.method != "auto" or len(automatic) != len(used)):
         raise CompositionError("automatic regions come from method auto for every expert: choose method auto and "
                                "set each expert to automatic (or give boxes / masks with method regional)")
+    background = [s.adapter for s in used if s.where == BACKGROUND]
+    if background and layout.method not in LAYOUT_METHODS:
+        raise CompositionError(f"{background[0]}: a background is for method regional (it draws wherever the "
+                               "regions leave room); choose regional, or set the expert to the whole image")
+    if len(background) > 1:
+        raise CompositionError(f"two backgrounds ({background[0]}, {background[1]}); one expert draws the background")
     if layout.method not in LAYOUT_METHODS:
         placed = [s.adapter for s in used if s.where not in ("whole image", "automatic")]
         if placed:
@@ -96,6 +122,8 @@ def regions_of(layout: Layout) -> list[Region]:
         return []
     regions = []
     for slot in used:
+        if slot.where == BACKGROUND:
+            continue  # no region: layout_options names it the background
         prompt = slot.prompt.strip() or None
         if slot.where == "mask":
             if not slot.mask:
@@ -106,11 +134,18 @@ def regions_of(layout: Layout) -> list[Region]:
     return regions
 
 
-def layout_options(layout: Layout) -> dict:
-    """compose()'s options: regional's blend (when not the default); method auto: an automatic expert's region
-    prompt is its trigger word (default: from its training prompt)."""
-    if layout.method == "regional" and layout.blend != "attention":
-        return {"blend": layout.blend}
+def layout_options(layout: Layout, steps: int) -> dict:
+    """compose()'s options: regional's blend (when not the default), background expert and fit_steps (for a request
+    of `steps`); method auto: an automatic expert's region prompt is its trigger word (default: from its training
+    prompt)."""
+    if layout.method == "regional":
+        options = {"blend": layout.blend} if layout.blend != "attention" else {}
+        background = [s.adapter for s in layout.used() if s.where == BACKGROUND]
+        if background:
+            options["background"] = background[0]
+        if fit_steps(layout, steps) is not None:
+            options["fit_steps"] = fit_steps(layout, steps)
+        return options
     if layout.method != "auto":
         return {}
     triggers = {s.adapter: s.prompt.strip() for s in layout.used() if s.prompt.strip()}
@@ -166,8 +201,9 @@ class LayoutRunner:
         """(experts, regions, compose() options) of the layout, everything compose() would refuse refused now."""
         experts = self.experts(layout)
         regions = regions_of(layout)
-        options = layout_options(layout)
-        check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height), options)
+        options = layout_options(layout, req.steps)
+        check_layout(layout.method, [e.name for e in experts], regions, (req.width, req.height), options,
+                     steps=req.steps)
         if layout.method == "auto":
             from ..composition.auto import expert_triggers
 
@@ -203,7 +239,8 @@ def layout_json(layout: Layout, outputs) -> str:
               "mask": keep_mask(outputs, s.mask) if s.where == "mask" and s.mask else None,
               "prompt": s.prompt.strip(), "scale": float(s.scale)} for s in layout.used()]
     blend = {"blend": layout.blend} if layout.blend != "attention" else {}
-    return json.dumps({"method": layout.method, **blend, "slots": slots}, separators=(",", ":"))
+    fit = {"fit": layout.fit} if layout.fit else {}
+    return json.dumps({"method": layout.method, **blend, **fit, "slots": slots}, separators=(",", ":"))
 
 
 def layout_from_text(text: str, outputs) -> Layout | None:
@@ -214,6 +251,7 @@ def layout_from_text(text: str, outputs) -> Layout | None:
     try:
         data = json.loads(json.loads(f'"{found.group(1)}"'))
         slots = [Slot(**s) for s in data["slots"]]
+        fit = None if data.get("fit") is None else float(data["fit"])
     except (ValueError, TypeError, KeyError):
         raise CompositionError("the Layout in this text is damaged; paste the whole text of a PNG made here") from None
     for slot in slots:
@@ -222,15 +260,20 @@ def layout_from_text(text: str, outputs) -> Layout | None:
             if not re.fullmatch(r"[0-9a-f]{24}\.png", slot.mask) or not path.is_file():
                 raise CompositionError(f"the mask of {slot.adapter} ({slot.mask}) is not in this app's outputs/masks")
             slot.mask = str(path)
-    return Layout(data["method"], slots, str(data.get("blend", "attention")))
+    return Layout(data["method"], slots, str(data.get("blend", "attention")), fit)
 
 
-def infotext_pairs(layout: Layout, regions: list[Region], outputs) -> dict[str, str]:
+def infotext_pairs(layout: Layout, regions: list[Region], outputs, steps: int) -> dict[str, str]:
     """Composition, Experts, Regions (readable) and Layout (exact, escaped for the quoted pair)."""
     pairs = {"Composition": layout.method,
              "Experts": " | ".join(f"{s.adapter}: {float(s.scale):g}" for s in layout.used())}
     if layout.blend != "attention":
         pairs["Blend"] = layout.blend
+    options = layout_options(layout, steps)
+    if options.get("background"):
+        pairs["Background"] = options["background"]
+    if options.get("fit_steps"):
+        pairs["Fit steps"] = str(options["fit_steps"])
     if regions:
         pairs["Regions"] = " | ".join(r.describe().replace(",", " ") for r in regions)
     pairs["Layout"] = layout_json(layout, outputs).replace("\\", "\\\\").replace('"', '\\"')

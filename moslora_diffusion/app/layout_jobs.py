@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..composition import CompositionError
 from ..composition.export import check_export, export_workflow, file_stem, refuse_unexpressible
 from ..composition.report import save_mask_pictures
 from ..files.atomic import atomic_write
@@ -25,7 +26,7 @@ from ..generation.text_to_image import (
     validate_request,
 )
 from .compose import compose_images, request_from_infotext
-from .layout import Layout, infotext_pairs, layout_from_text
+from .layout import BACKGROUND, Layout, infotext_pairs, layout_from_text
 
 COLOURS = ((230, 60, 60), (60, 120, 230), (60, 190, 90), (230, 170, 40), (170, 70, 200), (40, 190, 200),
            (200, 110, 60), (120, 120, 120))
@@ -69,7 +70,8 @@ def generate_layout(state, req: GenerationRequest, layout: Layout, compare: bool
             state.compose.check(mole)
         items += _compared(state, req, mole)
     result, regions = state.layout.run(layout, req)
-    text = format_infotext(req, req.seed, {}, state.model_name, infotext_pairs(layout, regions, state.outputs))
+    text = format_infotext(req, req.seed, {}, state.model_name, infotext_pairs(layout, regions, state.outputs,
+                                                                                 req.steps))
     items.append(GeneratedImage(result.images[0], text, layout.method, req.seed))
     saved = state.save_generated(items, start)
     overlays = []
@@ -85,6 +87,12 @@ def export_layout(state, req: GenerationRequest, layout: Layout) -> Path:
     returns the zip. CompositionError for a layout a workflow cannot express (before anything is written)."""
     req = validate_request(replace(req, num_images=1), state.fusion.names())
     refuse_unexpressible(layout.method)  # first: its line says what to do instead
+    if layout.method == "regional" and layout.blend == "latent":  # a workflow blends by masked conditioning
+        raise CompositionError("the latent blend has no ComfyUI workflow (the workflow applies each LoRA through its "
+                               "masked conditioning, as method regional does): choose regional to export")
+    if any(s.where == BACKGROUND for s in layout.used()):  # a workflow's masks are fixed pictures
+        raise CompositionError("a background is not exported to a workflow: give that expert a mask (white where no "
+                               "other region is) instead, then export")
     layout = state.layout.kept(layout)
     experts, regions, _ = state.layout.check(layout, req)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")

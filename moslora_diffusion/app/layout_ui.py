@@ -1,7 +1,7 @@
 """The Compose tab's layout panel: per expert slot an adapter, where it acts (preset half or quarter, whole image,
-typed box, uploaded mask, automatic), a region prompt and a scale; the method; Generate (alone or compared with
-base | sum | MoLE), Export for ComfyUI / A1111 (a zip to download), and the mask each expert used over the image.
-Handlers are thin: layout_jobs.py does the work."""
+typed box, uploaded mask, background, automatic), a region prompt and a scale; the method; Generate (alone or
+compared with base | sum | MoLE), Export for ComfyUI / A1111 (a zip to download), and the mask each expert used
+over the image. Handlers are thin: layout_jobs.py does the work."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def layout_panel(state) -> dict:
     with gr.Accordion("Layout: where each subject goes", open=True, elem_id="layout-panel"):
         L["method"] = gr.Dropdown(list(METHOD_LABELS), value="regional", label="Method (regional: the boxes and "
                                   "masks; its latent blend: each region drawn by its expert alone, about N x the time; "
-                                  "auto: every expert automatic)", elem_id="layout-method")
+                                  "fitted: after 30% of the steps each region shrinks to its subject and the "
+                                  "background expert, else the base, draws the rest; auto: every expert automatic)",
+                                  elem_id="layout-method")
         for i in range(LAYOUT_SLOTS):
             with gr.Row(equal_height=True):
                 slots = L["slots"]

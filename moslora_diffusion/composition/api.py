@@ -28,7 +28,8 @@ from .regions import CompositionError, Region, check_regions
 METHODS = ("sum", "nla", "mole", "switch", "composite", "regional", "auto", "spatial_mole")
 LAYOUT_METHODS = ("regional",)  # the methods that take user regions
 GATED_METHODS = ("mole", "spatial_mole")  # the methods that take a gate_state
-OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"}, "regional": {"blend"}}
+OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"},
+           "regional": {"blend", "fit_steps", "background"}}
 BLENDS = ("attention", "latent")  # regional: blend cross-attention outputs (router.py) or predictions (latent_blend)
 
 
@@ -44,11 +45,33 @@ class CompositionResult:
     regions: list[Region] = field(default_factory=list)
 
 
+def check_background(experts: Sequence[str], regions: Sequence[Region], options: Mapping, steps: int | None) -> None:
+    """regional's `background` (an expert that draws wherever the regions leave room, so it takes no region of
+    its own) and `fit_steps` (latent blend only: 1 <= fit_steps < steps). CompositionError, one line."""
+    background, fit_steps = options.get("background"), options.get("fit_steps")
+    if background is not None:
+        if background not in experts:
+            raise CompositionError(f"background {background!r} is not one of the experts ({', '.join(experts)})")
+        if any(r.expert == background for r in regions):
+            raise CompositionError(f"{background!r} is the background, which draws wherever the other regions leave "
+                                   "room; give it no region of its own (or no background)")
+    if fit_steps is None:
+        return
+    if options.get("blend", "attention") != "latent":
+        raise CompositionError("fit_steps needs the latent blend (--blend latent): only it draws each subject with "
+                               "its expert alone, which is what finds the subject's outline")
+    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 1 or (
+            steps is not None and fit_steps >= steps):
+        limit = f" and below the {steps} denoising steps" if steps is not None else ""
+        raise CompositionError(f"fit_steps {fit_steps!r}: give a whole number of steps, at least 1{limit}")
+
+
 def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] = (), size: tuple[int, int] | None
-                 = None, options: Mapping | None = None, has_gates: bool = False) -> None:
+                 = None, options: Mapping | None = None, has_gates: bool = False, steps: int | None = None) -> None:
     """Everything about a composition that can be checked without a model: the method, its options, a layout on
     a method that takes none, the regions (check_regions; overlaps are allowed: see regions.py for the rule),
-    gates on a method that takes none. `size`: (width, height) of the image. CompositionError, one line."""
+    regional's background and fit_steps (check_background), gates on a method that takes none. `size`: (width,
+    height) of the image; `steps`: the denoising steps. CompositionError, one line."""
     if method not in METHODS:
         raise CompositionError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}")
     unknown = sorted(set(options or {}) - OPTIONS.get(method, set()))
@@ -61,11 +84,13 @@ def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] 
     if regions and method not in LAYOUT_METHODS:
         raise CompositionError(f"method {method!r} takes no regions (boxes, masks or region prompts); use "
                                f"--method regional for a layout, or leave the regions out")
-    if method in LAYOUT_METHODS and not regions:
+    if method in LAYOUT_METHODS and not regions and (options or {}).get("background") is None:
         raise CompositionError(f"method {method!r} needs at least one region: a box or mask per expert")
     if has_gates and method not in GATED_METHODS:
         raise CompositionError(f"method {method!r} takes no gates; gates are for {' and '.join(GATED_METHODS)}")
     check_regions(regions, experts, size)
+    if method in LAYOUT_METHODS:
+        check_background(experts, regions, options or {}, steps)
 
 
 def _not_available(method: str, owner: str):
@@ -113,14 +138,17 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
     regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
     "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
     ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto),
-    `blend` (regional: "attention", the default, or "latent": latent_blend.py).
+    `blend` (regional: "attention", the default, or "latent": latent_blend.py), `background` (regional: the
+    expert that draws wherever the regions leave room, instead of the base model; it takes no region), `fit_steps`
+    (regional, latent blend: after this many steps each region shrinks to its subject's silhouette, the rest going
+    to the background).
     Raises CompositionError / GenerationError (one line) before the pipeline is touched. The pipeline keeps the
     request's scheduler; otherwise it computes exactly what it did before (no weight changed, no hook left).
     """
     if not experts:
         raise CompositionError("no experts to compose: give at least one (mole.load_experts(pipe, paths, minimum=1))")
     check_layout(method, [e.name for e in experts], regions, (request.width, request.height), options,
-                 gates is not None)
+                 gates is not None, request.steps)
     if method == "auto":
         from .auto import check_auto_options, expert_triggers
 

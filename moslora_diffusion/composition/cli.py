@@ -77,6 +77,12 @@ def generate_parser() -> argparse.ArgumentParser:
                         "cross-attention's output per position, one UNet forward a step; 'latent' denoises each "
                         "region with its expert alone and blends the predictions, one forward per expert (+ the "
                         "base where the regions leave room)")
+    parser.add_argument("--background", default=None, metavar="EXPERT", help="regional: the expert that draws "
+                        "wherever the regions leave room, instead of the base model (give it no region), e.g. a "
+                        "learned background")
+    parser.add_argument("--fit_steps", type=int, default=None, metavar="N", help="regional --blend latent: after N "
+                        "denoising steps each region shrinks to its subject's outline and the rest of it goes to "
+                        "the background (--background, else the base model): one background around every subject")
     return parser
 
 
@@ -102,7 +108,7 @@ def regions_from(args: argparse.Namespace) -> list[Region]:
 
 def _options(args: argparse.Namespace) -> dict:
     given = {"triggers": dict(args.trigger) or None, "auto_steps": args.auto_steps, "threshold": args.threshold,
-             "every": args.every, "blend": args.blend}
+             "every": args.every, "blend": args.blend, "background": args.background, "fit_steps": args.fit_steps}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -116,7 +122,7 @@ def _method(args: argparse.Namespace, regions: list[Region]) -> str:
 
 # compose()'s option -> the flag that gives it (messages name flags, not keyword arguments)
 OPTION_FLAGS = {"blend": "--blend", "every": "--every", "triggers": "--trigger", "auto_steps": "--auto_steps",
-                "threshold": "--threshold"}
+                "threshold": "--threshold", "background": "--background", "fit_steps": "--fit_steps"}
 
 
 def _check_option_flags(args: argparse.Namespace, method: str, options: dict) -> None:
@@ -190,7 +196,7 @@ def _check(args, method: str, regions: list[Region], names: list[str], prompts, 
     if args.heatmap:
         raise CompositionError(f"--heatmap draws learned gates (--method mole); --method {method} has none (the "
                                "spatial methods write each expert's mask picture beside every image)")
-    check_layout(method, names, regions, (size, size) if size else None, options, has_gates=False)
+    check_layout(method, names, regions, (size, size) if size else None, options, has_gates=False, steps=args.steps)
     unknown = sorted({n for n, _ in args.scale} - set(names))
     if unknown:
         raise MoLEError(f"no expert {', '.join(unknown)}; the experts are {', '.join(names)}")
@@ -210,6 +216,10 @@ def _infotext_pairs(method: str, experts, regions: list[Region], options: dict, 
         pairs["Regions"] = " | ".join(r.describe() for r in regions)
     if options.get("blend"):
         pairs["Blend"] = options["blend"]
+    if options.get("background"):
+        pairs["Background"] = options["background"]
+    if options.get("fit_steps"):
+        pairs["Fit steps"] = str(options["fit_steps"])
     if options.get("triggers"):
         pairs["Triggers"] = " | ".join(f"{k}: {v}" for k, v in options["triggers"].items())
     return pairs

@@ -60,6 +60,9 @@ def run_export(args: argparse.Namespace) -> Path:
     if args.blend == "latent":  # it was dropped without a word
         raise CompositionError("--blend latent has no ComfyUI workflow: the workflow applies each LoRA through its "
                                "masked conditioning, as --blend attention does; leave --blend out to export")
+    if args.background:  # a workflow's masks are fixed pictures; the background is what the regions leave
+        raise CompositionError("--background is not exported to a workflow: give that expert a --region_mask "
+                               "(white where no other region is) instead, then export")
     size = given_size or 512
     request = validate_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0], args.steps,
                                                  args.guidance, size, size, scheduler=args.sampler))

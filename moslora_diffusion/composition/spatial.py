@@ -24,12 +24,15 @@ def latent_size(pipe, req: GenerationRequest) -> tuple[int, int]:
     return req.height // factor, req.width // factor
 
 
-def regional_shares(pipe, experts: Sequence[Expert], req: GenerationRequest, regions: Sequence[Region]
-                    ) -> torch.Tensor:
-    """(1, N, h, w) latent-size shares of the regions: the overlap rule at image size, then area-averaged."""
+def regional_shares(pipe, experts: Sequence[Expert], req: GenerationRequest, regions: Sequence[Region],
+                    background: int | None = None) -> torch.Tensor:
+    """(1, N, h, w) latent-size shares of the regions: the overlap rule at image size, then area-averaged; the
+    `background` expert (an index; it has no region) takes what the regions leave, 1 - their shares' sum."""
     masks = expert_masks(regions, [e.name for e in experts], req.width, req.height)
-    shares = share_weights(torch.from_numpy(masks)[None])
-    return resize_weights(shares, *latent_size(pipe, req))
+    shares = resize_weights(share_weights(torch.from_numpy(masks)[None]), *latent_size(pipe, req))
+    if background is not None:
+        shares[:, background] = (1.0 - shares.sum(dim=1)).clamp_min(0.0)
+    return shares
 
 
 def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: GenerationRequest, images: int
@@ -42,19 +45,24 @@ def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: Generation
 
 
 def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: torch.Tensor,
-                  prompts: Sequence[str | None], blend: str = "attention") -> list[Image.Image]:
+                  prompts: Sequence[str | None], blend: str = "attention", fit_steps: int | None = None,
+                  background: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+    """Images and the (B_images or 1, N, h, w) shares applied last (the fitted ones when `fit_steps` is set)."""
     router.set_shares(shares.to(pipe._execution_device))
     embeddings = encode_branches(pipe, router, req, prompts)
     if blend == "attention":
-        return run_pipeline(pipe, req, None, embeddings)
-    from .latent_blend import latent_blend_forward
+        return run_pipeline(pipe, req, None, embeddings), shares
+    from .latent_blend import LatentBlend
     from .one_at_a_time import replace_attribute
 
-    undo = replace_attribute(pipe.unet, "forward", lambda original: latent_blend_forward(router, original))
+    blender = LatentBlend(router, req.num_images, req.guidance, fit_steps, background)
+    undo = replace_attribute(pipe.unet, "forward", blender.wrap)
     try:
-        return run_pipeline(pipe, req, None, embeddings)
+        images = run_pipeline(pipe, req, None, embeddings)
     finally:
         undo()
+    final = shares if blender.fitted is None else blender.fitted[:req.num_images].cpu()
+    return images, final
 
 
 def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: GenerationRequest,
@@ -68,15 +76,16 @@ def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: Generati
     router = attach_router(pipe, experts)
     try:
         if method == "regional":
-            prompts = {r.expert: r.prompt for r in regions}
-            shares = regional_shares(pipe, experts, req, regions)
-            images = routed_images(pipe, router, req, shares, [prompts.get(e.name) for e in experts],
-                                   options.get("blend", "attention"))
+            prompts, names = {r.expert: r.prompt for r in regions}, [e.name for e in experts]
+            background = names.index(options["background"]) if options.get("background") else None
+            shares = regional_shares(pipe, experts, req, regions, background)
+            images, shares = routed_images(pipe, router, req, shares, [prompts.get(n) for n in names],
+                                           options.get("blend", "attention"), options.get("fit_steps"), background)
         elif method == "auto":
             from .auto import auto_shares
 
             shares = auto_shares(pipe, router, experts, req, **options)
-            images = routed_images(pipe, router, req, shares, [None] * len(experts))
+            images, shares = routed_images(pipe, router, req, shares, [None] * len(experts))
         else:
             raise CompositionError(f"method {method!r} is not a spatial method")
     finally:

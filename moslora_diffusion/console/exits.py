@@ -8,6 +8,8 @@ turn a failure into what a user reads.
   convention for SIGINT), or the interruption's own `exit_status` (a trainer stopped by SIGTERM: 143).
 - An error class with an `exit_status` attribute: `error: <message>` with that status.
 - Anything else is a bug: one line naming the exception, exit status 1, and how to see the traceback.
+- Our own warnings (raised from a file of this package) print as `warning: <message>` on one line, not as Python's
+  `path:line: UserWarning: ...` with a source line under it; other libraries' warnings are left as they are.
 `--debug` on any command (or MOSLORA_DEBUG=1) lets the exception through with its full traceback.
 Imports nothing from the package, so every layer's command can use it.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from .allocator import tune_allocator
 
@@ -24,6 +28,13 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MOSLORA_DEBUG"
 INPUT_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 _DEBUG_HINT = f"run again with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback"
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _format_warning(message, category, filename, lineno, line=None, _python=warnings.formatwarning) -> str:
+    if str(filename).startswith(PACKAGE_DIR):
+        return f"warning: {one_line(message if isinstance(message, Warning) else Warning(message))}\n"
+    return _python(message, category, filename, lineno, line)
 
 
 def add_debug_flag(parser) -> None:
@@ -70,6 +81,9 @@ def run_command(body: Callable[[list[str]], object], argv: list[str] | None = No
     tune_allocator()  # before the command does anything: the process's own allocator settings (allocator.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
+    python_format = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _format_warning
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
         body(argv)
@@ -79,4 +93,6 @@ def run_command(body: Callable[[list[str]], object], argv: list[str] | None = No
         message, status = _report(err)
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(status) from None
+    finally:
+        warnings.formatwarning = python_format
     return 0

@@ -74,7 +74,11 @@ def generate_parser(mole_required: bool = True) -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m moslora_diffusion.mole export",
                                 description="Fold a MoLE into one standard LoRA or a merged checkpoint: the "
-                                "gates averaged per block over prompts, then folded exactly.")
+                                "gates averaged per block over prompts, then folded exactly.",
+                                epilog="A regional layout of several experts (LoRA files, no MoLE file) exports "
+                                "with --to comfyui-workflow --experts A B --region A=x0,y0,x1,y1 ... (a ComfyUI "
+                                "workflow, the masks and A1111 Regional Prompter text); its flags: "
+                                "`python -m moslora_diffusion.mole export --to comfyui-workflow --help`.")
     _common(parser)
     parser.add_argument("--to", required=True, choices=TARGETS, dest="target")
     parser.add_argument("--out", required=True, type=Path, help="output file (.safetensors) or folder")

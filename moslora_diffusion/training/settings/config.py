@@ -312,10 +312,35 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(str(err) + _from_preset_note(str(err), values, from_preset)) from None
     if from_preset:
         print(f"Preset {config.preset}: {preset_path(config.preset)} (flags given on the command line win)")
+    for note in unused_flag_notes(config, given):
+        print(note)
     if optimizer_default:
         print(f"--optimizer {config.optimizer} without --learning_rate: learning rate {config.learning_rate:g}, "
               "that optimizer's usual value")
     return config
+
+
+# Flags the user may give that act only with another setting: (flags, condition under which they act, why not).
+_ACTS_ONLY_WITH = (
+    (("class_prompt", "class_data_dir", "num_class_images", "prior_loss_weight"),
+     lambda c: c.with_prior_preservation, "they act with --with_prior_preservation"),
+    (("mixer_init",), lambda c: c.adapter == "moslora", "--adapter lora has no mixer"),
+    (("num_validation_images",), lambda c: bool(c.validation_prompt), "it acts with --validation_prompt"),
+    (("validation_steps",), lambda c: bool(c.validation_prompt) or c.validation_loss_photos > 0,
+     "it acts with --validation_prompt or --validation_loss_photos"),
+)
+
+
+def unused_flag_notes(config: TrainConfig, given: set[str]) -> list[str]:
+    """One line per group of flags the user gave (command line or config file) that this run will not use, so a
+    run never trains without what was asked for without a word (diffusers' scripts warn the same way)."""
+    notes = []
+    for flags, acts, why in _ACTS_ONLY_WITH:
+        named = [f"--{f}" for f in flags if f in given]
+        if named and not acts(config):
+            verb = "has" if len(named) == 1 else "have"
+            notes.append(f"Note: {', '.join(named)} {verb} no effect in this run ({why})")
+    return notes
 
 
 # Settings that act only with another one (on): a preset's value is dropped when the user turns that one off.
