@@ -69,7 +69,8 @@ def _generate(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     written = run(args)
     folders = sorted({str(path.parent) for path in written})
-    print(f"wrote {len(written)} images in {', '.join(folders) or args.out}")
+    noun = "image" if len(written) == 1 else "images"  # it printed "wrote 1 images"
+    print(f"wrote {len(written)} {noun} in {', '.join(folders) or args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,16 +7,15 @@ The builders live in models/tiny.py; this module is the command only.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .console import add_debug_flag, run_command
+from .console import OneLineErrorParser, add_debug_flag, run_command
 from .models.tiny import FAMILY_ALIASES, save_tiny_pipeline
 
 
 def _tiny(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m moslora_diffusion.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sd15", choices=sorted(FAMILY_ALIASES))
     parser.add_argument("--out", required=True, type=Path, help="folder to write the diffusers pipeline to")
     parser.add_argument("--seed", type=int, default=0)

@@ -152,6 +152,15 @@ def test_every_command_reports_a_broken_model_folder_in_one_line(command, broken
     assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "images").exists()
 
 
+def test_tiny_without_out_is_one_line(capsys):
+    """It printed argparse's three-line usage block before the error."""
+    with pytest.raises(SystemExit) as stop:
+        tiny.main([])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == "error: the following arguments are required: --out (--help lists the " \
+        "options)\n"
+
+
 def test_tiny_refuses_an_out_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"mine")

@@ -32,6 +32,7 @@ def test_regional_writes_images_masks_and_the_layout_in_the_png_text(tiny_sd15_d
     assert status == 0, capsys.readouterr().err
     images = sorted(p for p in out.rglob("*-regional.png"))
     assert len(images) == 2
+    assert [p.name for p in images] == ["00000-0-regional.png", "00001-1-regional.png"]  # masks skipped numbers
     text = Image.open(images[0]).text["parameters"]
     assert "Composition: regional" in text
     assert "Regions: dog: box 0,0,0.5,1 (a photo of sks dog) | style: mask" in text.replace('"', "")

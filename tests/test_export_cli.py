@@ -88,6 +88,13 @@ def test_scale_not_a_number(tiny_sd15_dir, run_dir, tmp_path, capsys):
                 tmp_path / "x.safetensors")
 
 
+def test_a_scale_of_0_is_refused_before_anything_is_written(tiny_sd15_dir, run_dir, tmp_path, capsys):
+    """`--adapter run:0` wrote a LoRA of zeros without a word."""
+    _fails_with(capsys, "at scale 0 would export nothing of it: give a scale other than 0", tiny_sd15_dir,
+                f"{run_dir}:0", "lora-kohya", tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_adapter_file(tiny_sd15_dir, tmp_path, capsys):
     _fails_with(capsys, "adapter file not found", tiny_sd15_dir, tmp_path / "nope.safetensors", "lora-kohya",
                 tmp_path / "x.safetensors")

@@ -49,3 +49,11 @@ def test_a_bad_adapter_is_named_before_the_model_loads_and_nothing_is_made(tmp_p
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_one_image_is_one_image(tiny_sd15_dir, tmp_path, capsys):
+    """It printed "wrote 1 images"."""
+    main(["--base", str(tiny_sd15_dir), "--prompt", "a photo of sks dog", "--seeds", "3", "--steps", "1",
+          "--size", "64", "--out", str(tmp_path / "samples")])
+    (png,) = (tmp_path / "samples").rglob("*.png")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote 1 image in {png.parent}"

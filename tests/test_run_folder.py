@@ -108,6 +108,9 @@ def test_a_resumable_run_with_other_settings_names_the_flags_that_resume_it(tiny
     other = make_photos(tmp_path / "other", seed=7)
     with pytest.raises(OutputDirError, match=re.escape(f"instance_data_dir: '{photos}' -> '{other}'")):
         run_training(tiny_config(tiny_sd15_dir, other, out, checkpointing_steps=1))
+    # A setting one of the two runs leaves unset reads "(not set)", not Python's None.
+    with pytest.raises(OutputDirError, match=re.escape("lora_alpha: (not set) -> 8.0")):
+        run_training(tiny_config(tiny_sd15_dir, photos, out, checkpointing_steps=1, lora_alpha=8.0))
     assert snapshot(out) == before
 
 

@@ -182,3 +182,20 @@ def test_a_flag_that_this_run_will_not_use_is_named_in_one_line(tmp_path, capsys
     parse_args([*base, "--mixer_init", "orthogonal", "--validation_prompt", "sks dog", "--validation_steps", "5",
                 "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(tmp_path)])
     assert "Note:" not in capsys.readouterr().out  # the same flags where they act: nothing to say
+
+
+def test_the_default_output_folder_is_named_when_no_output_dir_is_given(tmp_path, capsys, monkeypatch):
+    """Without --output_dir the run's files went to ./moslora-dreambooth-model (./mole-gates for gates), a folder
+    the command line never named."""
+    from moslora_diffusion.mole.gate_config import parse_gate_args
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path),
+            "--instance_prompt", "a photo of sks dog"]
+    parse_args(base)
+    assert f"Output: {tmp_path / 'moslora-dreambooth-model'} (--output_dir's default; give --output_dir to " \
+           "choose the folder)" in capsys.readouterr().out.splitlines()
+    parse_args([*base, "--output_dir", "mine"])
+    assert "Output:" not in capsys.readouterr().out
+    parse_gate_args(["--pretrained_model_name_or_path", "m", "--experts", "a", "b"])
+    assert f"Output: {tmp_path / 'mole-gates'}" in capsys.readouterr().out

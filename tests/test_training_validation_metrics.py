@@ -5,6 +5,7 @@ adapter kept with its step and scores; bad combinations refused before anything 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,25 @@ def test_toy_scores_need_the_toy_size_once_the_model_gives_its_own(tmp_path):
         training_resolution(config, model)
     model.info.default_resolution = 64
     assert training_resolution(config, model) == 64
+
+
+def test_without_resolution_a_run_trains_at_the_base_models_own_size(tmp_path):
+    """The embedded toy base (16 x 16 latents, VAE factor 4) was trained at the SD 1.x family's 512 px: 64 x the
+    pixels of its 64 px world (`mole train` on the toy base hit it first)."""
+    import types
+
+    from moslora_diffusion.training.trainer.plan import training_resolution
+
+    config = tiny_config(TOY / "toy-base", TOY / "toy-subject", tmp_path / "run", resolution=None)
+
+    def base(sample_size, factor):
+        pipe = types.SimpleNamespace(unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=sample_size)),
+                                     vae_scale_factor=factor)
+        return types.SimpleNamespace(pipe=pipe, info=types.SimpleNamespace(default_resolution=512))
+
+    assert training_resolution(config, base(16, 4)) == 64  # the toy base
+    assert [training_resolution(config, base(s, 8)) for s in (64, 96, 128)] == [512, 768, 1024]  # SD 1.5, 2.1, XL
+    assert training_resolution(replace(config, resolution=128), base(16, 4)) == 128  # --resolution wins
 
 
 def test_dreambench_scorer_models_are_fetched_before_the_model_loads(tmp_path, monkeypatch, tiny_scorer_dirs):

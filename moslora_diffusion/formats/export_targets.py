@@ -64,6 +64,9 @@ def _check_scales(adapters: Adapters) -> None:
     """Every (path, scale) pair's scale finite and within SCALE_MIN..SCALE_MAX, before anything is loaded."""
     for path, scale in adapters:
         check_number(f"scale of adapter {str(path)!r}", scale, SCALE, ExportError)
+        if float(scale) == 0:  # it wrote a LoRA of zeros (or a copy of the base) without a word
+            raise ExportError(f"adapter {str(path)!r} at scale 0 would export nothing of it: give a scale other than "
+                              "0 (PATH:SCALE), or leave that adapter out")
 
 
 def _check_choices(target: str, dtype: str) -> None:

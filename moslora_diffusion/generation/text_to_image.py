@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..checks import MAX_SEED, SCALE, Range, number_problems
 from ..files.atomic import save_new_image
+from ..models.families import native_size  # noqa: F401  (its callers import it from here too)
 from .fusion import FusedAdapters
 
 MAX_SIDE = 2048
@@ -118,16 +119,6 @@ def validate_request(req: GenerationRequest, loaded: list[str] | None = None) ->
     if clean.seed == -1:
         clean.seed = random.randint(0, MAX_SEED)
     return clean
-
-
-def native_size(pipe, family_default: int) -> int:
-    """The size the model was trained at (UNet sample size x VAE factor, as diffusers' own default), which is
-    the family's resolution for every real checkpoint (512 / 768 / 1024) and small for the tiny test models."""
-    try:
-        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    except (AttributeError, TypeError):
-        return family_default
-    return min(max(64, size - size % 8), 2048)
 
 
 def make_scheduler(label: str, config):
@@ -249,6 +240,9 @@ def save_png(item: GeneratedImage, folder: str | Path) -> Path:
     folder = Path(folder) / datetime.now().strftime("%Y-%m-%d")
     meta = PngInfo()
     meta.add_text("parameters", item.infotext)
-    first = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+    # The next number after the highest: a composition's mask pictures (<n>-<seed>-<label>-mask-<expert>.png) share
+    # their image's number, so counting files made the numbers skip one per mask.
+    numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()] if folder.is_dir() else []
+    first = max(numbers, default=-1) + 1
     names = (f"{n:05d}-{item.seed}-{item.label}.png" for n in itertools.count(first))
     return save_new_image(item.image, folder, names, "PNG", pnginfo=meta)

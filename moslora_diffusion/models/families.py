@@ -109,3 +109,13 @@ def detect_model(source) -> ModelInfo:
 
 def detect_family(source) -> Family:
     return detect_model(source).family
+
+
+def native_size(pipe, family_default: int) -> int:
+    """The size the model was trained at (UNet sample size x VAE factor, as diffusers' own default), which is
+    the family's resolution for every real checkpoint (512 / 768 / 1024) and small for the tiny test models."""
+    try:
+        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    except (AttributeError, TypeError):
+        return family_default
+    return min(max(64, size - size % 8), 2048)

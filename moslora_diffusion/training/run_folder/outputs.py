@@ -127,6 +127,11 @@ def _as_flag(name: str, value) -> str:
     return f"(no --{name})" if value is None else f"--{name} {shlex.quote(str(value))}"
 
 
+def _shown(value) -> str:
+    """A setting's value in the different-run message: `'a dog'`, `4`, or `(not set)` (it printed `None`)."""
+    return "(not set)" if value is None else repr(value)
+
+
 def _check_same_run(folder: Path, record: dict, config: TrainConfig) -> None:
     ours = config.run_defining()
     # A setting newer than the stored run had its default there: a run started before an update still resumes.
@@ -138,7 +143,7 @@ def _check_same_run(folder: Path, record: dict, config: TrainConfig) -> None:
         return
     then = {k: stored_path(k, stored[k], inputs.get(k)) for k in differing}  # paths resolved, as compared
     now = {k: resolve_path_setting(ours[k]) if k in PATH_SETTINGS else ours[k] for k in differing}
-    changes = ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in differing)
+    changes = ", ".join(f"{k}: {_shown(then[k])} -> {_shown(now[k])}" for k in differing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an incomplete checkpoint is reported when the run resumes
         checkpoints = list_checkpoints(folder)

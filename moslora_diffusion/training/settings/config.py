@@ -17,7 +17,7 @@ from ...data.captions import CaptionOptions
 from ...evaluation.toy_scorer import size_problem
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
-from .flags import ConfigError, check_choices, check_not_empty, check_types, flag_values
+from .flags import ConfigError, check_choices, check_not_empty, check_types, default_output_note, flag_values
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
 from .presets import load_preset, preset_names, preset_path
@@ -312,8 +312,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(str(err) + _from_preset_note(str(err), values, from_preset)) from None
     if from_preset:
         print(f"Preset {config.preset}: {preset_path(config.preset)} (flags given on the command line win)")
-    for note in unused_flag_notes(config, given):
-        print(note)
+    for note in [*unused_flag_notes(config, given), default_output_note(config, given | set(from_preset))]:
+        if note:
+            print(note)
     if optimizer_default:
         print(f"--optimizer {config.optimizer} without --learning_rate: learning rate {config.learning_rate:g}, "
               "that optimizer's usual value")

@@ -184,5 +184,20 @@ def _named_on_command_line(argv: list[str] | None, cls: type, prog: str, descrip
 
 
 def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
-    """Command line (plus an optional --config file) -> a validated instance of `cls`."""
-    return cls(**flag_values(argv, cls, prog, description)[0])
+    """Command line (plus an optional --config file) -> a validated instance of `cls`; says where the outputs go
+    when --output_dir was left to its default (default_output_note)."""
+    values, from_preset, given = flag_values(argv, cls, prog, description)
+    config = cls(**values)
+    note = default_output_note(config, given | set(from_preset))
+    if note:
+        print(note)
+    return config
+
+
+def default_output_note(config, given: set[str]) -> str | None:
+    """"Output: /abs/path (--output_dir's default; ...)" when the user set no --output_dir: the run's files went to a
+    folder named nowhere on the command line, and users looked for them."""
+    if "output_dir" in given or not hasattr(config, "output_dir"):
+        return None
+    where = Path(config.output_dir).expanduser().resolve()
+    return f"Output: {where} (--output_dir's default; give --output_dir to choose the folder)"

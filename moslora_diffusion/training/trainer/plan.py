@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...data import DreamBoothDataset, ImageRecord, PhotoScan, ensure_class_images, make_buckets
+from ...models.families import native_size
 from ..model.components import BaseModel
 from ..settings.config import ConfigError, TrainConfig, check_toy_resolution, preserves_base_output
 
@@ -46,9 +47,13 @@ def make_plan(config: TrainConfig, base: BaseModel, resolution: int, batches_per
 
 
 def training_resolution(config: TrainConfig, base: BaseModel) -> int:
-    """--resolution, else the model family's; ConfigError when --validation_metrics toy cannot score that size
-    (checked once the model is known, before any training step)."""
-    resolution = config.resolution or base.info.default_resolution
+    """--resolution, else the size the base model was trained at (native_size: 512 / 768 / 1024 for real SD
+    checkpoints, 64 for the embedded toy base, which was trained at 512 before: 64x the pixels and blurred
+    photos); ConfigError when --validation_metrics toy cannot score that size (checked once the model is known,
+    before any training step)."""
+    pipe = getattr(base, "pipe", None)
+    family_default = base.info.default_resolution
+    resolution = config.resolution or (native_size(pipe, family_default) if pipe is not None else family_default)
     check_toy_resolution(config, resolution)
     return resolution
 
