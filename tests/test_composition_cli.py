@@ -225,3 +225,19 @@ def test_a_pivotal_tuning_expert_is_refused_before_the_model_loads(experts, tmp_
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert "trained with pivotal tuning (learned vectors for 'sks'; the preset toy-subject turns it on)" in err
     assert "--no-train_text_encoder_ti" in err and not out.exists()
+
+
+def test_a_folder_where_a_file_belongs_is_named_for_what_it_is(experts, tmp_path, capsys):
+    """A folder as a mask read "mask file not found"; a DreamBooth folder as --mole read "mole.safetensors: no such
+    file": both sent users looking for a typo."""
+    out = tmp_path / "out"
+    for extra, message in (
+            (["--experts", *experts, "--region_mask", f"dog={tmp_path}"],
+             f"{tmp_path} is a folder; a mask is a greyscale PNG file (white = the region)"),
+            (["--mole", experts[0]], f"--mole {experts[0]} is a DreamBooth training folder (one expert's "
+             "moslora.safetensors), not a MoLE: give it with --experts")):
+        with pytest.raises(SystemExit) as stop:
+            main([*_common(tmp_path / "no-model-here", out), *extra])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert not out.exists()

@@ -95,6 +95,16 @@ def test_a_scale_of_0_is_refused_before_anything_is_written(tiny_sd15_dir, run_d
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mole_folder_is_sent_to_mole_export(tiny_sd15_dir, tmp_path, capsys):
+    """It read "has no moslora.safetensors (is it a training output folder?)": it is one, of gates."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "mole.safetensors").write_bytes(b"not read")
+    _fails_with(capsys, f"{gates} holds a MoLE (mole.safetensors), not an adapter: export it with `python -m "
+                f"moslora_diffusion.mole export --mole {gates} --to ...`", tiny_sd15_dir, gates, "lora-kohya",
+                tmp_path / "x.safetensors")
+
+
 def test_missing_adapter_file(tiny_sd15_dir, tmp_path, capsys):
     _fails_with(capsys, "adapter file not found", tiny_sd15_dir, tmp_path / "nope.safetensors", "lora-kohya",
                 tmp_path / "x.safetensors")

@@ -33,6 +33,8 @@ def read_mask_picture(path: str | Path) -> np.ndarray:
     """A mask image (greyscale, or RGB with equal channels; alpha ignored) -> (H, W) float32 value / 255.
     CompositionError (one line) for a missing file or a picture that is not a mask."""
     path = Path(path).expanduser()
+    if path.is_dir():  # "mask file not found" for a folder that is there sent users looking for a typo
+        raise CompositionError(f"{path} is a folder; a mask is a greyscale PNG file (white = the region)")
     if not path.is_file():
         raise CompositionError(f"mask file not found: {path}")
     try:

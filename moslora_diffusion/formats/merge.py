@@ -24,6 +24,9 @@ def resolve_adapter_path(path: str | Path) -> Path:
     """A training output folder means its `moslora.safetensors`; a file is taken as it is."""
     path = Path(path).expanduser()
     if path.is_dir():
+        if (path / "mole.safetensors").is_file() and not (path / ADAPTER_FILE_NAME).is_file():
+            raise AdapterError(f"{path} holds a MoLE (mole.safetensors), not an adapter: export it with `python -m "
+                               f"moslora_diffusion.mole export --mole {path} --to ...`")
         if not (path / ADAPTER_FILE_NAME).is_file():
             raise AdapterError(f"adapter folder {path} has no {ADAPTER_FILE_NAME} (is it a training output folder?)")
         return path / ADAPTER_FILE_NAME

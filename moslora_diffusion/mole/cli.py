@@ -91,6 +91,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def mole_file(path: Path) -> Path:
+    """The MoLE file of --mole (a file, or a gate-training folder holding mole.safetensors). MoLEError for a
+    DreamBooth training folder, which holds one expert's adapter and no gates."""
+    if path.is_dir() and not (path / FILE_NAME).exists() and (path / "moslora.safetensors").is_file():
+        raise MoLEError(f"--mole {path} is a DreamBooth training folder (one expert's moslora.safetensors), not a "
+                        "MoLE: give it with --experts, or train gates over several experts with `python -m "
+                        "moslora_diffusion.mole train`")
     return path / FILE_NAME if path.is_dir() else path
 
 
