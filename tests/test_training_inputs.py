@@ -110,7 +110,7 @@ def test_config_file_holds_any_flag_and_the_command_line_wins(tmp_path):
         parse_args(["--config", str(tmp_path / "typo.yaml")])
     (tmp_path / "wrong.yaml").write_text("pretrained_model_name_or_path: m\ninstance_data_dir: d\n"
                                          "instance_prompt: p\nrank: four\n")
-    with pytest.raises(SystemExit):  # argparse: "argument --rank: invalid int value: 'four'"
+    with pytest.raises(ConfigError, match="rank is 'four'; give a whole number"):  # was argparse's "--rank"
         parse_args(["--config", str(tmp_path / "wrong.yaml")])
 
 
@@ -199,3 +199,18 @@ def test_the_default_output_folder_is_named_when_no_output_dir_is_given(tmp_path
     assert "Output:" not in capsys.readouterr().out
     parse_gate_args(["--pretrained_model_name_or_path", "m", "--experts", "a", "b"])
     assert f"Output: {tmp_path / 'mole-gates'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, message", [
+    ("rank: abc", "--config {file}: rank is 'abc'; give a whole number"),  # was "argument --rank: invalid int"
+    ("rank: 2.5", "--config {file}: rank is 2.5; give a whole number"),
+    ("learning_rate: fast", "--config {file}: learning_rate is 'fast'; give a number"),
+    ("center_crop: maybe", "--config {file}: center_crop is 'maybe'; give true or false"),
+    ("rank: -3", "--rank must be > 0, got -3 (--rank: set in --config {file})"),  # the flag was never typed
+])
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"pretrained_model_name_or_path: m\ninstance_data_dir: d\ninstance_prompt: {PROMPT}\n{line}\n")
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(config)])
+    assert str(err.value) == message.format(file=config)

@@ -17,7 +17,15 @@ from ...data.captions import CaptionOptions
 from ...evaluation.toy_scorer import size_problem
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
-from .flags import ConfigError, check_choices, check_not_empty, check_types, default_output_note, flag_values
+from .flags import (
+    ConfigError,
+    check_choices,
+    check_not_empty,
+    check_types,
+    default_output_note,
+    flag_values,
+    from_file_note,
+)
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
 from .presets import load_preset, preset_names, preset_path
@@ -301,7 +309,7 @@ def check_toy_resolution(c: TrainConfig, resolution: int | None) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Command line (plus an optional --config file and --preset) -> a validated TrainConfig; a ConfigError about a
     flag the preset set says so. Prints one line for the preset and one for an optimizer's default learning rate."""
-    values, from_preset, given = flag_values(argv, TrainConfig, PROG, DESCRIPTION, load_preset)
+    values, from_preset, from_file, given = flag_values(argv, TrainConfig, PROG, DESCRIPTION, load_preset)
     _drop_orphans(values, from_preset, given)
     optimizer_default = "optimizer" in given and "learning_rate" not in given
     if optimizer_default:  # a preset's learning rate is for the preset's optimizer, not the one chosen here
@@ -309,7 +317,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     try:
         config = TrainConfig(**values)
     except ConfigError as err:
-        raise ConfigError(str(err) + _from_preset_note(str(err), values, from_preset)) from None
+        raise ConfigError(str(err) + _from_preset_note(str(err), values, from_preset)
+                          + from_file_note(str(err), from_file)) from None
     if from_preset:
         print(f"Preset {config.preset}: {preset_path(config.preset)} (flags given on the command line win)")
     for note in [*unused_flag_notes(config, given), default_output_note(config, given | set(from_preset))]:

@@ -139,6 +139,8 @@ def load_config_file(path: str | Path, cls: type) -> dict:
             raise ConfigError(f"--config {path}: unknown setting {key!r}"
                               + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     types = field_types(cls)
+    for key, value in values.items():  # argparse would report a bad value as "argument --key", not as the file's
+        _check_file_value(path, key, value, types[key][0])
     # A list in the file for a list flag: kept as a tuple, as the command line gives it.
     return {k: tuple(v) if types[k][0] is tuple and isinstance(v, list) else v for k, v in values.items()}
 
@@ -152,11 +154,28 @@ def _toml():
     return tomllib
 
 
+def _check_file_value(path: Path, key: str, value, kind: type) -> None:
+    """ConfigError naming the file and the setting for a value of the wrong kind (a word where a number goes)."""
+    if value is None:
+        return
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"--config {path}: {key} is {value!r}; give true or false")
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind is int and not number.is_integer()):
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"--config {path}: {key} is {value!r}; give {what}")
+
+
 def flag_values(argv: list[str] | None, cls: type, prog: str, description: str,
-                load_preset: Callable[[str, type], dict] | None = None) -> tuple[dict, dict, set[str]]:
-    """(every flag's value, the values the preset set, the names the user gave on the command line or in the
-    config file) from the command line, an optional --config file and an optional preset (`--preset NAME`, or
-    `preset = NAME` in the config file, read with `load_preset`).
+                load_preset: Callable[[str, type], dict] | None = None) -> tuple[dict, dict, dict, set[str]]:
+    """(every flag's value, the values the preset set, {setting: the --config file that set it} for the ones the
+    command line left to the file, the names the user gave on the command line or in the config file) from the
+    command line, an optional --config file and an optional preset (`--preset NAME`, or `preset = NAME` in the
+    config file, read with `load_preset`).
     Precedence: command line > config file > preset > the field defaults."""
     pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--config")
@@ -171,7 +190,9 @@ def flag_values(argv: list[str] | None, cls: type, prog: str, description: str,
     values.pop("config")
     values.pop("debug")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return values, from_preset, set(from_file) | _named_on_command_line(argv, cls, prog, description)
+    on_command_line = _named_on_command_line(argv, cls, prog, description)
+    from_file_only = {k: known.config for k in from_file if k not in on_command_line}
+    return values, from_preset, from_file_only, set(from_file) | on_command_line
 
 
 def _named_on_command_line(argv: list[str] | None, cls: type, prog: str, description: str) -> set[str]:
@@ -186,12 +207,22 @@ def _named_on_command_line(argv: list[str] | None, cls: type, prog: str, descrip
 def parse_flags(argv: list[str] | None, cls: type, prog: str, description: str):
     """Command line (plus an optional --config file) -> a validated instance of `cls`; says where the outputs go
     when --output_dir was left to its default (default_output_note)."""
-    values, from_preset, given = flag_values(argv, cls, prog, description)
-    config = cls(**values)
+    values, from_preset, from_file, given = flag_values(argv, cls, prog, description)
+    try:
+        config = cls(**values)
+    except ConfigError as err:
+        raise ConfigError(str(err) + from_file_note(str(err), from_file)) from None
     note = default_output_note(config, given | set(from_preset))
     if note:
         print(note)
     return config
+
+
+def from_file_note(message: str, from_file: dict[str, str]) -> str:
+    """" (--x: set in --config FILE)" for the settings an error message names that the config file set (the
+    message names the flag, and the user looked for it on the command line)."""
+    named = [key for key in from_file if f"--{key}" in message]
+    return f" ({', '.join(f'--{k}' for k in named)}: set in --config {from_file[named[0]]})" if named else ""
 
 
 def default_output_note(config, given: set[str]) -> str | None:
