@@ -135,6 +135,21 @@ def test_fitted_masks_are_inside_the_boxes_and_the_background_mask_is_the_rest(s
     assert not np.array_equal(pixels(plain.images), pixels(fitted.images))  # fitting changed the drawing
 
 
+def test_a_whole_image_region_stays_the_expert_alone_with_fitting(setup, monkeypatch):
+    """The issue's invariant (a region over the whole image equals the method without regions) holds with fitting
+    too: there is nothing around a whole-image subject to give to a background."""
+    pipe, experts, _ = setup
+    monkeypatch.setattr("moslora_diffusion.composition.latent_blend.DEFAULT_FIT_THRESHOLD", 0.9)  # would shrink
+    req = request(steps=4)
+    whole = [Region("dog", box=(0, 0, 1, 1), prompt="a photo of sks dog on grass")]
+    plain = compose(pipe, experts, "regional", req, whole, blend="latent")
+    fitted = compose(pipe, experts, "regional", req, whole, blend="latent", fit_steps=1)
+    assert np.array_equal(pixels(plain.images), pixels(fitted.images))
+    assert fitted.masks[0]["dog"].min() == 1
+    half = [Region("dog", box=(0, 0, 0.5, 1), prompt="a photo of sks dog on grass")]
+    assert compose(pipe, experts, "regional", req, half, blend="latent", fit_steps=1).masks[0]["dog"].sum() < 64 * 32
+
+
 def test_a_background_expert_is_the_same_as_a_mask_of_the_rest(setup):
     pipe, experts, _ = setup
     req = request()

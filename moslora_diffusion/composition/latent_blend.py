@@ -22,10 +22,11 @@ contexts.py's area mix for every branch.
 Fitting (`fit_steps`, `background`). With boxes, each expert also paints its own background over its whole box,
 so two subjects stand on two backgrounds with a seam between them, and a background expert never reaches the
 boxes. After `fit_steps` steps (the boxes have fixed where and how big each subject is) every region but the
-background's shrinks to its subject's silhouette (`silhouettes`: where the expert's predicted clean latent
-stands out from the region's edge), and every position a region gives up goes to the background: the base model
-with the global prompt, or the `background` expert, which draws wherever the regions leave room, unrolled (a
-background has no centre). From then on one model draws one background around every subject.
+background's shrinks to its subject's silhouette (`silhouettes`: where the expert's predicted clean latent stands
+out from the region's edge), and every position a region gives up goes to the background: the base model with
+the global prompt, or the `background` expert, which draws wherever the regions leave room, unrolled (a
+background has no centre). From then on one model draws one background around every subject. A region over the
+whole image is not fitted: it stays that expert alone (there is nothing around it to give away).
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class LatentBlend:
         fitted = given[:self.images].clone()  # (B_images, N, h, w): the halves of a guided batch are equal
         regions = fitted > 0
         for i in range(given.shape[1]):
-            if i == self.background or (i + 1) not in predictions:
-                continue
+            if i == self.background or (i + 1) not in predictions or bool(regions[:, i].all()):
+                continue  # a whole-image region is that expert alone: nothing around it to give to a background
             x0 = predicted_clean(scheduler, self._guided(sample), timestep, self._guided(predictions[i + 1]))
             fitted[:, i] = fitted[:, i] * silhouettes(x0, regions[:, i], self.threshold)
         if self.background is not None:
