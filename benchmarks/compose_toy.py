@@ -8,8 +8,9 @@ gates (the gate trainer's spatial_gates) are trained for each expert set the cas
 method draws every case of both splits (compose_toy_cases.py) with the same generation seeds:
 
 - `sum`, `nla`, `mole`, `switch`, `composite`: the whole-image methods; `regional`: the cases' places as
-  boxes (the zigzag expert: the rest of the image), with or without each region's own prompt; `auto`: masks
-  from the trigger words' cross-attention; `spatial_mole`: per-position gates;
+  boxes (the zigzag expert: compose's `background`, wherever the box leaves room), with or without each region's
+  own prompt, the attention or the latent blend, and the latent blend fitted after 3 or 6 of the 20 steps;
+  `auto`: masks from the trigger words' cross-attention; `spatial_mole`: per-position gates;
 - `base`: the base model; `alone`: the named subject's expert alone (one-subject cases: the ceiling).
 
 Settings (regional's region prompts, switch's steps per expert) are chosen on the validation split by its
