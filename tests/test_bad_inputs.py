@@ -85,7 +85,7 @@ def w(tiny_sd15_dir, tmp_path_factory):
              photos, photos, "--expert_prompts", PROMPT, PROMPT, "--output_dir", str(out)]
     return types.SimpleNamespace(root=root, run=run, out=out, app=app, cat=cat, pipe=pipe, base=base, train=train,
                                  fresh=fresh, generate=generate, export=export, gates=gates,
-                                 evaluate=evaluate)
+                                 evaluate=evaluate, mole=root / "gates" / "mole.safetensors")
 
 
 def _full_disk(call):
@@ -181,10 +181,11 @@ CASES = [
     _case("export", lambda w: _full_disk(lambda: export_main(w.export + ["--adapter", str(w.run), "--out",
                                                                          str(w.out / "new" / "x.safetensors")])),
           "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
-    _case("mole", lambda w: _full_disk(lambda: mole_main(["generate", "--base", w.base, "--mole", str(w.run),
+    # (--mole names a MoLE file the disk check comes before; a DreamBooth folder there is now refused at once)
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["generate", "--base", w.base, "--mole", str(w.mole),
                                                           "--prompt", PROMPT, "--out", str(w.out / "new")])),
           "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
-    _case("mole", lambda w: _full_disk(lambda: mole_main(["export", "--base", w.base, "--mole", str(w.run), "--to",
+    _case("mole", lambda w: _full_disk(lambda: mole_main(["export", "--base", w.base, "--mole", str(w.mole), "--to",
                                                           "lora-kohya", "--out", str(w.out / "new.safetensors")])),
           "2 MiB free, and writing there needs 0 MiB plus 64 MiB kept free"),
     # python app.py: the port's range with the other numbers (issue 28, item 5)
