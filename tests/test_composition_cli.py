@@ -104,8 +104,12 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     (["--method", "sum", "--background", "style"], "--background is for --method regional and --region / "
      "--region_mask; this run has --method sum"),
     (["--region", "dog=0,0,0.5,1", "--background", "cow"], "background 'cow' is not one of the experts (dog, style)"),
-    (["--region", "dog=0,0,0.5,1", "--background", "dog"], "'dog' is the background, which draws wherever the other "
-     "regions leave room; give it no region of its own"),
+    (["--region", "dog=0,0,0.5,1", "--background", "dog"], "'dog' is the background: it draws wherever the other "
+     "regions leave room and reads the global prompt; give it no region or region prompt of its own"),
+    (["--region", "dog=0,0,0.5,1", "--region_prompt", "style=zz", "--background", "style"], "'style' is the "
+     "background"),  # it said "give a box or a mask", then refused the box
+    (["--region", "dog=0,0,0.5,1", "--background", "style", "--background", "dog"], "--background given twice; "
+     "one expert draws the background"),  # the last one silently won
     # the experts' training prompts are read from their files' headers: this was only found after loading
     # (both tiny experts record "a photo of sks dog": no word tells them apart, whatever the prompt)
     (["--method", "auto", "--prompt", "a photo of a horse"], "every word of expert 'dog''s training prompt ('a photo "

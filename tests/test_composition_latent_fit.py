@@ -135,19 +135,21 @@ def test_fitted_masks_are_inside_the_boxes_and_the_background_mask_is_the_rest(s
     assert not np.array_equal(pixels(plain.images), pixels(fitted.images))  # fitting changed the drawing
 
 
-def test_a_whole_image_region_stays_the_expert_alone_with_fitting(setup, monkeypatch):
-    """The issue's invariant (a region over the whole image equals the method without regions) holds with fitting
-    too: there is nothing around a whole-image subject to give to a background."""
+def test_a_whole_image_region_is_never_fitted(setup, monkeypatch):
+    """The issue's invariant (a region over the whole image equals the method without regions) holds with fitting:
+    a whole-image region keeps its share (there is nothing around it to give away), a box beside it is fitted, and
+    fitting only whole-image regions is refused (it would do nothing)."""
     pipe, experts, _ = setup
-    monkeypatch.setattr("moslora_diffusion.composition.latent_blend.DEFAULT_FIT_THRESHOLD", 0.9)  # would shrink
+    monkeypatch.setattr("moslora_diffusion.composition.latent_blend.DEFAULT_FIT_THRESHOLD", 0.9)  # boxes shrink
     req = request(steps=4)
-    whole = [Region("dog", box=(0, 0, 1, 1), prompt="a photo of sks dog on grass")]
-    plain = compose(pipe, experts, "regional", req, whole, blend="latent")
-    fitted = compose(pipe, experts, "regional", req, whole, blend="latent", fit_steps=1)
-    assert np.array_equal(pixels(plain.images), pixels(fitted.images))
-    assert fitted.masks[0]["dog"].min() == 1
-    half = [Region("dog", box=(0, 0, 0.5, 1), prompt="a photo of sks dog on grass")]
-    assert compose(pipe, experts, "regional", req, half, blend="latent", fit_steps=1).masks[0]["dog"].sum() < 64 * 32
+    layout = [Region("dog", box=(0, 0, 1, 1), prompt="a photo of sks dog on grass"),
+              Region("style", box=(0.5, 0, 1, 1))]
+    plain = compose(pipe, experts, "regional", req, layout, blend="latent")
+    fitted = compose(pipe, experts, "regional", req, layout, blend="latent", fit_steps=1)
+    assert np.array_equal(fitted.masks[0]["dog"], plain.masks[0]["dog"])  # 1 on the left, 1/2 beside style
+    assert fitted.masks[0]["style"].sum() < plain.masks[0]["style"].sum()  # the box beside it shrank
+    with pytest.raises(CompositionError, match="fit_steps has nothing to fit: every region covers the whole image"):
+        compose(pipe, experts, "regional", req, layout[:1], blend="latent", fit_steps=1)
 
 
 def test_a_background_expert_is_the_same_as_a_mask_of_the_rest(setup):
@@ -170,9 +172,17 @@ def test_a_background_expert_is_the_same_as_a_mask_of_the_rest(setup):
     ({"blend": "latent", "fit_steps": 4}, None, "fit_steps 4: give a whole number"),
     ({"blend": "latent", "fit_steps": 1.5}, None, "fit_steps 1.5: give a whole number"),
     ({"background": "cow"}, None, "background 'cow' is not one of the experts (dog, style)"),
-    ({"background": "dog"}, None, "'dog' is the background, which draws wherever the other regions leave room; "
-     "give it no region"),
+    ({"background": "dog"}, None, "'dog' is the background: it draws wherever the other regions leave room and "
+     "reads the global prompt; give it no region or region prompt of its own"),
+    ({"background": "dog"}, [Region("dog", box=(0, 0, 1, 1), prompt="a dog")], "'dog' is the background"),
     ({}, [], "method 'regional' needs at least one region"),
+    # found by a new user: each of these ran and did nothing of what was asked, without a word
+    ({"background": "style"}, [], "method 'regional' needs at least one region: a box or mask per expert (the "
+     "background draws around the regions)"),
+    ({"background": "style"}, [Region("dog", box=(0, 0, 1, 1))], "the regions cover the whole image, so the "
+     "background 'style' would draw nothing"),
+    ({"blend": "latent", "fit_steps": 2}, [Region("dog", box=(0, 0, 1, 1))], "fit_steps has nothing to fit: every "
+     "region covers the whole image"),
 ])
 def test_bad_fit_and_background_options_are_one_line_before_anything_runs(setup, options, regions, message):
     pipe, experts, _ = setup
@@ -181,7 +191,9 @@ def test_bad_fit_and_background_options_are_one_line_before_anything_runs(setup,
         compose(pipe, experts, "regional", request(steps=4), given, **options)
 
 
-def test_a_background_alone_is_a_whole_image_layout(setup):
+def test_fitting_needs_two_steps(setup):
+    """With --steps 1 the range read "at least 1 and below the 1 denoising steps": no value could pass."""
     pipe, experts, _ = setup
-    result = compose(pipe, experts, "regional", request(), [], background="style")
-    assert result.masks[0]["style"].min() == 1 and result.masks[0]["dog"].max() == 0
+    with pytest.raises(CompositionError, match=r"fit_steps needs at least 2 denoising steps \(this run has 1\)"):
+        compose(pipe, experts, "regional", request(steps=1), [Region("dog", box=(0, 0, 0.5, 1))], blend="latent",
+                fit_steps=1)

@@ -168,8 +168,10 @@ def test_resuming_from_a_checkpoint_of_another_family_is_refused(tiny_sd15_dir, 
     (["--adapter", "lora", "--mixer_init", "orthogonal"], "Note: --mixer_init has no effect in this run (--adapter "
      "lora has no mixer)"),
     (["--class_prompt", "a photo of a dog", "--num_class_images", "5"], "Note: --class_prompt, --num_class_images "
-     "have no effect in this run (they act with --with_prior_preservation)"),
-    (["--validation_steps", "50"], "Note: --validation_steps has no effect in this run (it acts with "
+     "have no effect in this run (used only with --with_prior_preservation)"),
+    (["--class_prompt", "a photo of a dog"], "Note: --class_prompt has no effect in this run (used only with "
+     "--with_prior_preservation)"),  # it said "they act" of one flag
+    (["--validation_steps", "50"], "Note: --validation_steps has no effect in this run (used only with "
      "--validation_prompt or --validation_loss_photos)"),
 ])
 def test_a_flag_that_this_run_will_not_use_is_named_in_one_line(tmp_path, capsys, extra, note):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..generation.text_to_image import GenerationRequest, make_scheduler, validate_request
 from ..mole import Expert
-from .regions import CompositionError, Region, check_regions
+from .regions import CompositionError, Region, check_regions, expert_masks, region_mask
 
 METHODS = ("sum", "nla", "mole", "switch", "composite", "regional", "auto", "spatial_mole")
 LAYOUT_METHODS = ("regional",)  # the methods that take user regions
@@ -45,25 +45,46 @@ class CompositionResult:
     regions: list[Region] = field(default_factory=list)
 
 
-def check_background(experts: Sequence[str], regions: Sequence[Region], options: Mapping, steps: int | None) -> None:
-    """regional's `background` (an expert that draws wherever the regions leave room, so it takes no region of
-    its own) and `fit_steps` (latent blend only: 1 <= fit_steps < steps). CompositionError, one line."""
+def check_background(experts: Sequence[str], regions: Sequence[Region], options: Mapping, steps: int | None,
+                     size: tuple[int, int] | None = None) -> None:
+    """regional's `background` (an expert that draws wherever the regions leave room and reads the global prompt,
+    so it takes no region of its own, and needs room: some region that is not the whole image) and `fit_steps`
+    (latent blend only: 1 <= fit_steps < steps, and some region to fit). CompositionError, one line."""
     background, fit_steps = options.get("background"), options.get("fit_steps")
-    if background is not None:
-        if background not in experts:
-            raise CompositionError(f"background {background!r} is not one of the experts ({', '.join(experts)})")
-        if any(r.expert == background for r in regions):
-            raise CompositionError(f"{background!r} is the background, which draws wherever the other regions leave "
-                                   "room; give it no region of its own (or no background)")
-    if fit_steps is None:
+    if background is not None and background not in experts:
+        raise CompositionError(f"background {background!r} is not one of the experts ({', '.join(experts)})")
+    if fit_steps is not None:
+        if options.get("blend", "attention") != "latent":
+            raise CompositionError("fit_steps needs the latent blend (--blend latent): only it draws each subject "
+                                   "with its expert alone, which is what finds the subject's outline")
+        if steps is not None and steps < 2:
+            raise CompositionError(f"fit_steps needs at least 2 denoising steps (this run has {steps}): the "
+                                   "regions are fitted after some steps and the rest are drawn fitted")
+        if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 1 or (
+                steps is not None and fit_steps >= steps):
+            limit = f" and below the {steps} denoising steps" if steps is not None else ""
+            raise CompositionError(f"fit_steps {fit_steps!r}: give a whole number of steps, at least 1{limit}")
+    if background is None and fit_steps is None:
         return
-    if options.get("blend", "attention") != "latent":
-        raise CompositionError("fit_steps needs the latent blend (--blend latent): only it draws each subject with "
-                               "its expert alone, which is what finds the subject's outline")
-    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 1 or (
-            steps is not None and fit_steps >= steps):
-        limit = f" and below the {steps} denoising steps" if steps is not None else ""
-        raise CompositionError(f"fit_steps {fit_steps!r}: give a whole number of steps, at least 1{limit}")
+    width, height = size or next((r.mask.shape[::-1] for r in regions if r.mask is not None), (64, 64))
+    masks = expert_masks(regions, list(experts), width, height)  # every region as drawn: the overlap rule
+    room = float(np.clip(1.0 - masks.sum(axis=0), 0, 1).max()) > 0  # somewhere the regions leave room
+    whole = [r.expert for r in regions if float(region_mask(r, width, height).min()) >= 1]
+    if background is not None and not room and fit_steps is None:
+        raise CompositionError(f"the regions cover the whole image, so the background {background!r} would draw "
+                               "nothing: make a region smaller, add --fit_steps (latent blend), or leave the "
+                               "background out")
+    if fit_steps is not None and len(whole) == len(regions):
+        raise CompositionError("fit_steps has nothing to fit: every region covers the whole image, and a "
+                               "whole-image region stays its expert alone; give boxes, or leave fit_steps out")
+
+
+def _check_background_regions(regions: Sequence[Region], options: Mapping) -> None:
+    background = options.get("background")
+    if background is not None and any(r.expert == background for r in regions):
+        raise CompositionError(f"{background!r} is the background: it draws wherever the other regions leave room "
+                               "and reads the global prompt; give it no region or region prompt of its own (or "
+                               "no background)")
 
 
 def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] = (), size: tuple[int, int] | None
@@ -84,13 +105,16 @@ def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] 
     if regions and method not in LAYOUT_METHODS:
         raise CompositionError(f"method {method!r} takes no regions (boxes, masks or region prompts); use "
                                f"--method regional for a layout, or leave the regions out")
-    if method in LAYOUT_METHODS and not regions and (options or {}).get("background") is None:
-        raise CompositionError(f"method {method!r} needs at least one region: a box or mask per expert")
+    if method in LAYOUT_METHODS:
+        _check_background_regions(regions, options or {})
+    if method in LAYOUT_METHODS and not regions:
+        extra = " (the background draws around the regions)" if (options or {}).get("background") else ""
+        raise CompositionError(f"method {method!r} needs at least one region: a box or mask per expert{extra}")
     if has_gates and method not in GATED_METHODS:
         raise CompositionError(f"method {method!r} takes no gates; gates are for {' and '.join(GATED_METHODS)}")
     check_regions(regions, experts, size)
     if method in LAYOUT_METHODS:
-        check_background(experts, regions, options or {}, steps)
+        check_background(experts, regions, options or {}, steps, size)
 
 
 def _not_available(method: str, owner: str):

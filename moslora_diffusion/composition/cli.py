@@ -48,6 +48,15 @@ def _pair(kind: str, example: str):
     return parse
 
 
+class _Once(argparse.Action):
+    """A flag given at most once (a second --background silently replaced the first)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            raise CompositionError(f"{option_string} given twice; one expert draws the background")
+        setattr(namespace, self.dest, values)
+
+
 def generate_parser() -> argparse.ArgumentParser:
     parser = mole_cli.generate_parser(mole_required=False)
     parser.description = ("Generate with several experts composed in one image (--method; default: regional with "
@@ -77,9 +86,9 @@ def generate_parser() -> argparse.ArgumentParser:
                         "cross-attention's output per position, one UNet forward a step; 'latent' denoises each "
                         "region with its expert alone and blends the predictions, one forward per expert (+ the "
                         "base where the regions leave room)")
-    parser.add_argument("--background", default=None, metavar="EXPERT", help="regional: the expert that draws "
-                        "wherever the regions leave room, instead of the base model (give it no region), e.g. a "
-                        "learned background")
+    parser.add_argument("--background", default=None, metavar="EXPERT", action=_Once, help="regional: the expert "
+                        "that draws wherever the regions leave room, instead of the base model (give it no "
+                        "region), e.g. a learned background")
     parser.add_argument("--fit_steps", type=int, default=None, metavar="N", help="regional --blend latent: after N "
                         "denoising steps each region shrinks to its subject's outline and the rest of it goes to "
                         "the background (--background, else the base model): one background around every subject")

@@ -52,6 +52,9 @@ def run_export(args: argparse.Namespace) -> Path:
     regions = regions_from(args)
     method = _method(args, regions)
     refuse_unexpressible(method)  # first: its line says what to do instead
+    if args.fit_steps is not None:  # before _check, whose advice (--blend latent) the workflow refuses too
+        raise CompositionError("--fit_steps is not exported to a workflow: fitting needs the latent blend, which "
+                               "has no ComfyUI workflow; leave --fit_steps (and --blend latent) out to export")
     if len(args.prompt) != 1 or len(args.seeds) != 1:
         raise CompositionError("a workflow holds one image: give one --prompt and one --seeds value")
     names, prompts, stored = _experts_before_loading(args)

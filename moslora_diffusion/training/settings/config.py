@@ -333,11 +333,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # Flags the user may give that act only with another setting: (flags, condition under which they act, why not).
 _ACTS_ONLY_WITH = (
     (("class_prompt", "class_data_dir", "num_class_images", "prior_loss_weight"),
-     lambda c: c.with_prior_preservation, "they act with --with_prior_preservation"),
+     lambda c: c.with_prior_preservation, "used only with --with_prior_preservation"),
     (("mixer_init",), lambda c: c.adapter == "moslora", "--adapter lora has no mixer"),
-    (("num_validation_images",), lambda c: bool(c.validation_prompt), "it acts with --validation_prompt"),
+    (("num_validation_images",), lambda c: bool(c.validation_prompt), "used only with --validation_prompt"),
     (("validation_steps",), lambda c: bool(c.validation_prompt) or c.validation_loss_photos > 0,
-     "it acts with --validation_prompt or --validation_loss_photos"),
+     "used only with --validation_prompt or --validation_loss_photos"),
 )
 
 
