@@ -30,6 +30,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, paired_ratio, time_interleaved, write_results
 from benchmarks.mole_cost import build_pipeline, randomize_gates, write_experts
 from moslora_diffusion.composition import Region, compose
+from moslora_diffusion.composition.latent_blend import fit_steps_for
 from moslora_diffusion.generation.text_to_image import GenerationRequest, make_scheduler, run_pipeline
 from moslora_diffusion.mole import attach_mole, detach_mole, load_experts
 
@@ -58,13 +59,8 @@ def methods(pipe, experts, req: GenerationRequest) -> dict:
            "regional_prompts": method("regional", regions=prompted),
            "regional_latent": method("regional", regions=prompted, blend="latent"),
            "regional_latent_fitted": method("regional", regions=prompted, blend="latent",
-                                            fit_steps=fit_steps(req.steps))}
+                                            fit_steps=fit_steps_for(req.steps))}
     return fns
-
-
-def fit_steps(steps: int) -> int:
-    """The fitted blend's fit step: 30% of the steps (6 of 20, the composition benchmark's choice), 1 at least."""
-    return min(max(1, round(0.3 * steps)), max(1, steps - 1))
 
 
 def counted_run(pipe, fns: dict, steps: int) -> dict[str, float]:
@@ -172,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "cost). MoLE: learned-looking gates on every block. Regional: expert 1 on the left half, expert 2 on "
              "the right half; regional_prompts: each region also reads its own prompt; regional_latent: the latent "
              "blend (each region denoised by its expert alone, predictions blended), with region prompts; "
-             f"regional_latent_fitted: the same fitted after {fit_steps(args.steps)} of its {args.steps} steps "
+             f"regional_latent_fitted: the same fitted after {fit_steps_for(args.steps)} of its {args.steps} steps "
              "(from then on the base model also runs, where the subjects leave room: over 20 steps fitted after "
              "6, 0.3 x 2 + 0.7 x 3 = 2.7 forwards a step). UNet forwards per step are counted in the warm-up "
              "round (guidance's two halves are one batched forward).\n\n"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..composition import LAYOUT_METHODS, METHODS, CompositionError, Region, check_layout
+from ..composition.latent_blend import FIT_SHARE, fit_steps_for
 from ..composition.report import mask_picture, read_mask_picture
 from ..files.atomic import save_image
 from ..generation.text_to_image import GenerationRequest, make_scheduler
@@ -66,10 +67,9 @@ class Layout:
 
 
 # The tab's method dropdown: every method, and regional with the latent blend (plain and fitted) as choices of
-# their own. The fitted blend's fit_steps: this share of the steps (the composition benchmark's validation choice).
+# their own. The fitted blend's fit_steps: latent_blend.fit_steps_for (a share of the steps, recorded as `fit`).
 LATENT_LABEL = "regional (latent blend)"
 FITTED_LABEL = "regional (latent blend, fitted)"
-FIT_SHARE = 0.3
 METHOD_LABELS = tuple(m for name in METHODS
                       for m in ((name, LATENT_LABEL, FITTED_LABEL) if name == "regional" else (name,)))
 
@@ -79,15 +79,13 @@ def layout_for(label: str, slots: list[Slot]) -> Layout:
     if label == LATENT_LABEL:
         return Layout("regional", slots, "latent")
     if label == FITTED_LABEL:
-        return Layout("regional", slots, "latent", FIT_SHARE)
+        return Layout("regional", slots, "latent", FIT_SHARE)  # recorded, so a pasted text keeps the share
     return Layout(label, slots)
 
 
 def fit_steps(layout: Layout, steps: int) -> int | None:
-    """The fitted latent blend's fit_steps for a request of `steps` (at least 1, below `steps`); None: no fitting."""
-    if not layout.fit:
-        return None
-    return min(max(1, round(layout.fit * steps)), max(1, steps - 1))
+    """The fitted latent blend's fit_steps for a request of `steps`; None: no fitting."""
+    return fit_steps_for(steps, layout.fit) if layout.fit else None  # the recorded share: paste-back reproduces
 
 
 def _box(slot: Slot) -> tuple[float, ...]:

@@ -69,7 +69,7 @@ def check_background(experts: Sequence[str], regions: Sequence[Region], options:
     width, height = size or next((r.mask.shape[::-1] for r in regions if r.mask is not None), (64, 64))
     masks = expert_masks(regions, list(experts), width, height)  # every region as drawn: the overlap rule
     room = float(np.clip(1.0 - masks.sum(axis=0), 0, 1).max()) > 0  # somewhere the regions leave room
-    whole = [r.expert for r in regions if float(region_mask(r, width, height).min()) >= 1]
+    whole = [r.expert for r in regions if float(region_mask(r, width, height).min()) > 0]  # as latent_blend._fit
     if background is not None and not room and fit_steps is None:
         raise CompositionError(f"the regions cover the whole image, so the background {background!r} would draw "
                                "nothing: make a region smaller, add --fit_steps (latent blend), or leave the "

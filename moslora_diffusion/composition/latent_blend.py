@@ -41,6 +41,14 @@ from .router import SpatialRouter
 
 # silhouettes' threshold, chosen on the composition benchmark's validation split (0.2, 0.35 and 0.5 screened)
 DEFAULT_FIT_THRESHOLD = 0.35
+# The fit step as a share of the denoising steps where a caller picks it (the app's fitted blend): 6 of 20, the
+# composition benchmark's validation choice.
+FIT_SHARE = 0.3
+
+
+def fit_steps_for(steps: int, share: float = FIT_SHARE) -> int:
+    """`share` of `steps` denoising steps, at least 1 and below `steps` (fitting needs steps >= 2)."""
+    return min(max(1, round(share * steps)), max(1, steps - 1))
 
 
 def frame_offsets(shares: torch.Tensor) -> list[tuple[int, int]]:
