@@ -8,7 +8,7 @@ import torch
 from composition_helpers import pipeline_and_experts, pixels, request
 
 from moslora_diffusion.composition import CompositionError, Region, compose
-from moslora_diffusion.composition.latent_blend import latent_blend_forward
+from moslora_diffusion.composition.latent_blend import LatentBlend
 from moslora_diffusion.composition.regions import expert_masks, share_weights
 from moslora_diffusion.composition.router import attach_router, detach_router
 from moslora_diffusion.generation.fusion import FusedAdapters
@@ -71,7 +71,8 @@ def test_each_position_reads_its_regions_expert_alone_in_a_centred_frame_and_the
     try:
         router.set_shares(shares)
         router.set_contexts([None, contexts[1], contexts[2]])
-        blended = latent_blend_forward(router, pipe.unet.forward)(x, 500, encoder_hidden_states=contexts[0]).sample
+        forward = LatentBlend(router, images=1, guidance=1.0).wrap(pipe.unet.forward)
+        blended = forward(x, 500, encoder_hidden_states=contexts[0]).sample
     finally:
         detach_router(pipe)
     w = width // 2

@@ -58,6 +58,10 @@ class Layout:
     def used(self) -> list[Slot]:
         return [s for s in self.slots if s.adapter]
 
+    def backgrounds(self) -> list[str]:
+        """The adapters set to "background" (compose's `background`; regions_of allows one, on regional)."""
+        return [s.adapter for s in self.used() if s.where == BACKGROUND]
+
     @property
     def label(self) -> str:
         """The method as the tab's dropdown shows it (METHOD_LABELS)."""
@@ -106,7 +110,7 @@ def regions_of(layout: Layout) -> list[Region]:
     if automatic and (layout.method != "auto" or len(automatic) != len(used)):
         raise CompositionError("automatic regions come from method auto for every expert: choose method auto and "
                                "set each expert to automatic (or give boxes / masks with method regional)")
-    background = [s.adapter for s in used if s.where == BACKGROUND]
+    background = layout.backgrounds()
     if background and layout.method not in LAYOUT_METHODS:
         raise CompositionError(f"{background[0]}: a background is for method regional (it draws wherever the "
                                "regions leave room); choose regional, or set the expert to the whole image")
@@ -138,11 +142,11 @@ def layout_options(layout: Layout, steps: int) -> dict:
     prompt)."""
     if layout.method == "regional":
         options = {"blend": layout.blend} if layout.blend != "attention" else {}
-        background = [s.adapter for s in layout.used() if s.where == BACKGROUND]
-        if background:
-            options["background"] = background[0]
-        if fit_steps(layout, steps) is not None:
-            options["fit_steps"] = fit_steps(layout, steps)
+        if layout.backgrounds():
+            options["background"] = layout.backgrounds()[0]
+        fit = fit_steps(layout, steps)
+        if fit is not None:
+            options["fit_steps"] = fit
         return options
     if layout.method != "auto":
         return {}

@@ -26,7 +26,7 @@ from ..generation.text_to_image import (
     validate_request,
 )
 from .compose import compose_images, request_from_infotext
-from .layout import BACKGROUND, Layout, infotext_pairs, layout_from_text
+from .layout import Layout, infotext_pairs, layout_from_text
 
 COLOURS = ((230, 60, 60), (60, 120, 230), (60, 190, 90), (230, 170, 40), (170, 70, 200), (40, 190, 200),
            (200, 110, 60), (120, 120, 120))
@@ -90,7 +90,7 @@ def export_layout(state, req: GenerationRequest, layout: Layout) -> Path:
     if layout.method == "regional" and layout.blend == "latent":  # a workflow blends by masked conditioning
         raise CompositionError("the latent blend has no ComfyUI workflow (the workflow applies each LoRA through its "
                                "masked conditioning, as method regional does): choose regional to export")
-    if any(s.where == BACKGROUND for s in layout.used()):  # a workflow's masks are fixed pictures
+    if layout.backgrounds():  # a workflow's masks are fixed pictures
         raise CompositionError("a background is not exported to a workflow: give that expert a mask (white where no "
                                "other region is) instead, then export")
     layout = state.layout.kept(layout)

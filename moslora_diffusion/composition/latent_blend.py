@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .composite import unet_sample, with_sample
+from .regions import give_rest_to
 from .router import SpatialRouter
 
 # silhouettes' threshold, chosen on the composition benchmark's validation split (0.2, 0.35 and 0.5 screened)
@@ -191,11 +192,6 @@ class LatentBlend:
             x0 = predicted_clean(scheduler, self._guided(sample), timestep, self._guided(predictions[i + 1]))
             fitted[:, i] = fitted[:, i] * silhouettes(x0, regions[:, i], self.threshold)
         if self.background is not None:
-            others = fitted.sum(dim=1) - fitted[:, self.background]
-            fitted[:, self.background] = (1.0 - others).clamp_min(0.0)
+            give_rest_to(fitted, self.background)
         return fitted.repeat(given.shape[0] // fitted.shape[0], 1, 1, 1)
 
-
-def latent_blend_forward(router: SpatialRouter, original: Callable) -> Callable:
-    """The latent blend without fitting (LatentBlend): one forward per branch, blended by the router's shares."""
-    return LatentBlend(router, images=1, guidance=1.0).wrap(original)

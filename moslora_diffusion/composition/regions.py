@@ -119,6 +119,14 @@ def share_weights(masks: torch.Tensor) -> torch.Tensor:
     return masks / total
 
 
+def give_rest_to(shares: torch.Tensor, index: int) -> torch.Tensor:
+    """(B, N, H, W) shares with expert `index` (the background, which has no region) holding 1 - the others' sum
+    (never below 0): where the regions leave room. In place; returns `shares`."""
+    others = shares.sum(dim=1) - shares[:, index]
+    shares[:, index] = (1.0 - others).clamp_min(0.0)
+    return shares
+
+
 def resize_weights(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, N, H, W) -> (B, N, height, width) by area averaging (a block's resolution; exact zeros stay zeros
     wherever the whole area under a position is 0)."""

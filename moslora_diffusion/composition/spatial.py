@@ -14,7 +14,7 @@ from PIL import Image
 from ..generation.text_to_image import GenerationRequest, run_pipeline
 from ..mole import Expert
 from .contexts import encode_branches
-from .regions import CompositionError, Region, expert_masks, resize_weights, share_weights
+from .regions import CompositionError, Region, expert_masks, give_rest_to, resize_weights, share_weights
 from .router import SpatialRouter, attach_router, detach_router
 
 
@@ -30,9 +30,7 @@ def regional_shares(pipe, experts: Sequence[Expert], req: GenerationRequest, reg
     `background` expert (an index; it has no region) takes what the regions leave, 1 - their shares' sum."""
     masks = expert_masks(regions, [e.name for e in experts], req.width, req.height)
     shares = resize_weights(share_weights(torch.from_numpy(masks)[None]), *latent_size(pipe, req))
-    if background is not None:
-        shares[:, background] = (1.0 - shares.sum(dim=1)).clamp_min(0.0)
-    return shares
+    return shares if background is None else give_rest_to(shares, background)
 
 
 def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: GenerationRequest, images: int
