@@ -168,6 +168,11 @@ def test_a_plain_card_has_no_pivotal_masked_or_caption_rows_and_sdxl_loads_both_
     plan = {"family": "sd1", "prediction_type": "epsilon", "resolution": 512, "effective_batch": 1}
     plain = model_card(tiny_config(tmp_path, tmp_path, tmp_path / "run"), plan, {"steps": 2}, [])
     assert not any(word in plain for word in ("pivotal", "masked loss", "| captions", "embedding"))
+    assert "| mixer init | kaiming |" in plain
+    # a plain LoRA has no mixer: its card said "identity" (the adapter's internal stand-in) whatever was given
+    lora = model_card(tiny_config(tmp_path, tmp_path, tmp_path / "run", adapter="lora", mixer_init="orthogonal"),
+                      plan, {"steps": 2}, [])
+    assert "| mixer init | none (plain LoRA) |" in lora and "identity" not in lora
     sdxl = tiny_config(tmp_path, tmp_path, tmp_path / "run", train_text_encoder_ti=True, token_abstraction="sks")
     card = model_card(sdxl, {**plan, "family": "sdxl"}, {"steps": 2}, [])
     assert ('pipe.load_textual_inversion(state["clip_g"], token="sks", text_encoder=pipe.text_encoder_2, '

@@ -268,3 +268,26 @@ def test_fp8_base_needs_autocast(tiny_sd15_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="--fp8_base needs --mixed_precision"):
         tiny_config(tiny_sd15_dir, tmp_path, tmp_path / "out", fp8_base=True)
+
+
+def test_fp16_on_a_cpu_is_one_line_of_ours_not_diffusers_paragraph_per_module(tiny_sd15_dir, tmp_path, caplog):
+    """diffusers warned once per fp16 module moved to the CPU (three paragraphs); the base now loads with one warning
+    of ours naming the flag and the CPU's choices, the weights still fp16 (the run works)."""
+    import logging
+    import warnings
+
+    from moslora_diffusion.training.model.components import load_base
+
+    config = tiny_config(tiny_sd15_dir, tmp_path, tmp_path / "run", mixed_precision="fp16")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        base = load_base(config, torch.device("cpu"))
+    ours = [str(w.message) for w in caught if "mixed_precision" in str(w.message)]
+    assert ours == ["--mixed_precision fp16 on a CPU: half precision is meant for a GPU (few CPU kernels); on a CPU "
+                    "use --mixed_precision no (fp32) or bf16"]
+    assert not [r for r in caplog.records if "float16" in r.getMessage()]
+    assert base.pipe.unet.dtype == torch.float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_base(tiny_config(tiny_sd15_dir, tmp_path, tmp_path / "run"), torch.device("cpu"))
+    assert not [w for w in caught if "mixed_precision" in str(w.message)]  # fp32: nothing to say

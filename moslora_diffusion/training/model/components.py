@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,11 @@ def load_base(config: TrainConfig, device: torch.device) -> BaseModel:
         pipe.vae.to(dtype=wanted_vae_dtype)
     for name in info.family.components + ("vae",):
         getattr(pipe, name).requires_grad_(False)
-    pipe.to(device)  # device only: a dtype here would also cast adapters attached later
+    if device.type == "cpu" and weight_dtype == torch.float16:
+        # diffusers says this once per module, in a paragraph; the run works, so one line of ours instead
+        warnings.warn("--mixed_precision fp16 on a CPU: half precision is meant for a GPU (few CPU kernels); on a "
+                      "CPU use --mixed_precision no (fp32) or bf16", stacklevel=2)
+    pipe.to(device, silence_dtype_warnings=True)  # device only: a dtype would also cast adapters attached later
     if use_channels_last(config, device):
         pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)

@@ -232,7 +232,9 @@ def _settings(config: TrainConfig, plan: dict, result: dict) -> dict:
     return {
         "base model": config.pretrained_model_name_or_path, "model family": plan["family"],
         "adapter": config.adapter, "rank": config.rank, "alpha": config.lora_alpha or config.rank,
-        "mixer init": config.adapter_config.mixer_init, "UNet targets": ", ".join(config.unet_targets),
+        # A plain LoRA has no mixer: the given --mixer_init is unused (training names it; the config records it).
+        "mixer init": "none (plain LoRA)" if config.adapter == "lora" else config.adapter_config.mixer_init,
+        "UNet targets": ", ".join(config.unet_targets),
         "text encoder trained": config.train_text_encoder, "steps": result["steps"],
         "learning rate": config.learning_rate, "lr schedule": config.lr_scheduler,
         "batch (per step, all devices)": plan["effective_batch"], "resolution": plan["resolution"],
