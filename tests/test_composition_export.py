@@ -121,6 +121,32 @@ def test_an_existing_export_is_kept_without_overwrite(tmp_path, experts, capsys)
     assert "already exists" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
 
 
+def test_overwrite_replaces_only_an_earlier_workflow_export_never_a_base_or_photos(tmp_path, tiny_sd15_dir, experts,
+                                                                                    capsys):
+    """--overwrite replaced whatever folder --out named, whole: a user lost a base model and their photos to it."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "0.png").write_bytes(b"a photo")
+    region = ("--region", "dog=0,0,0.5,1")
+    assert _status(_export(tmp_path / "no-such-base", experts, photos, *region, "--overwrite")) == 2  # before loading
+    err = capsys.readouterr().err.strip()
+    assert "holds files that are not a workflow export of ours" in err and len(err.splitlines()) == 1, err
+    assert [p.name for p in photos.iterdir()] == ["0.png"] and (photos / "0.png").read_bytes() == b"a photo"
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd15_dir, base)
+    before = sorted(p.relative_to(base) for p in base.rglob("*"))
+    assert _status(_export(base, experts, base, *region, "--overwrite")) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
+    out = tmp_path / "export"  # an earlier export of ours is what --overwrite replaces
+    assert _status(_export(base, experts, out, *region)) == 0
+    (out / "loras" / "stale.txt").write_text("from the first export")
+    assert _status(_export(base, experts, out, *region, "--overwrite")) == 0, capsys.readouterr().err
+    assert not (out / "loras" / "stale.txt").exists() and (out / "workflow_api.json").is_file()
+
+
 def test_an_sdxl_composition_exports_kohya_loras_with_both_text_encoders(tiny_sdxl_dir, tmp_path, capsys):
     dirs = make_experts(tiny_sdxl_dir, tmp_path / "experts", ("dog", "style"))
     out = tmp_path / "xl"

@@ -138,6 +138,27 @@ def check_export(experts: Sequence[str], req: GenerationRequest, regions: Sequen
         raise CompositionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
+# What marks a folder as a workflow export of ours (--overwrite replaces only such a folder).
+WORKFLOW_FILES = ("composition.json", "workflow_api.json")
+
+
+def check_workflow_out(out: str | Path, overwrite: bool) -> Path:
+    """The export folder, checked before anything loads: not a file; an existing non-empty folder only with
+    `overwrite`, and only when it is an earlier workflow export (WORKFLOW_FILES): --overwrite replaces the folder
+    whole, and a base model, a photo folder or any other folder must never go with it. Raises CompositionError or
+    FileExistsError, one line each."""
+    out = Path(out).expanduser()
+    if out.is_file():
+        raise CompositionError(f"--out {out} is a file; the export writes a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if not all((out / name).is_file() for name in WORKFLOW_FILES):
+            raise CompositionError(f"--out {out} holds files that are not a workflow export of ours; --overwrite "
+                                   "replaces only an earlier export: choose a new folder")
+    return out
+
+
 def export_workflow(pipe, experts: Sequence[Expert], req: GenerationRequest, regions: Sequence[Region],
                     out: str | Path, checkpoint: str, dtype: str = "fp16", overwrite: bool = False) -> Path:
     """Writes the folder described in the module docstring for a validated request (a concrete seed) and returns
@@ -146,9 +167,7 @@ def export_workflow(pipe, experts: Sequence[Expert], req: GenerationRequest, reg
     check_export([e.name for e in experts], req, regions, dtype=dtype)
     if req.seed < 0:
         raise CompositionError("the workflow needs a concrete seed (0 or more), not -1")
-    out = Path(out).expanduser()
-    if out.is_file():
-        raise CompositionError(f"--out {out} is a file; the export writes a folder")
+    out = check_workflow_out(out, overwrite)
     needed = sum(t.numel() * 2 for e in experts for lo in e.layers.values() for t in (lo.down, lo.up))
 
     def write(tmp: Path) -> None:

@@ -18,7 +18,7 @@ from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES
 from ..generation.text_to_image import GenerationRequest, native_size, validate_request
 from .cli import _check, _experts_before_loading, _image_size, _load, _method, generate_parser, regions_from
-from .export import WORKFLOW_TARGET, check_export, export_workflow, refuse_unexpressible
+from .export import WORKFLOW_TARGET, check_export, check_workflow_out, export_workflow, refuse_unexpressible
 from .regions import CompositionError
 
 
@@ -71,9 +71,8 @@ def run_export(args: argparse.Namespace) -> Path:
                                                  args.guidance, size, size, scheduler=args.sampler))
     check_export(names, request, regions, method, args.dtype)
     out = check_output_folder(args.out, "--out")
-    check_not_an_input(out, [*args.experts, *([args.mole] if args.mole else [])], "--out")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_not_an_input(out, [args.base, *args.experts, *([args.mole] if args.mole else [])], "--out")
+    check_workflow_out(out, args.overwrite)
     pipe, experts = _load(args, stored, method)
     if not given_size:
         request.width = request.height = native_size(pipe, 512)  # what generate would draw
