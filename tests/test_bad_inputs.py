@@ -307,3 +307,86 @@ def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone
 def test_the_app_slider_has_the_range_the_commands_accept(w):
     sliders = [b for b in build_ui(w.app).blocks.values() if getattr(b, "elem_id", None) == "scale-0"]
     assert [(s.minimum, s.maximum) for s in sliders] == [(SCALE_MIN, SCALE_MAX)] == [(-1.0, 2.0)]
+
+
+# --- class images, resolution: what a new user's `python train_dreambooth.py` ran into -----------------------------
+
+PRIOR = ["--with_prior_preservation", "--class_prompt", "a photo of a dog"]
+
+
+def _train_refused(w, monkeypatch, capsys, extra: list[str]) -> str:
+    """The one `error: ...` line of a training command (a new run folder, --output_dir w.root / fresh-run) that
+    must stop before the model loads; the folder is then still absent."""
+    monkeypatch.setattr(loop, "load_base", _no_model_load)
+    capsys.readouterr()
+    try:
+        status = train_main(w.fresh + extra)
+    except SystemExit as exit_info:
+        status = exit_info.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not (w.root / "fresh-run").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing slash", "relative", "dot-dot", "inside", "inside, relative"])
+def test_a_class_folder_in_the_photo_folder_is_refused_before_a_class_image_is_written(w, monkeypatch, capsys,
+                                                                                     spelling):
+    """--class_data_dir = --instance_data_dir generated class_00000_0.png... among the user's photos, which the next
+    run trained on as the subject: refused under any spelling of the path, and for a folder inside it."""
+    photos = w.root / "photos"
+    monkeypatch.chdir(w.root)
+    given = {"same": str(photos), "trailing slash": f"{photos}/", "relative": "photos",
+             "dot-dot": str(photos / ".." / "photos"), "inside": str(photos / "class"),
+             "inside, relative": "./photos/class/"}[spelling]
+    before = _tree(photos), _tree(w.out)
+    text = _train_refused(w, monkeypatch, capsys, PRIOR + ["--class_data_dir", given])
+    if spelling.startswith("inside"):
+        assert text == (f"error: --class_data_dir {given} lies inside the instance photo folder {photos}: generated "
+                        "class images would land among your photos; give a folder of its own, outside it")
+    else:
+        assert text == (f"error: --class_data_dir is the instance photo folder ({photos}): generated class images "
+                        "would land among your photos; give a folder of its own")
+    assert (_tree(photos), _tree(w.out)) == before  # no class image, no class folder, nothing in the user's folder
+
+
+def test_a_class_folder_beside_the_photos_or_unused_is_accepted(w, capsys):
+    """The check refuses only where class images would be written among the photos."""
+    from moslora_diffusion.training.settings.config import parse_args
+
+    beside = parse_args(w.train + PRIOR + ["--class_data_dir", str(w.root / "photos-class")])
+    assert beside.class_data_dir == str(w.root / "photos-class")  # a sibling whose name starts the same: fine
+    photos = str(w.root / "photos")
+    assert parse_args(w.train + PRIOR + ["--class_data_dir", photos, "--prior_source", "base_model"]).class_data_dir
+    assert parse_args(w.train + ["--class_data_dir", photos]).class_data_dir == photos  # no prior preservation
+    assert "--class_data_dir has no effect in this run" in capsys.readouterr().out
+    assert not (w.root / "photos-class").exists()
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_class_folder_that_is_a_file_is_refused_before_loading(w, monkeypatch, capsys, tmp_path, under):
+    """A file as --class_data_dir failed only after the model loaded, with a raw `[Errno 17] File exists`."""
+    file = tmp_path / "classes.png"
+    file.write_bytes(b"not a folder")
+    given = str(file / "dog") if under else str(file)
+    text = _train_refused(w, monkeypatch, capsys, PRIOR + ["--class_data_dir", given])
+    where = f" lies under {file}, which" if under else ""
+    assert text == (f"error: --class_data_dir {given}{where} is a file, not a folder: give a folder for the class "
+                    "images (missing ones are generated there)")
+    assert [p.name for p in tmp_path.iterdir()] == ["classes.png"] and file.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize("resolution", ["1000000", "4104", "0"])
+def test_a_resolution_past_the_maximum_is_refused_before_loading(w, monkeypatch, capsys, resolution):
+    """--resolution 1000000 started, was killed for memory a minute later and left an empty run folder."""
+    before = _tree(w.out)
+    text = _train_refused(w, monkeypatch, capsys, ["--resolution", resolution])
+    assert text == f"error: --resolution must be a multiple of 8 between 8 and 4096, got {resolution}"
+    assert _tree(w.out) == before
+
+
+def test_the_largest_resolution_is_accepted():
+    assert TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,
+                       resolution=4096).resolution == 4096

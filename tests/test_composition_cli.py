@@ -127,9 +127,9 @@ def test_a_mask_that_cannot_be_the_image_size_is_named_without_size(experts, tmp
 
 
 def _bad_layout(experts, tmp_path, capsys, extra, message, with_size):
-    Image.new("L", (32, 32)).save(tmp_path / "small.png")
-    Image.new("L", (40, 40)).save(tmp_path / "small40.png")
-    Image.new("L", (96, 64)).save(tmp_path / "wide.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")  # white: an all-black mask is refused as empty
+    Image.new("L", (40, 40), 255).save(tmp_path / "small40.png")
+    Image.new("L", (96, 64), 255).save(tmp_path / "wide.png")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "colour.png")
     (tmp_path / "notes.png").write_text("not a picture")
     extra = [e.replace("small.png", str(tmp_path / "small.png")).replace("colour.png", str(tmp_path / "colour.png"))
@@ -145,6 +145,33 @@ def _bad_layout(experts, tmp_path, capsys, extra, message, with_size):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, extra", [("generate", []), ("generate", ["--blend", "latent"]),
+                                            ("export", ["--to", "comfyui-workflow"])])
+def test_an_all_black_region_mask_is_refused_naming_the_expert_and_file(experts, tmp_path, capsys, command, extra):
+    """An all-black --region_mask was accepted and its expert silently never appeared (a zero-area box was already
+    refused): one line naming the expert and the file, exit status 2, before the model loads, nothing written. A
+    mask with one faint pixel is a region: it passes, and the run goes on to the (missing) model."""
+    black, faint = tmp_path / "black.png", tmp_path / "faint.png"
+    Image.new("L", (64, 64), 0).save(black)
+    picture = Image.new("L", (64, 64), 0)
+    picture.putpixel((5, 5), 1)
+    picture.save(faint)
+    out = tmp_path / "out"
+    common = [command, *_common(tmp_path / "no-model-here", out)[1:], "--experts", *experts, *extra,
+              "--region", "style=0,0,0.5,1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--region_mask", f"dog={black}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"--region_mask dog={black}: the mask is empty (all black), so the expert would never appear: paint the " \
+           "expert's region white" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["black.png", "faint.png"]
+    with pytest.raises(SystemExit):
+        main([*common, "--region_mask", f"dog={faint}"])
+    err = capsys.readouterr().err
+    assert "no-model-here" in err and "empty" not in err, err
 
 
 @pytest.mark.parametrize("extra", [["--method", "switch", "--every", "1"], ["--method", "composite"],

@@ -174,6 +174,35 @@ def test_single_file_out_must_be_safetensors(tiny_sd15_dir, run_dir, tmp_path, c
     _fails_with(capsys, "ending in .safetensors", tiny_sd15_dir, run_dir, "merged-single-file", tmp_path / "m.ckpt")
 
 
+@pytest.mark.parametrize("target", ["lora-diffusers", "merged-diffusers"])
+@pytest.mark.parametrize("name", ["x.safetensors", "x.ckpt", "x.PT", "x.bin"])
+def test_a_folder_target_given_a_file_name_is_refused(run_dir, tmp_path, capsys, target, name):
+    """--to lora-diffusers / merged-diffusers --out x.safetensors created a FOLDER named x.safetensors (the reverse,
+    a folder name for a one-file target, was refused). One line, before the model loads (there is none at the base
+    path), nothing written."""
+    last = _fails_with(capsys, f"--to {target} writes a folder; give a folder name, not {name}",
+                       tmp_path / "no-model-here", run_dir, target, tmp_path / name)
+    assert last.startswith(f"error: --out {tmp_path / name}: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["lora-diffusers", "merged-diffusers"])
+def test_mole_export_refuses_a_file_name_for_a_folder_target_too(tmp_path, capsys, target):
+    """`python -m moslora_diffusion.mole export` shares the check (formats/export_targets.check_output)."""
+    from moslora_diffusion.composition.cli import main as mole_main
+
+    mole = tmp_path / "mole.safetensors"
+    mole.write_bytes(b"not read: the output is checked first")
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        mole_main(["export", "--base", str(tmp_path / "no-model-here"), "--mole", str(mole), "--to", target,
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"--to {target} writes a folder; give a folder name, not x.safetensors" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mole.safetensors"]
+
+
 def _tree(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -183,13 +183,14 @@ def test_the_default_source_is_class_images_with_a_class_folder_else_the_base_mo
     without one the run preserves the base model's own predictions (what the toy world's validation split chose)
     instead of stopping for the missing folder."""
     common = dict(with_prior_preservation=True, class_prompt="a photo of a dog")
-    with_folder = tiny_config(tmp_path, tmp_path, tmp_path / "o", class_data_dir=str(tmp_path / "c"), **common)
+    photos = tmp_path / "photos"  # the class folder beside the photos, not in them (refused: they would mix)
+    with_folder = tiny_config(tmp_path, photos, tmp_path / "o", class_data_dir=str(tmp_path / "c"), **common)
     without = tiny_config(tmp_path, tmp_path, tmp_path / "o", **common)
     assert with_folder.prior_source == without.prior_source == "auto"
     assert (with_folder.resolved_prior_source, without.resolved_prior_source) == ("class_images", "base_model")
     assert uses_class_images(with_folder) and not preserves_base_output(with_folder)
     assert preserves_base_output(without) and not uses_class_images(without)
-    explicit = tiny_config(tmp_path, tmp_path, tmp_path / "o", class_data_dir=str(tmp_path / "c"),
+    explicit = tiny_config(tmp_path, photos, tmp_path / "o", class_data_dir=str(tmp_path / "c"),
                            prior_source="base_model", **common)
     assert preserves_base_output(explicit)  # an explicit source wins over the folder
     assert not preserves_base_output(tiny_config(tmp_path, tmp_path, tmp_path / "o"))  # no prior preservation

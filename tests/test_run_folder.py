@@ -114,6 +114,35 @@ def test_a_resumable_run_with_other_settings_names_the_flags_that_resume_it(tiny
     assert snapshot(out) == before
 
 
+def test_the_same_run_again_without_resume_is_refused_before_it_replaces_the_runs_work(tiny_sd15_dir, tmp_path):
+    """The same command again (or with more steps) into a run's folder started over from step 0 without a word: it
+    replaced a finished run's adapter, and rewrote an interrupted run's checkpoints. It is refused now, before the
+    model loads, naming what continues the run; --resume_from_checkpoint latest and --overwrite_output_dir work."""
+    photos = make_photos(tmp_path / "photos")
+    finished = tmp_path / "finished"
+    run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=2))
+    before = snapshot(finished)
+    with pytest.raises(OutputDirError) as excinfo:
+        run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=1))
+    assert _error(excinfo) == (f"--output_dir {finished} holds this run, finished at step 2: training again would "
+                               "replace its adapter; choose another --output_dir, or pass --overwrite_output_dir to "
+                               "train it again from step 0")
+    assert snapshot(finished) == before
+    again = run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=1, overwrite_output_dir=True))
+    assert again.steps == 1 and snapshot(finished) != before
+
+    stopped = tmp_path / "stopped"
+    run_training(tiny_config(tiny_sd15_dir, photos, stopped, max_train_steps=2, checkpointing_steps=1))
+    before = snapshot(stopped)
+    with pytest.raises(OutputDirError) as excinfo:
+        run_training(tiny_config(tiny_sd15_dir, photos, stopped, max_train_steps=3, checkpointing_steps=1))
+    assert "holds this run up to checkpoint-2: add --resume_from_checkpoint latest to continue it" in _error(excinfo)
+    assert snapshot(stopped) == before
+    resumed = run_training(tiny_config(tiny_sd15_dir, photos, stopped, max_train_steps=3, checkpointing_steps=1,
+                                       resume_from_checkpoint="latest"))
+    assert (resumed.resumed_from, resumed.steps) == (2, 3)
+
+
 # --- kind 2: --overwrite_output_dir and the manifest ---------------------------------------------------------
 
 

@@ -182,7 +182,7 @@ def test_a_flag_that_this_run_will_not_use_is_named_in_one_line(tmp_path, capsys
     printed = capsys.readouterr().out.splitlines()
     assert printed.count(note) == 1, printed
     parse_args([*base, "--mixer_init", "orthogonal", "--validation_prompt", "sks dog", "--validation_steps", "5",
-                "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(tmp_path)])
+                "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(tmp_path.parent / "c")])
     assert "Note:" not in capsys.readouterr().out  # the same flags where they act: nothing to say
 
 

@@ -35,7 +35,7 @@ from ..mole import cli as mole_cli
 from ..mole.experts import MoLEError, check_scale, expert_prompts
 from ..mole.file import read_mole
 from .api import BLENDS, GATED_METHODS, METHODS, OPTIONS, check_layout
-from .regions import CompositionError, Region
+from .regions import CompositionError, Region, check_mask_not_empty
 from .report import read_mask_picture, save_mask_pictures
 
 
@@ -111,8 +111,15 @@ def regions_from(args: argparse.Namespace) -> list[Region]:
         if len(set(names)) != len(names):
             raise CompositionError(f"{flag} given twice for one expert; give one per expert")
     return [Region(name, _box(name, boxes[name]) if name in boxes else None,
-                   read_mask_picture(masks[name]) if name in masks else None, prompts.get(name))
+                   _mask(name, masks[name]) if name in masks else None, prompts.get(name))
             for name in dict.fromkeys([*boxes, *masks, *prompts])]
+
+
+def _mask(name: str, path: str):
+    """The mask file of --region_mask NAME=PATH; an all-black one is refused naming both (check_mask_not_empty)."""
+    mask = read_mask_picture(path)
+    check_mask_not_empty(mask, f"--region_mask {name}={path}")
+    return mask
 
 
 def _options(args: argparse.Namespace) -> dict:

@@ -70,6 +70,15 @@ def _check_mask(region: Region, size: tuple[int, int] | None) -> None:
                                f"image is {size[0]}x{size[1]}; give a mask of the image's size")
 
 
+def check_mask_not_empty(mask: np.ndarray, where: str) -> None:
+    """An all-black mask gives its expert no area: it was accepted and the expert silently never appeared (the
+    mask counterpart of a zero-area box). `where` names the mask, e.g. "--region_mask dog=dog.png". Only the
+    command line's mask files are held to it: compose() keeps taking an all-zero mask (the base model there)."""
+    if not np.any(np.asarray(mask)):
+        raise CompositionError(f"{where}: the mask is empty (all black), so the expert would never appear: paint "
+                               "the expert's region white")
+
+
 def check_regions(regions: Sequence[Region], experts: Sequence[str], size: tuple[int, int] | None = None) -> None:
     """Every region names an expert that is there (once), has exactly one of box / mask, a valid box, a mask of
     the image's (width, height) `size` with values in [0, 1], and no empty prompt. CompositionError otherwise."""

@@ -33,6 +33,8 @@ from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
 from .single_file import single_file_state_dict
 
 TARGETS = ("lora-diffusers", "lora-kohya", "merged-diffusers", "merged-single-file")
+FOLDER_TARGETS = ("lora-diffusers", "merged-diffusers")
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a weights file's name: never a folder's
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                           "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -91,6 +93,8 @@ def _writable_folder(path: Path) -> None:
 def check_output(target: str, out: Path, overwrite: bool) -> Path:
     """Fails early (before any model is loaded) on an output we would not be allowed to write.
     Returns the file (or, for merged-diffusers, folder) that the export creates."""
+    if target in FOLDER_TARGETS and out.suffix.lower() in FILE_SUFFIXES:  # it made a folder named x.safetensors
+        raise ExportError(f"--out {out}: --to {target} writes a folder; give a folder name, not {out.name}")
     if target == "lora-diffusers":
         if out.is_file():
             raise ExportError(f"--out {out} is a file; lora-diffusers writes a folder")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
@@ -195,6 +196,7 @@ class TrainConfig:
         self.check_ranges()
         check_choices(self)
         _check_flag_pairs(self)
+        _check_class_folder(self)
         check_pivotal_flags(self)  # after the ranges: `--embedding_lr nan` is reported as not finite
         resolve_targets(self.target_modules, UNET_TARGET_PRESETS)  # raises on an empty list
 
@@ -256,14 +258,41 @@ def _check_flag_pairs(c: TrainConfig) -> None:
                           "--shuffle_caption, or drop it")
 
 
+def _check_class_folder(c: TrainConfig) -> None:
+    """--class_data_dir where class images would be generated: a folder (or a path one can be made at), and none
+    of the instance photos' (compared resolved: `photos`, `photos/` and `/home/me/photos` are one folder), where
+    the generated class_*.png would be read back as photos of the subject by the next run."""
+    if not (uses_class_images(c) and c.class_data_dir):
+        return  # no class images: the folder is not used (parse_args says so in a note)
+    folder = Path(c.class_data_dir).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # mkdir would fail after the model load: [Errno 17] or 20
+        where = "" if existing == folder else f" lies under {existing}, which"
+        raise ConfigError(f"--class_data_dir {c.class_data_dir}{where} is a file, not a folder: give a folder for "
+                          "the class images (missing ones are generated there)")
+    if not c.instance_data_dir:
+        return
+    classes, photos = folder.resolve(), Path(c.instance_data_dir).expanduser().resolve()
+    if classes == photos:
+        raise ConfigError(f"--class_data_dir is the instance photo folder ({c.instance_data_dir}): generated class "
+                          "images would land among your photos; give a folder of its own")
+    if classes.is_relative_to(photos):
+        raise ConfigError(f"--class_data_dir {c.class_data_dir} lies inside the instance photo folder "
+                          f"{c.instance_data_dir}: generated class images would land among your photos; give a "
+                          "folder of its own, outside it")
+
+
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
 MAX_STEPS = 10_000_000
 _GT0, _GE0, _UNIT = Range(0, open_lower=True), Range(0), Range(0, 1, open_upper=True)
 _GT0_OR_NONE = replace(_GT0, optional=True)
+# 4x SDXL's 1024 px (16x its pixels): past any model's training size, and a typo of many digits (`--resolution
+# 1000000`) would otherwise start and be killed for memory a minute later.
+MAX_RESOLUTION = 4096
 # Every number a run takes, with where it may lie (finite always: `--learning_rate inf` never trains).
 # tests/test_training_inputs.py checks that no int or float setting is missing here.
 NUMBER_RANGES = {
-    "resolution": replace(_GT0_OR_NONE, multiple_of=8),  # the VAE downsamples by 8
+    "resolution": Range(8, MAX_RESOLUTION, multiple_of=8, optional=True),  # the VAE downsamples by 8
     "dataloader_num_workers": _GE0, "num_class_images": _GT0, "prior_loss_weight": _GE0, "sample_batch_size": _GT0,
     "class_inference_steps": _GT0, "rank": _GT0, "lora_alpha": _GT0_OR_NONE, "text_encoder_lr": _GT0_OR_NONE,
     "embedding_lr": _GT0_OR_NONE,
