@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
     requests = _requests(args, scales, args.size or state.default_size)
     runs = 2 if args.compare_with_base else 1  # base and adapted
-    bar = tqdm(total=sum(r.steps * runs for r in requests), desc=f"generating {len(requests) * runs} images",
+    count = len(requests) * runs
+    bar = tqdm(total=sum(r.steps * runs for r in requests), desc=f"generating {count} image{'s' * (count != 1)}",
                unit="step", dynamic_ncols=True)
     written = []
     for request in requests:

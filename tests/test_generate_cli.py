@@ -57,3 +57,37 @@ def test_one_image_is_one_image(tiny_sd15_dir, tmp_path, capsys):
           "--size", "64", "--out", str(tmp_path / "samples")])
     (png,) = (tmp_path / "samples").rglob("*.png")
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote 1 image in {png.parent}"
+
+
+def test_a_prompt_past_clips_window_is_one_line_of_ours_not_two_library_paragraphs(tiny_sd15_dir, tmp_path):
+    """diffusers logged the whole dropped text (thousands of characters) and transformers a paragraph more; the
+    note now says how long the prompt is, where CLIP cuts it, and nothing else; a prompt that fits says nothing."""
+    import logging
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    from moslora_diffusion.generation.long_prompts import long_prompt_note, quiet_library_notes
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    limit = pipe.tokenizer.model_max_length
+    long = " ".join(f"w{i}" for i in range(3 * limit))
+    note = long_prompt_note(pipe.tokenizer, long)
+    count = len(pipe.tokenizer(long, truncation=False, verbose=False).input_ids)
+    assert count > limit and note.startswith(f"the prompt is {count} tokens; CLIP reads the first {limit}, up to")
+    assert "\n" not in note and len(note) < 200 and note.endswith("the rest is dropped")
+    assert long_prompt_note(pipe.tokenizer, "a photo of sks dog") is None
+    quiet_library_notes()
+    quiet_library_notes()  # idempotent: one filter per handler
+    for name in ("diffusers", "transformers"):
+        handler = logging.getLogger(name).handlers[0]  # the library's own stderr handler
+        assert sum(type(f).__name__ == "_DropReplaced" for f in handler.filters) == 1
+        dropped = logging.LogRecord(name, logging.WARNING, __file__, 1, "The following part of your input was "
+                                    "truncated because CLIP can only handle sequences up to 77 tokens: ['w']", (), None)
+        kept = logging.LogRecord(name, logging.WARNING, __file__, 1, "another warning", (), None)
+        assert not handler.filter(dropped) and handler.filter(kept)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["--base", str(tiny_sd15_dir), "--prompt", long, "--seeds", "1", "--steps", "1", "--size", "64",
+              "--out", str(tmp_path / "samples")])
+    assert [str(w.message) for w in caught if "tokens" in str(w.message)] == [note]
