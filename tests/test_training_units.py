@@ -122,3 +122,14 @@ def test_cached_prompt_embeddings_equal_fresh_ones(tiny_sdxl_dir, tmp_path):
     assert b["added_cond_kwargs"]["time_ids"].tolist()[0] == [40, 48, 0, 8, 32, 32]
     assert b["encoder_hidden_states"].shape[-1] == sum(e.config.hidden_size for e in base.text_encoders)
     assert not adapter_parameters(base.text_encoders[0])  # frozen encoders: nothing attached there
+
+
+def test_the_final_loss_line_gives_the_last_step_and_the_recent_mean():
+    """"Final loss" was the last step's value alone, unlike the bar's interval mean: two numbers, no explanation."""
+    from moslora_diffusion.training.trainer.loop import final_loss_line
+
+    losses = [1.0] * 5 + [0.2, 0.4, 0.1, 0.3, 0.2, 0.6, 0.1, 0.5, 0.3, 0.4, 0.25]
+    assert final_loss_line(losses) == ("Final loss: 0.2500 at the last step; mean of the last 10 steps 0.3150 (one "
+                                       "step's loss varies with its random timestep and noise)")
+    assert final_loss_line([0.5, 0.3]).startswith("Final loss: 0.3000 at the last step; mean of the last 2 steps 0.40")
+    assert final_loss_line([0.7]) == "Final loss: 0.7000"

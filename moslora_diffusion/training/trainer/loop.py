@@ -363,6 +363,16 @@ def finish(run: Run, losses: list[float], started: float, loop_seconds: float) -
     return result
 
 
+def final_loss_line(losses: list[float], window: int = 10) -> str:
+    """The last step's loss and the mean of the last `window` steps: the progress bar shows an interval's mean, so
+    a lone last-step value (one noise draw, one timestep) read as a different number with no explanation."""
+    recent = losses[-window:]
+    if len(recent) == 1:
+        return f"Final loss: {losses[-1]:.4f}"
+    return (f"Final loss: {losses[-1]:.4f} at the last step; mean of the last {len(recent)} steps "
+            f"{sum(recent) / len(recent):.4f} (one step's loss varies with its random timestep and noise)")
+
+
 def print_summary(result: TrainResult) -> None:
     ran = result.steps - result.resumed_from
     speed = ran / result.loop_seconds if result.loop_seconds else 0.0
@@ -370,7 +380,7 @@ def print_summary(result: TrainResult) -> None:
     print(f"\nTraining finished: step {result.steps} ({ran} steps in {result.loop_seconds:.0f} s, "
           f"{speed:.2f} steps/s{resumed}; {result.seconds:.0f} s in all).")
     if result.losses:
-        print(f"Final loss: {result.losses[-1]:.4f}")
+        print(final_loss_line(result.losses))
     if result.vae_encoded or result.vae_reused:
         print(f"VAE: {result.vae_encoded} image rows encoded, {result.vae_reused} reused (earlier in the run "
               "or from the latent cache of earlier runs).")
