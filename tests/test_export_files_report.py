@@ -40,3 +40,18 @@ def test_a_plain_lora_or_a_merged_model_is_one_file(tiny_sd15_dir, tmp_path, cap
     assert "a UI needs this file:" in report
     assert "models/Stable-diffusion/" in report and "models/checkpoints/" in report
     assert f"{WORD}.safetensors" not in report  # the vectors are baked into the checkpoint's text encoder
+
+
+def test_a_diffusers_export_says_it_is_for_diffusers_not_that_a_ui_needs_it(tiny_sd15_dir, tmp_path, capsys):
+    """It said "To draw the subject, a UI needs this file:" and then, for the same folder, "not for A1111" and "not
+    for ComfyUI"."""
+    from test_export_cli import _adapter
+
+    plain = _adapter(tiny_sd15_dir, tmp_path / "plain.safetensors")
+    out = tmp_path / "lora-folder"
+    report = _report(capsys, "--base", tiny_sd15_dir, "--adapter", plain, "--to", "lora-diffusers", "--out", out)
+    lines = report.strip().splitlines()
+    assert lines[-2:] == ["For diffusers, not a UI (for AUTOMATIC1111 or ComfyUI, export --to lora-kohya (or "
+                          "merged-single-file)):", f"- {out}: the LoRA (diffusers format): "
+                          "pipe.load_lora_weights(folder)."]
+    assert "a UI needs" not in report and "not for" not in report

@@ -24,6 +24,7 @@ class UiFile:
     what: str  # what it is, in a few words
     a1111: str  # where it goes in AUTOMATIC1111 and how the prompt calls it
     comfyui: str  # the same for ComfyUI
+    for_a_ui: bool = True  # False: a diffusers folder, which neither UI loads
 
 
 def lora_file(path: Path) -> UiFile:
@@ -46,9 +47,11 @@ def checkpoint_file(path: Path) -> UiFile:
                   "copy into `models/checkpoints/`, load it with a Load Checkpoint node")
 
 
+FOR_A_UI = "export --to lora-kohya (or merged-single-file)"
+
+
 def diffusers_folder(path: Path, what: str) -> UiFile:
-    return UiFile(path, what, "not for A1111: export --to lora-kohya (or merged-single-file)",
-                  "not for ComfyUI: export --to lora-kohya (or merged-single-file)")
+    return UiFile(path, what, f"not for A1111: {FOR_A_UI}", f"not for ComfyUI: {FOR_A_UI}", for_a_ui=False)
 
 
 def adapter_words(adapters) -> list[str]:
@@ -73,6 +76,11 @@ def export_files(target: str, written: Path, words: list[str]) -> list[UiFile]:
 
 def describe(files: list[UiFile], relative_to: Path | None = None) -> str:
     """Plain-text lines, one per file: what it is, then where it goes in A1111 and in ComfyUI."""
+    if not any(f.for_a_ui for f in files):  # a diffusers folder: it said "a UI needs", then "not for A1111"
+        lines = [f"For diffusers, not a UI (for AUTOMATIC1111 or ComfyUI, {FOR_A_UI}):"]
+        for f in files:
+            lines.append(f"- {f.path.relative_to(relative_to) if relative_to else f.path}: {f.what}.")
+        return "\n".join(lines)
     lines = ["To draw the subject, a UI needs " + ("this file:" if len(files) == 1 else "these files together:")]
     for f in files:
         name = f.path.relative_to(relative_to) if relative_to else f.path
