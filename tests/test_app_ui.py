@@ -94,3 +94,65 @@ def test_command_line(tmp_path, monkeypatch, capsys):
         cli.main(["--base", str(folder), "--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"\nerror: --adapter {tmp_path / 'missing'}: no such file or folder\n")
+
+
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+
+@pytest.mark.parametrize("case", ["photos file", "photos missing", "dreambooth folder", "empty folder",
+                                  "not safetensors", "other safetensors"])
+def test_bad_photos_dir_and_mole_are_refused_in_one_line_before_the_model_loads(case, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from moslora_diffusion.app import state
+
+    monkeypatch.setattr(state, "load_base_pipeline", _refuse_loading)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", _refuse_loading)
+    monkeypatch.setattr(cli, "default_base_model", _refuse_loading)  # nor is the tiny default model written
+    photos = tmp_path / "photos.jpg"
+    photos.write_bytes(b"a photo, not a folder")
+    run = tmp_path / "dog-run"  # what train_dreambooth.py writes: one expert's adapter, no gates
+    run.mkdir()
+    (run / "moslora.safetensors").write_bytes(b"never read")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+    flags, expected = {
+        "photos file": (["--photos_dir", str(photos)], f"--photos_dir {photos} is a file; give a folder of photos"),
+        "photos missing": (["--photos_dir", str(tmp_path / "nope")],
+                           f"--photos_dir {tmp_path / 'nope'}: no such folder; give a folder of photos"),
+        "dreambooth folder": (["--mole", str(run)],
+                              f"--mole {run} is a DreamBooth training folder (one expert's moslora.safetensors), not "
+                              "a MoLE: give it with --adapter, or train gates over several experts on the Compose "
+                              "tab or with `python -m moslora_diffusion.mole train`"),
+        "empty folder": (["--mole", str(empty)], f"--mole {empty}: no mole.safetensors in that folder; give a MoLE "
+                                                 "file or the gate-training folder holding it"),
+        "not safetensors": (["--mole", str(tmp_path / "notes.txt")],
+                            f"--mole {tmp_path / 'notes.txt'} is not a .safetensors file; give a MoLE file "
+                            "(mole.safetensors) or the gate-training folder holding it"),
+        "other safetensors": (["--mole", str(tmp_path / "lora.safetensors")],
+                              f"{tmp_path / 'lora.safetensors'} is not a MoLE file"),
+    }[case]
+    out = tmp_path / "outputs"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--base", str(tmp_path / "base"), "--output_dir", str(out), *flags])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {expected}") and sum(line.startswith("error") for line in lines) == 1
+    assert not out.exists()  # nothing written
+
+
+def test_a_mole_file_its_folder_and_a_photo_folder_pass_the_flag_checks(tiny_sd15_dir, tmp_path):
+    from mole_helpers import make_experts
+    from test_app_compose import write_mole
+
+    experts = make_experts(tiny_sd15_dir, tmp_path / "experts", ("dog", "cat"))
+    mole = write_mole(tiny_sd15_dir, [experts["dog"], experts["cat"]], tmp_path / "gates" / "mole.safetensors")
+    (tmp_path / "photos").mkdir()
+    for given in (mole, mole.parent):
+        cli.check_paths(cli.build_parser().parse_args(["--mole", str(given), "--photos_dir", str(tmp_path / "photos")]))

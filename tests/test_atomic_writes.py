@@ -121,3 +121,41 @@ def test_a_full_disk_is_refused_before_any_folder_is_made(tmp_path, monkeypatch)
     with pytest.raises(OSError, match=r"2 MiB free, and writing there needs 1 MiB plus 64 MiB kept free"):
         save_png(item, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_written_atomically_is_readable_by_others_whatever_wrote_it(tmp_path):
+    """safetensors' save_file (and mkstemp) create 0600 files: a model on a shared folder would be unreadable to
+    other users. Every file and folder of the published folder gets the umask's mode, like a config file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moslora_diffusion.models.tiny import save_tiny_pipeline
+
+    def write(tmp):
+        (tmp / "unet").mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        (tmp / "model_index.json").write_text("{}")
+        (tmp / "private").write_text("x")
+        os.chmod(tmp / "private", 0o600)
+        os.symlink("/etc/hostname", tmp / "link")  # a link is never followed (the target keeps its mode)
+
+    previous = os.umask(0o022)
+    try:
+        out = write_folder_atomically(tmp_path / "model", write, 0, overwrite=False)
+        tiny = save_tiny_pipeline("sd15", tmp_path / "tiny")  # the `python -m moslora_diffusion.tiny` writer
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(out).as_posix(): p.lstat().st_mode & 0o777 for p in out.rglob("*") if not p.is_symlink()}
+    assert modes == {"unet": 0o755, "unet/diffusion_pytorch_model.safetensors": 0o644, "model_index.json": 0o644,
+                     "private": 0o644}
+    assert out.stat().st_mode & 0o777 == 0o755 and (out / "link").is_symlink()
+    weights = sorted(tiny.rglob("*.safetensors"))
+    assert weights and {p.stat().st_mode & 0o777 for p in tiny.rglob("*") if p.is_file()} == {0o644}
+
+    previous = os.umask(0o077)  # a user who keeps their files private gets private files
+    try:
+        out = write_folder_atomically(tmp_path / "mine", write, 0, overwrite=False)
+    finally:
+        os.umask(previous)
+    assert {p.lstat().st_mode & 0o777 for p in out.rglob("*") if p.is_file() and not p.is_symlink()} == {0o600}
+    assert (out / "unet").stat().st_mode & 0o777 == 0o700

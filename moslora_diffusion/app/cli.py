@@ -83,8 +83,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuses, in one line and before the model loads, a --photos_dir that is not a folder and a --mole that
+    is not a MoLE file (a DreamBooth training folder, a folder without mole.safetensors, a damaged file)."""
+    for folder in args.photos_dir:
+        path = Path(folder).expanduser()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"--photos_dir {folder} is a file; give a folder of photos")
+        if not path.exists():
+            raise FileNotFoundError(f"--photos_dir {folder}: no such folder; give a folder of photos")
+    if not args.mole:
+        return
+    from ..mole.cli import mole_file
+    from ..mole.experts import MoLEError
+    from ..mole.file import FILE_NAME, read_mole
+
+    for given in args.mole:
+        path = Path(given).expanduser()
+        if not path.exists():
+            continue  # open_app_state names it, with the --adapter paths
+        try:
+            file = mole_file(path)  # the check of `python -m moslora_diffusion.mole generate`
+        except MoLEError:
+            raise MoLEError(f"--mole {given} is a DreamBooth training folder (one expert's moslora.safetensors), "
+                            "not a MoLE: give it with --adapter, or train gates over several experts on the "
+                            "Compose tab or with `python -m moslora_diffusion.mole train`") from None
+        if not file.is_file():
+            raise MoLEError(f"--mole {given}: no {FILE_NAME} in that folder; give a MoLE file or the gate-training "
+                            "folder holding it")
+        if file.suffix.lower() != ".safetensors":
+            raise MoLEError(f"--mole {given} is not a .safetensors file; give a MoLE file ({FILE_NAME}) or the "
+                            "gate-training folder holding it")
+        read_mole(file)  # a damaged file or another kind of .safetensors: MoLEError naming it
+
+
 def main(argv: list[str] | None = None) -> int:
-    """A bad --base / --adapter ends in one line `error: ...`, exit status 2 (console/exits.py)."""
+    """A bad --base / --adapter / --mole / --photos_dir ends in one line `error: ...`, exit status 2
+    (console/exits.py)."""
     return run_command(_serve, argv)
 
 
@@ -94,6 +129,7 @@ def _serve(argv: list[str]) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up requests to itself, one line each
     args = build_parser().parse_args(argv)
     check_number("--port", args.port, PORT)  # before the model loads
+    check_paths(args)
     from .state import open_app_state
     from .ui import build_ui
     from .uploads import MAX_UPLOAD_BYTES

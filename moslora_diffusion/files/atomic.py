@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -224,9 +225,23 @@ def _raw_bytes(image) -> int:
     return width * height * 4
 
 
+def _normalise_modes(folder: Path) -> None:
+    """Gives every regular file under `folder` the mode a new file gets under the process umask (0o666 & ~umask)
+    and every folder 0o777 & ~umask: safetensors' save_file (and mkstemp, mkdtemp) create 0600 / 0700, which
+    would make a model on a shared folder unreadable to other users. Links are left alone (never followed)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name, mode in [(d, 0o777 & ~mask) for d in dirs] + [(f, 0o666 & ~mask) for f in files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode)
+
+
 def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_bytes: int, overwrite: bool) -> Path:
     """write(tmp) fills a temporary sibling folder that is then renamed to `out`. A folder being
-    replaced is moved aside first and only deleted once the new one is in place."""
+    replaced is moved aside first and only deleted once the new one is in place. Every file in it gets the
+    mode a new file gets under the umask (_normalise_modes), whatever library wrote it."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -236,6 +251,7 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_byt
     old = out.parent / f"{tmp.name}.old"
     try:
         write(tmp)
+        _normalise_modes(tmp)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
