@@ -390,3 +390,41 @@ def test_a_resolution_past_the_maximum_is_refused_before_loading(w, monkeypatch,
 def test_the_largest_resolution_is_accepted():
     assert TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,
                        resolution=4096).resolution == 4096
+
+
+# --- --config that is not a settings file, --region given a mask picture ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["picture", "folder"])
+def test_a_config_that_is_a_picture_or_a_folder_says_what_to_give(w, monkeypatch, capsys, tmp_path, kind):
+    """A PNG as --config said `'utf-8' codec can't decode byte 0x89`, naming neither the flag nor the file; a folder
+    said `no such file` though it is there."""
+    given = tmp_path / ("photo.png" if kind == "picture" else "settings")
+    if kind == "picture":
+        given.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    else:
+        given.mkdir()
+    text = _train_refused(w, monkeypatch, capsys, ["--config", str(given)])
+    assert text == {"picture": f"error: --config {given} is not a YAML/TOML/JSON settings file (it is not text)",
+                    "folder": f"error: --config {given} is a folder; give the settings file (.yaml, .toml or .json)"
+                    }[kind]
+
+
+@pytest.mark.parametrize("value", ["mask.png", "MASK.JPG", "existing file", "left"])
+def test_a_mask_picture_given_to_region_points_to_region_mask(w, monkeypatch, capsys, tmp_path, value):
+    """`--region dog=mask.png` said only "a box is 4 numbers"; a value that names a picture (an image suffix, or a
+    file that is there) now also says to use --region_mask. A word that is neither keeps the plain message."""
+    import moslora_diffusion.composition.cli as composition_cli
+    import moslora_diffusion.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_pipeline", _no_model_load)
+    if value == "existing file":
+        value = str(tmp_path / "dog-mask")
+        Path(value).write_bytes(b"a mask without a suffix")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        composition_cli.main(["generate", "--base", w.base, "--experts", str(w.run), str(w.cat), "--prompt", PROMPT,
+                              "--method", "regional", "--region", f"dog={value}", "--out", str(w.out)])
+    err = capsys.readouterr().err
+    hint = "" if value == "left" else f" (for a mask picture use --region_mask dog={value})"
+    assert exit_info.value.code == 2 and err == f"error: --region dog={value}: a box is 4 numbers x0,y0,x1,y1{hint}\n"

@@ -301,3 +301,96 @@ def test_an_unknown_sampler_is_refused_naming_the_choices(capsys):
         generate.main(["--base", "b", "--prompt", "p", "--out", "o", "--sampler", "DPM++"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: argument --sampler: invalid choice: 'DPM++' (choose from ")
+
+
+# --- a single-file base without its model configs ------------------------------------------------------------------
+
+SINGLE_FILE_HINT = ("is a single file without its model configs here: pass --config DIR (--single_file_config DIR for "
+                    "training), a diffusers model folder of the same family, e.g. the one it was exported from")
+
+
+@pytest.fixture(scope="module")
+def single_file_base(tiny_sd15_dir, tmp_path_factory):
+    """The tiny SD 1.x pipeline as one .safetensors checkpoint (the layout merged-single-file writes)."""
+    from safetensors.torch import save_file
+
+    from moslora_diffusion.formats.single_file import single_file_state_dict
+
+    pipe = load_pipeline(tiny_sd15_dir)
+    tensors = single_file_state_dict("sd1", {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})
+    path = tmp_path_factory.mktemp("single-file") / "model.safetensors"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
+    return path
+
+
+def _hub(monkeypatch, tmp_path, cached=None, offline=False) -> list[bool]:
+    """An empty hub cache (or `cached`, a folder, as the cached configs) and no network: a download fails as on an
+    offline machine, and diffusers' own config download is refused. Returns local_files_only of each hub call."""
+    import huggingface_hub
+    from diffusers.loaders import single_file
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(single_file, "_download_diffusers_model_config_from_hub", _refuse)
+    calls = []
+
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        if local_files_only and cached is not None:
+            return str(cached)
+        raise LocalEntryNotFoundError(f"{repo_id}: not in the cache" + ("" if local_files_only else
+                                                                      " (ConnectError: Name or service not known)"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["unreachable hub", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("command", ["train", "generate", "export"])
+def test_a_single_file_base_without_its_configs_is_one_line_naming_the_config_flag(
+        command, offline, single_file_base, tiny_sd15_dir, tmp_path, capsys, monkeypatch):
+    """It printed diffusers' "`local_files_only` is True but no local configs were found" paragraph, then a network
+    error, and never named --config."""
+    from conftest import make_adapter
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.delenv("MOSLORA_DEBUG", raising=False)
+    calls = _hub(monkeypatch, tmp_path, offline=offline)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", _refuse)
+    base = str(single_file_base)
+    adapter = make_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors")
+    argv = {"train": ["--pretrained_model_name_or_path", base, "--instance_data_dir",
+                      str(make_photos(tmp_path / "photos")), "--instance_prompt", "a photo of sks dog",
+                      "--output_dir", str(tmp_path / "out"), "--report_to", "none"],
+            "generate": ["--base", base, "--prompt", "a dog", "--out", str(tmp_path / "out")],
+            "export": ["--base", base, "--adapter", str(adapter), "--to", "merged-single-file",
+                       "--out", str(tmp_path / "out" / "merged.safetensors")]}[command]
+    main = {"train": train_main, "generate": generate.main, "export": export.main}[command]
+    capsys.readouterr()  # the progress bars of building the adapter
+    reset_accelerate()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+    finally:
+        reset_accelerate()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    why = (f"offline: {repo}'s configs are not cached" if offline else
+           f"{repo}'s configs are not cached and could not be downloaded: LocalEntryNotFoundError")
+    assert err == f"error: {base} {SINGLE_FILE_HINT} ({why})\n"
+    assert calls == ([True] if offline else [True, False])  # the cache first; the network only when not offline
+    assert not (tmp_path / "out" / "merged.safetensors").exists() and not (tmp_path / "out" / "images").exists()
+
+
+def test_a_single_file_base_uses_cached_configs_and_a_given_config_as_before(single_file_base, tiny_sd15_dir,
+                                                                             tmp_path, monkeypatch):
+    """Cached configs load without --config and without the network; with --config the hub is never asked."""
+    calls = _hub(monkeypatch, tmp_path, cached=tiny_sd15_dir)
+    pipe = load_pipeline(single_file_base)
+    assert calls == [True] and pipe.unet.config.sample_size == load_pipeline(tiny_sd15_dir).unet.config.sample_size
+    calls.clear()
+    with_config = load_pipeline(single_file_base, config=tiny_sd15_dir)
+    assert calls == [] and type(with_config).__name__ == "StableDiffusionPipeline"

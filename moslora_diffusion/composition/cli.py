@@ -99,7 +99,21 @@ def _box(name: str, text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise CompositionError(f"--region {name}={text}: a box is 4 numbers x0,y0,x1,y1") from None
+        hint = (f" (for a mask picture use --region_mask {name}={text})" if _looks_like_file(text) else "")
+        raise CompositionError(f"--region {name}={text}: a box is 4 numbers x0,y0,x1,y1{hint}") from None
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _looks_like_file(text: str) -> bool:
+    """True for a --region value that names a picture (an image suffix, or an existing file) instead of a box."""
+    if text.strip().lower().endswith(_IMAGE_SUFFIXES):
+        return True
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def regions_from(args: argparse.Namespace) -> list[Region]:

@@ -14,6 +14,10 @@ from .families import SDXL, Family, ModelInfo, UnsupportedModelError, detect_fam
 class ModelFolderError(ValueError):
     """A local diffusers folder that lacks a part we need; nothing was loaded."""
 
+
+class SingleFileConfigError(ValueError):
+    """A single-file checkpoint whose model configs are neither given, cached nor downloadable; nothing loaded."""
+
 # A key that only one layout has tells the family of a single-file checkpoint.
 _SINGLE_FILE_MARKERS = (
     ("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
@@ -145,8 +149,8 @@ def load_pipeline(source: str | Path, *, revision: str | None = None, variant: s
         if path.suffix.lower() != ".safetensors":
             raise WeightFileError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
         family = family_of_single_file(path)
-        pipe = _pipeline_class(family).from_single_file(str(path), config=str(config) if config else None,
-                                                        **kwargs)
+        config = config if config else _single_file_configs(path)
+        pipe = _pipeline_class(family).from_single_file(str(path), config=str(config), **kwargs)
     elif path.is_dir():
         family = check_pipeline_folder(path).family
         if family is not SDXL:  # its NSFW checker is dropped below anyway: never read (its weights are often .bin)
@@ -167,6 +171,44 @@ def load_pipeline(source: str | Path, *, revision: str | None = None, variant: s
         pipe.safety_checker = None  # generation previews of a personal subject need no NSFW filter pass
     detect_family(pipe)  # refuses anything that slipped through (e.g. a hub id of another family)
     return pipe
+
+
+# The files diffusers reads from a model folder to build a single file's pipeline (no weights).
+_CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+
+
+def _default_config_repo(path: Path) -> str:
+    """The hub model whose configs diffusers pairs with this single file (told by tensor shapes; no weight read)."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+    return fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+
+
+def _single_file_configs(path: Path) -> str:
+    """A local folder with the configs for a single file given without `config`: the hub cache's copy of the
+    model diffusers would pair it with, else (online) a download of those small files. Raises
+    SingleFileConfigError, one line naming --config, where neither works (offline, no cache): diffusers
+    would print its own paragraphs and a network error instead."""
+    from huggingface_hub import constants, snapshot_download
+
+    repo = _default_config_repo(path)
+    needed = (f"{path} is a single file without its model configs here: pass --config DIR "
+              "(--single_file_config DIR for training), a diffusers model folder of the same family, e.g. the "
+              f"one it was exported from")
+    try:
+        return snapshot_download(repo, allow_patterns=_CONFIG_PATTERNS, local_files_only=True)
+    except Exception:  # not in the hub cache (LocalEntryNotFoundError and the like)
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise SingleFileConfigError(f"{needed} (offline: {repo}'s configs are not cached)")
+    try:
+        return snapshot_download(repo, allow_patterns=_CONFIG_PATTERNS)
+    except Exception as err:  # no network, hub refused: httpx, requests and hub errors alike
+        raise SingleFileConfigError(f"{needed} ({repo}'s configs are not cached and could not be downloaded: "
+                                    f"{type(err).__name__})") from None
 
 
 def _load_vae(source: str | Path, revision: str | None, dtype: torch.dtype | None):

@@ -113,9 +113,16 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
 def load_config_file(path: str | Path, cls: type) -> dict:
     """The flags in a YAML or TOML file, checked against the known names."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give the settings file (.yaml, .toml or .json)")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not a YAML/TOML/JSON settings file (it is not text)") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path} cannot be read: {err.strerror or err}") from None
     try:
         if path.suffix.lower() == ".toml":
             values = _toml().loads(text)
