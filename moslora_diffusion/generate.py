@@ -18,7 +18,7 @@ from .app.state import check_output_folder, open_app_state
 from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import parse_adapter_spec
 from .generation.flags import add_request_flags
-from .generation.text_to_image import GenerationRequest, validate_request
+from .generation.text_to_image import GenerationRequest, validate_command_request
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     # Every number is checked before the model loads. The model's own size is known only once it is loaded
     # (and is always valid), so 512 stands in for it here when --size is not given.
     for request in _requests(args, {}, args.size or 512):
-        validate_request(request)
+        validate_command_request(request)
     check_output_folder(args.out, "--out")  # before the model loads
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))

@@ -195,14 +195,16 @@ CASES = [
           "--port must be between 1 and 65535, got 0"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
-          "guidance (CFG scale) must be a finite number between 0 and 30, got nan"),
+          "--guidance must be a finite number between 0 and 30, got nan"),  # the flag, not the app's label
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "31"]),
-          "guidance (CFG scale) must be between 0 and 30"),
+          "--guidance must be between 0 and 30"),
     _case("generate", lambda w: generate_command.main(w.generate + ["--steps", "0"]),
-          "steps must be between 1 and 150"),
+          "--steps must be between 1 and 150"),
     _case("generate", lambda w: generate_command.main(w.generate + ["--steps", "ten"]), "invalid int value: 'ten'"),
-    _case("generate", lambda w: generate_command.main(w.generate + ["--size", "100"]), "width must be a multiple of 8"),
-    _case("generate", lambda w: generate_command.main(w.generate + ["--seeds", "-2"]), "seed must be between -1 and"),
+    _case("generate", lambda w: generate_command.main(w.generate + ["--size", "100"]),
+          "--size must be a multiple of 8 between 64 and 2048, got 100"),  # once: it said width, then height
+    _case("generate", lambda w: generate_command.main(w.generate + ["--seeds", "-2"]),
+          "--seeds: seed must be between -1 and"),
     _case("generate", lambda w: generate_command.main(w.generate + ["--adapter", f"{w.run}:5"]),
           "the scale must be between -1 and 2, got '5'"),
     _case("generate", lambda w: generate_command.main(w.generate + ["--adapter", f"{w.run}:inf"]),

@@ -183,3 +183,14 @@ def test_mole_exports_help_names_the_workflow_export(capsys):
         main(["export", "--help"])
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "--to comfyui-workflow --experts A B --region" in " ".join(out.split())
+
+
+def test_a_mole_file_to_a_workflow_says_why_first_not_that_a_prompt_is_missing(tmp_path, capsys):
+    """With --mole and no --prompt the parser asked for --prompt; given one, the real reason came: a MoLE's gates
+    have no workflow. The reason comes first now, before any file is read."""
+    argv = ["export", "--to", "comfyui-workflow", "--base", str(tmp_path / "no-such-base"), "--mole",
+            str(tmp_path / "no-such-mole"), "--out", str(tmp_path / "out")]
+    assert _status(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot express method 'mole': MoLE's per-block gates have no ComfyUI node" in err, err
+    assert len(err.splitlines()) == 1 and "--prompt" not in err and not (tmp_path / "out").exists()

@@ -91,3 +91,26 @@ def test_a_prompt_past_clips_window_is_one_line_of_ours_not_two_library_paragrap
         main(["--base", str(tiny_sd15_dir), "--prompt", long, "--seeds", "1", "--steps", "1", "--size", "64",
               "--out", str(tmp_path / "samples")])
     assert [str(w.message) for w in caught if "tokens" in str(w.message)] == [note]
+
+
+def test_a_bad_request_on_the_command_line_names_the_flag(tmp_path, capsys):
+    """The command lines said the app's words ("enter a prompt", "width must be ..., height must be ..."): the flag
+    to fix was left to guess, and --size's one problem was said twice."""
+    from moslora_diffusion.generation.text_to_image import command_line_problems
+
+    assert command_line_problems("enter a prompt; width must be a multiple of 8 between 64 and 2048, got 33; height "
+                                 "must be a multiple of 8 between 64 and 2048, got 33; scale of 'dog' must be ...") == (
+        "--prompt is empty: enter a prompt; --size must be a multiple of 8 between 64 and 2048, got 33; scale of "
+        "'dog' must be ...")
+    def status(command, argv) -> int:
+        try:
+            return command(argv)
+        except SystemExit as stop:
+            return stop.code
+
+    base = tmp_path / "no-such-base"  # never opened: the request is checked first
+    assert status(main, ["--base", str(base), "--prompt", " ", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --prompt is empty: enter a prompt"
+    assert status(main, ["--base", str(base), "--prompt", "x", "--guidance", "31", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --guidance must be between 0 and 30, got 31.0"
+    assert not (tmp_path / "out").exists()

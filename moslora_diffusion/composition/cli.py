@@ -29,7 +29,7 @@ from ..generation.text_to_image import (
     format_infotext,
     native_size,
     save_png,
-    validate_request,
+    validate_command_request,
 )
 from ..mole import cli as mole_cli
 from ..mole.experts import MoLEError, check_scale, expert_prompts
@@ -288,7 +288,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                                   guidance=args.guidance, width=size or 512, height=size or 512,
                                   scheduler=args.sampler) for p in args.prompt for s in args.seeds]
     for request in requests:
-        validate_request(request)
+        validate_command_request(request)
     check_output_folder(args.out, "--out")
     pipe, experts = _load(args, stored, method)
     size = size or native_size(pipe, 512)  # the generate command's default (>= 64 px)

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..console import run_command
 from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES
-from ..generation.text_to_image import GenerationRequest, native_size, validate_request
+from ..generation.text_to_image import GenerationRequest, native_size, validate_command_request
 from .cli import _check, _experts_before_loading, _image_size, _load, _method, generate_parser, regions_from
 from .export import WORKFLOW_TARGET, check_export, check_workflow_out, export_workflow, refuse_unexpressible
 from .regions import CompositionError
@@ -39,6 +39,10 @@ def wants_workflow(argv: list[str]) -> bool:
     """`export ... --to comfyui-workflow` (either spelling) goes here; other targets stay mole/cli.py's."""
     return any(a == f"--to={WORKFLOW_TARGET}" or (a == "--to" and argv[i + 1:i + 2] == [WORKFLOW_TARGET])
                for i, a in enumerate(argv))
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in argv)
 
 
 def checkpoint_name(base: str, given: str | None) -> str:
@@ -67,8 +71,8 @@ def run_export(args: argparse.Namespace) -> Path:
         raise CompositionError("--background is not exported to a workflow: give that expert a --region_mask "
                                "(white where no other region is) instead, then export")
     size = given_size or 512
-    request = validate_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0], args.steps,
-                                                 args.guidance, size, size, scheduler=args.sampler))
+    request = validate_command_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0],
+                                                         args.steps, args.guidance, size, size, scheduler=args.sampler))
     check_export(names, request, regions, method, args.dtype)
     out = check_output_folder(args.out, "--out")
     check_not_an_input(out, [args.base, *args.experts, *([args.mole] if args.mole else [])], "--out")
@@ -85,6 +89,8 @@ def main(argv: list[str]) -> int:
     parser = export_parser()
 
     def body(args_list: list[str]) -> None:
+        if _given(args_list, "--mole") and not _given(args_list, "--method"):
+            refuse_unexpressible("mole")  # before the parser asks for --prompt, which would not help
         print(f"wrote {run_export(parser.parse_args(args_list))}")
 
     return run_command(body, argv)

@@ -88,6 +88,23 @@ REQUEST_RANGES = {
     "guidance": Range(0.0, MAX_GUIDANCE, label="guidance (CFG scale)"),
 }
 
+# What a request's problem says, as the command lines name it (their flags; the app shows its own labels).
+COMMAND_FLAGS = (("enter a prompt", "--prompt is empty: enter a prompt"), ("steps ", "--steps "),
+                 ("guidance (CFG scale) ", "--guidance "), ("width ", "--size "), ("height ", "--size "),
+                 ("seed ", "--seeds: seed "), ("unknown scheduler ", "--sampler: unknown scheduler "))
+
+
+def command_line_problems(message: str) -> str:
+    """A GenerationError's message with each problem named by its command-line flag: "--steps must be ...", not
+    "steps must be ..." (the setting's name in the app). Problems of no flag stay as they are."""
+    problems = message.split("; ")
+    for i, problem in enumerate(problems):
+        for said, flag in COMMAND_FLAGS:
+            if problem.startswith(said):
+                problems[i] = flag + problem[len(said):]
+                break
+    return "; ".join(dict.fromkeys(problems))  # --size sets both sides: one problem, said once
+
 
 def validate_request(req: GenerationRequest, loaded: list[str] | None = None) -> GenerationRequest:
     """A cleaned copy of `req` (numbers as ints, a concrete seed); every problem named at once.
@@ -121,6 +138,14 @@ def validate_request(req: GenerationRequest, loaded: list[str] | None = None) ->
     if clean.seed == -1:
         clean.seed = random.randint(0, MAX_SEED)
     return clean
+
+
+def validate_command_request(req: GenerationRequest, loaded: list[str] | None = None) -> GenerationRequest:
+    """validate_request for the command lines: a problem names its flag (command_line_problems)."""
+    try:
+        return validate_request(req, loaded)
+    except GenerationError as err:
+        raise GenerationError(command_line_problems(str(err))) from None
 
 
 def make_scheduler(label: str, config):

@@ -23,7 +23,7 @@ from ..console import OneLineErrorParser, add_debug_flag, run_command
 from ..files.atomic import check_not_an_input, check_output_folder
 from ..formats.export_targets import DTYPES, TARGETS, check_output
 from ..generation.flags import add_request_flags
-from ..generation.text_to_image import GenerationRequest, native_size, save_png, validate_request
+from ..generation.text_to_image import GenerationRequest, native_size, save_png, validate_command_request
 from ..models.loading import load_pipeline
 from ..training.trainer.command import run_training_command
 from .experts import MoLEError, check_scale
@@ -127,7 +127,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
                                   guidance=args.guidance, width=args.size or 512, height=args.size or 512,
                                   scheduler=args.sampler) for p in args.prompt for s in args.seeds]
     for request in requests:  # every number checked before the model loads
-        validate_request(request)
+        validate_command_request(request)
     check_output_folder(args.out, "--out")
     pipe, mole, path = _load(args)
     size = args.size or native_size(pipe, 512)  # the generate command's default (>= 64 px)
