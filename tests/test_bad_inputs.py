@@ -285,15 +285,7 @@ def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone
     before, scales = _tree(watched), dict(w.app.fusion.scales)
     capsys.readouterr()
     if entry in ("train", "mole", "evaluate", "generate", "export", "app.py"):
-        try:
-            status = call(w)
-        except SystemExit as exit_info:
-            status = exit_info.code
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert status == 2 and "Traceback" not in err
-        assert len(lines) == 1 and lines[0].startswith("error: "), err
-        text = lines[0]
+        text = _one_error_line(lambda: call(w), capsys)
     else:
         with pytest.raises(ValueError) as raised:  # every error type of the app and the API is a ValueError
             call(w)
@@ -304,6 +296,19 @@ def test_bad_input_is_one_line_before_loading_and_leaves_the_output_folder_alone
     assert message in text
     assert _tree(watched) == before
     assert w.app.fusion.scales == scales and w.app.training.job is None
+
+
+def _one_error_line(call, capsys) -> str:
+    """The one `error: ...` line a command printed on stderr, exit status 2, no traceback."""
+    try:
+        status = call()
+    except SystemExit as exit_info:
+        status = exit_info.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def test_the_app_slider_has_the_range_the_commands_accept(w):
@@ -321,16 +326,9 @@ def _train_refused(w, monkeypatch, capsys, extra: list[str]) -> str:
     must stop before the model loads; the folder is then still absent."""
     monkeypatch.setattr(loop, "load_base", _no_model_load)
     capsys.readouterr()
-    try:
-        status = train_main(w.fresh + extra)
-    except SystemExit as exit_info:
-        status = exit_info.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2 and "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = _one_error_line(lambda: train_main(w.fresh + extra), capsys)
     assert not (w.root / "fresh-run").exists()
-    return lines[0]
+    return line
 
 
 @pytest.mark.parametrize("spelling", ["same", "trailing slash", "relative", "dot-dot", "inside", "inside, relative"])
