@@ -156,3 +156,14 @@ def test_a_mole_file_its_folder_and_a_photo_folder_pass_the_flag_checks(tiny_sd1
     (tmp_path / "photos").mkdir()
     for given in (mole, mole.parent):
         cli.check_paths(cli.build_parser().parse_args(["--mole", str(given), "--photos_dir", str(tmp_path / "photos")]))
+
+
+def test_the_running_line_says_every_interface_when_host_opened_them():
+    """--host 0.0.0.0 printed Gradio's "http://localhost:7999/", as if the flag had been ignored."""
+    local = "http://127.0.0.1:7860/"
+    assert cli.running_line("127.0.0.1", local) == f"Running on {local} (Ctrl-C stops it)"
+    assert cli.running_line("0.0.0.0", "http://localhost:7999/") == (
+        "Running on every network interface, port 7999 (http://localhost:7999/ on this machine, http://<its "
+        "address>:7999 from others) (Ctrl-C stops it)")
+    assert cli.running_line("127.0.0.1", "http://127.0.0.1:7860/", "https://x.gradio.live").endswith(
+        "http://127.0.0.1:7860/ and https://x.gradio.live (Ctrl-C stops it)")

@@ -117,6 +117,17 @@ def check_paths(args: argparse.Namespace) -> None:
         read_mole(file)  # a damaged file or another kind of .safetensors: MoLEError naming it
 
 
+def running_line(host: str, local_url: str, share_url: str | None = None) -> str:
+    """Where the app answers. Gradio's local URL says localhost even when --host opened every network interface
+    (0.0.0.0 or ::), which read as if the flag had been ignored: then both are said."""
+    where = local_url
+    if host in ("0.0.0.0", "::"):
+        port = local_url.rstrip("/").rsplit(":", 1)[-1]
+        where = (f"every network interface, port {port} ({local_url} on this machine, http://<its address>:{port} "
+                 "from others)")
+    return f"Running on {where}" + (f" and {share_url}" if share_url else "") + " (Ctrl-C stops it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """A bad --base / --adapter / --mole / --photos_dir ends in one line `error: ...`, exit status 2
     (console/exits.py)."""
@@ -146,6 +157,5 @@ def _serve(argv: list[str]) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth,
                 allowed_paths=[str(state.outputs)], max_file_size=f"{MAX_UPLOAD_BYTES // 2**20}mb", ssr_mode=False,
                 show_error=False, footer_links=["api"], quiet=True, prevent_thread_lock=True)
-    print(f"Running on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else "")
-          + " (Ctrl-C stops it)", flush=True)
+    print(running_line(args.host, demo.local_url, demo.share_url), flush=True)
     demo.block_thread()
