@@ -18,6 +18,7 @@ from .app.state import check_output_folder, open_app_state
 from .console import OneLineErrorParser, add_debug_flag, run_command
 from .formats.export_targets import parse_adapter_spec
 from .generation.flags import add_request_flags
+from .generation.long_prompts import warn_long_prompts
 from .generation.text_to_image import GenerationRequest, validate_command_request
 
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
     requests = _requests(args, scales, args.size or state.default_size)
+    for request in requests:  # before the bar: a warning printed inside its line is overwritten by the next redraw
+        warn_long_prompts(state.pipe.tokenizer, {"prompt": request.prompt, "negative_prompt": request.negative_prompt})
     runs = 2 if args.compare_with_base else 1  # base and adapted
     count = len(requests) * runs
     bar = tqdm(total=sum(r.steps * runs for r in requests), desc=f"generating {count} image{'s' * (count != 1)}",

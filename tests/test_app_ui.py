@@ -136,7 +136,7 @@ def test_bad_photos_dir_and_mole_are_refused_in_one_line_before_the_model_loads(
                             f"--mole {tmp_path / 'notes.txt'} is not a .safetensors file; give a MoLE file "
                             "(mole.safetensors) or the gate-training folder holding it"),
         "other safetensors": (["--mole", str(tmp_path / "lora.safetensors")],
-                              f"{tmp_path / 'lora.safetensors'} is not a MoLE file"),
+                              f"{tmp_path / 'lora.safetensors'} is not a MoLE file"),  # ...; goes to --adapter
     }[case]
     out = tmp_path / "outputs"
     with pytest.raises(SystemExit) as exit_info:
@@ -144,6 +144,8 @@ def test_bad_photos_dir_and_mole_are_refused_in_one_line_before_the_model_loads(
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"error: {expected}") and sum(line.startswith("error") for line in lines) == 1
+    if case == "other safetensors":  # an expert's own file given to the wrong flag: where it goes
+        assert lines[-1].endswith("; an adapter (moslora.safetensors or a LoRA file) goes to --adapter")
     assert not out.exists()  # nothing written
 
 

@@ -142,9 +142,16 @@ def test_overwrite_replaces_only_an_earlier_workflow_export_never_a_base_or_phot
     assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
     out = tmp_path / "export"  # an earlier export of ours is what --overwrite replaces
     assert _status(_export(base, experts, out, *region)) == 0
-    (out / "loras" / "stale.txt").write_text("from the first export")
+    (out / "loras" / "old.safetensors").write_bytes(b"an expert of the first export")
+    (out / "my_notes.txt").write_text("mine")  # a file of the user's inside the earlier export: never lost
+    (out / "renders").mkdir()
+    assert _status(_export(base, experts, out, *region, "--overwrite")) == 2
+    assert "holding files it did not write (my_notes.txt, renders); move them out first" in capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "loras" / "old.safetensors").exists()
+    (out / "my_notes.txt").unlink()
+    (out / "renders").rmdir()
     assert _status(_export(base, experts, out, *region, "--overwrite")) == 0, capsys.readouterr().err
-    assert not (out / "loras" / "stale.txt").exists() and (out / "workflow_api.json").is_file()
+    assert not (out / "loras" / "old.safetensors").exists() and (out / "workflow_api.json").is_file()
 
 
 def test_an_sdxl_composition_exports_kohya_loras_with_both_text_encoders(tiny_sdxl_dir, tmp_path, capsys):
@@ -194,3 +201,7 @@ def test_a_mole_file_to_a_workflow_says_why_first_not_that_a_prompt_is_missing(t
     err = capsys.readouterr().err.strip()
     assert "cannot express method 'mole': MoLE's per-block gates have no ComfyUI node" in err, err
     assert len(err.splitlines()) == 1 and "--prompt" not in err and not (tmp_path / "out").exists()
+    # with regions the method is regional, which a workflow expresses: no such refusal (the missing file is next)
+    assert _status([*argv, "--region", "a=0,0,0.5,1", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot express" not in err and "no-such-mole" in err, err

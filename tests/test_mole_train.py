@@ -276,6 +276,12 @@ def test_bad_gate_training_inputs_are_one_line_before_the_model_loads(setup, tin
         "--output_dir is empty": replaced("--output_dir", ""),
         "holds DreamBooth adapters (train_dreambooth.py), not MoLE gates": base + [
             "--resume_from_checkpoint", str(_dreambooth_checkpoint(tmp_path))],
+        # class images were generated among an expert's photos (and read back as its subject)
+        f"--class_data_dir is expert {dog}'s photo folder": base + [
+            "--with_prior_preservation", "--class_prompt", "a photo of a dog", "--class_data_dir", str(photos["dog"])],
+        f"lies inside expert {dog}'s photo folder": base + [
+            "--with_prior_preservation", "--class_prompt", "a photo of a dog", "--class_data_dir",
+            str(photos["dog"] / "class")],
     }
     for expected, argv in cases.items():
         assert expected in _one_line_error(argv, capsys)

@@ -124,9 +124,12 @@ def test_the_same_run_again_without_resume_is_refused_before_it_replaces_the_run
     before = snapshot(finished)
     with pytest.raises(OutputDirError) as excinfo:
         run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=1))
-    assert _error(excinfo) == (f"--output_dir {finished} holds this run, finished at step 2: training again would "
-                               "replace its adapter; choose another --output_dir, or pass --overwrite_output_dir to "
-                               "train it again from step 0")
+    assert _error(excinfo) == (f"--output_dir {finished} holds this run, finished at step 2 and keeping no checkpoint "
+                               "to continue from: training again would replace what it wrote; choose another "
+                               "--output_dir, or pass --overwrite_output_dir to train it again from step 0")
+    assert snapshot(finished) == before
+    with pytest.raises(OutputDirError, match="keeping no checkpoint"):  # `latest` found none and started at 0
+        run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=4, resume_from_checkpoint="latest"))
     assert snapshot(finished) == before
     again = run_training(tiny_config(tiny_sd15_dir, photos, finished, max_train_steps=1, overwrite_output_dir=True))
     assert again.steps == 1 and snapshot(finished) != before

@@ -114,7 +114,10 @@ def check_paths(args: argparse.Namespace) -> None:
         if file.suffix.lower() != ".safetensors":
             raise MoLEError(f"--mole {given} is not a .safetensors file; give a MoLE file ({FILE_NAME}) or the "
                             "gate-training folder holding it")
-        read_mole(file)  # a damaged file or another kind of .safetensors: MoLEError naming it
+        try:
+            read_mole(file)  # a damaged file or another kind of .safetensors: MoLEError naming it
+        except MoLEError as err:  # most often an expert's own file, given to the wrong flag
+            raise MoLEError(f"{err}; an adapter (moslora.safetensors or a LoRA file) goes to --adapter") from None
 
 
 def running_line(host: str, local_url: str, share_url: str | None = None) -> str:

@@ -156,7 +156,28 @@ def check_workflow_out(out: str | Path, overwrite: bool) -> Path:
         if not all((out / name).is_file() for name in WORKFLOW_FILES):
             raise CompositionError(f"--out {out} holds files that are not a workflow export of ours; --overwrite "
                                    "replaces only an earlier export: choose a new folder")
+        foreign = _not_written_by_the_export(out)
+        if foreign:  # the folder is replaced whole: they would go with it
+            raise CompositionError(f"--out {out} is an earlier export holding files it did not write "
+                                   f"({', '.join(foreign[:5])}); move them out first, or choose a new folder")
     return out
+
+
+# What _write_all writes: these names at the top, kohya LoRAs under loras/, mask pictures under masks/.
+_EXPORT_TOP = {*WORKFLOW_FILES, "a1111-regional-prompter.txt", "README.txt", "loras", "masks"}
+_EXPORT_SUFFIX = {"loras": ".safetensors", "masks": ".png"}
+
+
+def _not_written_by_the_export(out: Path) -> list[str]:
+    """Relative paths under an earlier export that no export writes (the user's notes, renders), sorted."""
+    foreign = []
+    for path in sorted(out.rglob("*")):
+        parts = path.relative_to(out).parts
+        ours = parts[0] in _EXPORT_TOP and (len(parts) == 1 or (
+            len(parts) == 2 and parts[0] in _EXPORT_SUFFIX and path.suffix == _EXPORT_SUFFIX[parts[0]]))
+        if not ours:
+            foreign.append("/".join(parts))
+    return foreign
 
 
 def export_workflow(pipe, experts: Sequence[Expert], req: GenerationRequest, regions: Sequence[Region],

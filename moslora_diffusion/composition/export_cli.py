@@ -89,7 +89,9 @@ def main(argv: list[str]) -> int:
     parser = export_parser()
 
     def body(args_list: list[str]) -> None:
-        if _given(args_list, "--mole") and not _given(args_list, "--method"):
+        # --mole alone means MoLE's own method, which no workflow expresses (with regions it is regional: exported)
+        method_set = any(_given(args_list, flag) for flag in ("--method", "--region", "--region_mask"))
+        if _given(args_list, "--mole") and not method_set:
             refuse_unexpressible("mole")  # before the parser asks for --prompt, which would not help
         print(f"wrote {run_export(parser.parse_args(args_list))}")
 

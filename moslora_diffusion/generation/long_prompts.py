@@ -8,6 +8,7 @@ in one line, with the words where the prompt is cut, and `quiet_library_notes` d
 from __future__ import annotations
 
 import logging
+import warnings
 
 # The two messages replaced (diffusers' text-to-image pipelines, transformers' tokenizers).
 _REPLACED = ("was truncated because CLIP can only handle", "Token indices sequence length is longer than")
@@ -28,6 +29,25 @@ def quiet_library_notes() -> None:
         for handler in logging.getLogger(name).handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
+
+
+def warn_long_prompts(tokenizer, texts: dict[str, str | None]) -> None:
+    """One `warnings.warn` per text (flag -> text) past the window, each text once per process: a command warns
+    before its progress bar starts (a warning printed inside a bar's line is overwritten by its next redraw), and
+    the pipeline's own call then stays silent."""
+    if tokenizer is None:
+        return
+    quiet_library_notes()
+    for flag, text in texts.items():
+        if not text or (flag, text) in _WARNED:
+            continue
+        _WARNED.add((flag, text))
+        note = long_prompt_note(tokenizer, text, flag.replace("_", " "))
+        if note:
+            warnings.warn(note, stacklevel=3)
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def long_prompt_note(tokenizer, prompt: str, flag: str = "prompt") -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import random
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -22,7 +21,7 @@ from ..checks import MAX_SEED, SCALE, Range, number_problems
 from ..files.atomic import save_new_image
 from ..models.families import native_size  # noqa: F401  (its callers import it from here too)
 from .fusion import FusedAdapters
-from .long_prompts import long_prompt_note, quiet_library_notes
+from .long_prompts import warn_long_prompts
 
 MAX_SIDE = 2048
 MAX_STEPS = 150
@@ -222,12 +221,7 @@ def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | No
         return kwargs
 
     texts = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or None} if embeddings is None else {}
-    if texts and getattr(pipe, "tokenizer", None) is not None:
-        quiet_library_notes()
-        for flag, text in texts.items():
-            note = long_prompt_note(pipe.tokenizer, text, flag.replace("_", " ")) if text else None
-            if note:
-                warnings.warn(note, stacklevel=2)
+    warn_long_prompts(getattr(pipe, "tokenizer", None), texts)
     return pipe(**texts, **(embeddings or {}), num_inference_steps=req.steps, guidance_scale=req.guidance,
                 width=req.width, height=req.height, num_images_per_prompt=req.num_images, generator=generators,
                 callback_on_step_end=on_step).images

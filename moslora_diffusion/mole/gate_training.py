@@ -33,7 +33,7 @@ from ..training.run_folder.checkpoints import CheckpointError, CheckpointInfo
 from ..training.run_folder.manifest import record_written
 from ..training.run_folder.outputs import CARD_FILE, check_output_dir, write_config
 from ..training.run_folder.resume import find_resume
-from ..training.settings.config import ConfigError
+from ..training.settings.config import ConfigError, check_class_folder_apart
 from ..training.trainer.loop import TrainResult, make_accelerator, prepare_run, run_loop
 from ..training.trainer.plan import prepare_class_images, training_resolution
 from ..training.trainer.validation import run_validation
@@ -80,6 +80,8 @@ def expert_sources(config: GateTrainConfig) -> list[ExpertSource]:
         if not prompt:
             raise ConfigError(f"expert {given}: its trigger prompt is not recorded; pass --expert_prompts (one "
                               "prompt per expert, in --experts order)")
+        if config.with_prior_preservation and config.class_data_dir:  # class images there would mix with its photos
+            check_class_folder_apart(config.class_data_dir, folder, f"expert {given}'s photo folder")
         sources.append(ExpertSource(path, folder, prompt))
     # a run in an expert's folder (--overwrite_output_dir would clear it) must not touch the expert's files
     check_not_an_input(config.output_dir, list(config.experts) + [s.path for s in sources], "--output_dir")

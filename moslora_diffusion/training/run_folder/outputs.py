@@ -120,23 +120,24 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 def _check_not_restarting(folder: Path, record: dict, config: TrainConfig) -> None:
-    """This same run's folder without --resume_from_checkpoint: training would start again from step 0 and replace
-    what the run made (its adapter at the end, its checkpoints as it passes their steps), without a word. A folder
-    with neither (stopped before its first checkpoint) holds nothing to lose and starts again."""
-    if config.resume_from_checkpoint:
-        return
+    """This same run's folder where training would start again from step 0 and replace what the run made (its
+    adapter at the end, its checkpoints as it passes their steps), without a word: checkpoints and no
+    --resume_from_checkpoint, or a finished run without checkpoints (where `latest` finds none and starts at 0).
+    A folder with neither (stopped before its first checkpoint) holds nothing to lose and starts again."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an incomplete checkpoint is reported when the run resumes
         checkpoints = list_checkpoints(folder)
     if checkpoints:
+        if config.resume_from_checkpoint:
+            return  # continued from a checkpoint: what the run made is carried on, not replaced
         raise OutputDirError(f"--output_dir {folder} holds this run up to checkpoint-{checkpoints[-1].step}: add "
                              "--resume_from_checkpoint latest to continue it, or pass --overwrite_output_dir to "
                              "start again from step 0 (it deletes that run's files)")
     finished = (record.get("result") or {}).get("steps")
-    if finished is not None:
-        raise OutputDirError(f"--output_dir {folder} holds this run, finished at step {finished}: training again would "
-                             "replace its adapter; choose another --output_dir, or pass --overwrite_output_dir to "
-                             "train it again from step 0")
+    if finished is not None:  # `latest` finds no checkpoint here and started again from step 0 just the same
+        raise OutputDirError(f"--output_dir {folder} holds this run, finished at step {finished} and keeping no "
+                             "checkpoint to continue from: training again would replace what it wrote; choose another "
+                             "--output_dir, or pass --overwrite_output_dir to train it again from step 0")
 
 
 def _as_flag(name: str, value) -> str:

@@ -270,16 +270,21 @@ def _check_class_folder(c: TrainConfig) -> None:
         where = "" if existing == folder else f" lies under {existing}, which"
         raise ConfigError(f"--class_data_dir {c.class_data_dir}{where} is a file, not a folder: give a folder for "
                           "the class images (missing ones are generated there)")
-    if not c.instance_data_dir:
-        return
-    classes, photos = folder.resolve(), Path(c.instance_data_dir).expanduser().resolve()
-    if classes == photos:
-        raise ConfigError(f"--class_data_dir is the instance photo folder ({c.instance_data_dir}): generated class "
-                          "images would land among your photos; give a folder of its own")
-    if classes.is_relative_to(photos):
-        raise ConfigError(f"--class_data_dir {c.class_data_dir} lies inside the instance photo folder "
-                          f"{c.instance_data_dir}: generated class images would land among your photos; give a "
-                          "folder of its own, outside it")
+    if c.instance_data_dir:
+        check_class_folder_apart(c.class_data_dir, c.instance_data_dir, "the instance photo folder")
+
+
+def check_class_folder_apart(class_data_dir: str, photos: str, what: str) -> None:
+    """ConfigError when the class folder is `photos` (`what` names it: "the instance photo folder", an expert's
+    photo folder) or lies inside it, paths compared resolved: class images generated there would be read back as
+    photos of the subject."""
+    classes, folder = Path(class_data_dir).expanduser().resolve(), Path(photos).expanduser().resolve()
+    if classes == folder:
+        raise ConfigError(f"--class_data_dir is {what} ({photos}): generated class images would land among your "
+                          "photos; give a folder of its own")
+    if classes.is_relative_to(folder):
+        raise ConfigError(f"--class_data_dir {class_data_dir} lies inside {what} {photos}: generated class images "
+                          "would land among your photos; give a folder of its own, outside it")
 
 
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
