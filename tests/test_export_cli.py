@@ -229,6 +229,18 @@ def test_overwrite_replaces_only_an_earlier_merged_export(tiny_sd15_dir, run_dir
     _fails_with(capsys, "not a merged export of ours", tiny_sd15_dir, run_dir, "merged-diffusers", folder,
                 "--overwrite")
     assert _tree(folder) == {"notes.txt": b"mine"}
+    # an earlier export holding a file of the user's: it went with the folder, replaced whole; refused now
+    merged = tmp_path / "merged"
+    args = ["--base", str(tiny_sd15_dir), "--adapter", str(run_dir), "--to", "merged-diffusers", "--out", str(merged),
+            "--dtype", "fp32"]
+    assert main(args) == 0
+    (merged / "notes.txt").write_text("mine")
+    before = _tree(merged)
+    _fails_with(capsys, "is an earlier export holding files it did not write (notes.txt); move them out first",
+                tiny_sd15_dir, run_dir, "merged-diffusers", merged, "--overwrite")
+    assert _tree(merged) == before
+    (merged / "notes.txt").unlink()
+    assert main([*args, "--overwrite"]) == 0  # the earlier export alone is replaced
 
 
 def test_the_same_adapter_twice_and_a_mole_file_as_adapter_are_refused(tiny_sd15_dir, run_dir, tmp_path, capsys):

@@ -114,8 +114,25 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
         # --overwrite replaces the folder whole: only a merged export of ours, never a folder of other files
         raise ExportError(f"--out {out} holds files that are not a merged export of ours; --overwrite replaces "
                           "only an earlier export: choose a new folder")
+    if exists and target == "merged-diffusers":
+        foreign = _not_a_model_folders(written)
+        if foreign:  # the folder is replaced whole: they would go with it
+            raise ExportError(f"--out {out} is an earlier export holding files it did not write "
+                              f"({', '.join(foreign[:5])}); move them out first, or choose a new folder")
     _writable_folder(written.parent)
     return written
+
+
+def _not_a_model_folders(folder: Path) -> list[str]:
+    """Top-level entries of a merged diffusers export that its writing did not make: anything but model_index.json,
+    the merge record and the component folders model_index.json names (the user's notes, renders), sorted."""
+    try:
+        components = {k for k in json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+                      if not k.startswith("_")}
+    except (OSError, ValueError, AttributeError):
+        components = set()
+    ours = {"model_index.json", f"{MERGE_RECORD}.json", *components}
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours)
 
 
 def display_name(path: str | Path) -> str:
