@@ -410,6 +410,17 @@ def test_a_config_that_is_a_picture_or_a_folder_says_what_to_give(w, monkeypatch
                     }[kind]
 
 
+def test_a_runs_own_record_as_config_says_how_to_continue_or_reuse_it(w, monkeypatch, capsys, tmp_path):
+    """A run folder's training_config.json as --config said "unknown setting 'config'"."""
+    import json
+
+    record = tmp_path / "training_config.json"
+    record.write_text(json.dumps({"moslora_diffusion_version": "0.1", "config": {"rank": 4}, "plan": {}}))
+    text = _train_refused(w, monkeypatch, capsys, ["--config", str(record)])
+    assert text.startswith(f"error: --config {record} is a training run's record, not a settings file: to continue "
+                           "that run pass --output_dir <its folder> --resume_from_checkpoint latest")
+
+
 @pytest.mark.parametrize("value", ["mask.png", "MASK.JPG", "existing file", "left"])
 def test_a_mask_picture_given_to_region_points_to_region_mask(w, monkeypatch, capsys, tmp_path, value):
     """`--region dog=mask.png` said only "a box is 4 numbers"; a value that names a picture (an image suffix, or a

@@ -205,3 +205,16 @@ def test_a_mole_file_to_a_workflow_says_why_first_not_that_a_prompt_is_missing(t
     assert _status([*argv, "--region", "a=0,0,0.5,1", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "cannot express" not in err and "no-such-mole" in err, err
+
+
+def test_the_workflow_exports_out_is_its_folder_not_a_folder_of_images(tmp_path, experts, capsys):
+    """--out's help and its is-a-file message were generate's ("folder for the PNGs", "the images go to")."""
+    from moslora_diffusion.composition.export_cli import export_parser
+
+    (out_action,) = [a for a in export_parser()._actions if a.dest == "out"]
+    assert "export's folder" in out_action.help and "PNG" not in out_action.help
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    assert _status(_export(tmp_path / "no-such-base", experts, afile, "--region", "dog=0,0,0.5,1")) == 2
+    err = capsys.readouterr().err
+    assert "--out names the folder the export is written to" in err and afile.read_text() == "mine"

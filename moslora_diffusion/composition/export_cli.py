@@ -27,6 +27,9 @@ def export_parser() -> argparse.ArgumentParser:
     parser.prog = "python -m moslora_diffusion.mole export --to comfyui-workflow"
     parser.description = ("Export a regional composition as a folder: the experts as kohya LoRAs, the masks as "
                           "PNGs, a ComfyUI API workflow and A1111 Regional Prompter text.")
+    for action in parser._actions:  # generate's --out is a folder of PNGs; here it is the export's folder
+        if action.dest == "out":
+            action.help = "the export's folder (created; --overwrite replaces an earlier export of ours)"
     parser.add_argument("--to", required=True, choices=(WORKFLOW_TARGET,), dest="target")
     parser.add_argument("--checkpoint", default=None, help="the base checkpoint's file name in ComfyUI's "
                         "models/checkpoints (default: the --base file's name, else <base name>.safetensors)")
@@ -74,7 +77,7 @@ def run_export(args: argparse.Namespace) -> Path:
     request = validate_command_request(GenerationRequest(args.prompt[0], args.negative_prompt, args.seeds[0],
                                                          args.steps, args.guidance, size, size, scheduler=args.sampler))
     check_export(names, request, regions, method, args.dtype)
-    out = check_output_folder(args.out, "--out")
+    out = check_output_folder(args.out, "--out", "the export is written to")
     check_not_an_input(out, [args.base, *args.experts, *([args.mole] if args.mole else [])], "--out")
     check_workflow_out(out, args.overwrite)
     pipe, experts = _load(args, stored, method)

@@ -264,15 +264,15 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_byt
     return out
 
 
-def check_output_folder(path: str | Path, flag: str) -> Path:
+def check_output_folder(path: str | Path, flag: str, holds: str = "the images go to") -> Path:
     """Refuses, before anything is loaded, an output folder that names a file (or lies under one), or on a disk
-    without FREE_SPACE_MARGIN free (check_free_space)."""
+    without FREE_SPACE_MARGIN free (check_free_space). `holds` finishes "names the folder ..." in the message."""
     path = Path(path).expanduser()
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
                 where = "is a file" if existing == path else f"is under {existing}, which is a file"
-                raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder the images go to "
+                raise NotADirectoryError(f"{flag} {path} {where}; {flag} names the folder {holds} "
                                          "(created if missing): choose another name")
             break
     check_free_space(path, 0)

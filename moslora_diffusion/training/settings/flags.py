@@ -138,6 +138,11 @@ def load_config_file(path: str | Path, cls: type) -> dict:
         raise ConfigError(f"--config {path} cannot be parsed: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
+    if "moslora_diffusion_version" in values and isinstance(values.get("config"), dict):
+        # a run folder's training_config.json: it said "unknown setting 'config'"
+        raise ConfigError(f"--config {path} is a training run's record, not a settings file: to continue that run "
+                          "pass --output_dir <its folder> --resume_from_checkpoint latest; to reuse its settings, "
+                          "copy the ones you want from its \"config\" part into a .yaml or .toml file")
     values = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
     known = {f.name for f in _flag_fields(cls)}
     for key in values:
