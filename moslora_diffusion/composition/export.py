@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..files.atomic import write_folder_atomically
+from ..files.atomic import foreign_files_message, write_folder_atomically
 from ..formats.export_targets import DTYPES
 from ..formats.lora import save_kohya_lora
 from ..generation.text_to_image import GenerationRequest
@@ -157,9 +157,8 @@ def check_workflow_out(out: str | Path, overwrite: bool) -> Path:
             raise CompositionError(f"--out {out} holds files that are not a workflow export of ours; --overwrite "
                                    "replaces only an earlier export: choose a new folder")
         foreign = _not_written_by_the_export(out)
-        if foreign:  # the folder is replaced whole: they would go with it
-            raise CompositionError(f"--out {out} is an earlier export holding files it did not write "
-                                   f"({', '.join(foreign[:5])}); move them out first, or choose a new folder")
+        if foreign:
+            raise CompositionError(foreign_files_message(out, foreign))
     return out
 
 

@@ -238,6 +238,13 @@ def _normalise_modes(folder: Path) -> None:
                 os.chmod(path, mode)
 
 
+def foreign_files_message(out: Path, foreign: list[str]) -> str:
+    """The one line for --overwrite onto an earlier export that holds `foreign` entries (names the export did not
+    write): a folder export replaces its folder whole (write_folder_atomically), so they would go with it."""
+    return (f"--out {out} is an earlier export holding files it did not write ({', '.join(foreign[:5])}); move them "
+            "out first, or choose a new folder")
+
+
 def write_folder_atomically(out: Path, write: Callable[[Path], None], needed_bytes: int, overwrite: bool) -> Path:
     """write(tmp) fills a temporary sibling folder that is then renamed to `out`. A folder being
     replaced is moved aside first and only deleted once the new one is in place. Every file in it gets the

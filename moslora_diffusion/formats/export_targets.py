@@ -21,7 +21,7 @@ import torch
 
 from .._version import __version__
 from ..checks import SCALE, as_number, check_number
-from ..files.atomic import check_free_space, check_not_an_input, write_folder_atomically
+from ..files.atomic import check_free_space, check_not_an_input, foreign_files_message, write_folder_atomically
 from ..files.safetensors_io import check_finite, save_tensors
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
@@ -116,9 +116,8 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
                           "only an earlier export: choose a new folder")
     if exists and target == "merged-diffusers":
         foreign = _not_a_model_folders(written)
-        if foreign:  # the folder is replaced whole: they would go with it
-            raise ExportError(f"--out {out} is an earlier export holding files it did not write "
-                              f"({', '.join(foreign[:5])}); move them out first, or choose a new folder")
+        if foreign:
+            raise ExportError(foreign_files_message(out, foreign))
     _writable_folder(written.parent)
     return written
 

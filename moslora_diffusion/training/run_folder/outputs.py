@@ -119,14 +119,20 @@ def check_output_dir(config: TrainConfig) -> None:
     _check_not_restarting(folder, record, config)
 
 
+def _checkpoints(folder: Path) -> list:
+    """The folder's complete checkpoints, oldest first, without a word (an incomplete one is reported when the run
+    resumes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list_checkpoints(folder)
+
+
 def _check_not_restarting(folder: Path, record: dict, config: TrainConfig) -> None:
     """This same run's folder where training would start again from step 0 and replace what the run made (its
     adapter at the end, its checkpoints as it passes their steps), without a word: checkpoints and no
     --resume_from_checkpoint, or a finished run without checkpoints (where `latest` finds none and starts at 0).
     A folder with neither (stopped before its first checkpoint) holds nothing to lose and starts again."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an incomplete checkpoint is reported when the run resumes
-        checkpoints = list_checkpoints(folder)
+    checkpoints = _checkpoints(folder)
     if checkpoints:
         if config.resume_from_checkpoint:
             return  # continued from a checkpoint: what the run made is carried on, not replaced
@@ -166,9 +172,7 @@ def _check_same_run(folder: Path, record: dict, config: TrainConfig) -> None:
     then = {k: stored_path(k, stored[k], inputs.get(k)) for k in differing}  # paths resolved, as compared
     now = {k: resolve_path_setting(ours[k]) if k in PATH_SETTINGS else ours[k] for k in differing}
     changes = ", ".join(f"{k}: {_shown(then[k])} -> {_shown(now[k])}" for k in differing)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an incomplete checkpoint is reported when the run resumes
-        checkpoints = list_checkpoints(folder)
+    checkpoints = _checkpoints(folder)
     if not checkpoints:
         raise OutputDirError(f"--output_dir {folder} holds a different run ({changes}); choose another --output_dir,"
                              " or pass --overwrite_output_dir to delete that run's files")
