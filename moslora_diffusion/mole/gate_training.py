@@ -33,7 +33,8 @@ from ..training.run_folder.checkpoints import CheckpointError, CheckpointInfo
 from ..training.run_folder.manifest import record_written
 from ..training.run_folder.outputs import CARD_FILE, check_output_dir, write_config
 from ..training.run_folder.resume import find_resume
-from ..training.settings.config import ConfigError, check_class_folder_apart
+from ..training.settings.class_folder import check_class_folder_apart
+from ..training.settings.config import ConfigError
 from ..training.trainer.loop import TrainResult, make_accelerator, prepare_run, run_loop
 from ..training.trainer.plan import prepare_class_images, training_resolution
 from ..training.trainer.validation import run_validation

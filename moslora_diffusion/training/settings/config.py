@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
 from ...evaluation.toy_scorer import size_problem
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
+from .class_folder import check_class_folder
 from .flags import (
     ConfigError,
     check_choices,
@@ -29,6 +29,7 @@ from .flags import (
 )
 from .flags import build_parser as flags_parser
 from .flags import flag as _flag
+from .notes import unused_flag_notes
 from .presets import load_preset, preset_names, preset_path
 from .trigger_word import check_pivotal_flags
 
@@ -259,32 +260,8 @@ def _check_flag_pairs(c: TrainConfig) -> None:
 
 
 def _check_class_folder(c: TrainConfig) -> None:
-    """--class_data_dir where class images would be generated: a folder (or a path one can be made at), and none
-    of the instance photos' (compared resolved: `photos`, `photos/` and `/home/me/photos` are one folder), where
-    the generated class_*.png would be read back as photos of the subject by the next run."""
-    if not (uses_class_images(c) and c.class_data_dir):
-        return  # no class images: the folder is not used (parse_args says so in a note)
-    folder = Path(c.class_data_dir).expanduser()
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # mkdir would fail after the model load: [Errno 17] or 20
-        where = "" if existing == folder else f" lies under {existing}, which"
-        raise ConfigError(f"--class_data_dir {c.class_data_dir}{where} is a file, not a folder: give a folder for "
-                          "the class images (missing ones are generated there)")
-    if c.instance_data_dir:
-        check_class_folder_apart(c.class_data_dir, c.instance_data_dir, "the instance photo folder")
-
-
-def check_class_folder_apart(class_data_dir: str, photos: str, what: str) -> None:
-    """ConfigError when the class folder is `photos` (`what` names it: "the instance photo folder", an expert's
-    photo folder) or lies inside it, paths compared resolved: class images generated there would be read back as
-    photos of the subject."""
-    classes, folder = Path(class_data_dir).expanduser().resolve(), Path(photos).expanduser().resolve()
-    if classes == folder:
-        raise ConfigError(f"--class_data_dir is {what} ({photos}): generated class images would land among your "
-                          "photos; give a folder of its own")
-    if classes.is_relative_to(folder):
-        raise ConfigError(f"--class_data_dir {class_data_dir} lies inside {what} {photos}: generated class images "
-                          "would land among your photos; give a folder of its own, outside it")
+    if uses_class_images(c) and c.class_data_dir:  # else the folder is not used (parse_args says so in a note)
+        check_class_folder(c.class_data_dir, c.instance_data_dir)
 
 
 # Far beyond any DreamBooth or gate run (a few thousand steps), so a typo of many digits is caught before loading.
@@ -362,29 +339,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         print(f"--optimizer {config.optimizer} without --learning_rate: learning rate {config.learning_rate:g}, "
               "that optimizer's usual value")
     return config
-
-
-# Flags the user may give that act only with another setting: (flags, condition under which they act, why not).
-_ACTS_ONLY_WITH = (
-    (("class_prompt", "class_data_dir", "num_class_images", "prior_loss_weight"),
-     lambda c: c.with_prior_preservation, "used only with --with_prior_preservation"),
-    (("mixer_init",), lambda c: c.adapter == "moslora", "--adapter lora has no mixer"),
-    (("num_validation_images",), lambda c: bool(c.validation_prompt), "used only with --validation_prompt"),
-    (("validation_steps",), lambda c: bool(c.validation_prompt) or c.validation_loss_photos > 0,
-     "used only with --validation_prompt or --validation_loss_photos"),
-)
-
-
-def unused_flag_notes(config: TrainConfig, given: set[str]) -> list[str]:
-    """One line per group of flags the user gave (command line or config file) that this run will not use, so a
-    run never trains without what was asked for without a word (diffusers' scripts warn the same way)."""
-    notes = []
-    for flags, acts, why in _ACTS_ONLY_WITH:
-        named = [f"--{f}" for f in flags if f in given]
-        if named and not acts(config):
-            verb = "has" if len(named) == 1 else "have"
-            notes.append(f"Note: {', '.join(named)} {verb} no effect in this run ({why})")
-    return notes
 
 
 # Settings that act only with another one (on): a preset's value is dropped when the user turns that one off.
