@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     add_request_flags(parser)
     parser.add_argument("--compare_with_base", action="store_true", help="also render each seed at scale 0")
     parser.add_argument("--config", default=None, help="diffusers folder with the configs of a single-file base")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs, which go to <out>/images/<date>/ "
-                        "(new names; nothing in it is overwritten)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs, which go to <out>/<date>/ "
+                        "as mole generate's (new names; nothing in it is overwritten)")
     add_debug_flag(parser)
     return parser
 
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         validate_command_request(request)
     check_output_folder(args.out, "--out")  # before the model loads
     state = open_app_state(args.base, args.out, adapters=[path for path, _ in specs], config=args.config)
+    state.images = state.outputs  # <out>/<date>/, as `mole generate` writes (the app's outputs/images/<date>/)
     scales = dict(zip(state.fusion.names(), (scale for _, scale in specs), strict=True))
     requests = _requests(args, scales, args.size or state.default_size)
     for request in requests:  # before the bar: a warning printed inside its line is overwritten by the next redraw

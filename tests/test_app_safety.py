@@ -42,8 +42,11 @@ def test_traversal_and_links_out_of_the_folders_are_refused(layout, relative):
 
 def test_only_safetensors_adapters_are_read(layout):
     roots, given, _ = layout
-    with pytest.raises(PathNotAllowedError, match="only as .safetensors"):
+    with pytest.raises(PathNotAllowedError, match=r"only .safetensors files are accepted; pickle files \(.ckpt\)"):
         adapter_file(given / "weights.ckpt", roots)
+    (given / "notes.txt").write_text("not weights")
+    with pytest.raises(PathNotAllowedError, match="only as .safetensors"):
+        adapter_file(given / "notes.txt", roots)
     with pytest.raises(PathNotAllowedError, match="no adapter file"):
         adapter_file(given / "missing.safetensors", roots)
 

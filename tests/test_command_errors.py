@@ -293,7 +293,7 @@ def test_generate_and_evaluate_help_name_the_command_and_show_defaults_and_sampl
     assert "denoising steps (default: 25)" in out and "CFG scale (default: 7.5)" in out
     assert "one of: DPM++ 2M, Euler, Euler a, DDIM, PNDM (default: DPM++ 2M)" in out
     if module == "generate":
-        assert "which go to <out>/images/<date>/" in out
+        assert "which go to <out>/<date>/ as mole generate's" in out
 
 
 def test_an_unknown_sampler_is_refused_naming_the_choices(capsys):
@@ -394,3 +394,25 @@ def test_a_single_file_base_uses_cached_configs_and_a_given_config_as_before(sin
     calls.clear()
     with_config = load_pipeline(single_file_base, config=tiny_sd15_dir)
     assert calls == [] and type(with_config).__name__ == "StableDiffusionPipeline"
+
+
+def test_a_pickle_file_gets_the_same_line_from_every_command(tmp_path, capsys):
+    """A .ckpt was refused in three wordings (as --base, as an adapter, as a MoLE expert): one now, naming the
+    file, why (pickles run code when loaded) and what to do; nothing is opened (the file is not a pickle at all)."""
+    from moslora_diffusion.composition.cli import main as mole_main
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"never opened")
+    expected = (f"{ckpt}: only .safetensors files are accepted; pickle files (.ckpt) can run code when loaded: "
+                "convert it to .safetensors first")
+    commands = [(generate.main, ["--base", str(ckpt), "--prompt", "p", "--out", str(tmp_path / "a")]),
+                (generate.main, ["--base", str(tmp_path), "--adapter", str(ckpt), "--prompt", "p",
+                                 "--out", str(tmp_path / "b")]),
+                (mole_main, ["generate", "--base", str(tmp_path), "--experts", str(ckpt), str(ckpt), "--method",
+                             "sum", "--prompt", "p", "--out", str(tmp_path / "c")])]
+    for command, argv in commands:
+        with pytest.raises(SystemExit) as stop:
+            command(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]

@@ -149,15 +149,18 @@ def _bad_layout(experts, tmp_path, capsys, extra, message, with_size):
 
 @pytest.mark.parametrize("command, extra", [("generate", []), ("generate", ["--blend", "latent"]),
                                             ("export", ["--to", "comfyui-workflow"])])
-def test_an_all_black_region_mask_is_refused_naming_the_expert_and_file(experts, tmp_path, capsys, command, extra):
+def test_an_all_black_or_faint_region_mask_is_refused_naming_expert_and_file(experts, tmp_path, capsys, command, extra):
     """An all-black --region_mask was accepted and its expert silently never appeared (a zero-area box was already
-    refused): one line naming the expert and the file, exit status 2, before the model loads, nothing written. A
-    mask with one faint pixel is a region: it passes, and the run goes on to the (missing) model."""
-    black, faint = tmp_path / "black.png", tmp_path / "faint.png"
+    refused): one line naming the expert and the file, exit status 2, before the model loads, nothing written. So
+    is a 0/1 label picture (its region reads 1/255: the expert at 0.4% of its scale, as good as absent). A mask
+    with one white pixel, or a soft one at 26/255, is a region: it passes, and the run goes on to the (missing)
+    model."""
+    black, label, small, soft = (tmp_path / f"{n}.png" for n in ("black", "label", "small", "soft"))
     Image.new("L", (64, 64), 0).save(black)
-    picture = Image.new("L", (64, 64), 0)
-    picture.putpixel((5, 5), 1)
-    picture.save(faint)
+    for path, value in ((label, 1), (small, 255), (soft, 26)):
+        picture = Image.new("L", (64, 64), 0)
+        picture.putpixel((5, 5), value)
+        picture.save(path)
     out = tmp_path / "out"
     common = [command, *_common(tmp_path / "no-model-here", out)[1:], "--experts", *experts, *extra,
               "--region", "style=0,0,0.5,1"]
@@ -167,11 +170,19 @@ def test_an_all_black_region_mask_is_refused_naming_the_expert_and_file(experts,
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert f"--region_mask dog={black}: the mask is empty (all black), so the expert would never appear: paint the " \
            "expert's region white" in err, err
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["black.png", "faint.png"]
-    with pytest.raises(SystemExit):
-        main([*common, "--region_mask", f"dog={faint}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--region_mask", f"dog={label}"])
     err = capsys.readouterr().err
-    assert "no-model-here" in err and "empty" not in err, err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"--region_mask dog={label}: the mask's brightest pixel is 1/255, so the expert would barely act (a 0/1 " \
+           "label picture?): paint the expert's region white (255)" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "black.png", "label.png", "small.png", "soft.png"]
+    for path in (small, soft):
+        with pytest.raises(SystemExit):
+            main([*common, "--region_mask", f"dog={path}"])
+        err = capsys.readouterr().err
+        assert "no-model-here" in err and "empty" not in err and "brightest" not in err, err
 
 
 @pytest.mark.parametrize("extra", [["--method", "switch", "--every", "1"], ["--method", "composite"],

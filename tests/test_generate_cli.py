@@ -1,5 +1,7 @@
 """`python -m moslora_diffusion.generate`: images with reproducible parameters, clear errors."""
 
+from datetime import datetime
+
 import pytest
 from conftest import make_adapter
 from PIL import Image
@@ -18,9 +20,11 @@ def test_generates_each_prompt_and_seed_with_parameters(tiny_sd15_dir, tmp_path,
     texts = [Image.open(p).info["parameters"] for p in pngs]
     assert sum("Lora scales: run: 0.5" in t for t in texts) == 4 and sum("Lora scales: run: 0" in t for t in texts) == 8
     assert all("Steps: 2" in t for t in texts) and any("Seed: 4" in t for t in texts)
-    # only images: the app's empty training/ and mole/ job folders were once made in --out too
-    assert sorted(p.name for p in out.iterdir()) == ["images"]
-    # the last line names the folder the images are in (<out>/images/<date>/), not only --out
+    # only images, in <out>/<date>/ as `mole generate` writes them (it was <out>/images/<date>/); the app's empty
+    # training/ and mole/ job folders were once made in --out too
+    assert [p.parent for p in pngs] == [out / datetime.now().strftime("%Y-%m-%d")] * 8
+    assert [p.name for p in out.iterdir()] == [pngs[0].parent.name]
+    # the last line names the folder the images are in, not only --out
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote 8 images in {pngs[0].parent}"
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files.safetensors_io import PICKLE_SUFFIXES, pickle_refusal
+
 ADAPTER_FILE_NAME = "moslora.safetensors"  # what a training output folder holds
 
 
@@ -41,6 +43,8 @@ def adapter_file(path: str | Path, roots: AllowedRoots) -> Path:
     resolved = roots.check(path)
     if resolved.is_dir():
         resolved = roots.check(resolved / ADAPTER_FILE_NAME)
+    if resolved.suffix.lower() in PICKLE_SUFFIXES:
+        raise PathNotAllowedError(pickle_refusal(Path(path)))
     if resolved.suffix.lower() != ".safetensors":
         raise PathNotAllowedError(f"{path}: adapters are read only as .safetensors files")
     if not resolved.is_file():

@@ -83,6 +83,7 @@ class AppState:
         self.default_scheduler = scheduler_label(pipe.scheduler)
         self.outputs = Path(outputs_dir).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
+        self.images = self.outputs / "images"  # PNGs by date; `generate --out D` puts them in D itself
         # outputs/training and outputs/mole are made by the first job that writes there: `generate --out D`, which
         # builds this state too, must leave nothing in D but its images.
         self.roots = roots or AllowedRoots()
@@ -142,8 +143,8 @@ class AppState:
         return self.save_generated(images, start)
 
     def save_generated(self, images: list[GeneratedImage], start: float) -> list[Saved]:
-        """The PNGs of one request (with their parameters text) under outputs/images; counts the request."""
-        saved = [Saved(save_png(item, self.outputs / "images"), item.infotext, item.label) for item in images]
+        """The PNGs of one request (with their parameters text) under `images` (outputs/images); counts the request."""
+        saved = [Saved(save_png(item, self.images), item.infotext, item.label) for item in images]
         self.generations += 1
         self.last_seconds = time.perf_counter() - start
         return saved

@@ -70,13 +70,24 @@ def _check_mask(region: Region, size: tuple[int, int] | None) -> None:
                                f"image is {size[0]}x{size[1]}; give a mask of the image's size")
 
 
+# Below this (26/255), a mask file's brightest pixel gives its expert under a tenth of its scale anywhere: taken for
+# a mistake on the command line; a soft mask brighter than this is used as given.
+FAINTEST_MASK = 0.1
+
+
 def check_mask_not_empty(mask: np.ndarray, where: str) -> None:
     """An all-black mask gives its expert no area: it was accepted and the expert silently never appeared (the
-    mask counterpart of a zero-area box). `where` names the mask, e.g. "--region_mask dog=dog.png". Only the
-    command line's mask files are held to it: compose() keeps taking an all-zero mask (the base model there)."""
-    if not np.any(np.asarray(mask)):
+    mask counterpart of a zero-area box); one no brighter than FAINTEST_MASK is refused too. `where` names the
+    mask, e.g. "--region_mask dog=dog.png". Only the command line's mask files are held to it: compose() keeps
+    taking an all-zero mask (the base model there)."""
+    brightest = float(np.max(np.asarray(mask), initial=0.0))
+    if brightest == 0.0:
         raise CompositionError(f"{where}: the mask is empty (all black), so the expert would never appear: paint "
                                "the expert's region white")
+    if brightest < FAINTEST_MASK:
+        # A label picture saved as 0 / 1 (not 0 / 255) reads as 1/255: the expert at 0.4% of its scale, invisible.
+        raise CompositionError(f"{where}: the mask's brightest pixel is {round(brightest * 255)}/255, so the expert "
+                               "would barely act (a 0/1 label picture?): paint the expert's region white (255)")
 
 
 def check_regions(regions: Sequence[Region], experts: Sequence[str], size: tuple[int, int] | None = None) -> None:

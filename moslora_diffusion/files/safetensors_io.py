@@ -43,10 +43,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
                                  "run, or a value too large for the chosen dtype); nothing was written")
 
 
+def pickle_refusal(path: Path) -> str:
+    """The one wording, in every command, for a pickle weights file (.ckpt, .bin, .pt, ...) handed to us."""
+    return (f"{path}: only .safetensors files are accepted; pickle files ({path.suffix}) can run code when loaded: "
+            "convert it to .safetensors first")
+
+
 def _check_readable(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightFileError(f"{path}: only .safetensors files are accepted; pickle files ({path.suffix}) can "
-                              "run arbitrary code when loaded. Convert it to safetensors first.")
+        raise WeightFileError(pickle_refusal(path))
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
 

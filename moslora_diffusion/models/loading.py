@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_keys
+from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, pickle_refusal, read_keys
 from .families import SDXL, Family, ModelInfo, UnsupportedModelError, detect_family, detect_model, get_family
 
 
@@ -143,8 +143,7 @@ def load_pipeline(source: str | Path, *, revision: str | None = None, variant: s
     path = Path(str(source)).expanduser()
     kwargs = dtype_kwargs(torch_dtype)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightFileError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
-                              "convert it to .safetensors first")
+        raise WeightFileError(pickle_refusal(path))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise WeightFileError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")

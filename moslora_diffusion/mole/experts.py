@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checks import SCALE, check_number
-from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, read_metadata
+from ..files.safetensors_io import PICKLE_SUFFIXES, WeightFileError, pickle_refusal, read_metadata
 from ..formats.lora import DIFFUSERS_WEIGHT_NAME
 from ..formats.lora_files import read_lora_file, trigger_prompt, trigger_word
 from ..formats.merge import ADAPTER_FILE_NAME
@@ -77,8 +77,7 @@ def resolve_expert_path(path: str | Path) -> Path:
                 return path / name
         raise MoLEError(f"expert folder {path} holds neither {ADAPTER_FILE_NAME} nor {DIFFUSERS_WEIGHT_NAME}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise MoLEError(f"expert {path}: only .safetensors files are accepted; pickle files ({path.suffix}) can run "
-                        "code when loaded. Convert it to safetensors first")
+        raise MoLEError(f"expert {pickle_refusal(path)}")
     if not path.is_file():
         raise MoLEError(f"expert file not found: {path}")
     return path
