@@ -9,7 +9,8 @@ method draws every case of both splits (compose_toy_cases.py) with the same gene
 
 - `sum`, `nla`, `mole`, `switch`, `composite`: the whole-image methods; `regional`: the cases' places as
   boxes (the zigzag expert: compose's `background`, wherever the box leaves room), with or without each region's
-  own prompt, the attention or the latent blend, and the latent blend fitted after 3 or 6 of the 20 steps;
+  own prompt, the attention or the latent blend, the latent blend fitted after 3 or 6 of the 20 steps, and the
+  inpaint blend (one region after another over the picture so far) fitted after 3 or 6 steps;
   `auto`: masks from the trigger words' cross-attention; `spatial_mole`: per-position gates;
 - `base`: the base model; `alone`: the named subject's expert alone (one-subject cases: the ceiling).
 
@@ -49,7 +50,9 @@ TRIGGERS = ("sks", "v", BACKGROUND)  # mole_toy.concepts() order: subject, subje
 SETTINGS = {"regional": [{"region_prompts": False}, {"region_prompts": True},
                          {"region_prompts": True, "blend": "latent"},
                          {"region_prompts": True, "blend": "latent", "fit_steps": 3},
-                         {"region_prompts": True, "blend": "latent", "fit_steps": 6}],
+                         {"region_prompts": True, "blend": "latent", "fit_steps": 6},
+                         {"region_prompts": True, "blend": "inpaint", "fit_steps": 3},
+                         {"region_prompts": True, "blend": "inpaint", "fit_steps": 6}],
             "switch": [{"every": 2}, {"every": 5}]}
 GEN_SEEDS = {"validation": 2000, "test": 3000}
 

@@ -3,7 +3,8 @@
 # the toy subject (assets/toy-subject: a yellow-and-black striped star) with the toy base model
 # (assets/toy-base), then draw it next to the base model's drawing for the same seeds, and count how often
 # the subject shows for instance prompts (it should) and class prompts (it should not). Outputs: outputs/demo/
-# (adapter, LoRA exports, model card, samples, samples/subject_check.json).
+# (adapter, LoRA exports, model card, samples, samples/subject_check.json; a later run's samples go to samples-2, ...).
+# OUT=folder writes there instead: nothing already in it is deleted (training replaces only an earlier run's files).
 #
 # With the toy base model the settings are the preset toy-subject (moslora_diffusion/training/settings/presets/
 # toy-subject.toml): the quality benchmark's recipe bp_ti with a prior loss weight of 10, chosen on the benchmark's
@@ -39,14 +40,25 @@ python train_dreambooth.py \
   --resolution 64 --adapter moslora "${SETTINGS[@]}" --max_train_steps "$STEPS" --seed 0 \
   --validation_prompt "a photo of sks star" --validation_steps 200 \
   --output_dir "$OUT" --overwrite_output_dir
-rm -rf "$OUT/samples"  # this script's own earlier samples: the check below counts what is in the folder
+# A new folder for this run's samples, never one that exists: $OUT/samples, else $OUT/samples-2, -3, ... The check
+# counts every image in it, and an earlier run's samples or a user's own files in $OUT are never deleted or mixed in.
+new_samples_folder() {
+  local folder="$OUT/samples" n=1
+  until mkdir "$folder" 2>/dev/null; do  # mkdir, not a test then mkdir: it fails on any name that exists
+    [ -e "$folder" ] || { echo "error: cannot create $folder; choose another OUT=" >&2; exit 2; }
+    n=$((n + 1))
+    folder="$OUT/samples-$n"
+  done
+  echo "$folder"
+}
+SAMPLES="$(new_samples_folder)"
 python -m moslora_diffusion.generate --base "$BASE" --adapter "$OUT" --compare_with_base \
   --prompt "a photo of sks star" \
   --prompt "a photo of sks star, on a green background" \
   --prompt "a photo of a star" \
-  --seeds 0 1 2 3 4 5 6 7 --steps 25 --guidance 5 --sampler "$SAMPLER" --out "$OUT/samples"
+  --seeds 0 1 2 3 4 5 6 7 --steps 25 --guidance 5 --sampler "$SAMPLER" --out "$SAMPLES"
 if [ "$BASE" = assets/toy-base ]; then
-  python -m moslora_diffusion.toy.subject_check "$OUT/samples"
+  python -m moslora_diffusion.toy.subject_check "$SAMPLES"
 fi
-echo "done: adapter and exports in $OUT, samples (base and adapted, same seeds) in $OUT/samples"
+echo "done: adapter and exports in $OUT, samples (base and adapted, same seeds) in $SAMPLES"
 echo "next: python app.py --base $BASE --adapter $OUT"

@@ -5,7 +5,8 @@
 # MoLE gates trained over them (python -m moslora_diffusion.mole train), images drawn with the learned gates for
 # each concept alone and for a subject on the zigzag (with the gate heat maps), the composition exported as one
 # kohya LoRA for A1111 / ComfyUI, and the toy checker's count of which concept each image shows.
-# Outputs: outputs/demo-mole/ (experts, gates, samples, the static LoRA). STEPS=... changes the experts'
+# Outputs: outputs/demo-mole/ (experts, their class images, gates, samples, the static LoRA; a later run's samples go
+# to samples-2, ...). OUT=folder writes there instead: nothing already in it is deleted. STEPS=... changes the experts'
 # length (default 600 each: about 3 minutes per expert on one CPU thread), GATE_STEPS the gates' (default 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ RECIPE=(--resolution 64 --adapter moslora --rank 16 --target_modules all --train
         --num_class_images 24 --with_prior_preservation --max_train_steps "$STEPS" --seed 0 --report_to none)
 train_expert() {  # name, photo folder, instance prompt, class prompt
   python train_dreambooth.py --pretrained_model_name_or_path "$BASE" --instance_data_dir "$2" \
-    --instance_prompt "$3" --class_prompt "$4" --class_data_dir "outputs/demo-mole-class-$1" "${RECIPE[@]}" \
+    --instance_prompt "$3" --class_prompt "$4" --class_data_dir "$OUT/class-$1" "${RECIPE[@]}" \
     --output_dir "$OUT/$1" --overwrite_output_dir
 }
 train_expert sks-star assets/toy-subject "a photo of sks star" "a photo of a star"
@@ -35,13 +36,24 @@ python -m moslora_diffusion.mole train --pretrained_model_name_or_path "$BASE" \
   --experts "$OUT/sks-star" "$OUT/v-square" "$OUT/z-background" --resolution 64 --train_batch_size 4 \
   --learning_rate 1e-2 --max_train_steps "$GATE_STEPS" --seed 0 --report_to none \
   --output_dir "$OUT/gates" --overwrite_output_dir
-rm -rf "$OUT/samples"  # this script's own earlier samples: the check below counts what is in the folder
+# A new folder for this run's samples, never one that exists: $OUT/samples, else $OUT/samples-2, -3, ... The check
+# counts every image in it, and an earlier run's samples or a user's own files in $OUT are never deleted or mixed in.
+new_samples_folder() {
+  local folder="$OUT/samples" n=1
+  until mkdir "$folder" 2>/dev/null; do  # mkdir, not a test then mkdir: it fails on any name that exists
+    [ -e "$folder" ] || { echo "error: cannot create $folder; choose another OUT=" >&2; exit 2; }
+    n=$((n + 1))
+    folder="$OUT/samples-$n"
+  done
+  echo "$folder"
+}
+SAMPLES="$(new_samples_folder)"
 python -m moslora_diffusion.mole generate --base "$BASE" --mole "$OUT/gates" \
   --prompt "a photo of sks star" --prompt "a photo of v square" \
   --prompt "a photo of a red star, on a z background" --prompt "a photo of sks star, on a z background" \
-  --seeds 0 1 2 3 --steps 25 --guidance 5 --sampler DDIM --heatmap --out "$OUT/samples"
+  --seeds 0 1 2 3 --steps 25 --guidance 5 --sampler DDIM --heatmap --out "$SAMPLES"
 python -m moslora_diffusion.mole export --base "$BASE" --mole "$OUT/gates" --to lora-kohya \
   --out "$OUT/composition_kohya.safetensors" --overwrite
-python -m moslora_diffusion.toy.subject_check "$OUT/samples"
+python -m moslora_diffusion.toy.subject_check "$SAMPLES"
 echo "done: experts in $OUT/{sks-star,v-square,z-background}, gates in $OUT/gates (mole.safetensors, gates.png),"
-echo "      samples and heat maps in $OUT/samples, the static composition in $OUT/composition_kohya.safetensors"
+echo "      samples and heat maps in $SAMPLES, the static composition in $OUT/composition_kohya.safetensors"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
+import socket
 import types
 from pathlib import Path
 from unittest import mock
@@ -102,6 +103,20 @@ def _without(package: str, call):
         return call()
 
 
+def _without_cuda(call):
+    """call() as on a machine without a CUDA GPU (this one, and most CI machines)."""
+    with mock.patch.object(torch.cuda, "is_available", lambda: False):
+        return call()
+
+
+def _port_taken(call_with_port):
+    """call_with_port(port) while another program listens on that port of 127.0.0.1."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        return call_with_port(other.getsockname()[1])
+
+
 def _request(**change) -> GenerationRequest:
     return GenerationRequest(**{"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, **change})
 
@@ -167,6 +182,9 @@ CASES = [
           "--train_data_dir: did you mean --instance_data_dir?"),
     _case("train", lambda w: train_main(w.train + ["--learnig_rate", "1e-4"]),
           "--learnig_rate: did you mean --learning_rate?"),
+    # every word of the typo in one flag wins over a closer spelling (it said "did you mean --max_timestep?")
+    _case("train", lambda w: train_main(w.train + ["--max_steps", "2"]),
+          "unrecognized arguments: --max_steps 2; --max_steps: did you mean --max_train_steps?"),
     # the toy scorer reads 64x64 images only: refused before the images are made (issue 28, item 2)
     _case("train", lambda w: train_main(w.train + ["--validation_metrics", "toy", "--validation_prompt", PROMPT,
                                                    "--resolution", "128"]),
@@ -193,6 +211,18 @@ CASES = [
           "--port must be between 1 and 65535, got 99999"),
     _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--port", "0"]),
           "--port must be between 1 and 65535, got 0"),
+    # a GPU this machine lacks, a device torch does not know, a port in use: each failed after the model loaded
+    # ("Torch not compiled with CUDA enabled", "Cannot find empty port ... GRADIO_SERVER_PORT")
+    _case("app.py", lambda w: _without_cuda(lambda: app_main(["--base", w.base, "--output_dir", str(w.out),
+                                                                "--device", "cuda"])),
+          "--device cuda: this machine has no CUDA GPU that torch can use; leave --device out or give cpu"),
+    _case("app.py", lambda w: app_main(["--base", w.base, "--output_dir", str(w.out), "--device", "tpu"]),
+          "--device 'tpu' is not a device: give cpu, cuda, cuda:N or mps"),
+    _case("app.py", lambda w: _port_taken(lambda port: app_main(["--base", w.base, "--output_dir", str(w.out),
+                                                                 "--port", str(port)])),
+          "on 127.0.0.1 is not free (Address already in use): another program serves there; choose another --port"),
+    _case("evaluate", lambda w: _without_cuda(lambda: evaluate_main(w.evaluate + ["--device", "cuda:1"])),
+          "--device cuda:1: this machine has no CUDA GPU that torch can use"),
     # python -m moslora_diffusion.generate
     _case("generate", lambda w: generate_command.main(w.generate + ["--guidance", "nan"]),
           "--guidance must be a finite number between 0 and 30, got nan"),  # the flag, not the app's label
@@ -390,6 +420,93 @@ def test_a_resolution_past_the_maximum_is_refused_before_loading(w, monkeypatch,
 def test_the_largest_resolution_is_accepted():
     assert TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,
                        resolution=4096).resolution == 4096
+
+
+# --- counts without a ceiling, a logging folder that is a file, a mistyped flag: a new user's runs ----------------
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    # ran out of memory after training, losing the run
+    (["--num_validation_images", "100000"], "--num_validation_images must be between 1 and 64, got 100000"),
+    # trained, then diffusers said "cannot be larger than train_timesteps", losing the trained steps
+    (["--validation_inference_steps", "1000000"],
+     "--validation_inference_steps must be between 1 and 150, got 1000000"),
+    (["--class_inference_steps", "151"], "--class_inference_steps must be between 1 and 150, got 151"),
+    (["--validation_inference_steps", "0"], "--validation_inference_steps must be between 1 and 150, got 0"),
+    # accepted, with an ETA of 29,000 hours of class images
+    (PRIOR + ["--num_class_images", "100000000"], "--num_class_images must be between 1 and 10000, got 100000000"),
+])
+def test_a_count_past_its_ceiling_is_refused_before_loading(w, monkeypatch, capsys, flags, message):
+    before = _tree(w.out)
+    assert _train_refused(w, monkeypatch, capsys, flags) == f"error: {message}"
+    assert _tree(w.out) == before
+
+
+def test_the_largest_counts_are_accepted():
+    config = TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,
+                         num_validation_images=64, validation_inference_steps=150, class_inference_steps=150,
+                         num_class_images=10000)
+    assert (config.num_validation_images, config.validation_inference_steps, config.num_class_images) == (64, 150,
+                                                                                                          10000)
+
+
+def test_denoising_steps_have_the_generate_commands_limit():
+    """One limit of denoising steps for the generate command and the trainer's validation and class images."""
+    from moslora_diffusion.generation.text_to_image import MAX_STEPS, REQUEST_RANGES
+    from moslora_diffusion.training.settings.config import NUMBER_RANGES
+
+    limits = {(r.lower, r.upper) for r in (REQUEST_RANGES["steps"], NUMBER_RANGES["validation_inference_steps"],
+                                           NUMBER_RANGES["class_inference_steps"])}
+    assert limits == {(1, MAX_STEPS)}
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_logging_folder_that_is_a_file_is_refused_before_loading(w, monkeypatch, capsys, tmp_path, under):
+    """A file as --logging_dir loaded the model, then said `[Errno 20] Not a directory: '.../text.txt/moslora-
+    dreambooth'`."""
+    file = tmp_path / "text.txt"
+    file.write_text("the user's notes")
+    given = str(file / "tb") if under else str(file)
+    text = _train_refused(w, monkeypatch, capsys, ["--report_to", "tensorboard", "--logging_dir", given])
+    where = f"cannot be created: {file} is a file" if under else "is a file"
+    assert text == (f"error: --logging_dir {given} {where}, not a folder; choose another --logging_dir for the "
+                    "tensorboard logs, or pass --report_to none")
+    assert [p.name for p in tmp_path.iterdir()] == ["text.txt"] and file.read_text() == "the user's notes"
+
+
+def test_a_logging_folder_that_is_a_file_is_no_obstacle_without_a_tracker(w, tmp_path):
+    from moslora_diffusion.training.run_folder.output_location import check_logging_dir
+
+    file = tmp_path / "text.txt"
+    file.write_text("the user's notes")
+    config = TrainConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=PROMPT,
+                         output_dir=str(tmp_path / "out"), logging_dir=str(file), report_to="none")
+    check_logging_dir(config)  # nothing is written there: no error
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("--max_steps", "--max_train_steps"),  # not --max_timestep, the closer spelling
+    ("--max-train-steps", "--max_train_steps"),
+    ("--learnig_rate", "--learning_rate"),  # no flag holds the misspelt word: the closest spelling
+    ("--validation_images", "--num_validation_images"),
+    ("--prompt", None),  # three flags hold the word: no guess
+    ("--network_dim", "--rank"),  # kohya's name
+])
+def test_a_mistyped_flag_suggests_the_flag_holding_its_words(w, capsys, typo, meant):
+    line = _one_error_line(lambda: train_main(w.train + [typo, "2"]), capsys)
+    hint = f"; {typo}: did you mean {meant}?" if meant else ""
+    assert line == f"error: unrecognized arguments: {typo} 2{hint} (--help lists the options)"
+
+
+def test_a_mistyped_setting_in_a_config_file_suggests_the_setting_holding_its_words(tmp_path):
+    from moslora_diffusion.training.settings.config import parse_args
+    from moslora_diffusion.training.settings.flags import ConfigError
+
+    (tmp_path / "run.yaml").write_text("max_steps: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert str(raised.value) == f"--config {tmp_path / 'run.yaml'}: unknown setting 'max_steps' (did you mean " \
+                                "'max_train_steps'?)"
 
 
 # --- --config that is not a settings file, --region given a mask picture ------------------------------------------

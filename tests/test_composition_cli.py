@@ -65,7 +65,7 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     attach_mole(pipe, load_experts(pipe, experts))
     path = save_mole(detach_mole(pipe), tmp_path / "mole.safetensors")
     assert main([*_common(tiny_sd15_dir, tmp_path / "a"), "--mole", str(path), "--heatmap"]) == 0
-    assert len(list((tmp_path / "a").rglob("gates-*.png"))) == 1  # the MoLE path, as before
+    assert len(list((tmp_path / "a").rglob("*-mole-gates.png"))) == 1  # the MoLE path, as before
     assert main([*_common(tiny_sd15_dir, tmp_path / "b"), "--mole", str(path), "--method", "auto",
                  "--trigger", "dog=dog", "--trigger", "style=cat", "--auto_steps", "1"]) == 0
     written = sorted(p.name for p in (tmp_path / "b").rglob("*.png"))
@@ -98,7 +98,7 @@ def test_a_mole_file_gives_the_experts_and_the_default_method_is_mole(tiny_sd15_
     (["--method", "auto", "--trigger", "dog=sks", "--trigger", "dog=dog"], "--trigger given twice for one expert"),
     (["--method", "regional", "--region_mask", "dog=wide.png"], "the mask is 96x64, but this command draws square"),
     (["--method", "sum", "--size", "0"], "0 px: give the image's side in pixels"),  # 0 drew at the model's size
-    (["--region", "dog=0,0,0.5,1", "--fit_steps", "1"], "fit_steps needs the latent blend (--blend latent)"),
+    (["--region", "dog=0,0,0.5,1", "--fit_steps", "1"], "fit_steps needs --blend latent or inpaint"),
     (["--region", "dog=0,0,0.5,1", "--blend", "latent", "--fit_steps", "2"], "fit_steps 2: give a whole number of "
      "steps, at least 1 and below the 2 denoising steps"),
     (["--method", "sum", "--background", "style"], "--background is for --method regional and --region / "
@@ -283,3 +283,17 @@ def test_a_folder_where_a_file_belongs_is_named_for_what_it_is(experts, tmp_path
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["mole", "spatial_mole"])
+def test_a_gated_method_without_a_mole_file_is_refused(experts, tmp_path, capsys, method):
+    """--method mole with --experts and no --mole drew with equal gates (the NLA mix) and labelled the image
+    "Composition: mole": one line now, before the model loads (the base here does not exist)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([*_common(tmp_path / "no-model-here", out), "--experts", *experts, "--method", method])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert f"--method {method} needs trained gates: give a MoLE file (--mole, from `mole train`) instead of " \
+           "--experts; with equal gates it would be --method nla" in err, err
+    assert not out.exists()

@@ -100,10 +100,11 @@ def test_regional_prompter_text_for_halves_and_quarters():
     (["--region", "cat=0,0,0.5,1"], "a region for expert 'cat', which is not there"),
     (["--region", "dog=0,0,1.5,1"], "must satisfy 0 <= x0 < x1 <= 1"),
     (["--region", "dog=0,0,0.5,1", "--blend", "latent"], "--blend latent has no ComfyUI workflow"),  # was dropped
+    (["--region", "dog=0,0,0.5,1", "--blend", "inpaint"], "--blend inpaint has no ComfyUI workflow"),
     (["--region", "dog=0,0,0.5,1", "--background", "style"], "--background is not exported to a workflow: give that "
      "expert a --region_mask"),
     (["--region", "dog=0,0,0.5,1", "--fit_steps", "2"], "--fit_steps is not exported to a workflow: fitting needs "
-     "the latent blend"),  # it advised --blend latent, which the workflow refuses too
+     "the latent or inpaint blend"),  # it advised --blend latent, which the workflow refuses too
 ])
 def test_what_a_workflow_cannot_express_is_one_line_before_the_model(tmp_path, experts, extra, words, capsys):
     out = tmp_path / "out"

@@ -96,7 +96,7 @@ def test_each_position_reads_its_regions_expert_alone_in_a_centred_frame_and_the
 
 def test_an_unknown_blend_is_one_line_before_anything_runs(setup):
     pipe, experts, _ = setup
-    with pytest.raises(CompositionError, match="blend 'pixel': choose attention or latent"):
+    with pytest.raises(CompositionError, match="blend .pixel.: choose attention, latent or inpaint"):
         compose(pipe, experts, "regional", request(), [Region("dog", box=(0, 0, 1, 1))], blend="pixel")
     with pytest.raises(CompositionError, match="takes no option blend"):
         compose(pipe, experts, "nla", request(), blend="latent")

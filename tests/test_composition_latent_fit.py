@@ -166,7 +166,7 @@ def test_a_background_expert_is_the_same_as_a_mask_of_the_rest(setup):
 
 
 @pytest.mark.parametrize("options, regions, message", [
-    ({"fit_steps": 2}, None, "fit_steps needs the latent blend (--blend latent)"),
+    ({"fit_steps": 2}, None, "fit_steps needs --blend latent or inpaint"),
     ({"blend": "latent", "fit_steps": 0}, None, "fit_steps 0: give a whole number of steps, at least 1 and below "
      "the 4 denoising steps"),
     ({"blend": "latent", "fit_steps": 4}, None, "fit_steps 4: give a whole number"),

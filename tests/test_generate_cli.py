@@ -118,3 +118,33 @@ def test_a_bad_request_on_the_command_line_names_the_flag(tmp_path, capsys):
     assert status(main, ["--base", str(base), "--prompt", "x", "--guidance", "31", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == "error: --guidance must be between 0 and 30, got 31.0"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("second", ["folder", "file"])
+def test_an_adapter_given_twice_is_one_line_before_the_model_loads(tmp_path, capsys, tiny_sd15_dir, second):
+    """The same adapter twice (its folder twice, or the folder and its moslora.safetensors) loaded the model and
+    then failed with "zip() argument 2 is longer than argument 1". The base here does not exist."""
+    adapter = make_adapter(tiny_sd15_dir, tmp_path / "run" / "moslora.safetensors", seed=1)
+    again = adapter.parent if second == "folder" else adapter
+    capsys.readouterr()  # the tiny model's loading bars, from making the adapter
+    with pytest.raises(SystemExit) as stop:
+        main(["--base", str(tmp_path / "no-model"), "--adapter", str(adapter.parent), "--adapter", str(again),
+              "--prompt", "p", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert f"--adapter {adapter.resolve()} is given twice; give each adapter once" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mole_folder_as_an_adapter_says_where_it_goes(tmp_path, capsys):
+    """A gate-training folder (mole.safetensors) said "no adapter file there (expected moslora.safetensors ...)"."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "mole.safetensors").write_bytes(b"not read")
+    with pytest.raises(SystemExit) as stop:
+        main(["--base", str(tmp_path / "no-model"), "--adapter", str(gates), "--prompt", "p",
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert f"{gates} holds a MoLE (mole.safetensors), not an adapter: load it with --mole (app.py), or `python -m " \
+           f"moslora_diffusion.mole generate --mole {gates}`" in err

@@ -329,7 +329,11 @@ def test_generate_and_export_commands_use_the_trained_gates(setup, trained, tmp_
     text = Image.open(png).text["parameters"]
     assert "Seed: 3" in text and "MoLE: mole.safetensors" in text and "MoLE mask: cat" in text
     assert 'MoLE scales: "dog: 1.5, cat: 1"' in text
-    assert (out / "gates-000.png").is_file()
+    # the heat map beside its image, named after it (it was OUT/gates-000.png, replaced by the next run's)
+    assert png.with_name(png.stem + "-gates.png").is_file()
+    mole_main(["generate", *common, "--prompt", "a photo of sks dog", "--seeds", "3", "--steps", "2", "--size", "64",
+               "--heatmap", "--out", str(out)])
+    assert len(sorted(out.rglob("*-mole-gates.png"))) == 2 and png.with_name(png.stem + "-gates.png").is_file()
     lora = tmp_path / "static.safetensors"
     assert mole_main(["export", *common, "--to", "lora-kohya", "--out", str(lora), "--dtype", "fp32"]) == 0
     folded, kind = read_lora_file(lora, DiffusionPipeline.from_pretrained(model), "static")

@@ -210,6 +210,51 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(tiny_sd15_dir, tmp_pa
     assert read_manifest(out) == left - {"notes.txt"}
 
 
+def test_overwrite_keeps_a_file_the_user_saved_among_the_validation_images(tiny_sd15_dir, tmp_path):
+    """A picture the user saved in validation/ was deleted with the folder by --overwrite_output_dir."""
+    photos = make_photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    validate = dict(validation_prompt="a photo of sks dog", validation_steps=1, num_validation_images=1)
+    run_training(tiny_config(tiny_sd15_dir, photos, out, **validate))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001-0.png", "step-000002-0.png"]
+    keep = out / "validation" / "keep-this.png"
+    shutil.copyfile(out / "validation" / "step-000001-0.png", keep)
+    kept = keep.read_bytes()
+
+    run_training(tiny_config(tiny_sd15_dir, photos, out, rank=8, overwrite_output_dir=True))  # no validation
+    assert [p.name for p in (out / "validation").iterdir()] == ["keep-this.png"] and keep.read_bytes() == kept
+    assert "validation" in read_manifest(out)  # still the runs' folder: the next run may write there
+
+    run_training(tiny_config(tiny_sd15_dir, photos, out, overwrite_output_dir=True, **validate))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["keep-this.png", "step-000001-0.png",
+                                                                    "step-000002-0.png"]
+    assert keep.read_bytes() == kept
+
+
+def test_overwrite_deletes_only_validation_images_by_the_names_a_run_gives_them(tiny_sd15_dir, tmp_path):
+    """The run's step-NNNNNN-i.png and a killed write's temporary of one go; the user's files stay, and a folder
+    left empty goes with the images."""
+    out = tmp_path / "out"
+    validation = out / "validation"
+    (validation / "picks").mkdir(parents=True)
+    for name in ("step-000001-0.png", "step-12345678-3.png", ".step-000002-0.png.4242-abcdefgh.tmp"):
+        (validation / name).write_bytes(b"a run's image")
+    for name in ("keep-this.png", "step-1-0.png", "step-000001-0.png.bak", "picks/step-000001-0.png"):
+        (validation / name).write_bytes(b"the user's")
+    (out / MANIFEST_FILE).write_text(json.dumps({"format_version": 1, "written": ["validation"]}))
+    config = tiny_config(tiny_sd15_dir, tmp_path, out, rank=8, overwrite_output_dir=True)
+    prepare_output_dir(config, {})
+    assert sorted(str(p.relative_to(validation)) for p in validation.rglob("*")) == [
+        "keep-this.png", "picks", "picks/step-000001-0.png", "step-000001-0.png.bak", "step-1-0.png"]
+    assert read_manifest(out) == {"validation", "training_config.json"}
+
+    shutil.rmtree(validation)  # this time only a run's image is in there
+    validation.mkdir()
+    (validation / "step-000003-0.png").write_bytes(b"a run's image")
+    prepare_output_dir(config, {})
+    assert not validation.exists() and read_manifest(out) == {"training_config.json"}
+
+
 def test_the_logging_folder_is_recorded_when_trackers_write_it(tiny_sd15_dir, tmp_path):
     config = tiny_config(tiny_sd15_dir, tmp_path, tmp_path / "out", report_to="tensorboard", logging_dir="tb/run")
     prepare_output_dir(config, {})

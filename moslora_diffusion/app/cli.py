@@ -11,10 +11,13 @@ import argparse
 import atexit
 import logging
 import os
+import socket
 from pathlib import Path
 
 from ..checks import Range, check_number
+from ..checks.devices import check_device
 from ..console import OneLineErrorParser, add_debug_flag, run_command
+from ..formats.export_targets import parse_adapter_spec
 
 log = logging.getLogger("moslora_diffusion.app")
 CACHE_DIR = Path(os.environ.get("MOSLORA_CACHE", "~/.cache/moslora-diffusion")).expanduser()
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="hub id, diffusers folder or single .safetensors checkpoint "
                         "(default: the shipped toy model, assets/toy-base, with the demo's adapter outputs/demo "
                         "once scripts/demo.sh has trained it)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="training output folder or adapter .safetensors (repeatable); only these folders "
                              "and the app's own outputs are ever read")
     parser.add_argument("--mole", action="append", default=[], metavar="PATH",
@@ -81,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     add_debug_flag(parser)
     return parser
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError (one line) when another program already listens on `port` there: Gradio said so only after the
+    model had loaded, naming an environment variable instead of --port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free to serve
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"--port {port} on {host} is not free ({err.strerror}): another program serves there; "
+                             "choose another --port") from None
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -143,14 +159,18 @@ def _serve(argv: list[str]) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up requests to itself, one line each
     args = build_parser().parse_args(argv)
     check_number("--port", args.port, PORT)  # before the model loads
+    check_device(args.device)
+    check_port_free(args.host, args.port)
     check_paths(args)
     from .state import open_app_state
     from .ui import build_ui
     from .uploads import MAX_UPLOAD_BYTES
 
     base = args.base or default_base_model()
-    adapters = args.adapter or ([] if args.base else default_adapters(base))
-    state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device, args.mole)
+    specs = [parse_adapter_spec(text) for text in args.adapter]  # PATH[:SCALE], as generate and export take them
+    adapters = [path for path, _ in specs] or ([] if args.base else default_adapters(base))
+    state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device, args.mole,
+                           [scale for _, scale in specs])
     atexit.register(state.training.shutdown)
     if (args.share or args.host not in ("127.0.0.1", "localhost")) and args.auth is None:
         log.warning("serving beyond this machine without --auth: anyone who can reach it can use it")

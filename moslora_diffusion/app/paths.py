@@ -12,6 +12,7 @@ from pathlib import Path
 from ..files.safetensors_io import PICKLE_SUFFIXES, pickle_refusal
 
 ADAPTER_FILE_NAME = "moslora.safetensors"  # what a training output folder holds
+MOLE_FILE_NAME = "mole.safetensors"  # what a gate-training folder holds
 
 
 class PathNotAllowedError(ValueError):
@@ -42,6 +43,9 @@ def adapter_file(path: str | Path, roots: AllowedRoots) -> Path:
     """The adapter file a path names (a training folder means its moslora.safetensors), checked."""
     resolved = roots.check(path)
     if resolved.is_dir():
+        if (resolved / MOLE_FILE_NAME).is_file() and not (resolved / ADAPTER_FILE_NAME).is_file():
+            raise PathNotAllowedError(f"{path} holds a MoLE (mole.safetensors), not an adapter: load it with "
+                                      f"--mole (app.py), or `python -m moslora_diffusion.mole generate --mole {path}`")
         resolved = roots.check(resolved / ADAPTER_FILE_NAME)
     if resolved.suffix.lower() in PICKLE_SUFFIXES:
         raise PathNotAllowedError(pickle_refusal(Path(path)))

@@ -250,9 +250,9 @@ class AppState:
 
 
 def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), config=None, photo_dirs=(),
-                   device: str | None = None, moles=()) -> AppState:
-    """Loads the base model once, every --adapter and every --mole file (each must load: a bad one stops the
-    start-up)."""
+                   device: str | None = None, moles=(), scales=()) -> AppState:
+    """Loads the base model once, every --adapter (at its scale in `scales`, else 1.0) and every --mole file (each
+    must load: a bad one stops the start-up)."""
     roots, mole_roots = AllowedRoots(), AllowedRoots()
     for flag, paths, allowed in (("--adapter", adapters, roots), ("--mole", moles, mole_roots)):
         for path in paths:
@@ -263,12 +263,16 @@ def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), confi
     for folder in photo_dirs:
         photos.add(folder)
     check_output_folder(outputs_dir, "--output_dir")
-    for path in adapters:  # a folder without an adapter, or a damaged file, named before the model loads
-        read_keys(adapter_file(path, roots))
+    files = [adapter_file(path, roots) for path in adapters]
+    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    if twice:  # it loaded the model, then failed on "zip() argument 2 is longer than argument 1"
+        raise AdapterError(f"--adapter {twice[0]} is given twice; give each adapter once")
+    for file in files:  # a folder without an adapter, or a damaged file, named before the model loads
+        read_keys(file)
     pipe = load_base_pipeline(base, config, device)
     state = AppState(pipe, base, outputs_dir, roots, config, photos, mole_roots)
-    for path in adapters:
-        state.load_adapter(path, scale=1.0)
+    for path, scale in zip(adapters, [*scales, *[1.0] * (len(adapters) - len(scales))], strict=False):
+        state.load_adapter(path, scale=scale)
     for path in moles:
         state.compose.load(path)
     return state

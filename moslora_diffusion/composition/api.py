@@ -30,7 +30,10 @@ LAYOUT_METHODS = ("regional",)  # the methods that take user regions
 GATED_METHODS = ("mole", "spatial_mole")  # the methods that take a gate_state
 OPTIONS = {"switch": {"every"}, "auto": {"triggers", "auto_steps", "threshold"},
            "regional": {"blend", "fit_steps", "background"}}
-BLENDS = ("attention", "latent")  # regional: blend cross-attention outputs (router.py) or predictions (latent_blend)
+# regional: blend cross-attention outputs (router.py) or predictions (latent_blend.py), or draw one region after
+# another over the picture so far (inpaint_blend.py)
+BLENDS = ("attention", "latent", "inpaint")
+FITTED_BLENDS = ("latent", "inpaint")  # the blends that draw each subject with its expert alone, so can fit it
 
 
 @dataclass
@@ -49,14 +52,14 @@ def check_background(experts: Sequence[str], regions: Sequence[Region], options:
                      size: tuple[int, int] | None = None) -> None:
     """regional's `background` (an expert that draws wherever the regions leave room and reads the global prompt,
     so it takes no region of its own, and needs room: some region that is not the whole image) and `fit_steps`
-    (latent blend only: 1 <= fit_steps < steps, and some region to fit). CompositionError, one line."""
+    (latent or inpaint blend only: 1 <= fit_steps < steps, and some region to fit). CompositionError, one line."""
     background, fit_steps = options.get("background"), options.get("fit_steps")
     if background is not None and background not in experts:
         raise CompositionError(f"background {background!r} is not one of the experts ({', '.join(experts)})")
     if fit_steps is not None:
-        if options.get("blend", "attention") != "latent":
-            raise CompositionError("fit_steps needs the latent blend (--blend latent): only it draws each subject "
-                                   "with its expert alone, which is what finds the subject's outline")
+        if options.get("blend", "attention") not in FITTED_BLENDS:
+            raise CompositionError("fit_steps needs --blend latent or inpaint: only they draw each subject with its "
+                                   "expert alone, which is what finds the subject's outline")
         if steps is not None and steps < 2:
             raise CompositionError(f"fit_steps needs at least 2 denoising steps (this run has {steps}): the "
                                    "regions are fitted after some steps and the rest are drawn fitted")
@@ -101,7 +104,7 @@ def check_layout(method: str, experts: Sequence[str], regions: Sequence[Region] 
                                + (f" (its options: {', '.join(sorted(OPTIONS[method]))})" if method in OPTIONS else ""))
     blend = (options or {}).get("blend", "attention")
     if blend not in BLENDS:
-        raise CompositionError(f"blend {blend!r}: choose {' or '.join(BLENDS)}")
+        raise CompositionError(f"blend {blend!r}: choose {', '.join(BLENDS[:-1])} or {BLENDS[-1]}")
     if regions and method not in LAYOUT_METHODS:
         raise CompositionError(f"method {method!r} takes no regions (boxes, masks or region prompts); use "
                                f"--method regional for a layout, or leave the regions out")
@@ -162,10 +165,10 @@ def compose(pipe, experts: Sequence[Expert], method: str, request: GenerationReq
     regions: Region per expert (method "regional" only). gates: a MoLE gate_state (methods "mole" and
     "spatial_mole"; None: uniform gates). options: `every` (switch: denoising steps per expert), `triggers`
     ({expert: word}, auto), `auto_steps` (auto: steps whose cross-attention gives the masks), `threshold` (auto),
-    `blend` (regional: "attention", the default, or "latent": latent_blend.py), `background` (regional: the
-    expert that draws wherever the regions leave room, instead of the base model; it takes no region), `fit_steps`
-    (regional, latent blend: after this many steps each region shrinks to its subject's silhouette, the rest going
-    to the background).
+    `blend` (regional: "attention", the default; "latent": latent_blend.py; "inpaint": inpaint_blend.py, one
+    region after another over the picture so far), `background` (regional: the expert that draws wherever the
+    regions leave room, instead of the base model; it takes no region), `fit_steps` (regional, latent or inpaint
+    blend: after this many steps each region shrinks to its subject's silhouette, the rest going to the background).
     Raises CompositionError / GenerationError (one line) before the pipeline is touched. The pipeline keeps the
     request's scheduler; otherwise it computes exactly what it did before (no weight changed, no hook left).
     """

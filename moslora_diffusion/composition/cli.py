@@ -85,13 +85,16 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blend", choices=BLENDS, default=None, help="regional: 'attention' (default) blends each "
                         "cross-attention's output per position, one UNet forward a step; 'latent' denoises each "
                         "region with its expert alone and blends the predictions, one forward per expert (+ the "
-                        "base where the regions leave room)")
+                        "base where the regions leave room); 'inpaint' draws the first region's expert (or "
+                        "--background) over the whole image, then each other region's expert into its region over "
+                        "that picture, one pass per expert")
     parser.add_argument("--background", default=None, metavar="EXPERT", action=_Once, help="regional: the expert "
                         "that draws wherever the regions leave room, instead of the base model (give it no "
                         "region), e.g. a learned background")
-    parser.add_argument("--fit_steps", type=int, default=None, metavar="N", help="regional --blend latent: after N "
-                        "denoising steps each region shrinks to its subject's outline and the rest of it goes to "
-                        "the background (--background, else the base model): one background around every subject")
+    parser.add_argument("--fit_steps", type=int, default=None, metavar="N", help="regional --blend latent or "
+                        "inpaint: after N denoising steps each region shrinks to its subject's outline and the rest "
+                        "of it goes to the background (latent: --background, else the base model; inpaint: the "
+                        "picture so far): one background around every subject")
     return parser
 
 
@@ -282,6 +285,9 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         check_layout(method, [], regions, None, options, has_gates=True)  # regions on mole: one line
         return mole_cli.run_generate(args)  # MoLE's learned gates: the command as it always was
     names, prompts, stored = _experts_before_loading(args)
+    if method in GATED_METHODS and stored is None:  # it drew with equal gates and labelled the image "mole"
+        raise CompositionError(f"--method {method} needs trained gates: give a MoLE file (--mole, from `mole train`) "
+                               "instead of --experts; with equal gates it would be --method nla")
     size = _image_size(args, regions)
     options = _check(args, method, regions, names, prompts, size)
     requests = [GenerationRequest(prompt=p, negative_prompt=args.negative_prompt, seed=s, steps=args.steps,

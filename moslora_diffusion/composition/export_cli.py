@@ -60,16 +60,17 @@ def run_export(args: argparse.Namespace) -> Path:
     method = _method(args, regions)
     refuse_unexpressible(method)  # first: its line says what to do instead
     if args.fit_steps is not None:  # before _check, whose advice (--blend latent) the workflow refuses too
-        raise CompositionError("--fit_steps is not exported to a workflow: fitting needs the latent blend, which "
-                               "has no ComfyUI workflow; leave --fit_steps (and --blend latent) out to export")
+        raise CompositionError("--fit_steps is not exported to a workflow: fitting needs the latent or inpaint "
+                               "blend, which have no ComfyUI workflow; leave --fit_steps (and --blend) out to export")
     if len(args.prompt) != 1 or len(args.seeds) != 1:
         raise CompositionError("a workflow holds one image: give one --prompt and one --seeds value")
     names, prompts, stored = _experts_before_loading(args)
     given_size = _image_size(args, regions)
     _check(args, method, regions, names, prompts, given_size)
-    if args.blend == "latent":  # it was dropped without a word
-        raise CompositionError("--blend latent has no ComfyUI workflow: the workflow applies each LoRA through its "
-                               "masked conditioning, as --blend attention does; leave --blend out to export")
+    if args.blend in ("latent", "inpaint"):  # it was dropped without a word
+        raise CompositionError(f"--blend {args.blend} has no ComfyUI workflow: the workflow applies each LoRA "
+                               "through its masked conditioning, as --blend attention does; leave --blend out to "
+                               "export")
     if args.background:  # a workflow's masks are fixed pictures; the background is what the regions leave
         raise CompositionError("--background is not exported to a workflow: give that expert a --region_mask "
                                "(white where no other region is) instead, then export")

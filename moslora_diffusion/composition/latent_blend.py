@@ -52,9 +52,10 @@ def fit_steps_for(steps: int, share: float = FIT_SHARE) -> int:
     return min(max(1, round(share * steps)), max(1, steps - 1))
 
 
-def frame_offsets(shares: torch.Tensor) -> list[tuple[int, int]]:
+def frame_offsets(shares: torch.Tensor, pull: float = 0.0) -> list[tuple[int, int]]:
     """Per expert, (dy, dx) in latent cells from the latent's centre to the centre of the bounding box of its
-    region (positions with a share > 0 in any image); (0, 0) for an expert without a region."""
+    region (positions with a share > 0 in any image), moved towards the latent's centre by `pull` (0..1) of that
+    distance; (0, 0) for an expert without a region."""
     height, width = shares.shape[-2:]
     out = []
     for i in range(shares.shape[1]):
@@ -64,7 +65,7 @@ def frame_offsets(shares: torch.Tensor) -> list[tuple[int, int]]:
             continue
         cy = (int(rows.min()) + int(rows.max()) + 1) / 2
         cx = (int(cols.min()) + int(cols.max()) + 1) / 2
-        out.append((round(cy - height / 2), round(cx - width / 2)))
+        out.append((round((cy - height / 2) * (1 - pull)), round((cx - width / 2) * (1 - pull))))
     return out
 
 
@@ -108,6 +109,34 @@ def predicted_clean(scheduler, sample: torch.Tensor, timestep, prediction: torch
     return (sample - (1 - a).sqrt() * prediction) / a.sqrt()
 
 
+def branch_forward(router: SpatialRouter, original: Callable, index: int, sample: torch.Tensor,
+                   offset: tuple[int, int], args: tuple, kwargs: dict):
+    """One UNet forward of branch `index` alone (0: the base model with the global prompt; 1 + i: expert i with
+    its region prompt's encoding from router.contexts) in a frame rolled by `offset` (latent cells), the output
+    rolled back. Needs the router's contexts set (contexts.encode_branches)."""
+    router.branch, router.whole_branch = index, True
+    call = dict(kwargs)
+    context = router.contexts[index] if index < len(router.contexts) else None
+    if context is not None:
+        call["encoder_hidden_states"] = context.to(sample.device)
+    dy, dx = offset
+    try:
+        if (dy, dx) == (0, 0):
+            return original(sample, *args, **call)
+        output = original(torch.roll(sample, (-dy, -dx), dims=(-2, -1)), *args, **call)
+        return with_sample(output, torch.roll(unet_sample(output), (dy, dx), dims=(-2, -1)))
+    finally:
+        router.branch, router.whole_branch = None, False
+
+
+def guided(tensor: torch.Tensor, images: int, guidance: float) -> torch.Tensor:
+    """(images, ...) the guided combination of a [negative; positive] batch (the batch itself without)."""
+    if tensor.shape[0] == 2 * images:
+        negative, positive = tensor[:images], tensor[images:]
+        return negative + guidance * (positive - negative)
+    return tensor
+
+
 class LatentBlend:
     """A stand-in for the UNet's forward (`wrap(original)`): one forward per branch (the base only where the
     regions leave room), predictions blended by the shares at the latent's size. Needs the router's contexts set.
@@ -132,20 +161,7 @@ class LatentBlend:
         return forward
 
     def _branch(self, original, index: int, sample, offset, args, kwargs):
-        router = self.router
-        router.branch, router.whole_branch = index, True
-        call = dict(kwargs)
-        context = router.contexts[index] if index < len(router.contexts) else None
-        if context is not None:
-            call["encoder_hidden_states"] = context.to(sample.device)
-        dy, dx = offset
-        try:
-            if (dy, dx) == (0, 0):
-                return original(sample, *args, **call)
-            output = original(torch.roll(sample, (-dy, -dx), dims=(-2, -1)), *args, **call)
-            return with_sample(output, torch.roll(unet_sample(output), (dy, dx), dims=(-2, -1)))
-        finally:
-            router.branch, router.whole_branch = None, False
+        return branch_forward(self.router, original, index, sample, offset, args, kwargs)
 
     def _forward(self, original, sample, args, kwargs):
         given = self.router.shares_at(sample.shape[0], *sample.shape[-2:])  # (B, N, h, w)
@@ -176,11 +192,7 @@ class LatentBlend:
         return with_sample(output, total.to(unet_sample(output).dtype))
 
     def _guided(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(B_images, ...) the guided combination of a [negative; positive] batch (the batch itself without)."""
-        if tensor.shape[0] == 2 * self.images:
-            negative, positive = tensor[:self.images], tensor[self.images:]
-            return negative + self.guidance * (positive - negative)
-        return tensor
+        return guided(tensor, self.images, self.guidance)
 
     def _fit(self, given, sample, timestep, predictions) -> torch.Tensor:
         scheduler = self.router.pipe.scheduler

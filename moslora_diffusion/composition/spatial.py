@@ -44,12 +44,19 @@ def image_masks(shares: torch.Tensor, experts: Sequence[Expert], req: Generation
 
 def routed_images(pipe, router: SpatialRouter, req: GenerationRequest, shares: torch.Tensor,
                   prompts: Sequence[str | None], blend: str = "attention", fit_steps: int | None = None,
-                  background: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
-    """Images and the (B_images or 1, N, h, w) shares applied last (the fitted ones when `fit_steps` is set)."""
+                  background: int | None = None, order: Sequence[int] | None = None
+                  ) -> tuple[list[Image.Image], torch.Tensor]:
+    """Images and the (B_images or 1, N, h, w) shares applied last (the fitted ones when `fit_steps` is set).
+    order: the experts' indices in the order their regions were given (the inpaint blend draws them so)."""
     router.set_shares(shares.to(pipe._execution_device))
     embeddings = encode_branches(pipe, router, req, prompts)
     if blend == "attention":
         return run_pipeline(pipe, req, None, embeddings), shares
+    if blend == "inpaint":
+        from .inpaint_blend import inpaint_images
+
+        order = range(shares.shape[1]) if order is None else order
+        return inpaint_images(pipe, router, req, shares, embeddings, order, fit_steps, background)
     from .latent_blend import LatentBlend
     from .one_at_a_time import replace_attribute
 
@@ -78,7 +85,8 @@ def generate_spatial(pipe, experts: Sequence[Expert], method: str, req: Generati
             background = names.index(options["background"]) if options.get("background") else None
             shares = regional_shares(pipe, experts, req, regions, background)
             images, shares = routed_images(pipe, router, req, shares, [prompts.get(n) for n in names],
-                                           options.get("blend", "attention"), options.get("fit_steps"), background)
+                                           options.get("blend", "attention"), options.get("fit_steps"), background,
+                                           [names.index(r.expert) for r in regions])
         elif method == "auto":
             from .auto import auto_shares
 

@@ -5,8 +5,28 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
+from collections.abc import Iterable
 
 _UNKNOWN = "unrecognized arguments: "
+
+
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[-_]+", name.lstrip("-"))) - {""}
+
+
+def closest_name(name: str, known: Iterable[str], cutoff: float = 0.75) -> str | None:
+    """The known name a mistyped `name` most likely meant, or None.
+
+    A name holding every word of the typo wins over a merely similar spelling: `--max_steps` means
+    `--max_train_steps`, though `--max_timestep` is closer letter by letter. A one-word typo must name one such
+    flag alone (`--prompt` could be any of three), else the closest spelling counts, as difflib measures it."""
+    known = sorted(set(known))
+    words = _words(name)
+    holding = [k for k in known if words and words <= _words(k) and k != name]
+    if len(holding) == 1 or (len(words) > 1 and holding):
+        return max(holding, key=lambda k: difflib.SequenceMatcher(None, name, k).ratio())
+    return next(iter(difflib.get_close_matches(name, known, n=1, cutoff=cutoff)), None)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -49,8 +69,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
             if not flag.startswith("--"):
                 continue
             alias = self.aliases.get(flag)
-            match = alias if alias in known else next(iter(difflib.get_close_matches(flag, known, n=1, cutoff=0.75)),
-                                                      None)
+            match = alias if alias in known else closest_name(flag, known)
             if match:
                 hints.append(f"{flag}: did you mean {match}?")
         return "; " + "; ".join(hints) if hints else ""

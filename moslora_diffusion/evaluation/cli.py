@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..checks import MAX_SEED, Range, number_problems
+from ..checks.devices import check_device
 from ..console import OneLineErrorParser, add_debug_flag
 from ..files.atomic import atomic_write, check_free_space
 from ..formats.merge import resolve_adapter_path
@@ -120,6 +121,7 @@ def check_numbers(args) -> None:
     if problems:
         raise EvaluationError("; ".join(problems))
     validate_request(Sampling(args.steps, args.guidance, args.size or 512, args.sampler).request("x", 0, {}))
+    check_device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise EvaluationError(f"--out {args.out} is a file; --out names the folder for the images and the report")
     check_free_space(args.out, 0)  # the margin at least, before the model loads; each image is checked again

@@ -22,13 +22,13 @@ import torch
 from .._version import __version__
 from ..checks import SCALE, as_number, check_number
 from ..files.atomic import check_free_space, check_not_an_input, foreign_files_message, write_folder_atomically
-from ..files.safetensors_io import check_finite, save_tensors
+from ..files.safetensors_io import WeightFileError, check_finite, read_metadata, save_tensors
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.native_file import AdapterFile, load_adapter
 from ..moslora.pipeline import detach_from_pipeline
-from .embedding_files import embedding_file_name, embedding_file_tensors, write_embedding
-from .lora import DIFFUSERS_WEIGHT_NAME, combine, fold_pipeline, save_diffusers_lora, save_kohya_lora
+from .embedding_files import embedding_file_name, embedding_file_tensors, is_export_embedding, write_embedding
+from .lora import DIFFUSERS_WEIGHT_NAME, EXPORT_RECORD, combine, fold_pipeline, save_diffusers_lora, save_kohya_lora
 from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
 from .single_file import single_file_state_dict
 
@@ -107,19 +107,43 @@ def check_output(target: str, out: Path, overwrite: bool) -> Path:
         if out.is_dir() or out.suffix.lower() != ".safetensors":
             raise ExportError(f"--out {out}: {target} writes one file; give a name ending in .safetensors")
         written = out
-    exists = written.is_file() or (written.is_dir() and any(written.iterdir()))
+    exists = written.is_file() or written.is_symlink() or (written.is_dir() and any(written.iterdir()))
+    if exists:  # what --overwrite could not replace is refused first: passing it would not help
+        _check_replaceable(target, out, written)
     if exists and not overwrite:
         raise FileExistsError(f"{written} already exists; pass --overwrite to replace it")
-    if exists and target == "merged-diffusers" and not (written / f"{MERGE_RECORD}.json").is_file():
-        # --overwrite replaces the folder whole: only a merged export of ours, never a folder of other files
-        raise ExportError(f"--out {out} holds files that are not a merged export of ours; --overwrite replaces "
-                          "only an earlier export: choose a new folder")
-    if exists and target == "merged-diffusers":
+    _writable_folder(written.parent)
+    return written
+
+
+def _check_replaceable(target: str, out: Path, written: Path) -> None:
+    """--overwrite replaces only what an earlier export wrote, never a user's file or folder (ExportError)."""
+    if target == "merged-diffusers":
+        if not (written / f"{MERGE_RECORD}.json").is_file():  # the folder is replaced whole
+            raise ExportError(f"--out {out} holds files that are not a merged export of ours; --overwrite replaces "
+                              "only an earlier export: choose a new folder")
         foreign = _not_a_model_folders(written)
         if foreign:
             raise ExportError(foreign_files_message(out, foreign))
-    _writable_folder(written.parent)
-    return written
+    elif not written_by_an_export(written):
+        raise ExportError(f"{written} is not a file an earlier export wrote (no export record in its metadata); "
+                          f"--overwrite replaces only those: move {written.name} away first, or choose another --out")
+
+
+def written_by_an_export(path: Path) -> bool:
+    """A safetensors file with an export's record: `moslora_merge` (a merged checkpoint), or `moslora_export` naming
+    its target (a LoRA written by this module or `mole export`). Not a training run's own LoRA files (their record
+    names no target), nor any other file: a model, a renamed picture."""
+    try:
+        metadata = read_metadata(path)
+    except WeightFileError:  # not safetensors at all, damaged, a folder, a pickle
+        return False
+    if MERGE_RECORD in metadata:
+        return True
+    try:
+        return json.loads(metadata.get(EXPORT_RECORD, "{}")).get("target") in TARGETS
+    except (ValueError, AttributeError):
+        return False
 
 
 def _not_a_model_folders(folder: Path) -> list[str]:
@@ -192,23 +216,31 @@ def _export_lora(pipe, adapters: Adapters, target: str, out: Path, dtype: str, b
     folded = folds[0] if len(folds) == 1 else combine(folds)
     info = merge_record(base, adapters, loaded, dtype, target) | {"title": out.stem}
     if target == "lora-diffusers":
-        written = save_diffusers_lora(folded, out, info, DTYPES[dtype]).parent
+        written = save_diffusers_lora(folded, out, info, DTYPES[dtype], overwrite).parent
     else:
         family = detect_model(pipe).family
-        written = save_kohya_lora(folded, out, family, dict(pipe.unet.config), info, DTYPES[dtype])
+        written = save_kohya_lora(folded, out, family, dict(pipe.unet.config), info, DTYPES[dtype], overwrite)
     for name, tensors in embeddings.items():
-        write_embedding(folder, name, tensors)
+        write_embedding(folder, name, tensors, overwrite)
     return written
 
 
 def check_embedding_outputs(embeddings: dict, folder: Path, out: Path, overwrite: bool) -> None:
-    """The embedding files (<word>.safetensors) of pivotal-tuned adapters may be written, before any file is."""
+    """The embedding files (<word>.safetensors) of pivotal-tuned adapters may be written, before any file is.
+    --overwrite names the output: a file beside it is replaced only when an earlier export wrote it."""
     for name in embeddings:
-        if folder / name == out:
+        path = folder / name
+        if path == out:
             raise ExportError(f"--out {out} has the name of the trigger word's embedding file written beside it: "
                               "choose another --out name")
-        if (folder / name).exists() and not overwrite:
-            raise FileExistsError(f"{folder / name} (the trigger word's embedding) already exists; pass --overwrite "
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if not is_export_embedding(path):
+            raise ExportError(f"{path} is not an embedding an earlier export wrote, and the trigger word's embedding "
+                              f"goes under that name beside the LoRA: move {name} away first, or give --out in "
+                              "another folder")
+        if not overwrite:
+            raise FileExistsError(f"{path} (the trigger word's embedding) already exists; pass --overwrite "
                                   "to replace it")
 
 
@@ -252,10 +284,10 @@ def export_pipeline(pipe, adapters: Adapters, target: str, out: str | Path, dtyp
     if not adapters:
         raise ExportError("give at least one --adapter")
     _check_scales(adapters)
-    check_inputs(adapters, out)
+    base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
+    check_inputs(adapters, out, [base])
     out = Path(out).expanduser()
     check_output(target, out, overwrite)
-    base = base or getattr(pipe, "name_or_path", None) or "unknown base model"
     if target.startswith("lora-"):
         return _export_lora(pipe, adapters, target, out, dtype, base, overwrite)
     loaded = bake_adapters(pipe, adapters)
@@ -272,16 +304,23 @@ def write_merged(pipe, record: dict, target: str, out: Path, dtype: str, overwri
     raise ExportError(f"{target} is not a merged target")
 
 
-def check_inputs(adapters: Adapters, out: str | Path) -> None:
-    """Every adapter exists, none is given twice, and `out` would overwrite none of them (ExportError)."""
+def check_inputs(adapters: Adapters, out: str | Path, models: Sequence[str | Path | None] = ()) -> None:
+    """Every adapter exists, none is given twice, and `out` would overwrite none of them nor of `models` (the base
+    model and its --config folder, where they are local; a hub id is not), nor write into a model's folder
+    (ExportError)."""
     files = [resolve_adapter_path(path) for path, _ in adapters]
     twice = sorted({str(f) for f in files if files.count(f) > 1})
     if twice:
         raise ExportError(f"--adapter {twice[0]} is given twice; give each adapter once, with the scale you want")
+    local = [m for m in models if m and Path(m).expanduser().exists()]
     try:
-        check_not_an_input(out, [p for p, _ in adapters] + files, "--out")
+        check_not_an_input(out, [p for p, _ in adapters] + files + local, "--out")
     except ValueError as err:
         raise ExportError(str(err)) from None
+    for model in local:  # a file in a model folder would change the model (a merged-diffusers --out B/unet)
+        folder = Path(model).expanduser().resolve()
+        if folder.is_dir() and folder in Path(out).expanduser().resolve().parents:
+            raise ExportError(f"--out {out} would write into the input {model}; write the output somewhere else")
 
 
 def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, dtype: str = "fp16",
@@ -291,7 +330,7 @@ def export(base: str | Path, adapters: Adapters, target: str, out: str | Path, d
     as `target` to `out`. Cheap checks (adapters exist, output writable) run before the model loads."""
     _check_choices(target, dtype)
     _check_scales(adapters)
-    check_inputs(adapters, out)
+    check_inputs(adapters, out, [base, config])
     check_output(target, Path(out).expanduser(), overwrite)
     pipe = load_pipeline(base, torch_dtype=DTYPES[dtype], config=config)
     return export_pipeline(pipe, adapters, target, out, dtype, overwrite, base=str(base))

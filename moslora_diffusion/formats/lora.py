@@ -28,6 +28,7 @@ from ..moslora.pipeline import pipeline_adapters
 from .keymaps import to_ldm_unet_name, unet_block_prefixes
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EXPORT_RECORD = "moslora_export"  # metadata key of the record (title, adapters, target...) each LoRA file carries
 KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                   "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -121,14 +122,15 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
 
 
 def save_diffusers_lora(folded, folder: str | Path, info: dict | None = None,
-                        dtype: torch.dtype = torch.float32) -> Path:
+                        dtype: torch.dtype = torch.float32, overwrite: bool = True) -> Path:
     """Writes `<folder>/pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(folder)` reads."""
     tensors = _cast(diffusers_state_dict(folded), dtype)
-    return save_tensors(tensors, Path(folder) / DIFFUSERS_WEIGHT_NAME, {"moslora_export": json.dumps(info or {})})
+    return save_tensors(tensors, Path(folder) / DIFFUSERS_WEIGHT_NAME, {EXPORT_RECORD: json.dumps(info or {})},
+                        overwrite=overwrite)
 
 
 def save_kohya_lora(folded, path: str | Path, family: Family, unet_config, info: dict | None = None,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    dtype: torch.dtype = torch.float32, overwrite: bool = True) -> Path:
     """A kohya-format LoRA file for A1111 / ComfyUI, with the metadata their UIs show."""
     tensors = kohya_state_dict(folded, family, unet_config)
     tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in tensors.items()}
@@ -141,9 +143,9 @@ def save_kohya_lora(folded, path: str | Path, family: Family, unet_config, info:
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family.name],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": str(info.get("title", Path(path).stem)),
-        "moslora_export": json.dumps(info),
+        EXPORT_RECORD: json.dumps(info),
     }
-    return save_tensors(tensors, path, metadata)
+    return save_tensors(tensors, path, metadata, overwrite=overwrite)
 
 
 def export_pipeline_loras(pipe, diffusers_folder: str | Path | None = None, kohya_path: str | Path | None = None,

@@ -210,12 +210,17 @@ def parse_infotext(text: str, loaded: list[str] | None = None) -> GenerationRequ
 
 
 def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | None,
-                 embeddings: dict | None = None) -> list[Image.Image]:
+                 embeddings: dict | None = None,
+                 step_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[Image.Image]:
     """The request's images, one generator per image (seed, seed + 1, ...). embeddings: the prompt already encoded
-    (`prompt_embeds`, `negative_prompt_embeds`, SDXL's pooled ones, batch 1) instead of the prompt texts."""
+    (`prompt_embeds`, `negative_prompt_embeds`, SDXL's pooled ones, batch 1) instead of the prompt texts.
+    step_latents(step, latents) -> latents: runs after every denoising step (0-based) on the (B, C, h, w) latents
+    and returns the ones the next step continues from (composition's inpaint blend)."""
     generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
 
-    def on_step(_pipe, _step, _timestep, kwargs):
+    def on_step(_pipe, step, _timestep, kwargs):
+        if step_latents is not None:
+            kwargs["latents"] = step_latents(step, kwargs["latents"])
         if progress is not None:
             progress()
         return kwargs
@@ -224,7 +229,8 @@ def run_pipeline(pipe, req: GenerationRequest, progress: Callable[[], None] | No
     warn_long_prompts(getattr(pipe, "tokenizer", None), texts)
     return pipe(**texts, **(embeddings or {}), num_inference_steps=req.steps, guidance_scale=req.guidance,
                 width=req.width, height=req.height, num_images_per_prompt=req.num_images, generator=generators,
-                callback_on_step_end=on_step).images
+                callback_on_step_end=on_step,
+                callback_on_step_end_tensor_inputs=["latents"]).images
 
 
 def generate(pipe, fusion: FusedAdapters, req: GenerationRequest, model_name: str, scheduler_config=None,

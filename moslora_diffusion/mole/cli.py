@@ -13,6 +13,7 @@ Every input is checked before the model loads where it can be; an error is one l
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..checks import MAX_SEED, Range, check_number
 from ..console import OneLineErrorParser, add_debug_flag, run_command
-from ..files.atomic import check_not_an_input, check_output_folder
-from ..formats.export_targets import DTYPES, TARGETS, check_output
+from ..files.atomic import check_not_an_input, check_output_folder, save_new_image
+from ..formats.export_targets import DTYPES, TARGETS, check_inputs, check_output
 from ..generation.flags import add_request_flags
 from ..generation.text_to_image import GenerationRequest, native_size, save_png, validate_command_request
 from ..models.loading import load_pipeline
@@ -29,7 +30,7 @@ from ..training.trainer.command import run_training_command
 from .experts import MoLEError, check_scale
 from .file import FILE_NAME, read_mole
 from .gate_config import parse_gate_args
-from .report import save_gate_heatmap
+from .report import render_gate_heatmap
 
 COMMANDS = ("train", "generate", "export")
 COMMAND_HELP = {"train": "train the gates of 2 to 8 trained adapters (the experts) on their photos",
@@ -65,8 +66,8 @@ def generate_parser(mole_required: bool = True) -> argparse.ArgumentParser:
                                 description="Generate with every expert and the learned gates of a MoLE file.")
     _common(parser, mole_required)
     add_request_flags(parser)
-    parser.add_argument("--heatmap", action="store_true", help="also write gates-<n>.png per prompt and seed: the "
-                        "gate weight of each expert in each block")
+    parser.add_argument("--heatmap", action="store_true", help="also write <image>-gates.png beside each image: "
+                        "the gate weight of each expert in each block")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     return parser
 
@@ -132,12 +133,15 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     pipe, mole, path = _load(args)
     size = args.size or native_size(pipe, 512)  # the generate command's default (>= 64 px)
     written = []
-    for n, request in enumerate(tqdm(requests, desc="generating", unit="image", dynamic_ncols=True)):
+    for request in tqdm(requests, desc="generating", unit="image", dynamic_ncols=True):
         request.width = request.height = size
         images, report = generate_mole(pipe, mole, request, Path(str(args.base)).name, path.name)
         written += [save_png(image, args.out) for image in images]
-        if args.heatmap:
-            written.append(save_gate_heatmap(report, mole.expert_names, args.out / f"gates-{n:03d}.png"))
+        if args.heatmap:  # beside its image, named after it: a new name, never over an earlier run's or the user's
+            image_path = written[-1]
+            written.append(save_new_image(render_gate_heatmap(report, mole.expert_names), image_path.parent,
+                                          (f"{image_path.stem}-gates{f'-{k}' if k else ''}.png"
+                                           for k in itertools.count())))
     return written
 
 
@@ -145,6 +149,7 @@ def run_export(args: argparse.Namespace) -> Path:
     from .static_export import average_gates, export_static
 
     check_not_an_input(args.out, [args.mole, mole_file(args.mole)], "--out")
+    check_inputs([], args.out, [args.base, args.config])  # nor the base model (a merged export of ours was one)
     for seed in args.seeds:
         check_number("--seeds", seed, SEED)
     if any(not p.strip() for p in args.prompt):

@@ -39,6 +39,19 @@ def check_writable(output_dir: str) -> None:
                              "choose a folder you can write to")
 
 
+def check_logging_dir(config: TrainConfig) -> None:
+    """Refuses a --logging_dir that is a file or lies under one while a tracker will write there: the tracker's
+    mkdir failed only after the model loaded, with a raw `[Errno 20] Not a directory`."""
+    if config.report_to == "none":  # no tracker, nothing is written there
+        return
+    folder = (Path(config.output_dir) / config.logging_dir).absolute()  # an absolute --logging_dir stands alone
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+        raise OutputDirError(f"--logging_dir {config.logging_dir} {where}, not a folder; choose another "
+                             f"--logging_dir for the {config.report_to} logs, or pass --report_to none")
+
+
 def expected_steps(config: TrainConfig, num_images: int, num_processes: int) -> int:
     """--max_train_steps, or a lower bound of the epochs' steps (buckets only add batches)."""
     if config.max_train_steps:

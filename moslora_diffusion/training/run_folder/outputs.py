@@ -4,6 +4,7 @@ and what the run wrote (the manifest), write the final files and the model card.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import warnings
@@ -11,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..._version import __version__
-from ...files.atomic import atomic_write
+from ...files.atomic import TEMP_NAME, atomic_write
 from ...formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
 from ...formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ...formats.ui_files import export_files, markdown_table
@@ -20,7 +21,7 @@ from ..settings.config import PRIOR_SOURCE_NAMES, TrainConfig, uses_class_images
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
 from .manifest import owns, read_manifest, record_written, write_manifest
-from .output_location import OutputDirError, check_room, check_writable
+from .output_location import OutputDirError, check_logging_dir, check_room, check_writable
 
 ADAPTER_FILE = "moslora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -30,6 +31,14 @@ VALIDATION_DIR = "validation"
 BEST_FILE = "moslora_best.safetensors"  # --keep_best: trainer/validation_scores.py
 PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the app's progress view
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
+# The names of the images a validation writes into validation/ (validation_image_name): the only files there that
+# --overwrite_output_dir deletes, since users keep their own picks beside them.
+_VALIDATION_IMAGE = re.compile(r"^step-\d{6,}-\d+\.png$")
+
+
+def validation_image_name(step: int, index: int) -> str:
+    """validation/step-NNNNNN-i.png: the name of the index-th validation image of a step."""
+    return f"step-{step:06d}-{index}.png"
 
 
 def _logs_name(logging_dir: str) -> str | None:
@@ -90,6 +99,7 @@ def check_output_dir(config: TrainConfig) -> None:
     input has been checked. Files that no run of ours wrote are never deleted nor overwritten.
     """
     check_writable(config.output_dir)
+    check_logging_dir(config)
     check_room(config)
     folder = Path(config.output_dir)
     entries = _entries(folder, config)
@@ -191,21 +201,38 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
     ours = _run_files(folder, read_record(folder))
     if config.overwrite_output_dir:
         # Exactly what a run of ours wrote: a stale checkpoint would otherwise be resumed by `latest`.
+        kept = set()
         for name in ours:
             path = folder / name
             if _is_class_dir(path, config):  # the class images this run is about to train on
                 continue
-            if path.is_dir() and not path.is_symlink():
+            if name == VALIDATION_DIR and path.is_dir() and not path.is_symlink():
+                if not _remove_validation_images(path):  # a file of the user's is still in there
+                    kept.add(name)
+            elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        kept = set()
     else:  # `ours` adopts the files of a run written before runs kept a manifest
         kept = (read_manifest(folder) or set()) | ours
     # The trackers create the logging folder when the run starts, outside any writer of ours.
     logs = {_logs_name(config.logging_dir)} - {None} if config.report_to != "none" else set()
     write_manifest(folder, kept | logs)
     write_config(config, plan)
+
+
+def _remove_validation_images(folder: Path) -> bool:
+    """Deletes the validation images a run wrote into `folder` (and their temporaries); anything else there is the
+    user's (a favourite saved beside them) and stays. True when the folder was left empty and removed."""
+    for path in folder.iterdir():
+        temp = TEMP_NAME.match(path.name)
+        name = temp.group("name") if temp else path.name
+        if path.is_file() and not path.is_symlink() and _VALIDATION_IMAGE.match(name):
+            path.unlink()
+    if any(folder.iterdir()):
+        return False
+    folder.rmdir()
+    return True
 
 
 def append_progress(output_dir: str | Path, records: list[dict]) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from ...checks import MAX_SEED, Range, number_problems
 from ...data.captions import CaptionOptions
 from ...evaluation.toy_scorer import size_problem
+from ...generation.text_to_image import MAX_STEPS as MAX_INFERENCE_STEPS
 from ...moslora.inject import UNET_TARGET_PRESETS, AdapterConfig, resolve_targets
 from ...moslora.layer import KINDS, MIXER_INITS
 from .class_folder import check_class_folder
@@ -271,20 +272,29 @@ _GT0_OR_NONE = replace(_GT0, optional=True)
 # 4x SDXL's 1024 px (16x its pixels): past any model's training size, and a typo of many digits (`--resolution
 # 1000000`) would otherwise start and be killed for memory a minute later.
 MAX_RESOLUTION = 4096
+# Denoising steps of a validation or class image: generate's --steps limit (1..150). More than the scheduler's
+# train timesteps (1000) failed inside diffusers only after training, losing the trained steps.
+_INFERENCE_STEPS = Range(1, MAX_INFERENCE_STEPS)
+# A validation renders its images as one batch: 64 is 8x the app's cap per request (1..8) and more than anyone
+# looks at, while a typo of many digits (100000) ran out of memory after training, losing the run.
+MAX_VALIDATION_IMAGES = 64
+# diffusers' DreamBooth default is 100 and recipes use a few hundred: 10,000 is far past any, and a typo of many
+# digits would otherwise spend days generating class images (100000000 showed an ETA of 29,000 hours).
+MAX_CLASS_IMAGES = 10_000
 # Every number a run takes, with where it may lie (finite always: `--learning_rate inf` never trains).
-# tests/test_training_inputs.py checks that no int or float setting is missing here.
+# tests/test_checks.py checks that no int or float setting is missing here.
 NUMBER_RANGES = {
     "resolution": Range(8, MAX_RESOLUTION, multiple_of=8, optional=True),  # the VAE downsamples by 8
-    "dataloader_num_workers": _GE0, "num_class_images": _GT0, "prior_loss_weight": _GE0, "sample_batch_size": _GT0,
-    "class_inference_steps": _GT0, "rank": _GT0, "lora_alpha": _GT0_OR_NONE, "text_encoder_lr": _GT0_OR_NONE,
-    "embedding_lr": _GT0_OR_NONE,
+    "dataloader_num_workers": _GE0, "num_class_images": Range(1, MAX_CLASS_IMAGES), "prior_loss_weight": _GE0,
+    "sample_batch_size": _GT0, "class_inference_steps": _INFERENCE_STEPS, "rank": _GT0, "lora_alpha": _GT0_OR_NONE,
+    "text_encoder_lr": _GT0_OR_NONE, "embedding_lr": _GT0_OR_NONE,
     "learning_rate": _GT0, "lr_warmup_steps": _GE0, "max_train_steps": replace(_GT0_OR_NONE, upper=MAX_STEPS),
     "num_train_epochs": replace(_GT0, upper=MAX_STEPS),
     "train_batch_size": _GT0, "gradient_accumulation_steps": _GT0, "max_grad_norm": _GE0, "adam_beta1": _UNIT,
     "adam_beta2": _UNIT, "adam_weight_decay": _GE0, "adam_epsilon": _GT0, "snr_gamma": _GT0_OR_NONE,
     "noise_offset": _GE0, "min_timestep": _GE0, "max_timestep": _GT0_OR_NONE, "seed": Range(0, MAX_SEED),
-    "ema_decay": _UNIT, "num_validation_images": _GT0, "validation_steps": _GT0,
-    "validation_loss_photos": _GE0, "validation_inference_steps": _GT0,
+    "ema_decay": _UNIT, "num_validation_images": Range(1, MAX_VALIDATION_IMAGES), "validation_steps": _GT0,
+    "validation_loss_photos": _GE0, "validation_inference_steps": _INFERENCE_STEPS,
     "checkpointing_steps": _GT0, "checkpoints_total_limit": _GT0_OR_NONE, "logging_steps": _GT0,
     "caption_dropout_rate": Range(0, 1), "keep_tokens": replace(_GE0, integer=True),
 }

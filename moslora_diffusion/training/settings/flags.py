@@ -11,7 +11,6 @@ the two commands parse, check and record their settings the same way.
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import typing
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from dataclasses import field, fields
 from pathlib import Path
 
 from ...console import OneLineErrorParser, add_debug_flag
+from ...console.command_line import closest_name
 
 
 class ConfigError(ValueError):
@@ -147,9 +147,9 @@ def load_config_file(path: str | Path, cls: type) -> dict:
     known = {f.name for f in _flag_fields(cls)}
     for key in values:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = closest_name(key, known, cutoff=0.6)
             raise ConfigError(f"--config {path}: unknown setting {key!r}"
-                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                              + (f" (did you mean {hint!r}?)" if hint else ""))
     types = field_types(cls)
     for key, value in values.items():  # argparse would report a bad value as "argument --key", not as the file's
         _check_file_value(path, key, value, types[key][0])

@@ -16,7 +16,7 @@ import torch
 
 from ...files.atomic import save_image
 from ..run_folder.manifest import record_written
-from ..run_folder.outputs import VALIDATION_DIR, append_progress
+from ..run_folder.outputs import VALIDATION_DIR, append_progress, validation_image_name
 from .validation_scores import keep_if_best, score_validation
 
 
@@ -61,7 +61,7 @@ def run_validation(pipe, config, resolution: int, step: int, accelerator, ema=No
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = folder / f"step-{step:06d}-{i}.png"
+        path = folder / validation_image_name(step, i)
         paths.append(save_image(image, path))
     if accelerator is not None:
         _log_images(accelerator, images, step)
