@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,30 +60,39 @@ def methods(pipe, experts, req: GenerationRequest) -> dict:
            "regional_prompts": method("regional", regions=prompted),
            "regional_latent": method("regional", regions=prompted, blend="latent"),
            "regional_latent_fitted": method("regional", regions=prompted, blend="latent",
-                                            fit_steps=fit_steps_for(req.steps))}
+                                            fit_steps=fit_steps_for(req.steps)),
+           "regional_inpaint_fitted": method("regional", regions=prompted, blend="inpaint",
+                                             fit_steps=fit_steps_for(req.steps))}
     return fns
 
 
-def counted_run(pipe, fns: dict, steps: int) -> dict[str, float]:
-    """Runs every method once (the warm-up round) counting its UNet forwards: {name: forwards per step}. Counted,
-    not assumed: the latent blend skips the base where the regions cover the image, and once fitted runs it where
-    the subjects leave room."""
-    calls, original = [0], pipe.unet.forward
+def counted_run(pipe, fns: dict, steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Runs every method once (the warm-up round) counting its UNet forwards and VAE decodes: ({name: forwards
+    per step}, {name: decodes per image}). Counted, not assumed: the latent blend skips the base where the regions
+    cover the image, and once fitted runs it where the subjects leave room; the inpaint blend decodes each pass."""
+    calls, decodes = [0], [0]
+    original, decode = pipe.unet.forward, pipe.vae.decode
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
+    def counting_decode(*args, **kwargs):
+        decodes[0] += 1
+        return decode(*args, **kwargs)
+
     pipe.unet.forward = counting  # the methods wrap whatever forward the UNet has, so each of theirs is counted
+    pipe.vae.decode = counting_decode
     try:
-        counts = {}
+        counts, decoded = {}, {}
         for name, fn in fns.items():
-            calls[0] = 0
+            calls[0] = decodes[0] = 0
             fn()
-            counts[name] = calls[0] / steps
+            counts[name], decoded[name] = calls[0] / steps, decodes[0]
     finally:
         del pipe.unet.forward
-    return counts
+        pipe.vae.decode = decode
+    return counts, decoded
 
 
 @contextmanager
@@ -110,19 +120,23 @@ def decode_seconds(pipe, px: int) -> float:
     return time_interleaved({"vae": call}, 1, warmup=0)["vae"]["median_s"]
 
 
-def measure(pipe, paths: list[Path], req: GenerationRequest, repeats: int) -> tuple[list[dict], float]:
+def measure(pipe, paths: list[Path], req: GenerationRequest, repeats: int, chosen: Sequence[str] | None = None
+            ) -> tuple[list[dict], float]:
+    """Rows per method (`chosen`: only these, beside the base; None: all) and the VAE decode's seconds."""
     experts = load_experts(pipe, paths)
     fns = methods(pipe, experts, req)
+    fns = {name: fn for name, fn in fns.items() if chosen is None or name == "base" or name in chosen}
     with blank_decode(pipe):
-        forwards = counted_run(pipe, fns, req.steps)  # the warm-up round
+        forwards, decodes = counted_run(pipe, fns, req.steps)  # the warm-up round
         times = time_interleaved(fns, repeats, warmup=0)
     vae = decode_seconds(pipe, req.width)
-    base_25 = times["base"]["median_s"] * ESTIMATE_STEPS / req.steps + vae
+    base_25 = times["base"]["median_s"] * ESTIMATE_STEPS / req.steps + vae * decodes["base"]
     rows = []
     for name in fns:
         latency = times[name]["median_s"]
-        estimate = latency * ESTIMATE_STEPS / req.steps + vae
-        rows.append({"method": name, "unet_forwards_per_step": forwards[name], "latency_s": latency,
+        estimate = latency * ESTIMATE_STEPS / req.steps + vae * decodes[name]
+        rows.append({"method": name, "unet_forwards_per_step": forwards[name], "vae_decodes": decodes[name],
+                     "latency_s": latency,
                      "samples_s": times[name]["samples"], "ratio": paired_ratio(times, name, "base"),
                      f"per_image_{ESTIMATE_STEPS}_steps_s": estimate,
                      f"ratio_{ESTIMATE_STEPS}_steps": estimate / base_25})
@@ -146,6 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", nargs="+", default=None, help="time only these beside the base (default: all)")
     parser.add_argument("--name", default="compose_cost")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -157,12 +172,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_experts(pipe, args.rank, Path(tmp), EXPERTS)
-        rows, vae = measure(pipe, paths, req, args.repeats)
+        rows, vae = measure(pipe, paths, req, args.repeats, args.methods)
     notes = (f"{'Full-size SD 1.5' if args.size == 'full' else 'Tiny SD 1.5'} architecture, random weights, fp32, "
              f"CPU, {torch.get_num_threads()} threads. {EXPERTS} experts (MoSLoRA rank {args.rank} on UNet and text "
              f"attention); {args.resolution} px, {args.steps} DDIM steps, guidance 7.5 (batch 2 per UNet forward). "
              f"Per image as the package's generate functions make it, without the VAE decode ({vae:.1f} s, timed "
-             f"once, the same for every method, added back in the {ESTIMATE_STEPS}-step estimate). Medians of "
+             f"once, added back in the {ESTIMATE_STEPS}-step estimate once per decode the method makes: the inpaint "
+             f"blend decodes each of its passes). Medians of "
              f"{args.repeats} interleaved rounds after one warm-up round; ratios are medians of per-round ratios "
              "(benchmarks/common.py). Switch: one expert per step (every=1 here; the interval does not change the "
              "cost). MoLE: learned-looking gates on every block. Regional: expert 1 on the left half, expert 2 on "
@@ -170,7 +186,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "blend (each region denoised by its expert alone, predictions blended), with region prompts; "
              f"regional_latent_fitted: the same fitted after {fit_steps_for(args.steps)} of its {args.steps} steps "
              "(from then on the base model also runs, where the subjects leave room: over 20 steps fitted after "
-             "6, 0.3 x 2 + 0.7 x 3 = 2.7 forwards a step). UNet forwards per step are counted in the warm-up "
+             "6, 0.3 x 2 + 0.7 x 3 = 2.7 forwards a step); regional_inpaint_fitted: the inpaint blend (expert 1 "
+             "draws the picture, expert 2 drawn over it in its half, one pass each), fitted likewise. UNet "
+             "forwards per step and VAE decodes are counted in the warm-up "
              "round (guidance's two halves are one batched forward).\n\n"
              "    python -m benchmarks.compose_cost " + " ".join(sys.argv[1:] if argv is None else argv))
     write_results(args.name, rows + [{"method": "vae_decode", "latency_s": vae}], table(rows, args.steps), notes,
