@@ -297,3 +297,21 @@ def test_a_gated_method_without_a_mole_file_is_refused(experts, tmp_path, capsys
     assert f"--method {method} needs trained gates: give a MoLE file (--mole, from `mole train`) instead of " \
            "--experts; with equal gates it would be --method nla" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "regional", "--region", "dog=0,0,0.5,1", "--blend", "latent", "--fit_steps", "50"],
+     "error: --fit_steps 50: give a whole number of steps, at least 1 and below the 2 denoising steps"),
+    (["--method", "auto", "--threshold", "2"], "error: --threshold must lie in (0, 1]"),
+    (["--method", "auto", "--auto_steps", "9"], "error: --auto_steps must be a whole number of steps from 1 to 2"),
+    (["--method", "switch", "--every", "0"], "error: --every (steps between switches) must be"),
+    (["--method", "regional", "--region", "dog=0,0,0.5,1", "--background", "cow"],
+     "error: --background 'cow' is not one of the experts"),
+])
+def test_an_option_is_named_by_its_flag(experts, tmp_path, capsys, extra, message):
+    """The command's errors named compose()'s options ("fit_steps 50: ...", "threshold must ...") without their
+    dashes, where every other error names the flag."""
+    with pytest.raises(SystemExit) as stop:
+        main([*_common(tmp_path / "no-model-here", tmp_path / "out"), "--experts", *experts, *extra])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err

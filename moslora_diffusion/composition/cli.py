@@ -16,6 +16,7 @@ masks, trigger words, numbers, the output folder) is checked before the model lo
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -219,8 +220,21 @@ def _check_auto(args: argparse.Namespace, names: list[str], prompts, options: di
         auto_triggers({n: p[0] for n, p in prompts.items()}, prompt, given, {n: p[1] for n, p in prompts.items()})
 
 
+def _as_flags(message: str) -> str:
+    """compose()'s message with the option it starts with named as the command's flag ("fit_steps 50: ..." ->
+    "--fit_steps 50: ...")."""
+    return re.sub(r"^(\w+)\b", lambda m: OPTION_FLAGS.get(m.group(1), m.group(1)), message, count=1)
+
+
 def _check(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
     """Every flag that can be checked before the model loads; returns compose()'s options."""
+    try:
+        return _check_flags(args, method, regions, names, prompts, size)
+    except CompositionError as err:
+        raise CompositionError(_as_flags(str(err))) from None
+
+
+def _check_flags(args, method: str, regions: list[Region], names: list[str], prompts, size: int | None) -> dict:
     options = _options(args)
     _check_option_flags(args, method, options)
     if args.mask:  # masking an expert renormalises learned gates; other methods simply take fewer --experts
@@ -237,6 +251,10 @@ def _check(args, method: str, regions: list[Region], names: list[str], prompts, 
         check_scale(scale, name)
     if method == "auto":
         _check_auto(args, names, prompts, options)
+    if method == "switch" and options.get("every") is not None:  # it was found only after the model loaded
+        from .switch import check_every
+
+        check_every(options["every"], len(names), args.steps)
     return options
 
 
