@@ -148,3 +148,24 @@ def test_a_mole_folder_as_an_adapter_says_where_it_goes(tmp_path, capsys):
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert f"{gates} holds a MoLE (mole.safetensors), not an adapter: load it with --mole (app.py), or `python -m " \
            f"moslora_diffusion.mole generate --mole {gates}`" in err
+
+
+@pytest.mark.parametrize("keys, says", [
+    ({"emb_params": (2, 8)}, "is a textual-inversion embedding (a trigger word's vectors), not an adapter: A1111 and "
+                             "ComfyUI load it as an embedding; here, give the training folder it came from"),
+    ({"clip_l": (2, 8), "clip_g": (2, 16)}, "is a textual-inversion embedding"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, "is a whole model checkpoint, not an adapter: give "
+                                                                 "it as --base"),
+])
+def test_an_embedding_or_checkpoint_as_an_adapter_says_what_it_is(tmp_path, capsys, keys, says):
+    """It said "unexpected key 'emb_params' in adapter file (expected *.moslora_A / _M / _B)", after loading."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "given.safetensors"
+    save_file({k: torch.ones(shape) for k, shape in keys.items()}, str(path))
+    with pytest.raises(SystemExit) as stop:
+        main(["--base", str(tmp_path / "no-model"), "--adapter", str(path), "--prompt", "p",
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"{path} {says}" in err, err

@@ -28,6 +28,7 @@ from ..generation.text_to_image import (
 from ..models.families import detect_model
 from ..models.loading import load_pipeline
 from ..moslora.inject import AdapterError
+from ..moslora.native_file import not_an_adapter
 from ..training.settings.presets import preset_for_model
 from .compose import Compositions
 from .gate_jobs import register_finished_gates
@@ -267,8 +268,10 @@ def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), confi
     twice = sorted({str(f) for f in files if files.count(f) > 1})
     if twice:  # it loaded the model, then failed on "zip() argument 2 is longer than argument 1"
         raise AdapterError(f"--adapter {twice[0]} is given twice; give each adapter once")
-    for file in files:  # a folder without an adapter, or a damaged file, named before the model loads
-        read_keys(file)
+    for file in files:  # a folder without an adapter, or a damaged file or a checkpoint, named before loading
+        problem = not_an_adapter(file, read_keys(file))
+        if problem:
+            raise AdapterError(problem)
     pipe = load_base_pipeline(base, config, device)
     state = AppState(pipe, base, outputs_dir, roots, config, photos, mole_roots)
     for path, scale in zip(adapters, [*scales, *[1.0] * (len(adapters) - len(scales))], strict=False):

@@ -85,10 +85,29 @@ def _split_key(key: str) -> tuple[str, str, str]:
     raise AdapterError(f"unexpected key {key!r} in adapter file (expected *.moslora_A / _M / _B)")
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g", "string_to_param")  # A1111 / kohya / SDXL embedding files
+
+
+def not_an_adapter(path: str | Path, keys) -> str | None:
+    """What the file is instead, when its tensor names say it is a whole checkpoint or a textual-inversion
+    embedding (an unexpected-key message named neither); None otherwise."""
+    keys = list(keys)
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
+        return f"{path} is a whole model checkpoint, not an adapter: give it as --base"
+    if keys and all(k.split(".")[0] in EMBEDDING_KEYS for k in keys):
+        return (f"{path} is a textual-inversion embedding (a trigger word's vectors), not an adapter: A1111 and "
+                "ComfyUI load it as an embedding; here, give the training folder it came from")
+    return None
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
     tensors, metadata = load_tensors(path)
     if not tensors:
         raise AdapterError(f"{path} holds no tensors")
+    problem = not_an_adapter(path, tensors)
+    if problem:
+        raise AdapterError(problem)
     if "mole" in metadata:  # mole/file.py's metadata key
         raise AdapterError(f"{path} is a MoLE file (gates and experts), not one adapter: use python -m "
                            "moslora_diffusion.mole generate / export with --mole")
