@@ -398,3 +398,26 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_writing(tiny_
                                              r"exports and 1000 checkpoints"):
         run_training(tiny_config(tiny_sd15_dir, photos, tmp_path / "out", max_train_steps=1000, checkpointing_steps=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_deletes_only_the_trackers_logs_and_keeps_the_users_files_there(tiny_sd15_dir, tmp_path):
+    """--overwrite_output_dir deleted the whole logging folder, with a file the user kept there; now only
+    tensorboard's event files go (and the folders they leave empty)."""
+    out = tmp_path / "out"
+    logs = out / "logs"
+    for name in ("moslora-dreambooth/events.out.tfevents.1765000000.host.1.0",
+                 "moslora-dreambooth/1765000000.5/events.out.tfevents.1765000000.host.1.1"):
+        (logs / name).parent.mkdir(parents=True, exist_ok=True)
+        (logs / name).write_bytes(b"a run's events")
+    (logs / "notes.md").write_text("the user's")
+    (out / MANIFEST_FILE).write_text(json.dumps({"format_version": 1, "written": ["logs"]}))
+    config = tiny_config(tiny_sd15_dir, tmp_path, out, rank=8, overwrite_output_dir=True, report_to="tensorboard")
+    prepare_output_dir(config, {})
+    assert sorted(str(p.relative_to(logs)) for p in logs.rglob("*")) == ["notes.md"]
+    assert "logs" in read_manifest(out)
+
+    (logs / "notes.md").unlink()  # only the run's logs this time: the folder goes
+    (logs / "moslora-dreambooth").mkdir()
+    (logs / "moslora-dreambooth" / "events.out.tfevents.1765000001.host.1.0").write_bytes(b"a run's events")
+    prepare_output_dir(config, {})
+    assert not logs.exists()

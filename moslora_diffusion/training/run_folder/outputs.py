@@ -33,6 +33,7 @@ PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
 # The names of the images a validation writes into validation/ (validation_image_name): the only files there that
 # --overwrite_output_dir deletes, since users keep their own picks beside them.
+_TRACKER_FILE = re.compile(r"events\.out\.tfevents\..+")  # tensorboard's event files (the trackers' logs)
 _VALIDATION_IMAGE = re.compile(r"^step-\d{6,}-\d+\.png$")
 
 
@@ -209,6 +210,9 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
             if name == VALIDATION_DIR and path.is_dir() and not path.is_symlink():
                 if not _remove_validation_images(path):  # a file of the user's is still in there
                     kept.add(name)
+            elif name == _logs_name(config.logging_dir) and path.is_dir() and not path.is_symlink():
+                if not _remove_tracker_logs(path):  # as validation/: the user's notes beside the logs stay
+                    kept.add(name)
             elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
@@ -219,6 +223,23 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
     logs = {_logs_name(config.logging_dir)} - {None} if config.report_to != "none" else set()
     write_manifest(folder, kept | logs)
     write_config(config, plan)
+
+
+def _remove_tracker_logs(folder: Path) -> bool:
+    """Deletes the tracker files a run wrote under the logging folder (tensorboard's event files, in the project's
+    and hparams' subfolders) and the folders left empty; anything else is the user's and stays. True when the
+    folder was left empty and removed."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # the deepest first
+        if path.is_symlink():
+            continue
+        if path.is_file() and _TRACKER_FILE.match(path.name):
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if any(folder.iterdir()):
+        return False
+    folder.rmdir()
+    return True
 
 
 def _remove_validation_images(folder: Path) -> bool:
