@@ -59,7 +59,7 @@ def test_a_jfif_and_a_gif_are_used_and_counted_masks_and_notes_reported(mixed_fo
     assert {s.path.name: s.reason for s in scan.skipped} == {"notes.md": "not an image Pillow can read"}
     assert [p.name for p in scan.masks] == ["c_mask.png"]
     report = "\n".join(scan.report(resolution=64))
-    assert report.startswith(f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files, read with "
+    assert report.startswith(f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files: used only with "
                              "--masked_loss), 1 files skipped")
     assert "skipped notes.md: not an image" in report and "skipped c_mask" not in report
     assert "note b.gif: 3 frames (an animation or pages): only the first is used" in report
@@ -165,7 +165,7 @@ def test_the_run_prints_the_photos_and_class_images_it_uses(tiny_sd15_dir, mixed
     with pytest.warns(UserWarning, match="readme.md: not an image"):
         result = run_training(config)
     out = capsys.readouterr().out
-    assert f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files, read with --masked_loss), 1 files " \
+    assert f"Photos: 4 used from {mixed_folder}, 1 masks (<name>_mask files: used only with --masked_loss), 1 files " \
            "skipped" in out
     assert "c_mask.png" not in out and "skipped notes.md: not an image Pillow can read" in out
     assert f"Class images: 2 used from {classes}" in out

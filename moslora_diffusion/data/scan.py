@@ -91,7 +91,7 @@ class PhotoScan:
         used = len(self.records)
         items = sum(r.repeats for r in self.records)
         head = f"Photos: {used} used from {self.folder}" + (f" ({items} with repeats)" if items != used else "")
-        masks = f", {len(self.masks)} masks (<name>_mask files, read with --masked_loss)" if self.masks else ""
+        masks = f", {len(self.masks)} masks (<name>_mask files: used only with --masked_loss)" if self.masks else ""
         lines = [head + masks + (f", {len(self.skipped)} files skipped" if self.skipped else "")]
         lines += [f"  skipped {_relative(s.path, self.folder)}: {s.reason}" for s in self.skipped]
         for record in self.records:

@@ -24,7 +24,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """--prompt (repeatable), --negative_prompt, --seeds, --steps, --guidance, --size, --sampler."""
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative_prompt", default="", help="what the images should not show")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed and prompt")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per seed and prompt; -1: a "
+                        "random seed (as in A1111), recorded in the PNG")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
     parser.add_argument("--size", type=image_side, default=None, help="width and height in px (default: the model's "
