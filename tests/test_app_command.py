@@ -35,3 +35,16 @@ def test_the_command_line_hands_the_scales_over(monkeypatch, tmp_path, capsys):
         app_cli.main(["--base", str(tmp_path / "model"), "--adapter", f"{tmp_path / 'nothing'}:x"])
     assert "scale not a number ('x' after the last ':'), and no file or folder of that name exists" in \
         capsys.readouterr().err
+
+
+def test_without_the_demos_adapter_the_app_says_why_it_opens_the_base_alone(monkeypatch, tmp_path, capsys):
+    """The README says `python app.py` opens with the demo's adapter; before scripts/demo.sh has run it opened the
+    bare toy base without a word."""
+    monkeypatch.setattr(app_cli, "DEMO_ADAPTER", tmp_path / "demo")
+    monkeypatch.setattr("moslora_diffusion.app.state.open_app_state", lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("stopped before loading")))
+    with pytest.raises(SystemExit):
+        app_cli.main(["--output_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert f"no adapter: {tmp_path / 'demo'} appears once `bash scripts/demo.sh` has run (or give --adapter); " \
+           "opening the toy base model alone" in out

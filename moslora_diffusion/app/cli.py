@@ -169,6 +169,9 @@ def _serve(argv: list[str]) -> None:
     base = args.base or default_base_model()
     specs = [parse_adapter_spec(text) for text in args.adapter]  # PATH[:SCALE], as generate and export take them
     adapters = [path for path, _ in specs] or ([] if args.base else default_adapters(base))
+    if not adapters and not args.base:  # the README promises the demo's adapter: say why it is not there
+        print(f"no adapter: {DEMO_ADAPTER} appears once `bash scripts/demo.sh` has run (or give --adapter); "
+              "opening the toy base model alone", flush=True)
     state = open_app_state(base, args.output_dir, adapters, args.config, args.photos_dir, args.device, args.mole,
                            [scale for _, scale in specs])
     atexit.register(state.training.shutdown)
