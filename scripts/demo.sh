@@ -40,17 +40,7 @@ python train_dreambooth.py \
   --resolution 64 --adapter moslora "${SETTINGS[@]}" --max_train_steps "$STEPS" --seed 0 \
   --validation_prompt "a photo of sks star" --validation_steps 200 \
   --output_dir "$OUT" --overwrite_output_dir
-# A new folder for this run's samples, never one that exists: $OUT/samples, else $OUT/samples-2, -3, ... The check
-# counts every image in it, and an earlier run's samples or a user's own files in $OUT are never deleted or mixed in.
-new_samples_folder() {
-  local folder="$OUT/samples" n=1
-  until mkdir "$folder" 2>/dev/null; do  # mkdir, not a test then mkdir: it fails on any name that exists
-    [ -e "$folder" ] || { echo "error: cannot create $folder; choose another OUT=" >&2; exit 2; }
-    n=$((n + 1))
-    folder="$OUT/samples-$n"
-  done
-  echo "$folder"
-}
+. scripts/new_folder.sh  # new_samples_folder
 SAMPLES="$(new_samples_folder)"
 python -m moslora_diffusion.generate --base "$BASE" --adapter "$OUT" --compare_with_base \
   --prompt "a photo of sks star" \

@@ -36,17 +36,7 @@ python -m moslora_diffusion.mole train --pretrained_model_name_or_path "$BASE" \
   --experts "$OUT/sks-star" "$OUT/v-square" "$OUT/z-background" --resolution 64 --train_batch_size 4 \
   --learning_rate 1e-2 --max_train_steps "$GATE_STEPS" --seed 0 --report_to none \
   --output_dir "$OUT/gates" --overwrite_output_dir
-# A new folder for this run's samples, never one that exists: $OUT/samples, else $OUT/samples-2, -3, ... The check
-# counts every image in it, and an earlier run's samples or a user's own files in $OUT are never deleted or mixed in.
-new_samples_folder() {
-  local folder="$OUT/samples" n=1
-  until mkdir "$folder" 2>/dev/null; do  # mkdir, not a test then mkdir: it fails on any name that exists
-    [ -e "$folder" ] || { echo "error: cannot create $folder; choose another OUT=" >&2; exit 2; }
-    n=$((n + 1))
-    folder="$OUT/samples-$n"
-  done
-  echo "$folder"
-}
+. scripts/new_folder.sh  # new_samples_folder
 SAMPLES="$(new_samples_folder)"
 python -m moslora_diffusion.mole generate --base "$BASE" --mole "$OUT/gates" \
   --prompt "a photo of sks star" --prompt "a photo of v square" \

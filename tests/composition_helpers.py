@@ -6,9 +6,11 @@ import numpy as np
 from diffusers import DiffusionPipeline
 from mole_helpers import make_experts
 
-from moslora_diffusion.generation.text_to_image import GenerationRequest
+from moslora_diffusion.generation.fusion import FusedAdapters
+from moslora_diffusion.generation.text_to_image import GenerationRequest, run_pipeline
 from moslora_diffusion.mole import load_experts
 
+PIXEL_ATOL = 1.5 / 255  # uint8 rounding of hooks vs fused weights (the experts move pixels by > 0.1)
 NAMES = ("dog", "style")  # dog: UNet + text attention; style: + feed-forward, time_emb_proj and text MLP
 
 
@@ -27,3 +29,13 @@ def request(prompt: str = "a photo of sks dog", size: int = 64, steps: int = 2, 
 
 def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+
+
+def alone_pixels(pipe, dirs, name: str, req: GenerationRequest) -> np.ndarray:
+    """The request's images with expert `name` fused into the weights (the reference for "that expert alone")."""
+    fusion = FusedAdapters(pipe)
+    fusion.add(name, dirs[name] / "moslora.safetensors", 1.0)
+    try:
+        return pixels(run_pipeline(pipe, req, None))
+    finally:
+        fusion.remove(name)

@@ -1,35 +1,24 @@
 """Regional routing with blend="inpaint": the host (the first region's expert, or the background expert) draws the
 whole picture, every later region's expert is drawn over it and changes nothing outside its region (bit for bit);
-a whole-image region is the expert alone, regions of zeros the base model; fitting shrinks a later region to its
-subject; bad options are one line."""
+regions of zeros are the base model; fitting shrinks a later region to its subject; bad options are one line. A
+whole-image region is the expert alone: test_composition_latent_blend.py, for both blends."""
 
 import numpy as np
 import pytest
 import torch
-from composition_helpers import pipeline_and_experts, pixels, request
+from composition_helpers import PIXEL_ATOL, alone_pixels, pipeline_and_experts, pixels, request
 
 from moslora_diffusion.composition import CompositionError, Region, compose, inpaint_blend
 from moslora_diffusion.composition.inpaint_blend import pass_order
 from moslora_diffusion.composition.latent_blend import frame_offsets
-from moslora_diffusion.generation.fusion import FusedAdapters
 from moslora_diffusion.generation.text_to_image import GenerationRequest, run_pipeline
 
-PIXEL_ATOL = 1.5 / 255  # uint8 rounding of hooks vs fused weights (the experts move pixels by > 0.1)
 LONG_PROMPT = "a photo of sks dog on green grass beside a red house under a blue sky with white clouds, sharp"
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd15_dir, tmp_path_factory):
     return pipeline_and_experts(tiny_sd15_dir, tmp_path_factory.mktemp("experts"))
-
-
-def _alone(pipe, dirs, name, req):
-    fusion = FusedAdapters(pipe)
-    fusion.add(name, dirs[name] / "moslora.safetensors", 1.0)
-    try:
-        return pixels(run_pipeline(pipe, req, None))
-    finally:
-        fusion.remove(name)
 
 
 @pytest.fixture
@@ -47,20 +36,6 @@ def passes(monkeypatch):
 
     monkeypatch.setattr(inpaint_blend, "run_pipeline", recording)
     return finals
-
-
-@pytest.mark.parametrize("region_prompt", [None, "a photo of sks dog on grass"])
-def test_a_whole_image_region_is_the_expert_alone_reading_its_region_prompt(setup, region_prompt):
-    pipe, experts, dirs = setup
-    req = request()
-    result = compose(pipe, experts, "regional", req, [Region("dog", box=(0, 0, 1, 1), prompt=region_prompt)],
-                     blend="inpaint")
-    assert not hasattr(pipe, "_moslora_spatial_router") and "forward" not in vars(pipe.unet)
-    alone = _alone(pipe, dirs, "dog", req if region_prompt is None else
-                   GenerationRequest(**{**vars(req), "prompt": region_prompt}))
-    assert np.abs(pixels(result.images) - alone).max() <= PIXEL_ATOL
-    assert np.abs(alone - pixels(run_pipeline(pipe, req, None))).max() > 0.03  # the expert really acts
-    assert np.array_equal(result.masks[0]["dog"], np.ones((64, 64), np.float32))
 
 
 def test_regions_of_zeros_are_the_base_model_exactly(setup):
@@ -127,7 +102,7 @@ def test_the_background_expert_hosts_reading_the_global_prompt_unrolled(setup):
     req = request()
     only = compose(pipe, experts, "regional", req, [Region("dog", mask=np.zeros((64, 64)))], blend="inpaint",
                    background="style")
-    assert np.abs(pixels(only.images) - _alone(pipe, dirs, "style", req)).max() <= PIXEL_ATOL
+    assert np.abs(pixels(only.images) - alone_pixels(pipe, dirs, "style", req)).max() <= PIXEL_ATOL
     drawn = compose(pipe, experts, "regional", req, [Region("dog", box=(0, 0, 0.5, 1))], blend="inpaint",
                     background="style")
     assert np.array_equal(drawn.masks[0]["style"], 1 - drawn.masks[0]["dog"])

@@ -29,12 +29,14 @@ def _fused(pipe, dirs, name):
     return fusion
 
 
+@pytest.mark.parametrize("blend", ["latent", "inpaint"])
 @pytest.mark.parametrize("region_prompt", [None, "a photo of sks dog on grass"])
-def test_a_whole_image_region_is_the_expert_alone_reading_its_region_prompt(setup, region_prompt):
+def test_a_whole_image_region_is_the_expert_alone_reading_its_region_prompt(setup, region_prompt, blend):
+    """Both blends that draw an expert alone (inpaint: the host, which draws the whole picture)."""
     pipe, experts, dirs = setup
     req = request()
     result = compose(pipe, experts, "regional", req, [Region("dog", box=(0, 0, 1, 1), prompt=region_prompt)],
-                     blend="latent")
+                     blend=blend)
     assert not hasattr(pipe, "_moslora_spatial_router") and "forward" not in vars(pipe.unet)
     fusion = _fused(pipe, dirs, "dog")
     try:

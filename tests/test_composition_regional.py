@@ -5,31 +5,20 @@ prompt lengths."""
 import numpy as np
 import pytest
 import torch
-from composition_helpers import pipeline_and_experts, pixels, request
+from composition_helpers import PIXEL_ATOL, alone_pixels, pipeline_and_experts, pixels, request
 from mole_helpers import same_state, state
 
 from moslora_diffusion.composition import Region, compose
 from moslora_diffusion.composition.regions import expert_masks, share_weights
 from moslora_diffusion.composition.router import attach_router, detach_router
-from moslora_diffusion.generation.fusion import FusedAdapters
 from moslora_diffusion.generation.text_to_image import run_pipeline
 
-PIXEL_ATOL = 1.5 / 255  # uint8 rounding of hooks vs fused weights (the experts move pixels by > 0.1)
 UNET_ATOL = 2e-5  # hooks vs fused weights on UNet outputs of magnitude ~1 (as the MoLE tests)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd15_dir, tmp_path_factory):
     return pipeline_and_experts(tiny_sd15_dir, tmp_path_factory.mktemp("experts"))
-
-
-def _alone(pipe, dirs, name, req):
-    fusion = FusedAdapters(pipe)
-    fusion.add(name, dirs[name] / "moslora.safetensors", 1.0)
-    try:
-        return pixels(run_pipeline(pipe, req, None))
-    finally:
-        fusion.remove(name)
 
 
 @pytest.mark.parametrize("name, guidance", [("dog", 5.0), ("style", 5.0), ("style", 1.0)])
@@ -39,7 +28,7 @@ def test_a_region_over_the_whole_image_is_the_expert_alone(setup, name, guidance
     req = request(guidance=guidance)  # 1.0: no classifier-free guidance batch
     result = compose(pipe, experts, "regional", req, [Region(name, box=(0, 0, 1, 1))])
     assert same_state(before, state(pipe)) and not hasattr(pipe, "_moslora_spatial_router")
-    alone = _alone(pipe, dirs, name, req)
+    alone = alone_pixels(pipe, dirs, name, req)
     assert np.abs(pixels(result.images) - alone).max() <= PIXEL_ATOL
     base = pixels(run_pipeline(pipe, req, None))
     assert np.abs(alone - base).max() > 0.03  # >> PIXEL_ATOL: the expert really acts

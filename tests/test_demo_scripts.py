@@ -44,7 +44,7 @@ def repo(tmp_path):
     """A copy of the scripts with a stand-in set-up and python (the toy base model's branch of demo.sh)."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
-    for name in ("demo.sh", "demo_mole.sh"):
+    for name in ("demo.sh", "demo_mole.sh", "new_folder.sh"):
         shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
     (root / "scripts" / "setup.sh").write_text("exit 0\n")
     bin_dir = root / ".venv" / "bin"
