@@ -79,11 +79,17 @@ def _checked(calls: list[dict]) -> tuple[str, list[str]]:
     return check["args"][-1], check["checked"]
 
 
-def test_demo_keeps_a_users_samples_and_checks_only_its_own(repo, tmp_path):
-    """`OUT=folder bash scripts/demo.sh` ran `rm -rf "$OUT/samples"`: the user's $OUT/samples/best.png was deleted."""
+def _users_samples(tmp_path: Path) -> Path:
+    """An OUT folder whose samples/ holds the user's own best.png."""
     out = tmp_path / "mine"
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "best.png").write_bytes(b"the user's favourite")
+    return out
+
+
+def test_demo_keeps_a_users_samples_and_checks_only_its_own(repo, tmp_path):
+    """`OUT=folder bash scripts/demo.sh` ran `rm -rf "$OUT/samples"`: the user's $OUT/samples/best.png was deleted."""
+    out = _users_samples(tmp_path)
     calls, stdout = _run(repo, "demo.sh", out)
     assert (out / "samples" / "best.png").read_bytes() == b"the user's favourite"
     assert sorted(p.name for p in (out / "samples").rglob("*")) == ["best.png"]  # nothing mixed in either
@@ -105,9 +111,7 @@ def test_the_readmes_demo_command_still_writes_outputs_demo_samples(repo):
 
 def test_demo_mole_keeps_a_users_samples_and_its_class_images_stay_under_out(repo, tmp_path):
     """demo_mole.sh had the same `rm -rf`, and wrote class images to outputs/demo-mole-class-* whatever OUT was."""
-    out = tmp_path / "mine"
-    (out / "samples").mkdir(parents=True)
-    (out / "samples" / "best.png").write_bytes(b"the user's favourite")
+    out = _users_samples(tmp_path)
     calls, _ = _run(repo, "demo_mole.sh", out)
     assert (out / "samples" / "best.png").read_bytes() == b"the user's favourite"
     assert _value(calls, "train_dreambooth.py", "--class_data_dir") == [

@@ -204,37 +204,26 @@ def test_out_may_not_overwrite_the_base_model(tiny_sd15_dir, plain, merged_bases
     assert _tree(merged_bases) == before
 
 
-def test_mole_export_shares_the_check(tmp_path, capsys):
-    """`python -m moslora_diffusion.mole export --overwrite` goes through the same check_output."""
+@pytest.mark.parametrize("case", ["a picture named .safetensors", "the base model"])
+def test_mole_export_shares_the_checks(tmp_path, capsys, case):
+    """`python -m moslora_diffusion.mole export --overwrite` goes through the same check_output, and its --out may not
+    be a local --base file (it was not compared with it; export's own check was)."""
     from moslora_diffusion.composition.cli import main as mole_main
 
     mole = tmp_path / "mole.safetensors"
     mole.write_bytes(b"not read: the output is checked first")
-    picture = tmp_path / "pic.safetensors"
-    picture.write_bytes(b"\x89PNG\r\n\x1a\n a picture")
-    before = _tree(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        mole_main(["export", "--base", str(tmp_path / "no-model-here"), "--mole", str(mole), "--to", "lora-kohya",
-                   "--out", str(picture), "--overwrite"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1, err
-    assert err == (f"error: {picture} is not a file an earlier export wrote (no export record in its metadata); "
-                   "--overwrite replaces only those: move pic.safetensors away first, or choose another --out\n")
-    assert _tree(tmp_path) == before
-
-
-def test_mole_export_may_not_overwrite_its_base(tmp_path, capsys):
-    """`mole export --out` equal to a local --base file was not compared with it (export's own check was)."""
-    from moslora_diffusion.composition.cli import main as mole_main
-
-    mole = tmp_path / "mole.safetensors"
-    mole.write_bytes(b"not read: the output is checked first")
-    base = tmp_path / "base.safetensors"
-    base.write_bytes(b"the user's base model")
+    given = tmp_path / ("pic.safetensors" if case.startswith("a picture") else "base.safetensors")
+    given.write_bytes(b"\x89PNG\r\n\x1a\n a picture" if case.startswith("a picture") else b"the user's base model")
+    base = given if case == "the base model" else tmp_path / "no-model-here"
     before = _tree(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         mole_main(["export", "--base", str(base), "--mole", str(mole), "--to", "merged-single-file", "--out",
-                   str(base), "--overwrite"])
+                   str(given), "--overwrite"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "would overwrite the input" in err, err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    expected = (f"error: {given} is not a file an earlier export wrote (no export record in its metadata); "
+                "--overwrite replaces only those: move pic.safetensors away first, or choose another --out\n"
+                if case.startswith("a picture") else
+                f"error: --out {given} would overwrite the input {given}; write the output somewhere else\n")
+    assert err == expected
     assert _tree(tmp_path) == before
