@@ -149,7 +149,7 @@ def test_every_command_reports_a_broken_model_folder_in_one_line(command, broken
             main([*argv, "--debug"])
     finally:
         reset_accelerate()
-    assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "images").exists()
+    assert not (tmp_path / "out" / "lora.safetensors").exists() and not list((tmp_path / "out").rglob("*.png"))
 
 
 def test_tiny_without_out_is_one_line(capsys):
@@ -382,7 +382,7 @@ def test_a_single_file_base_without_its_configs_is_one_line_naming_the_config_fl
            f"{repo}'s configs are not cached and could not be downloaded: LocalEntryNotFoundError")
     assert err == f"error: {base} {SINGLE_FILE_HINT} ({why})\n"
     assert calls == ([True] if offline else [True, False])  # the cache first; the network only when not offline
-    assert not (tmp_path / "out" / "merged.safetensors").exists() and not (tmp_path / "out" / "images").exists()
+    assert not (tmp_path / "out" / "merged.safetensors").exists() and not list((tmp_path / "out").rglob("*.png"))
 
 
 def test_a_single_file_base_uses_cached_configs_and_a_given_config_as_before(single_file_base, tiny_sd15_dir,

@@ -35,7 +35,7 @@ def test_help_and_a_first_generate_print_no_library_warnings(tiny_sd15_dir, tmp_
     assert _noise(proc.stderr) == [], _noise(proc.stderr)
     assert "generating 2 images: 100%" in proc.stderr and "6/6" in proc.stderr  # the progress bar, in steps
     # the last line names the dated folder the images went to (nothing else on stdout)
-    assert re.fullmatch(rf"wrote 2 images in {re.escape(str(tmp_path / 'out' / 'images'))}/\d{{4}}-\d\d-\d\d",
+    assert re.fullmatch(rf"wrote 2 images in {re.escape(str(tmp_path / 'out'))}/\d{{4}}-\d\d-\d\d",
                         proc.stdout.strip()), proc.stdout
 
 
