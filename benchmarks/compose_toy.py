@@ -24,6 +24,7 @@ the settings not chosen are dropped). Means over seeds with 95% t intervals; pai
     python -m benchmarks.compose_toy --splits validation --name part_v --out-dir outputs   # processes in
     python -m benchmarks.compose_toy --splits test --name part_t --out-dir outputs         # parallel (slots),
     python -m benchmarks.compose_toy --merge outputs/part_v.json outputs/part_t.json       # then merged
+    python -m benchmarks.compose_toy --kinds one --methods regional --name part_o ...      # a part: some kinds
     python -m benchmarks.compose_toy --seeds 2 --val-seeds 1 --expert-steps 20 --background-steps 20 \\
         --gate-steps 4 --n-images 2 --gen-steps 4 --base assets/toy-base --out-dir /tmp/c    # smoke run
 """
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_results
-from benchmarks.compose_toy_cases import BACKGROUND, SPLITS, Case
+from benchmarks.compose_toy_cases import BACKGROUND, KINDS, SPLITS, Case
 from benchmarks.compose_toy_report import grid_rows, report, seed_metrics
 from benchmarks.mole_toy import add_shared_flags, train_experts, train_gates
 from benchmarks.quality import load_pipe
@@ -98,6 +99,8 @@ def run_method(pipe, experts, method: str, case: Case, req, setting: dict, gates
         options = {k: v for k, v in setting.items() if k != "region_prompts"}
         if case.background:
             options["background"] = case.background
+        if all(place == "any" for _, place in case.places):  # whole-image regions are never fitted (compose
+            options.pop("fit_steps", None)  # refuses fit_steps there): the setting is its unfitted blend
         result = compose(pipe, experts, method, req, regions=regions_for(case, setting), **options)
     elif method == "auto":
         result = compose(pipe, experts, method, req, triggers={e.name: e.name for e in experts if e.name in named})
@@ -139,7 +142,7 @@ def evaluate(args, pipe, paths: dict, split: str, seed: int, states: dict, setti
     from moslora_diffusion.mole import load_experts
 
     rows, images = [], {}
-    for case in SPLITS[split]:
+    for case in (c for c in SPLITS[split] if c.kind in args.kinds):
         experts = load_experts(pipe, [paths[n] for n in case.experts], names=list(case.experts))
         req = GenerationRequest(case.prompt, seed=GEN_SEEDS[split] + 100 * seed, steps=args.gen_steps,
                                 guidance=args.guidance, width=64, height=64, num_images=args.n_images,
@@ -179,6 +182,8 @@ def parse_args(argv=None):
                         help="draw only these splits (a part, written as <name>.json; merge the parts with --merge)")
     parser.add_argument("--experts-only", action="store_true",
                         help="train the experts into --work-dir and stop (before parallel parts, which share them)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS),
+                        help="draw only these case kinds (a part, as --splits)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="report from parts' json files instead of drawing")
     args = parser.parse_args(argv)
@@ -207,7 +212,7 @@ def draw_parts(args, started: float) -> tuple[list[dict], Path | None]:
             rows, images = evaluate(args, pipe, paths, split, seed, states, SETTINGS)
             runs += rows
             print(json.dumps(rows[-1]), flush=True)
-            if split == "test" and seed == 0:
+            if split == "test" and seed == 0 and set(args.kinds) == set(KINDS):
                 grid_path = save_grid(args.out_dir / f"{args.name}_grid.png", *grid_rows(images, SPLITS["test"]))
     print(f"drew {len(runs)} case rows in {time.perf_counter() - started:.0f} s", flush=True)
     return runs, grid_path
@@ -245,7 +250,7 @@ def main(argv=None) -> dict:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         return {"experts": [str(p) for p in train_experts(args, args.work_dir)]}
     runs, grid_path = draw_parts(args, started)
-    if set(args.splits) == set(SPLITS):
+    if set(args.splits) == set(SPLITS) and set(args.kinds) == set(KINDS):
         return finish(args, runs, grid_path.name if grid_path else "-", started)
     note = f"A part ({', '.join(args.splits)}) of the composition benchmark: merge the parts with --merge."
     write_results(args.name, runs + [{"kind": "settings", **plain_settings(args)}], note, "", args.out_dir)
