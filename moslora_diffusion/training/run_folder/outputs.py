@@ -4,7 +4,6 @@ and what the run wrote (the manifest), write the final files and the model card.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import warnings
@@ -12,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..._version import __version__
-from ...files.atomic import TEMP_NAME, atomic_write
+from ...files.atomic import atomic_write
 from ...formats.embedding_files import embedding_file_for, embedding_file_name, save_embedding_file
 from ...formats.lora import DIFFUSERS_WEIGHT_NAME, export_pipeline_loras
 from ...formats.ui_files import export_files, markdown_table
@@ -20,6 +19,7 @@ from ...moslora.native_file import save_adapter
 from ..settings.config import PRIOR_SOURCE_NAMES, TrainConfig, uses_class_images
 from .checkpoints import CHECKPOINT_NAME, list_checkpoints
 from .identity import PATH_SETTINGS, input_record, resolve_path_setting, same_setting, stored_path
+from .leftovers import remove_tracker_logs, remove_validation_images
 from .manifest import owns, read_manifest, record_written, write_manifest
 from .output_location import OutputDirError, check_logging_dir, check_room, check_writable
 
@@ -31,10 +31,6 @@ VALIDATION_DIR = "validation"
 BEST_FILE = "moslora_best.safetensors"  # --keep_best: trainer/validation_scores.py
 PROGRESS_FILE = "progress.jsonl"  # one JSON line per step / validation, for the app's progress view
 FINAL_FILES = (ADAPTER_FILE, DIFFUSERS_WEIGHT_NAME, KOHYA_FILE, CARD_FILE, CONFIG_FILE)
-# The names of the images a validation writes into validation/ (validation_image_name): the only files there that
-# --overwrite_output_dir deletes, since users keep their own picks beside them.
-_TRACKER_FILE = re.compile(r"events\.out\.tfevents\..+")  # tensorboard's event files (the trackers' logs)
-_VALIDATION_IMAGE = re.compile(r"^step-\d{6,}-\d+\.png$")
 
 
 def validation_image_name(step: int, index: int) -> str:
@@ -208,10 +204,10 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
             if _is_class_dir(path, config):  # the class images this run is about to train on
                 continue
             if name == VALIDATION_DIR and path.is_dir() and not path.is_symlink():
-                if not _remove_validation_images(path):  # a file of the user's is still in there
+                if not remove_validation_images(path):  # a file of the user's is still in there
                     kept.add(name)
             elif name == _logs_name(config.logging_dir) and path.is_dir() and not path.is_symlink():
-                if not _remove_tracker_logs(path):  # as validation/: the user's notes beside the logs stay
+                if not remove_tracker_logs(path):  # as validation/: the user's notes beside the logs stay
                     kept.add(name)
             elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -223,37 +219,6 @@ def prepare_output_dir(config: TrainConfig, plan: dict) -> None:
     logs = {_logs_name(config.logging_dir)} - {None} if config.report_to != "none" else set()
     write_manifest(folder, kept | logs)
     write_config(config, plan)
-
-
-def _remove_tracker_logs(folder: Path) -> bool:
-    """Deletes the tracker files a run wrote under the logging folder (tensorboard's event files, in the project's
-    and hparams' subfolders) and the folders left empty; anything else is the user's and stays. True when the
-    folder was left empty and removed."""
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # the deepest first
-        if path.is_symlink():
-            continue
-        if path.is_file() and _TRACKER_FILE.match(path.name):
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    if any(folder.iterdir()):
-        return False
-    folder.rmdir()
-    return True
-
-
-def _remove_validation_images(folder: Path) -> bool:
-    """Deletes the validation images a run wrote into `folder` (and their temporaries); anything else there is the
-    user's (a favourite saved beside them) and stays. True when the folder was left empty and removed."""
-    for path in folder.iterdir():
-        temp = TEMP_NAME.match(path.name)
-        name = temp.group("name") if temp else path.name
-        if path.is_file() and not path.is_symlink() and _VALIDATION_IMAGE.match(name):
-            path.unlink()
-    if any(folder.iterdir()):
-        return False
-    folder.rmdir()
-    return True
 
 
 def append_progress(output_dir: str | Path, records: list[dict]) -> None:
