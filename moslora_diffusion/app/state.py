@@ -16,6 +16,7 @@ import torch
 
 from ..files.atomic import check_output_folder
 from ..files.safetensors_io import read_keys
+from ..formats.merge import given_twice
 from ..generation.fusion import FusedAdapters
 from ..generation.text_to_image import (
     GeneratedImage,
@@ -265,9 +266,9 @@ def open_app_state(base: str | Path, outputs_dir: str | Path, adapters=(), confi
         photos.add(folder)
     check_output_folder(outputs_dir, "--output_dir")
     files = [adapter_file(path, roots) for path in adapters]
-    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    twice = given_twice(files)
     if twice:  # it loaded the model, then failed on "zip() argument 2 is longer than argument 1"
-        raise AdapterError(f"--adapter {twice[0]} is given twice; give each adapter once")
+        raise AdapterError(f"--adapter {twice} is given twice; give each adapter once")
     for file in files:  # a folder without an adapter, or a damaged file or a checkpoint, named before loading
         problem = not_an_adapter(file, read_keys(file))
         if problem:

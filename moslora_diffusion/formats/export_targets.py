@@ -29,7 +29,7 @@ from ..moslora.native_file import AdapterFile, load_adapter
 from ..moslora.pipeline import detach_from_pipeline
 from .embedding_files import embedding_file_name, embedding_file_tensors, is_export_embedding, write_embedding
 from .lora import DIFFUSERS_WEIGHT_NAME, EXPORT_RECORD, combine, fold_pipeline, save_diffusers_lora, save_kohya_lora
-from .merge import ADAPTER_FILE_NAME, bake_adapters, resolve_adapter_path
+from .merge import ADAPTER_FILE_NAME, bake_adapters, given_twice, resolve_adapter_path
 from .single_file import single_file_state_dict
 
 TARGETS = ("lora-diffusers", "lora-kohya", "merged-diffusers", "merged-single-file")
@@ -309,9 +309,9 @@ def check_inputs(adapters: Adapters, out: str | Path, models: Sequence[str | Pat
     model and its --config folder, where they are local; a hub id is not), nor write into a model's folder
     (ExportError)."""
     files = [resolve_adapter_path(path) for path, _ in adapters]
-    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    twice = given_twice(files)
     if twice:
-        raise ExportError(f"--adapter {twice[0]} is given twice; give each adapter once, with the scale you want")
+        raise ExportError(f"--adapter {twice} is given twice; give each adapter once, with the scale you want")
     local = [m for m in models if m and Path(m).expanduser().exists()]
     try:
         check_not_an_input(out, [p for p, _ in adapters] + files + local, "--out")

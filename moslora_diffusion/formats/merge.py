@@ -35,6 +35,12 @@ def resolve_adapter_path(path: str | Path) -> Path:
     return path
 
 
+def given_twice(files: Sequence[Path]) -> str | None:
+    """The first (sorted) adapter file named more than once in `files` (resolved paths), or None."""
+    twice = sorted({str(f) for f in files if files.count(f) > 1})
+    return twice[0] if twice else None
+
+
 def bake_adapters(pipe, adapters: Sequence[tuple[str | Path, float]]) -> list[AdapterFile]:
     """Merges each (adapter path, scale) into the pipeline's weights for good, in order.
 
