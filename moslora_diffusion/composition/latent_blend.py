@@ -160,9 +160,6 @@ class LatentBlend:
             return self._forward(original, sample, args, kwargs)
         return forward
 
-    def _branch(self, original, index: int, sample, offset, args, kwargs):
-        return branch_forward(self.router, original, index, sample, offset, args, kwargs)
-
     def _forward(self, original, sample, args, kwargs):
         given = self.router.shares_at(sample.shape[0], *sample.shape[-2:])  # (B, N, h, w)
         key = tuple(given.shape)
@@ -179,20 +176,18 @@ class LatentBlend:
         for index, weight in parts:
             if not bool((weight > 0).any()):
                 continue  # no position of this branch: its forward is skipped
-            output = self._branch(original, index, sample, offsets[index - 1] if index else (0, 0), args, kwargs)
+            offset = offsets[index - 1] if index else (0, 0)
+            output = branch_forward(self.router, original, index, sample, offset, args, kwargs)
             predictions[index] = unet_sample(output)
             term = weight * unet_sample(output).float()
             total = term if total is None else total + term
         if output is None:  # no share anywhere: the base model
-            return self._branch(original, 0, sample, (0, 0), args, kwargs)
+            return branch_forward(self.router, original, 0, sample, (0, 0), args, kwargs)
         if fit_now:
             timestep = args[0] if args else kwargs.get("timestep")
             self.fitted = self._fit(given, sample, timestep, predictions)
         self.step += 1
         return with_sample(output, total.to(unet_sample(output).dtype))
-
-    def _guided(self, tensor: torch.Tensor) -> torch.Tensor:
-        return guided(tensor, self.images, self.guidance)
 
     def _fit(self, given, sample, timestep, predictions) -> torch.Tensor:
         scheduler = self.router.pipe.scheduler
@@ -201,7 +196,8 @@ class LatentBlend:
         for i in range(given.shape[1]):
             if i == self.background or (i + 1) not in predictions or bool(regions[:, i].all()):
                 continue  # a whole-image region is that expert alone: nothing around it to give to a background
-            x0 = predicted_clean(scheduler, self._guided(sample), timestep, self._guided(predictions[i + 1]))
+            x0 = predicted_clean(scheduler, guided(sample, self.images, self.guidance), timestep,
+                                 guided(predictions[i + 1], self.images, self.guidance))
             fitted[:, i] = fitted[:, i] * silhouettes(x0, regions[:, i], self.threshold)
         if self.background is not None:
             give_rest_to(fitted, self.background)
